@@ -1,0 +1,1 @@
+"""Adaptation methods, one file each; importing a module registers its method."""

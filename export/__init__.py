@@ -1,0 +1,1 @@
+"""Writers of source and adapted packages (safetensors, ONNX, manifest)."""

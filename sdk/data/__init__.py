@@ -1,0 +1,1 @@
+"""Target data: dataset readers, robust image decoding, synthetic FER domains."""

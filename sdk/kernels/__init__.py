@@ -1,0 +1,1 @@
+"""Fused training ops: a pure-PyTorch reference, a Triton kernel, one dispatcher each."""
