@@ -20,10 +20,10 @@ class SourcefreeError(Exception):
         self.fix = fix
         parts = [what]
         if why:
-            parts.append(why)
+            parts.append(why[:1].upper() + why[1:])
         if fix:
             parts.append(f"Fix: {fix}")
-        super().__init__(" ".join(p if p.endswith(".") else p + "." for p in parts))
+        super().__init__(" ".join(p if p.endswith((".", "?", "!")) else p + "." for p in parts))
 
 
 class PackageError(SourcefreeError):

@@ -8,6 +8,7 @@ to the model's colour. No torch import.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
@@ -71,7 +72,9 @@ def _read_regular_file(path: Path) -> bytes:
         return fh.read(MAX_FILE_BYTES + 1)
 
 
-def decode_image(source: str | os.PathLike[str] | Image.Image | BinaryIO, color: str) -> Image.Image:
+def decode_image(
+    source: str | os.PathLike[str] | Image.Image | BinaryIO, color: str
+) -> Image.Image:
     """Decode fully and return a PIL image in mode ``RGB`` or ``L``.
 
     Args:
@@ -119,10 +122,9 @@ def decode_image(source: str | os.PathLike[str] | Image.Image | BinaryIO, color:
             raise ImageDecodeError(
                 "an image is corrupt or truncated", type(exc).__name__, "re-copy or remove it"
             ) from None
-    try:
+    # A broken EXIF block only loses the orientation hint.
+    with contextlib.suppress(OSError, ValueError, SyntaxError, KeyError, TypeError):
         img = ImageOps.exif_transpose(img)
-    except (OSError, ValueError, SyntaxError, KeyError, TypeError):
-        pass  # a broken EXIF block only loses the orientation hint
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
     return _normalise_mode(img, color)

@@ -34,6 +34,16 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 PRECISIONS = ("fp32", "fp16")
 MAX_INPUT_SIDE = 4096
 MAX_CLASSES = 100_000
+#: Architectures of the registry in sourcefree.models (kept here for torch-free help).
+ARCHITECTURE_NAMES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "smallcnn",
+)
 
 TOP_LEVEL = {
     "schema_version",
@@ -70,17 +80,18 @@ def _err(path: str, why: str, fix: str = "re-export the package with the SDK") -
 def _obj(value: Any, path: str, allowed: set[str], required: set[str]) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise _err(path, f"expected an object, got {type(value).__name__}")
+    prefix = f"{path}." if path else ""
     missing = sorted(required - value.keys())
     if missing:
         raise PackageError(
-            f"manifest field '{path}.{missing[0]}' is missing",
+            f"manifest field '{prefix}{missing[0]}' is missing",
             "it is required by schema version 1",
             "re-export the package with the SDK",
         )
     unknown = sorted(value.keys() - allowed)
     if unknown:
         raise _err(
-            f"{path}.{unknown[0]}",
+            f"{prefix}{unknown[0]}",
             "unknown field; packages carry allowlisted fields only",
             "remove the field, or re-export the package with the SDK",
         )
@@ -193,8 +204,10 @@ class InputSpec:
         mean = _list(obj["mean"], f"{path}.mean", 1, 3)
         std = _list(obj["std"], f"{path}.std", 1, 3)
         return cls(
-            size=(_int(size[0], f"{path}.size[0]", 1, MAX_INPUT_SIDE),
-                  _int(size[1], f"{path}.size[1]", 1, MAX_INPUT_SIDE)),
+            size=(
+                _int(size[0], f"{path}.size[0]", 1, MAX_INPUT_SIDE),
+                _int(size[1], f"{path}.size[1]", 1, MAX_INPUT_SIDE),
+            ),
             channels=_int(obj["channels"], f"{path}.channels", 1, 3),
             color=_choice(obj["color"], f"{path}.color", COLORS),
             mean=tuple(_float(v, f"{path}.mean[{i}]") for i, v in enumerate(mean)),
@@ -409,7 +422,7 @@ class Manifest:
                 "upgrade sourcefree, or ask the vendor for a version-1 package",
             )
         required = TOP_LEVEL - {"source_stats"}
-        obj = _obj(value, "manifest", TOP_LEVEL, required)
+        obj = _obj(value, "", TOP_LEVEL, required)
         labels_raw = _list(obj["labels"], "labels", 2, MAX_CLASSES)
         labels = tuple(_str(v, f"labels[{i}]", LABEL_RE) for i, v in enumerate(labels_raw))
         if len(set(labels)) != len(labels):
@@ -423,7 +436,8 @@ class Manifest:
         spec = InputSpec.from_dict(obj["input"])
         if spec.channels != arch.in_channels:
             raise _err(
-                "input.channels", f"is {spec.channels} but the architecture takes {arch.in_channels}"
+                "input.channels",
+                f"is {spec.channels} but the architecture takes {arch.in_channels}",
             )
         onnx = OnnxSpec.from_dict(obj["onnx"])
         outputs = _obj(obj["outputs"], "outputs", {"logits", "features"}, {"logits", "features"})

@@ -67,9 +67,7 @@ def loads(data: bytes, *, what: str, max_bytes: int) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PackageError(
-            f"{what} is not UTF-8 text", str(exc), "re-export the package"
-        ) from None
+        raise PackageError(f"{what} is not UTF-8 text", str(exc), "re-export the package") from None
     try:
         value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constant)
     except _DuplicateKeyError as exc:
@@ -85,9 +83,7 @@ def loads(data: bytes, *, what: str, max_bytes: int) -> Any:
             "re-export the package from finite values",
         ) from None
     except (json.JSONDecodeError, RecursionError) as exc:
-        raise PackageError(
-            f"{what} is not valid JSON", str(exc), "re-export the package"
-        ) from None
+        raise PackageError(f"{what} is not valid JSON", str(exc), "re-export the package") from None
     if _depth(value) > MAX_DEPTH:
         raise PackageError(
             f"{what} is nested deeper than {MAX_DEPTH} levels",

@@ -1,0 +1,173 @@
+"""Torch -> ONNX for packages: plain standard ops, no private strings, parity-checked.
+
+The graph takes ``input`` (N, C, H, W) float32 with a dynamic batch and returns
+``logits`` and ``features``. Opset and IR version are pinned to what the
+supported onnxruntime releases load. Everything the exporter attaches for
+debugging (stack traces with file paths, scope names, doc strings) is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from sourcefree import strictjson
+from sourcefree.errors import ExportError
+from sourcefree.manifest import ONNX_MANIFEST_KEY, InputSpec, OnnxSpec
+
+OPSET = 20
+IR_VERSION = 10
+MAX_BATCH = 65536
+#: fp32 parity gate: max abs difference of logits and features, torch vs onnxruntime.
+FP32_ATOL = 1e-4
+#: fp16 gate: share of random inputs whose top-1 class agrees with fp32 torch.
+FP16_MIN_AGREEMENT = 0.95
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Outcome of the torch-vs-onnxruntime check."""
+
+    max_abs_logits: float
+    max_abs_features: float
+    top1_agreement: float
+    samples: int
+
+
+def _sanitize(model: Any) -> None:
+    """Drop exporter metadata that can carry paths or names (stack traces, scopes)."""
+    model.doc_string = ""
+    model.producer_name = "sourcefree"
+    model.producer_version = ""
+    model.domain = ""
+    del model.metadata_props[:]
+    graph = model.graph
+    graph.doc_string = ""
+    graph.name = "sourcefree"
+    del graph.metadata_props[:]
+    for node in graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        value.doc_string = ""
+    for init in graph.initializer:
+        init.doc_string = ""
+
+
+def to_onnx(
+    model: torch.nn.Module,
+    spec: InputSpec,
+    onnx_spec: OnnxSpec,
+    embedded_manifest: dict[str, Any],
+) -> bytes:
+    """Export ``model`` (returning logits, features) to a sanitised ONNX byte string."""
+    import onnx
+
+    model = model.eval().to("cpu", torch.float32)
+    height, width = spec.size
+    example = torch.zeros(2, spec.channels, height, width)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model,
+                (example,),
+                None,
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=[onnx_spec.input],
+                output_names=[onnx_spec.logits, onnx_spec.features],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},),
+                external_data=False,
+                verbose=False,
+            )
+    except Exception as exc:  # the exporter raises many unrelated types
+        raise ExportError(
+            "the model could not be exported to ONNX",
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            "use a registered architecture without custom ops",
+        ) from exc
+    if program is None:
+        raise ExportError("the ONNX exporter returned nothing", "", "report a bug")
+    proto = program.model_proto
+    proto.ir_version = IR_VERSION
+    _sanitize(proto)
+    if onnx_spec.precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            proto = convert_float_to_float16(proto, keep_io_types=True)
+        _sanitize(proto)
+    entry = proto.metadata_props.add()
+    entry.key = ONNX_MANIFEST_KEY
+    entry.value = strictjson.dumps(embedded_manifest).decode("utf-8")
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise ExportError(
+            "the exported ONNX graph fails onnx.checker", str(exc)[:200], "report a bug"
+        ) from exc
+    data: bytes = proto.SerializeToString()
+    return data
+
+
+def check_parity(
+    model: torch.nn.Module,
+    onnx_bytes: bytes,
+    spec: InputSpec,
+    onnx_spec: OnnxSpec,
+    *,
+    samples: int = 16,
+    seed: int = 0,
+) -> Parity:
+    """Compare torch and onnxruntime (CPU) on random inputs; raise ExportError on failure.
+
+    fp32: max abs error of logits and features <= 1e-4. fp16: top-1 agreement
+    >= 0.95 with the fp32 torch model.
+    """
+    import onnxruntime as ort
+
+    height, width = spec.size
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, spec.channels, height, width, generator=gen)
+    model = model.eval()
+    with torch.no_grad():
+        ref_logits, ref_feats = (t.numpy() for t in model(x))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    logits_parts, feat_parts = [], []
+    for batch in (x[:1], x[1:]):  # batch 1 and a larger batch: the batch axis is dynamic
+        out = session.run([onnx_spec.logits, onnx_spec.features], {onnx_spec.input: batch.numpy()})
+        logits_parts.append(out[0])
+        feat_parts.append(out[1])
+    logits = np.concatenate(logits_parts)
+    feats = np.concatenate(feat_parts)
+    parity = Parity(
+        max_abs_logits=float(np.abs(logits - ref_logits).max()),
+        max_abs_features=float(np.abs(feats - ref_feats).max()),
+        top1_agreement=float((logits.argmax(1) == ref_logits.argmax(1)).mean()),
+        samples=samples,
+    )
+    if onnx_spec.precision == "fp32":
+        worst = max(parity.max_abs_logits, parity.max_abs_features)
+        if not worst <= FP32_ATOL:
+            raise ExportError(
+                f"onnxruntime disagrees with torch by {worst:.2e} (limit {FP32_ATOL:.0e})",
+                "the exported graph does not compute what the model computes",
+                "nothing was written; check for non-deterministic or custom layers",
+            )
+    elif not parity.top1_agreement >= FP16_MIN_AGREEMENT:
+        raise ExportError(
+            f"the fp16 graph agrees with fp32 on {parity.top1_agreement:.0%} of top-1 predictions",
+            f"at least {FP16_MIN_AGREEMENT:.0%} is required",
+            "nothing was written; export in fp32 (drop --fp16)",
+        )
+    return parity

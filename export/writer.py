@@ -1,0 +1,125 @@
+"""Write a package directory atomically: weights, ONNX graph, manifest, then verify."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from sourcefree import __version__, strictjson
+from sourcefree.errors import ExportError
+from sourcefree.export.onnx import IR_VERSION, OPSET, Parity, check_parity, to_onnx
+from sourcefree.fsutil import staged_directory
+from sourcefree.manifest import (
+    MANIFEST_NAME,
+    NAME_RE,
+    ONNX_NAME,
+    WEIGHTS_NAME,
+    ArchitectureSpec,
+    FileEntry,
+    InputSpec,
+    Manifest,
+    OnnxSpec,
+    SourceStats,
+)
+from sourcefree.models import Classifier
+from sourcefree.package import Package, load_package
+
+
+def _weights_bytes(model: Classifier) -> bytes:
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ExportError(
+                f"model tensor {key!r} contains NaN or Inf",
+                "a package must hold a finite model",
+                "nothing was written; fix training (lower the learning rate?) and export again",
+            )
+    return save_safetensors(state, metadata={"format": "pt"})
+
+
+def write_package(
+    model: Classifier,
+    *,
+    kind: str,
+    name: str,
+    version: str,
+    labels: list[str] | tuple[str, ...],
+    input_spec: InputSpec,
+    architecture: str,
+    out: str | os.PathLike[str],
+    provenance: dict[str, Any] | None = None,
+    source_stats: SourceStats | None = None,
+    overwrite: bool = False,
+    fp16: bool = False,
+) -> tuple[Package, Parity]:
+    """Export ``model`` as a package at ``out``; verify it before it appears there.
+
+    Raises:
+        ExportError: export, checker or parity failure, non-finite weights.
+        SourcefreeError: ``out`` exists and is not empty (without ``overwrite``).
+        PackageError: an invalid field (names the field).
+    """
+    if not NAME_RE.match(name):
+        raise ExportError(
+            f"package name {name!r} is not allowed",
+            "names use letters, digits, '.', '_' and '-' (at most 64)",
+            "pass another --name",
+        )
+    model = model.eval().to("cpu", torch.float32)
+    arch = ArchitectureSpec(
+        name=architecture,
+        num_classes=len(labels),
+        feature_dim=model.head.in_features,
+        in_channels=input_spec.channels,
+    )
+    if model.head.out_features != len(labels):
+        raise ExportError(
+            f"the model has {model.head.out_features} outputs but {len(labels)} labels were given",
+            "every output needs a label name, in output order",
+            "pass the labels the model was trained with (--labels a,b,c)",
+        )
+    onnx_spec = OnnxSpec(opset=OPSET, ir_version=IR_VERSION, precision="fp16" if fp16 else "fp32")
+    prov: dict[str, Any] = {
+        "sdk_version": __version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **(provenance or {}),
+    }
+    manifest = Manifest(
+        kind=kind,
+        name=name,
+        version=version,
+        labels=tuple(labels),
+        input=input_spec,
+        architecture=arch,
+        onnx=onnx_spec,
+        provenance=prov,
+        source_stats=source_stats,
+    )
+    # Validate every field through the same parser that readers use.
+    Manifest.from_dict({**manifest.to_dict(with_files=False), "files": _placeholder_files()})
+    weights = _weights_bytes(model)
+    onnx_bytes = to_onnx(model, input_spec, onnx_spec, manifest.to_dict(with_files=False))
+    parity = check_parity(model, onnx_bytes, input_spec, onnx_spec, samples=64 if fp16 else 16)
+    blobs = {WEIGHTS_NAME: weights, ONNX_NAME: onnx_bytes}
+    files = {
+        k: FileEntry(size=len(v), sha256=hashlib.sha256(v).hexdigest()) for k, v in blobs.items()
+    }
+    final = dataclasses.replace(manifest, files=files)
+    with staged_directory(out, overwrite=overwrite) as stage:
+        for fname, data in blobs.items():
+            (stage / fname).write_bytes(data)
+        (stage / MANIFEST_NAME).write_bytes(strictjson.dumps(final.to_dict()))
+        load_package(stage)  # the package must read back before it is published
+    return load_package(Path(out)), parity
+
+
+def _placeholder_files() -> dict[str, dict[str, Any]]:
+    return {n: {"size": 0, "sha256": "0" * 64} for n in (WEIGHTS_NAME, ONNX_NAME)}

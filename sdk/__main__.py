@@ -1,0 +1,5 @@
+"""``python -m sourcefree`` runs the command line."""
+
+from sourcefree.cli import main
+
+main()

@@ -1,0 +1,265 @@
+"""Architecture registry: rebuild a torch module from a manifest and safetensors.
+
+Every architecture is split into a ``backbone`` (image -> features) and a
+linear ``head`` (features -> logits). The package's weights are the state dict
+of :class:`Classifier`, so tensor names are ``backbone.*`` and ``head.*``.
+Vendors hand in the torchvision model's own state dict; :func:`from_vendor_state`
+maps it (the head's module path becomes ``head``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sourcefree.errors import PackageError
+from sourcefree.manifest import ArchitectureSpec
+
+
+class Classifier(nn.Module):
+    """``backbone`` then linear ``head``; ``forward`` returns (logits, features)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone(x)
+        return self.head(features), features
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks with BatchNorm and global average pooling, for 32-64 px inputs."""
+
+    def __init__(self, num_classes: int = 7, in_channels: int = 3, width: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for i in range(3):
+            out = width * 2**i
+            layers += [
+                nn.Conv2d(channels, out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(out, out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            channels = out
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A registered architecture and where its head sits."""
+
+    name: str
+    build: Callable[[int, int], nn.Module]
+    """``build(num_classes, in_channels)`` -> the vendor-facing module (random init)."""
+    head_path: str
+    """Dotted path of the final nn.Linear inside the vendor-facing module."""
+    feature_dim: int
+    channels: tuple[int, ...] = (3,)
+    """Input channel counts the architecture accepts."""
+    min_size: int = 32
+    description: str = ""
+
+
+def _tv(name: str) -> Callable[[int, int], nn.Module]:
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        import torchvision
+
+        factory = getattr(torchvision.models, name)
+        module: nn.Module = factory(weights=None, num_classes=num_classes)
+        return module
+
+    return build
+
+
+def _small(num_classes: int, in_channels: int) -> nn.Module:
+    return SmallCNN(num_classes=num_classes, in_channels=in_channels)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in (
+        Architecture("resnet18", _tv("resnet18"), "fc", 512, description="torchvision ResNet-18"),
+        Architecture("resnet34", _tv("resnet34"), "fc", 512, description="torchvision ResNet-34"),
+        Architecture("resnet50", _tv("resnet50"), "fc", 2048, description="torchvision ResNet-50"),
+        Architecture(
+            "mobilenet_v3_small",
+            _tv("mobilenet_v3_small"),
+            "classifier.3",
+            1024,
+            description="torchvision MobileNetV3-Small (features after the 1024-d layer)",
+        ),
+        Architecture(
+            "mobilenet_v3_large",
+            _tv("mobilenet_v3_large"),
+            "classifier.3",
+            1280,
+            description="torchvision MobileNetV3-Large (features after the 1280-d layer)",
+        ),
+        Architecture(
+            "efficientnet_b0",
+            _tv("efficientnet_b0"),
+            "classifier.1",
+            1280,
+            description="torchvision EfficientNet-B0",
+        ),
+        Architecture(
+            "smallcnn",
+            _small,
+            "fc",
+            128,
+            channels=(1, 3),
+            min_size=8,
+            description="3 conv blocks + BatchNorm + global pool, for 32-64 px faces",
+        ),
+    )
+}
+
+
+def get_architecture(name: str) -> Architecture:
+    """Look up an architecture; unknown names get close matches and the full list."""
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name]
+    close = difflib.get_close_matches(name, list(ARCHITECTURES), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise PackageError(
+        f"unknown architecture {name!r}",
+        "it is not in this SDK's architecture registry",
+        f"{hint}registered: {', '.join(sorted(ARCHITECTURES))}",
+    )
+
+
+def _split(module: nn.Module, head_path: str) -> tuple[nn.Module, nn.Linear]:
+    parent_path, _, leaf = head_path.rpartition(".")
+    parent = module.get_submodule(parent_path) if parent_path else module
+    head = getattr(parent, leaf)
+    if not isinstance(head, nn.Linear):
+        raise PackageError(
+            f"{head_path} is not a linear layer", "the registry entry is wrong", "report a bug"
+        )
+    setattr(parent, leaf, nn.Identity())
+    return module, head
+
+
+def build_classifier(
+    arch: str | Architecture, num_classes: int, in_channels: int = 3
+) -> Classifier:
+    """A randomly initialised :class:`Classifier` of a registered architecture."""
+    a = get_architecture(arch) if isinstance(arch, str) else arch
+    if in_channels not in a.channels:
+        raise PackageError(
+            f"{a.name} takes {' or '.join(map(str, a.channels))}-channel input, not {in_channels}",
+            "its first convolution is fixed",
+            "use 3 channels (grey images are replicated to RGB), or the smallcnn architecture",
+        )
+    backbone, head = _split(a.build(num_classes, in_channels), a.head_path)
+    return Classifier(backbone, head)
+
+
+def _check_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], what: str
+) -> dict[str, torch.Tensor]:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        first = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise PackageError(
+            f"{what} does not match the architecture ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected tensors; {first})",
+            "the tensor names come from another architecture or class count",
+            "pass weights saved from this architecture's own state_dict()",
+        )
+    out = {}
+    for key, ref in expected.items():
+        t = state[key]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise PackageError(
+                f"{what} tensor {key!r} has shape {list(t.shape)}, expected {list(ref.shape)}",
+                "the weights belong to another configuration (class count, width)",
+                "check --arch and --labels match how the model was trained",
+            )
+        if t.dtype != ref.dtype:
+            if not (t.is_floating_point() and ref.is_floating_point()):
+                raise PackageError(
+                    f"{what} tensor {key!r} has dtype {t.dtype}, expected {ref.dtype}",
+                    "integer and floating tensors are not interchangeable",
+                    "save the model's own state_dict()",
+                )
+            t = t.to(ref.dtype)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PackageError(
+                f"{what} tensor {key!r} contains NaN or Inf",
+                "a model with non-finite weights predicts garbage",
+                "retrain or fix the weights",
+            )
+        out[key] = t
+    return out
+
+
+def from_vendor_state(
+    arch: str, state: Mapping[str, torch.Tensor], num_classes: int, in_channels: int = 3
+) -> Classifier:
+    """Build a Classifier from the architecture's own (torchvision-style) state dict."""
+    a = get_architecture(arch)
+    vendor = a.build(num_classes, in_channels)
+    checked = _check_state(vendor, state, "the weights")
+    vendor.load_state_dict(checked)
+    backbone, head = _split(vendor, a.head_path)
+    return Classifier(backbone, head)
+
+
+def load_classifier(spec: ArchitectureSpec, weights: bytes) -> Classifier:
+    """Rebuild a package's model from verified safetensors bytes (never torch.load)."""
+    from safetensors.torch import load as load_safetensors
+
+    model = build_classifier(spec.name, spec.num_classes, spec.in_channels)
+    if model.head.in_features != spec.feature_dim:
+        raise PackageError(
+            f"architecture.feature_dim is {spec.feature_dim}",
+            f"{spec.name} has {model.head.in_features} features",
+            "re-export the package with the SDK",
+        )
+    state = load_safetensors(weights)
+    model.load_state_dict(_check_state(model, state, "model.safetensors"))
+    return model.eval()
+
+
+def read_vendor_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a vendor's safetensors file; pickles and zips are refused by magic bytes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    from sourcefree.weights import read_header
+
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise PackageError(
+            f"cannot read weights {str(p)!r}", exc.strerror or str(exc), "check the path"
+        ) from None
+    read_header(data, name=p.name)
+    try:
+        return load_safetensors(data)
+    except SafetensorError as exc:
+        raise PackageError(
+            f"{p.name} is not a valid safetensors file", str(exc), "save it with safetensors"
+        ) from None

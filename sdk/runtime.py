@@ -1,0 +1,241 @@
+"""Inference runtime: a verified package on onnxruntime, with numpy and Pillow only.
+
+No torch import. The graph bytes handed to onnxruntime are the bytes whose
+sha256 was verified, so a file swapped after verification is never run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from sourcefree.errors import DeviceError, InputError
+from sourcefree.imaging import decode_image, preprocess
+from sourcefree.package import Package, load_package
+
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+_PROVIDER_OF = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def import_onnxruntime() -> Any:
+    """Import onnxruntime with telemetry off (it is on in the official wheels)."""
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+    import onnxruntime as ort
+
+    if hasattr(ort, "disable_telemetry_events"):
+        ort.disable_telemetry_events()
+    return ort
+
+
+def _providers(ort: Any, device: str) -> list[Any]:
+    if device not in DEVICES:
+        raise DeviceError(
+            f"unknown device {device!r}", f"choose one of {', '.join(DEVICES)}", "use --device auto"
+        )
+    available = set(ort.get_available_providers())
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "auto":
+        chain = [p for p in ("CUDAExecutionProvider",) if p in available]
+        return [*chain, "CPUExecutionProvider"]
+    wanted = _PROVIDER_OF[device]
+    if wanted not in available:
+        raise DeviceError(
+            f"device {device!r} was requested but onnxruntime has no {wanted}",
+            f"available providers: {', '.join(sorted(available))}",
+            "install onnxruntime-gpu (not onnxruntime) with CUDA 12/13 libraries, "
+            "or use --device cpu; run `sourcefree doctor`",
+        )
+    if device == "tensorrt":
+        return [wanted, "CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [wanted, "CPUExecutionProvider"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Results for a batch: one entry per input, in input order."""
+
+    labels: list[str]
+    indices: np.ndarray
+    """Argmax class indices, shape (N,)."""
+    probabilities: np.ndarray
+    """Softmax probabilities, shape (N, C)."""
+    features: np.ndarray | None = None
+    """Backbone features, shape (N, D), when requested."""
+
+
+class Predictor:
+    """Serve a package with onnxruntime.
+
+    Args:
+        package: a package directory or an already verified :class:`Package`.
+        device: ``auto`` (CUDA when it really works, else CPU), ``cpu``,
+            ``cuda`` or ``tensorrt``. An explicit GPU device that cannot be
+            honoured raises :class:`DeviceError`; it never falls back silently.
+        public_key: vendor public key; when given the signature must verify.
+        require_signature: refuse unsigned packages.
+        batch_size: images per onnxruntime call in :meth:`predict`.
+        threads: intra-op threads (0 lets onnxruntime choose).
+    """
+
+    def __init__(
+        self,
+        package: str | os.PathLike[str] | Package,
+        device: str = "auto",
+        *,
+        public_key: str | os.PathLike[str] | bytes | None = None,
+        require_signature: bool = False,
+        batch_size: int = 64,
+        threads: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise InputError(f"batch_size is {batch_size}", "it must be at least 1", "pass 1+")
+        self.package = (
+            package
+            if isinstance(package, Package)
+            else load_package(package, public_key=public_key, require_signature=require_signature)
+        )
+        ort = import_onnxruntime()
+        providers = _providers(ort, device)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(self.package.onnx_bytes, opts, providers=providers)
+        active = self.session.get_providers()
+        if device in ("cuda", "tensorrt") and active[0] != _PROVIDER_OF[device]:
+            raise DeviceError(
+                f"device {device!r} was requested but onnxruntime runs on {active[0]}",
+                "the GPU provider failed to start (CUDA or cuDNN libraries missing or mismatched)",
+                "run `sourcefree doctor`, or use --device cpu",
+            )
+        self.providers: list[str] = list(active)
+        self.device = {v: k for k, v in _PROVIDER_OF.items()}.get(active[0], active[0])
+        self.batch_size = batch_size
+        manifest = self.package.manifest
+        self.labels = manifest.labels
+        self.spec = manifest.input
+        self._onnx = manifest.onnx
+
+    def __repr__(self) -> str:
+        return f"Predictor({self.package.manifest.name!r}, device={self.device!r})"
+
+    def predict_array(self, x: np.ndarray, *, features: bool = False) -> Prediction:
+        """Predict an already preprocessed float32 (N, C, H, W) array."""
+        c = self.spec.channels
+        h, w = self.spec.size
+        if not isinstance(x, np.ndarray):
+            raise InputError(
+                f"expected a numpy array, got {type(x).__name__}",
+                "predict_array takes preprocessed arrays",
+                "use predict() for images or paths",
+            )
+        if x.dtype != np.float32:
+            raise InputError(
+                f"input dtype is {x.dtype}",
+                "the model takes float32",
+                "convert with x.astype(np.float32)",
+            )
+        if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w) or x.shape[0] == 0:
+            raise InputError(
+                f"input shape is {tuple(x.shape)}",
+                f"the model takes (N, {c}, {h}, {w}) with N >= 1",
+                "preprocess with the package's input spec (or use predict())",
+            )
+        if not bool(np.isfinite(x).all()):
+            raise InputError(
+                "input contains NaN or Inf",
+                "the model's output would be meaningless",
+                "check the preprocessing",
+            )
+        names = [self._onnx.logits] + ([self._onnx.features] if features else [])
+        logit_parts: list[np.ndarray] = []
+        feat_parts: list[np.ndarray] = []
+        for start in range(0, x.shape[0], self.batch_size):
+            chunk = np.ascontiguousarray(x[start : start + self.batch_size])
+            out = self.session.run(names, {self._onnx.input: chunk})
+            logit_parts.append(np.asarray(out[0], dtype=np.float32))
+            if features:
+                feat_parts.append(np.asarray(out[1], dtype=np.float32))
+        logits = np.concatenate(logit_parts)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(shifted)
+        probs /= probs.sum(axis=1, keepdims=True)
+        idx = probs.argmax(axis=1)
+        return Prediction(
+            labels=[self.labels[i] for i in idx],
+            indices=idx,
+            probabilities=probs,
+            features=np.concatenate(feat_parts) if features else None,
+        )
+
+    def preprocess(self, image: str | os.PathLike[str] | Image.Image) -> np.ndarray:
+        """Decode one image (path or PIL image) into the model's (C, H, W) float32 input."""
+        return preprocess(decode_image(image, self.spec.color), self.spec)
+
+    def predict(
+        self,
+        images: Sequence[str | os.PathLike[str] | Image.Image]
+        | str
+        | os.PathLike[str]
+        | Image.Image,
+        *,
+        features: bool = False,
+    ) -> Prediction:
+        """Decode, preprocess and predict images (paths or PIL images).
+
+        Raises:
+            ImageDecodeError: an image cannot be decoded (wrong kind, empty,
+                truncated, decompression bomb). Use :meth:`predict_paths` to skip
+                such files instead.
+        """
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        if len(images) == 0:
+            raise InputError("no images were given", "there is nothing to predict", "pass 1+")
+        arrays = [self.preprocess(img) for img in images]
+        return self.predict_array(np.stack(arrays), features=features)
+
+    def predict_paths(
+        self, paths: Iterable[Path]
+    ) -> tuple[list[tuple[Path, str, float]], list[tuple[Path, str]]]:
+        """Predict files one batch at a time; unreadable files are skipped and returned.
+
+        Returns:
+            (results as (path, label, probability), failures as (path, reason)).
+        """
+        from sourcefree.imaging import ImageDecodeError
+
+        done: list[tuple[Path, str, float]] = []
+        failed: list[tuple[Path, str]] = []
+        batch: list[tuple[Path, np.ndarray]] = []
+
+        def flush() -> None:
+            if not batch:
+                return
+            pred = self.predict_array(np.stack([a for _, a in batch]))
+            for (p, _), label, prob in zip(
+                batch, pred.labels, pred.probabilities.max(1), strict=True
+            ):
+                done.append((p, label, float(prob)))
+            batch.clear()
+
+        for path in paths:
+            try:
+                batch.append((path, self.preprocess(path)))
+            except ImageDecodeError as exc:
+                failed.append((path, exc.what))
+            if len(batch) >= self.batch_size:
+                flush()
+        flush()
+        return done, failed
