@@ -23,7 +23,8 @@ relink: | $(STAMP)
 test: $(STAMP) relink
 	$(VENV)/bin/ruff check sdk adapters export tests examples benchmarks
 	$(VENV)/bin/ruff format --check sdk adapters export tests examples benchmarks
-	$(VENV)/bin/mypy -p sourcefree tests examples benchmarks
+	$(VENV)/bin/mypy -p sourcefree
+	$(VENV)/bin/mypy tests examples benchmarks
 	$(VENV)/bin/pytest -q
 
 demo: $(STAMP) relink

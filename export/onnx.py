@@ -42,22 +42,44 @@ class Parity:
 
 def _sanitize(model: Any) -> None:
     """Drop exporter metadata that can carry paths or names (stack traces, scopes)."""
-    model.doc_string = ""
+    for field in ("doc_string", "producer_version", "domain"):
+        model.ClearField(field)
     model.producer_name = "sourcefree"
-    model.producer_version = ""
-    model.domain = ""
     del model.metadata_props[:]
     graph = model.graph
-    graph.doc_string = ""
+    graph.ClearField("doc_string")
     graph.name = "sourcefree"
     del graph.metadata_props[:]
     for node in graph.node:
-        node.doc_string = ""
+        node.ClearField("doc_string")
         del node.metadata_props[:]
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        value.doc_string = ""
-    for init in graph.initializer:
-        init.doc_string = ""
+    for item in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]:
+        item.ClearField("doc_string")
+
+
+def _toposort(graph: Any) -> None:
+    """Reorder nodes so each consumes only earlier outputs (fp16 conversion breaks order)."""
+    ready = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        progressed = False
+        rest = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+                progressed = True
+            else:
+                rest.append(node)
+        if not progressed:
+            raise ExportError("the ONNX graph has a cycle", "after fp16 conversion", "report a bug")
+        pending = rest
+    copies = [type(n)() for n in ordered]
+    for dst, src in zip(copies, ordered, strict=True):
+        dst.CopyFrom(src)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def to_onnx(
@@ -104,6 +126,7 @@ def to_onnx(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             proto = convert_float_to_float16(proto, keep_io_types=True)
+        _toposort(proto.graph)
         _sanitize(proto)
     entry = proto.metadata_props.add()
     entry.key = ONNX_MANIFEST_KEY

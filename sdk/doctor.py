@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import importlib.util
+import io
 import os
 from typing import Any
 
@@ -36,7 +38,9 @@ def _usable_providers(ort: Any) -> str:
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
         try:
-            session = ort.InferenceSession(data, opts, providers=[provider])
+            # onnxruntime prints provider failures to stdout; keep JSON output clean.
+            with contextlib.redirect_stdout(io.StringIO()):
+                session = ort.InferenceSession(data, opts, providers=[provider])
         except Exception:  # noqa: S112 (a provider that cannot start is the finding)
             continue
         if session.get_providers()[0] == provider:

@@ -31,7 +31,7 @@ IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
 #: Formats Pillow may decode; everything else (FITS, PSD, EPS, ...) is refused.
-ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "MPO"})
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM"})
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,

@@ -190,7 +190,7 @@ def _graph(data: memoryview, summary: GraphSummary, depth: int, top: bool) -> No
             for sn, _, sv in _Reader(value).fields():
                 if sn in (1, 2):
                     _tensor(sv, summary)
-        elif number == 10:
+        elif number == 10 and len(value):
             summary.doc_strings += 1
         elif number == 16:
             summary.node_metadata += 1
@@ -215,7 +215,7 @@ def _node(data: memoryview, summary: GraphSummary, depth: int) -> None:
             op = _text(value)
         elif number == 7:
             domain = _text(value)
-        elif number == 6:
+        elif number == 6 and len(value):
             summary.doc_strings += 1
         elif number == 9:
             summary.node_metadata += 1
@@ -260,7 +260,7 @@ def summarize(data: bytes) -> GraphSummary:
             summary.ir_version = int(value)
         elif number == 2 and wire == 2:
             summary.producer = _text(value)
-        elif number == 6:
+        elif number == 6 and wire == 2 and len(value):
             summary.doc_strings += 1
         elif number == 8 and wire == 2:
             dom, ver = "", 0

@@ -108,7 +108,9 @@ class Predictor:
         ort = import_onnxruntime()
         providers = _providers(ort, device)
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        # "auto" tries CUDA and quietly settles on CPU when the CUDA libraries are
+        # missing (the wheel lists CUDA either way); self.device says what runs.
+        opts.log_severity_level = 4 if device == "auto" else 3
         opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(self.package.onnx_bytes, opts, providers=providers)

@@ -11,12 +11,12 @@ if not shutil.which("nvidia-smi"):
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import hashlib  # noqa: E402
-import json  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 LABELS = ["surprise", "fear", "happiness"]
 

@@ -211,7 +211,9 @@ def test_safetensors_names_and_shapes_checked_against_architecture(
         load_classifier(pkg.manifest.architecture, _safetensors(renamed))
     reshaped = dict(tensors)
     reshaped["backbone.features.0.weight"] = np.zeros((32, 3, 5, 5), np.float32)
-    with pytest.raises(PackageError, match="has shape \\[32, 3, 5, 5\\], expected \\[32, 3, 3, 3\\]"):
+    with pytest.raises(
+        PackageError, match="has shape \\[32, 3, 5, 5\\], expected \\[32, 3, 3, 3\\]"
+    ):
         load_classifier(pkg.manifest.architecture, _safetensors(reshaped))
     retyped = dict(tensors)
     retyped["backbone.features.1.num_batches_tracked"] = np.zeros((), np.float32)

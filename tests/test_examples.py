@@ -1,0 +1,30 @@
+"""The examples run as shipped (vendor export, then application inference)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vendor_then_application(tmp_path: Path) -> None:
+    package = _load("vendor_export").main(tmp_path, n=300, epochs=1)
+    image = tmp_path / "face.png"
+    Image.new("RGB", (48, 48), (200, 160, 140)).save(image)
+    labels = _load("app_inference").main(str(package), str(tmp_path / "vendor.pub"), [str(image)])
+    assert len(labels) == 1
+    assert labels[0] in {"surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral"}
