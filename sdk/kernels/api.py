@@ -94,7 +94,7 @@ def kmeans_assign(
 
         labels, dist = kmeans_assign_op(x, centroids)
         return labels, dist
-    fn = reference_impl("kmeans_assign", ref.kmeans_assign, x.numel())
+    fn = reference_impl("kmeans_assign", ref.kmeans_assign, x.device, x.numel())
     return fn(x, centroids, chunk_size=chunk_size)
 
 
@@ -118,10 +118,9 @@ def _sinkhorn_impls(scores: Tensor) -> tuple[_Potentials, _SwappedCE]:
         from sourcefree.kernels.custom_ops import sinkhorn_potentials_op
 
         return sinkhorn_potentials_op, _swapped_ce_triton
-    numel = scores.numel()
     return (
-        reference_impl("sinkhorn", ref.sinkhorn_potentials, numel),
-        reference_impl("swapped_ce", ref.swapped_ce_rows, numel),
+        reference_impl("sinkhorn", ref.sinkhorn_potentials, scores.device, scores.numel()),
+        reference_impl("swapped_ce", ref.swapped_ce_rows, scores.device, scores.numel()),
     )
 
 
@@ -360,7 +359,7 @@ def margin_ce_im(
     if use_triton(x) and c <= MARGIN_CE_MAX_CLASSES:
         ce, ent, div = _margin_terms(x, target, margins, w, *params, True)
     else:
-        fn = reference_impl("margin_ce", _margin_terms, x.numel())
+        fn = reference_impl("margin_ce", _margin_terms, x.device, x.numel())
         ce, ent, div = fn(x, target, margins, w, *params, False)
     return IMTerms(ce, ent, div)
 
@@ -387,13 +386,23 @@ def _weights(name: str, w: Tensor | None, n: int, like: Tensor) -> Tensor:
     return w / total
 
 
-def _mmd_value(points: Tensor, coef: Tensor, bandwidths: Tensor, triton: bool) -> Tensor:
+def _mmd_value(
+    source: Tensor,
+    target: Tensor,
+    coef: Tensor,
+    bandwidths: Tensor | None,
+    kernel_mul: float,
+    kernel_num: int,
+    triton: bool,
+) -> Tensor:
+    points = torch.cat([source, target])
+    bw = ref.mmd_bandwidths(points, kernel_mul, kernel_num) if bandwidths is None else bandwidths
     if triton:
         from sourcefree.kernels.custom_ops import mmd_rowsums_op
 
-        rows: Tensor = mmd_rowsums_op(points, coef, bandwidths)
+        rows: Tensor = mmd_rowsums_op(points, coef, bw)
     else:
-        rows = ref.mmd_rowsums(points, coef, bandwidths)
+        rows = ref.mmd_rowsums(points, coef, bw)
     return (coef * rows).sum()
 
 
@@ -438,25 +447,26 @@ def gaussian_mmd(
     if n < 1 or m < 1:
         raise InputError(f"{n} source and {m} target rows", "each side needs a row")
     dtype = _compute_dtype(source)
-    points = torch.cat([source.to(dtype), target.to(dtype)])
+    src, tgt = source.to(dtype), target.to(dtype)
+    bw: Tensor | None = None
     if bandwidths is None:
         if kernel_num < 1 or not kernel_mul > 0.0:
             raise InputError(f"kernel_num={kernel_num}, kernel_mul={kernel_mul}", "must be > 0")
-        bw = ref.mmd_bandwidths(points, float(kernel_mul), int(kernel_num))
     else:
-        bw = bandwidths.detach().to(device=points.device, dtype=dtype).reshape(-1)
+        bw = bandwidths.detach().to(device=src.device, dtype=dtype).reshape(-1)
         if bw.numel() == 0 or (_can_inspect(bw) and bool((bw <= 0).any())):
             raise InputError("bandwidths", "at least one, all positive")
     coef = torch.cat(
         [
-            _weights("source_weight", source_weight, n, points),
-            -_weights("target_weight", target_weight, m, points),
+            _weights("source_weight", source_weight, n, src),
+            -_weights("target_weight", target_weight, m, src),
         ]
     )
-    if use_triton(points) and points.shape[1] <= MMD_MAX_DIM:
-        return _mmd_value(points, coef, bw, True)
-    fn = reference_impl("mmd", _mmd_value, points.numel())
-    return fn(points, coef, bw, False)
+    args = (src, tgt, coef, bw, float(kernel_mul), int(kernel_num))
+    if use_triton(src) and src.shape[1] <= MMD_MAX_DIM:
+        return _mmd_value(*args, True)
+    fn = reference_impl("mmd", _mmd_value, src.device, (n + m) * src.shape[1])
+    return fn(*args, False)
 
 
 MMD_MAX_DIM = 1024

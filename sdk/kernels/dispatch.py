@@ -7,15 +7,17 @@ Rules (documented in docs/kernels.md):
 * The eager reference whenever an export is being traced
   (``torch.onnx.is_in_onnx_export()`` or ``torch.compiler.is_exporting()``), so no
   custom op reaches a graph, and while the caller's own ``torch.compile`` traces.
-* Otherwise (CPU), a lazily ``torch.compile``-d reference for ops where it was
+* Otherwise, for CPU tensors, a lazily ``torch.compile``-d reference for ops where it was
   measured to win, for inputs at least as large as the op's threshold, unless
   ``SOURCEFREE_DISABLE_COMPILE`` is set; a compile failure falls back to eager
-  for the rest of the process, with one warning.
+  for the rest of the process, with one warning. CUDA tensors that do not take
+  the Triton path use the eager reference.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import warnings
 from collections.abc import Callable
@@ -29,13 +31,16 @@ DISABLE_TRITON_ENV = "SOURCEFREE_DISABLE_TRITON"
 DISABLE_COMPILE_ENV = "SOURCEFREE_DISABLE_COMPILE"
 
 # Smallest input (elements of the main operand) for which the compiled CPU reference
-# is used; None = never (compile did not win measurably). Numbers: docs/benchmarks.md.
+# is used; None = never (compile did not win measurably). A first compile costs
+# 10-15 s here (about 3 s with a warm inductor cache), so the thresholds sit where a
+# call saves tens of milliseconds and the compile pays back within a few hundred
+# calls. Numbers: docs/benchmarks.md, "Fused kernels".
 COMPILE_MIN_NUMEL: dict[str, int | None] = {
-    "kmeans_assign": None,
-    "sinkhorn": 1 << 18,
+    "kmeans_assign": None,  # 1.01x: addmm + argmin is already one BLAS call per chunk
+    "sinkhorn": 1 << 18,  # B x K scores; eager log-domain is exp-bound, compiled 4-10x
     "swapped_ce": 1 << 18,
-    "margin_ce": 1 << 14,
-    "mmd": 1 << 17,
+    "margin_ce": 1 << 18,  # B x C logits; 1.6-3.7x, but only ~1.5 ms saved at B=4096, C=7
+    "mmd": 1 << 20,  # (n + m) x d pooled features; 1.4-2.2x
 }
 
 _compiled: dict[str, Callable[..., Any]] = {}
@@ -46,14 +51,19 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip() not in ("", "0")
 
 
-@functools.cache
-def triton_available() -> bool:
-    """True when triton imports (it is an optional dependency)."""
+def _find_triton() -> bool:
     try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install failing at import time
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None
         return False
-    return True
+
+
+_TRITON_INSTALLED = _find_triton()  # decided once, without importing triton
+
+
+def triton_available() -> bool:
+    """True when triton is installed (an optional dependency; imported only to launch)."""
+    return _TRITON_INSTALLED
 
 
 def exporting() -> bool:
@@ -70,11 +80,16 @@ def use_triton(t: torch.Tensor) -> bool:
     return triton_available()
 
 
-def reference_impl(name: str, fn: F, numel: int) -> F:
-    """``fn`` itself, or its lazily compiled version where that pays (see module doc)."""
+def reference_impl(name: str, fn: F, device: torch.device, numel: int) -> F:
+    """``fn`` itself, or its lazily compiled version where that pays (see module doc).
+
+    ``numel`` is the size of the op's main operand on ``device``: only CPU work with
+    at least ``COMPILE_MIN_NUMEL[name]`` elements gets the compiled version.
+    """
     threshold = COMPILE_MIN_NUMEL.get(name)
     if (
         threshold is None
+        or device.type != "cpu"
         or numel < threshold
         or name in _broken
         or _env_flag(DISABLE_COMPILE_ENV)

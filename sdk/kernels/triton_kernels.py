@@ -779,13 +779,20 @@ def mmd_bwd(
     bandwidths: torch.Tensor,
     grad_rows: torch.Tensor,
     *,
-    block_i: int = 32,
-    block_j: int = 32,
+    block_i: int | None = None,
+    block_j: int | None = None,
 ) -> torch.Tensor:
-    """Gradient of ``sum_i grad_rows_i r_i`` with respect to ``points``."""
+    """Gradient of ``sum_i grad_rows_i r_i`` with respect to ``points``.
+
+    Full-width row tiles (``BLOCK_D >= d``) hold the ``W @ T`` accumulator, so the
+    row/column tiles shrink as d grows to bound registers and shared memory.
+    """
     t, sq, c, inv_bw = _mmd_prep(points, coef, bandwidths)
     n, d = t.shape
     dt = torch.empty((n, d), dtype=sq.dtype, device=t.device)
+    default = 32 if d <= 256 else 16
+    block_i = default if block_i is None else block_i
+    block_j = default if block_j is None else block_j
     bi = _pow2(n, 16, block_i)
     _mmd_bwd_kernel[(triton.cdiv(n, bi),)](
         t,
@@ -803,5 +810,6 @@ def mmd_bwd(
         BLOCK_I=bi,
         BLOCK_J=_pow2(n, 16, block_j),
         BLOCK_D=_pow2(d, 16),
+        num_warps=4 if d <= 256 else 8,
     )
     return dt.to(points.dtype)

@@ -1,0 +1,129 @@
+"""The same comparisons on CUDA, where the compiled Triton kernels run (skipped without a GPU).
+
+Tolerances allow TF32 dots (PyTorch's default fp32 matmul precision on these GPUs may
+be TF32 too) and near-tie argmin flips in k-means; a GPU compile is the only proof
+that the kernels build, since the interpreter accepts shapes the compiler rejects.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as nnf
+
+from sourcefree.kernels import (
+    dispatch,
+    gaussian_mmd,
+    kmeans_assign,
+    margin_ce_im,
+    swav_loss,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_gpu_takes_triton_path() -> None:
+    pytest.importorskip("triton")
+    assert dispatch.use_triton(torch.zeros(1, device="cuda"))
+    assert not dispatch.use_triton(torch.zeros(1, device="cuda", dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k", "d"), [(1, 1, 8), (1000, 37, 61), (20000, 1000, 512)])
+def test_gpu_kmeans(n: int, k: int, d: int, dtype: torch.dtype) -> None:
+    g = _gen(n + k)
+    x = torch.randn(n, d, generator=g).to(dtype)
+    c = torch.randn(k, d, generator=g).to(dtype)
+    labels, dist = kmeans_assign(x.cuda(), c.cuda())
+    exp_labels, exp_dist = kmeans_assign(x.double(), c.double())
+    agree = (labels.cpu() == exp_labels).double().mean().item()
+    assert agree >= 0.995
+    rel = ((dist.double().cpu() - exp_dist).abs() / exp_dist.clamp_min(1.0)).max().item()
+    assert rel < (1e-2 if dtype != torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize(("b", "k", "q"), [(1, 3, 0), (64, 300, 0), (256, 3000, 512)])
+def test_gpu_swav(b: int, k: int, q: int) -> None:
+    g = _gen(b + k)
+
+    def crops(n: int) -> list[torch.Tensor]:
+        return [nnf.normalize(torch.randn(b, 128, generator=g), dim=1) for _ in range(n)]
+
+    protos = nnf.normalize(torch.randn(k, 128, generator=g), dim=1)
+    hi = [c @ protos.t() for c in crops(2)]
+    lo = [c @ protos.t() for c in crops(2)]
+    queue = None
+    if q:
+        queue = [nnf.normalize(torch.randn(q, 128, generator=g), dim=1) @ protos.t()] * 2
+
+    def run(dev: str) -> tuple[torch.Tensor, ...]:
+        leaves = [t.to(dev).requires_grad_() for t in hi + lo]
+        qq = None if queue is None else [t.to(dev) for t in queue]
+        loss = swav_loss(leaves[:2], leaves[2:], qq)
+        return (loss.detach().cpu(), *(gr.cpu() for gr in torch.autograd.grad(loss, leaves)))
+
+    got, expected = run("cuda"), run("cpu")
+    for a, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("classes", [1, 7, 100, 1000])
+def test_gpu_margin_ce(classes: int) -> None:
+    g = _gen(classes)
+    x0 = torch.randn(513, classes, generator=g)
+    y = torch.randint(0, classes, (513,), generator=g)
+    m = torch.rand(classes, generator=g)
+
+    def run(dev: str) -> tuple[torch.Tensor, ...]:
+        x = x0.to(dev).requires_grad_()
+        terms = margin_ce_im(
+            x, y.to(dev), margins=m.to(dev), scale=4.0, label_smoothing=0.1, entropy_eps=1e-5
+        )
+        return (
+            *(t.detach().cpu() for t in terms),
+            torch.autograd.grad(terms.loss(0.3), x)[0].cpu(),
+        )
+
+    for a, e in zip(run("cuda"), run("cpu"), strict=True):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("n", "d"), [(3, 4), (300, 65), (1024, 512)])
+def test_gpu_mmd(n: int, d: int) -> None:
+    g = _gen(n + d)
+    s0, t0 = torch.randn(n, d, generator=g), torch.randn(n + 5, d, generator=g) + 0.3
+    w = torch.rand(n, generator=g)
+
+    def run(dev: str) -> tuple[torch.Tensor, ...]:
+        s, t = s0.to(dev).requires_grad_(), t0.to(dev).requires_grad_()
+        val = gaussian_mmd(s, t, source_weight=w.to(dev))
+        return (val.detach().cpu(), *(gr.cpu() for gr in torch.autograd.grad(val, (s, t))))
+
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        got, expected = run("cuda"), run("cpu")
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    for a, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-3)
+
+
+def test_gpu_compile_fullgraph_with_custom_ops() -> None:
+    x = torch.randn(256, 7, device="cuda", requires_grad=True)
+    y = torch.randint(0, 7, (256,), device="cuda")
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return margin_ce_im(x, y, scale=2.0).loss(0.3)
+
+    compiled = torch.compile(step, fullgraph=True)
+    (gc,) = torch.autograd.grad(compiled(x), x)
+    (ge,) = torch.autograd.grad(step(x), x)
+    torch.testing.assert_close(gc, ge)
