@@ -1,0 +1,602 @@
+"""The dataset every reader returns, and robust loading of its images.
+
+A :class:`ImageDataset` is a list of :class:`Sample` (a file, or pixels held
+in memory, with an optional label and face box) plus its label order. It
+decodes nothing until :meth:`ImageDataset.load` (or :meth:`preflight`) runs,
+which fully decodes every image, skips and counts unreadable ones, stops
+above ``max_bad_fraction`` or at the first one with ``strict``, and returns
+a :class:`ReadReport` with counts and hashed ids, never paths. Paths appear
+only in the local log file the caller asks for (``log_path``).
+No torch import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from sourcefree.errors import ConfigError, DatasetError
+from sourcefree.imaging import ImageDecodeError, decode_image
+
+#: Image sides accepted by :meth:`ImageDataset.load`.
+MAX_SIDE = 4096
+#: At most this many hashed ids of bad files are kept in a report.
+MAX_REPORTED_IDS = 50
+
+#: Reasons a sample is skipped, with a short explanation for reports.
+REASONS: dict[str, str] = {
+    "empty": "zero-byte file",
+    "corrupt": "corrupt or truncated image",
+    "not_image": "not an image in an allowed format",
+    "bomb": "decompression bomb",
+    "too_large": "image or file too large",
+    "not_regular": "not a regular file (FIFO, device, directory, socket)",
+    "outside_root": "symlink or path leading outside the dataset root",
+    "missing": "listed file does not exist",
+    "unreadable": "permission or I/O error",
+    "bad_box": "face box outside the image",
+    "bad_row": "malformed pixel row",
+}
+
+_DECODE_REASONS = (
+    ("is empty", "empty"),
+    ("not a regular file", "not_regular"),
+    ("could not be read", "unreadable"),
+    ("too large", "too_large"),
+    ("decompression bomb", "bomb"),
+    ("not a supported image", "not_image"),
+    ("corrupt or truncated", "corrupt"),
+)
+
+Box = tuple[int, int, int, int]
+"""A face box in pixels: (left, top, right, bottom), right and bottom exclusive."""
+
+
+def hashed_id(key: str) -> str:
+    """A short, stable id of a sample name, for reports that must not show names."""
+    return hashlib.blake2b(os.fsencode(key), digest_size=6, person=b"sourcefree-id").hexdigest()
+
+
+def escape_name(key: str) -> str:
+    """A one-line, printable form of a file name (non-UTF-8 bytes and newlines escaped)."""
+    out = []
+    for ch in os.fsencode(key).decode("utf-8", "surrogateescape"):
+        if 0xDC80 <= ord(ch) <= 0xDCFF:  # a byte that is not UTF-8
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ch == "\\" or not ch.isprintable():
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _decode_reason(exc: ImageDecodeError) -> str:
+    what = exc.what
+    for needle, reason in _DECODE_REASONS:
+        if needle in what:
+            return reason
+    return "unreadable"
+
+
+@dataclass(frozen=True, eq=False)
+class Sample:
+    """One image of a dataset: a file or in-memory pixels, a label, an optional box."""
+
+    key: str
+    """Name relative to the dataset root (for ids, fingerprint and the local log)."""
+    path: Path | None = None
+    """The regular file to decode (already resolved inside the root)."""
+    label: int = -1
+    """Index into the dataset's labels; -1 when unlabelled."""
+    box: Box | None = None
+    """Face box from the format, cropped at load."""
+    pixels: np.ndarray | None = None
+    """uint8 pixels (H, W) or (H, W, 3) for formats that store images in a CSV."""
+    error: str | None = None
+    """A reason from :data:`REASONS` known before decoding (the sample is skipped)."""
+    size: int = 0
+    """File size in bytes at scan time (fingerprint)."""
+    mtime_ns: int = 0
+    """Modification time at scan time (fingerprint)."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A dataset's identity for resume checks: names, sizes, mtimes and labels hashed."""
+
+    digest: str
+    files: int
+    bytes: int
+
+    def describe_change(self, other: Fingerprint) -> str:
+        """One line saying how ``other`` differs from this one (no names)."""
+        if other.digest == self.digest:
+            return "unchanged"
+        return (
+            f"{self.files} -> {other.files} images, {self.bytes} -> {other.bytes} bytes; "
+            "names, sizes, modification times or labels changed"
+        )
+
+
+@dataclass(frozen=True)
+class ReadReport:
+    """What reading a dataset found: counts and hashed ids, never paths."""
+
+    total: int
+    """Samples considered (images found or listed)."""
+    ok: int
+    """Samples decoded."""
+    bad: int
+    """Samples skipped as unreadable."""
+    reasons: dict[str, int] = field(default_factory=dict)
+    """Skipped samples per reason (keys from :data:`REASONS`)."""
+    bad_ids: tuple[str, ...] = ()
+    """Hashed ids of the first skipped samples (see :func:`hashed_id`)."""
+    ignored: int = 0
+    """Files that are not images (by name), hidden files and unfollowed directory links."""
+    dropped: int = 0
+    """Samples whose label is not in the label set (contempt with 7 classes, ties, NF)."""
+    no_face: int = 0
+    """Images where face detection found nothing (kept whole)."""
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.bad / self.total if self.total else 0.0
+
+    def summary(self) -> str:
+        """A short human-readable line."""
+        text = f"read {self.ok} of {self.total} images"
+        if self.bad:
+            parts = ", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items()))
+            text += f"; skipped {self.bad} ({parts})"
+        if self.ignored:
+            text += f"; ignored {self.ignored} non-image entries"
+        if self.dropped:
+            text += f"; dropped {self.dropped} samples outside the label set"
+        if self.no_face:
+            text += f"; no face found in {self.no_face}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "ok": self.ok,
+            "bad": self.bad,
+            "reasons": dict(sorted(self.reasons.items())),
+            "bad_ids": list(self.bad_ids),
+            "ignored": self.ignored,
+            "dropped": self.dropped,
+            "no_face": self.no_face,
+        }
+
+
+@dataclass(frozen=True)
+class LoadedImages:
+    """Decoded images at a fixed size, with labels and the indices of the kept samples."""
+
+    images: np.ndarray
+    """uint8 (N, H, W, C); C is 3 for ``rgb`` and 1 for ``gray``."""
+    labels: np.ndarray
+    """int64 (N,), -1 where unlabelled."""
+    indices: np.ndarray
+    """int64 (N,), index of each image in the dataset's samples."""
+    label_names: tuple[str, ...] | None
+    report: ReadReport
+
+    def to_float(
+        self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)
+    ) -> np.ndarray:
+        """float32 NCHW, ``(x / 255 - mean) / std`` per channel (a manifest's input spec)."""
+        x = self.images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+        channels = x.shape[1]
+        m = np.asarray(mean, dtype=np.float32)[:channels, None, None]
+        s = np.asarray(std, dtype=np.float32)[:channels, None, None]
+        return np.ascontiguousarray((x - m) / s)
+
+
+class _LogFile:
+    """The opt-in local log of skipped files: one line per file, mode 0600."""
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self._fh = None
+        if path is not None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._fh = os.fdopen(fd, "a", encoding="utf-8")
+
+    def write(self, key: str, reason: str) -> None:
+        if self._fh is not None:
+            self._fh.write(f"{hashed_id(key)}\t{reason}\t{escape_name(key)}\n")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+class ImageDataset:
+    """Samples with an optional label order; images are decoded only when loaded."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        labels: Sequence[str] | None,
+        *,
+        root: Path,
+        kind: str,
+        sources: Sequence[Path] = (),
+        ignored: int = 0,
+        dropped: int = 0,
+    ) -> None:
+        self.samples: tuple[Sample, ...] = tuple(samples)
+        self.labels: tuple[str, ...] | None = None if labels is None else tuple(labels)
+        self.root = root
+        """Where the data lives (local only: never put it in a report)."""
+        self.kind = kind
+        """The reader that built it (``folder``, ``fer2013``, ...)."""
+        self.sources = tuple(sources)
+        """Annotation files read (CSV, label lists); part of the fingerprint."""
+        self.ignored = ignored
+        self.dropped = dropped
+        if not self.samples:
+            raise DatasetError(
+                f"no images found for the {kind} dataset",
+                "the folder or list holds no supported image"
+                + (f" ({dropped} samples had labels outside the label set)" if dropped else ""),
+                "point at the dataset root; supported suffixes: .jpg .jpeg .png .bmp .gif "
+                ".tif .tiff .webp .ppm .pgm",
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __repr__(self) -> str:
+        n_labels = "unlabelled" if self.labels is None else f"{len(self.labels)} classes"
+        return f"ImageDataset(kind={self.kind!r}, {len(self)} samples, {n_labels})"
+
+    @property
+    def targets(self) -> np.ndarray:
+        """int64 labels of every sample (-1 where unlabelled)."""
+        return np.fromiter((s.label for s in self.samples), dtype=np.int64, count=len(self))
+
+    def class_counts(self) -> np.ndarray:
+        """Samples per class (needs labels)."""
+        if self.labels is None:
+            raise DatasetError("this dataset has no labels", "it was read unlabelled", "")
+        t = self.targets
+        return np.bincount(t[t >= 0], minlength=len(self.labels))
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> ImageDataset:
+        """A dataset with the chosen samples, in the given order."""
+        picked = [self.samples[int(i)] for i in indices]
+        return ImageDataset(
+            picked, self.labels, root=self.root, kind=self.kind, sources=self.sources
+        )
+
+    def fingerprint(self) -> Fingerprint:
+        """Hash of sample names, sizes, mtimes, labels and boxes, plus the annotation files."""
+        h = hashlib.sha256(b"sourcefree-dataset-v1\0")
+        h.update(self.kind.encode() + b"\0")
+        for name in self.labels or ():
+            h.update(b"L" + name.encode("utf-8", "surrogateescape") + b"\0")
+        for src in self.sources:
+            try:
+                st = os.stat(src)
+                h.update(b"S%d:%d\0" % (st.st_size, st.st_mtime_ns))
+            except OSError:
+                h.update(b"S-\0")
+            h.update(os.fsencode(src.name) + b"\0")
+        total = 0
+        for s in self.samples:
+            h.update(os.fsencode(s.key) + b"\0")
+            box = "" if s.box is None else ",".join(map(str, s.box))
+            h.update(f"{s.size}:{s.mtime_ns}:{s.label}:{box}:{s.error or ''}\0".encode())
+            total += s.size
+        return Fingerprint(h.hexdigest(), len(self.samples), total)
+
+    def decode(self, index: int, color: str = "rgb") -> Image.Image:
+        """Decode one sample (box applied) as a PIL image in ``RGB`` or ``L``.
+
+        Raises:
+            ImageDecodeError: the file cannot be decoded safely.
+            DatasetError: the sample was refused at scan time, or its box is empty.
+        """
+        sample = self.samples[index]
+        if sample.error is not None:
+            raise DatasetError(
+                f"sample {hashed_id(sample.key)} is skipped",
+                REASONS.get(sample.error, sample.error),
+                "see the local log for the file",
+            )
+        if sample.pixels is not None:
+            img = decode_image(Image.fromarray(sample.pixels), color)
+        elif sample.path is not None:
+            img = decode_image(sample.path, color)
+        else:  # pragma: no cover - readers always set one of them
+            raise DatasetError("a sample has neither a file nor pixels", "", "report a bug")
+        if sample.box is not None:
+            img = crop_box(img, sample.box)
+        return img
+
+    def iter_decoded(
+        self,
+        color: str = "rgb",
+        *,
+        max_bad_fraction: float = 0.05,
+        strict: bool = False,
+        log_path: str | os.PathLike[str] | None = None,
+        transform: Callable[[Image.Image], Image.Image] | None = None,
+    ) -> Iterator[tuple[int, Image.Image]]:
+        """Yield ``(index, image)`` for every decodable sample, skipping bad ones.
+
+        The bad-fraction check runs when the iteration ends (a generator's
+        return); use :meth:`load` or :meth:`preflight` to get the report.
+        """
+        reader = _Reader(self, color, max_bad_fraction, strict, log_path)
+        try:
+            for i in range(len(self.samples)):
+                img = reader.decode(i)
+                if img is None:
+                    continue
+                yield i, img if transform is None else transform(img)
+            reader.finish()
+        finally:
+            reader.close()
+
+    def preflight(
+        self,
+        color: str = "rgb",
+        *,
+        max_bad_fraction: float = 0.05,
+        strict: bool = False,
+        log_path: str | os.PathLike[str] | None = None,
+    ) -> ReadReport:
+        """Fully decode every image without keeping it; returns the report.
+
+        Raises:
+            DatasetError: above ``max_bad_fraction`` bad files, at the first
+                with ``strict``, or when nothing is readable.
+        """
+        reader = _Reader(self, color, max_bad_fraction, strict, log_path)
+        try:
+            for i in range(len(self.samples)):
+                reader.decode(i)
+            return reader.finish()
+        finally:
+            reader.close()
+
+    def load(
+        self,
+        size: int | tuple[int, int] = 32,
+        color: str = "rgb",
+        *,
+        interpolation: str = "bilinear",
+        max_bad_fraction: float = 0.05,
+        strict: bool = False,
+        log_path: str | os.PathLike[str] | None = None,
+        detect_faces: bool = False,
+        face_margin: float = 0.25,
+    ) -> LoadedImages:
+        """Decode, crop and resize every readable image into one uint8 array.
+
+        Args:
+            size: output side, or (height, width) (a manifest's ``input.size``).
+            color: ``rgb`` (3 channels) or ``gray`` (1 channel).
+            interpolation: ``nearest``, ``bilinear`` or ``bicubic``.
+            max_bad_fraction: stop with DatasetError when more than this
+                fraction of samples is unreadable (default 0.05).
+            strict: stop at the first unreadable sample.
+            log_path: optional local file that gets one line per skipped
+                sample (hashed id, reason, escaped path). Keep it on site.
+            detect_faces: crop the largest detected face (OpenCV Haar
+                cascade) from samples that have no box from the format.
+            face_margin: margin around a detected face, as a fraction of its side.
+        """
+        height, width = (size, size) if isinstance(size, int) else size
+        if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE):
+            raise ConfigError(
+                f"image size {size!r} is invalid",
+                f"sides must be between 1 and {MAX_SIDE}",
+                "use the size in the package's input spec",
+            )
+        resample = _resample(interpolation)
+        channels = 3 if color == "rgb" else 1
+        reader = _Reader(self, color, max_bad_fraction, strict, log_path)
+        detector = None
+        if detect_faces:
+            from sourcefree.data.faces import FaceDetector
+
+            detector = FaceDetector()
+        images = np.empty((len(self.samples), height, width, channels), dtype=np.uint8)
+        kept: list[int] = []
+        try:
+            for i in range(len(self.samples)):
+                img = reader.decode(i)
+                if img is None:
+                    continue
+                if detector is not None and self.samples[i].box is None:
+                    box = detector.largest(img, margin=face_margin)
+                    if box is None:
+                        reader.no_face += 1
+                    else:
+                        img = crop_box(img, box)
+                if img.size != (width, height):
+                    img = img.resize((width, height), resample)
+                arr = np.asarray(img, dtype=np.uint8)
+                images[len(kept)] = arr.reshape(height, width, channels)
+                kept.append(i)
+            report = reader.finish()
+        finally:
+            reader.close()
+        idx = np.asarray(kept, dtype=np.int64)
+        return LoadedImages(
+            images=images[: len(kept)],
+            labels=self.targets[idx],
+            indices=idx,
+            label_names=self.labels,
+            report=report,
+        )
+
+    def torch_dataset(
+        self,
+        size: int | tuple[int, int] = 32,
+        color: str = "rgb",
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        **load_kwargs: Any,
+    ) -> Any:
+        """A ``torch.utils.data.TensorDataset`` of (normalised NCHW images, labels).
+
+        Imports torch lazily; the other methods never do.
+        """
+        import torch
+
+        loaded = self.load(size, color, **load_kwargs)
+        x = torch.from_numpy(loaded.to_float(mean, std))
+        y = torch.from_numpy(loaded.labels)
+        return torch.utils.data.TensorDataset(x, y)
+
+
+def crop_box(img: Image.Image, box: Box) -> Image.Image:
+    """Crop a (left, top, right, bottom) box, clamped to the image.
+
+    Raises:
+        DatasetError: the box does not overlap the image.
+    """
+    left, top, right, bottom = box
+    left, top = max(0, left), max(0, top)
+    right, bottom = min(img.width, right), min(img.height, bottom)
+    if right - left < 2 or bottom - top < 2:
+        raise DatasetError(
+            "a face box lies outside its image",
+            f"box {box} on a {img.width}x{img.height} image",
+            "check the annotation file",
+        )
+    return img.crop((left, top, right, bottom))
+
+
+def _resample(name: str) -> Image.Resampling:
+    table = {
+        "nearest": Image.Resampling.NEAREST,
+        "bilinear": Image.Resampling.BILINEAR,
+        "bicubic": Image.Resampling.BICUBIC,
+        "area": Image.Resampling.BOX,
+    }
+    if name not in table:
+        raise ConfigError(
+            f"unknown interpolation {name!r}",
+            f"choose one of {', '.join(table)}",
+            "use the interpolation in the package's input spec",
+        )
+    return table[name]
+
+
+class _Reader:
+    """Decodes samples one by one and keeps the skip accounting."""
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        color: str,
+        max_bad_fraction: float,
+        strict: bool,
+        log_path: str | os.PathLike[str] | None,
+    ) -> None:
+        if color not in ("rgb", "gray"):
+            raise ConfigError(f"unknown colour {color!r}", "choose rgb or gray", "")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ConfigError(
+                f"max_bad_fraction={max_bad_fraction!r} is out of range",
+                "it is a fraction between 0 and 1",
+                "use e.g. 0.05 (5 %), or strict mode to stop at the first bad file",
+            )
+        self.dataset = dataset
+        self.color = color
+        self.max_bad_fraction = max_bad_fraction
+        self.strict = strict
+        self.reasons: Counter[str] = Counter()
+        self.bad_ids: list[str] = []
+        self.ok = 0
+        self.no_face = 0
+        self.log = _LogFile(log_path)
+
+    def decode(self, index: int) -> Image.Image | None:
+        sample = self.dataset.samples[index]
+        reason = sample.error
+        img = None
+        if reason is None:
+            try:
+                img = self.dataset.decode(index, self.color)
+            except ImageDecodeError as exc:
+                reason = _decode_reason(exc)
+            except DatasetError:
+                reason = "bad_box"
+            except OSError:  # permission or I/O errors the decoder did not wrap
+                reason = "unreadable"
+        if img is None:
+            self._bad(sample.key, reason or "unreadable")
+            return None
+        self.ok += 1
+        return img
+
+    def _bad(self, key: str, reason: str) -> None:
+        self.reasons[reason] += 1
+        ident = hashed_id(key)
+        if len(self.bad_ids) < MAX_REPORTED_IDS:
+            self.bad_ids.append(ident)
+        self.log.write(key, reason)
+        if self.strict:
+            raise DatasetError(
+                f"unreadable image {ident} ({REASONS.get(reason, reason)})",
+                "strict mode stops at the first unreadable file",
+                "remove or re-copy it (the local log names it), or run without --strict",
+            )
+
+    def report(self) -> ReadReport:
+        bad = sum(self.reasons.values())
+        return ReadReport(
+            total=len(self.dataset.samples),
+            ok=self.ok,
+            bad=bad,
+            reasons=dict(self.reasons),
+            bad_ids=tuple(self.bad_ids),
+            ignored=self.dataset.ignored,
+            dropped=self.dataset.dropped,
+            no_face=self.no_face,
+        )
+
+    def finish(self) -> ReadReport:
+        report = self.report()
+        if report.ok == 0:
+            raise DatasetError(
+                f"none of the {report.total} images could be read",
+                report.summary(),
+                "check the dataset (pass a log file to see which files failed)",
+            )
+        if report.bad_fraction > self.max_bad_fraction:
+            raise DatasetError(
+                f"{report.bad} of {report.total} images are unreadable "
+                f"({report.bad_fraction:.1%} > max_bad_fraction {self.max_bad_fraction:.1%})",
+                report.summary(),
+                "fix or remove the bad files (a log file names them), or raise --max-bad-fraction",
+            )
+        return report
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def stat_regular(path: Path) -> os.stat_result | None:
+    """``stat`` of a regular file without following a final symlink; None otherwise."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
