@@ -44,6 +44,7 @@ __all__ = [
     "ClusterPurity",
     "KMeansConfig",
     "KMeansResult",
+    "all_finite",
     "cluster_purity",
     "contingency_table",
     "kmeans",
@@ -131,6 +132,25 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of ``x`` is finite, reading it once without a boolean copy.
+
+    A finite sum proves it (NaN and +-inf propagate through a sum); only when the
+    sum is not finite, e.g. overflow of huge finite values, is every value checked.
+    """
+    if bool(torch.isfinite(x.sum()).item()):
+        return True
+    return bool(torch.isfinite(x).all().item())
+
+
+def _mean_feature_variance(x: torch.Tensor) -> float:
+    """mean_d Var(x[:, d]) = (||X||_F^2 / N - ||mean||^2) / D, without copying ``x``."""
+    n, d = x.shape
+    mean = x.sum(dim=0, dtype=torch.float64) / n
+    frob = float(torch.linalg.vector_norm(x).item()) ** 2
+    return max(frob / n - float((mean * mean).sum().item()), 0.0) / d
+
+
 def _check_points(x: object, name: str = "x") -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise InputError(
@@ -150,7 +170,7 @@ def _check_points(x: object, name: str = "x") -> torch.Tensor:
             "K-means runs in float32 (or float64 for checks)",
             "convert with x.float()",
         )
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise InputError(
             f"{name} contains NaN or infinite values",
             "distances to such points are undefined",
@@ -317,8 +337,7 @@ def kmeans(
         xt = x.index_select(0, pick)
     else:
         xt = x
-    var = xt.to(torch.float64).var(dim=0, unbiased=False).mean()
-    tol_abs = cfg.tol * float(var.item())
+    tol_abs = cfg.tol * _mean_feature_variance(xt) if cfg.tol > 0 else 0.0
 
     runs: list[tuple[float, torch.Tensor, int, bool, torch.Tensor]] = []
     for _ in range(cfg.n_init):
@@ -426,7 +445,10 @@ def cluster_purity(
     """
     table = contingency_table(cluster_labels, class_labels, n_clusters, n_classes)
     sizes = table.sum(dim=1)
-    top, labels = table.max(dim=1)  # first maximum: ties go to the lowest class index
+    # argmax returns the first maximum: ties go to the lowest class index. (argmax + gather,
+    # not max(dim=1): the latter is ~100x slower on a K x 7 int64 table with 2 CPU threads.)
+    labels = table.argmax(dim=1)
+    top = table.gather(1, labels.unsqueeze(1)).squeeze(1)
     nonempty = sizes > 0
     purity = torch.where(
         nonempty,

@@ -50,6 +50,7 @@ import torch
 
 from sourcefree.clustering import (
     KMeansConfig,
+    all_finite,
     cluster_purity,
     kmeans,
     member_labels_and_scores,
@@ -268,7 +269,7 @@ def _check_matrix(t: object, name: str) -> torch.Tensor:
             "it must hold floating-point values",
             f"convert with {name}.float()",
         )
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise InputError(
             f"{name} contains NaN or infinite values",
             "scores and distances of such rows are undefined",

@@ -261,3 +261,18 @@ def test_cuda_matches_cpu() -> None:
     assert gpu.inertia == pytest.approx(cpu.inertia, rel=1e-3)
     pur = cluster_purity(gpu.labels, (gpu.labels % 3).contiguous(), 20, 3)
     assert pur.purity.is_cuda
+
+
+def test_all_finite_and_tolerance_variance() -> None:
+    from sourcefree.clustering import _mean_feature_variance, all_finite
+
+    x = torch.randn(50, 3, dtype=torch.float64) * 3 + 7
+    assert _mean_feature_variance(x) == pytest.approx(
+        float(x.var(dim=0, unbiased=False).mean()), rel=1e-9
+    )
+    assert all_finite(x)
+    huge = torch.full((4, 2), 3e38)  # finite values whose float32 sum overflows
+    assert all_finite(huge)
+    huge[1, 1] = float("-inf")
+    assert not all_finite(huge)
+    assert not all_finite(torch.tensor([1.0, float("nan")]))
