@@ -178,3 +178,16 @@ def test_mmd_kernel_bf16_upcast(tk: ModuleType) -> None:
     bw = ref.mmd_bandwidths(t.float(), 2.0, 3)
     got = tk.mmd_fwd(t, c, bw, block_i=16, block_j=16, block_d=16)
     torch.testing.assert_close(got.float(), ref.mmd_rowsums(t.float(), c, bw), atol=2e-2, rtol=1e-2)
+
+
+def test_mmd_kernel_wide_features_default_blocks(tk: ModuleType) -> None:
+    # d > 256 selects the smaller backward tiles; default forward blocks.
+    gen = _gen(9)
+    t = torch.randn(19, 300, dtype=D64, generator=gen).requires_grad_()
+    c = torch.randn(19, dtype=D64, generator=gen)
+    bw = ref.mmd_bandwidths(t, 2.0, 5)
+    expected = ref.mmd_rowsums(t, c, bw)
+    torch.testing.assert_close(tk.mmd_fwd(t.detach(), c, bw), expected.detach())
+    gr = torch.randn(19, dtype=D64, generator=gen)
+    (exp_dt,) = torch.autograd.grad(expected, t, gr)
+    torch.testing.assert_close(tk.mmd_bwd(t.detach(), c, bw, gr), exp_dt)
