@@ -244,7 +244,7 @@ class IMTerms(NamedTuple):
 
 
 def ldam_margins(class_counts: Tensor | Sequence[int], max_margin: float = 0.5) -> Tensor:
-    """LDAM margins ``m_j = C / n_j^{1/4}`` (Cao et al. 2019, eq. 12), with max = max_margin."""
+    """LDAM margins ``m_j = C / n_j^{1/4}`` (LDAM, Cao et al. 2019), max = max_margin."""
     counts = torch.as_tensor(class_counts, dtype=torch.float64)
     if counts.dim() != 1 or counts.numel() == 0 or bool((counts <= 0).any()):
         raise InputError(
@@ -301,13 +301,13 @@ def margin_ce_im(
 ) -> IMTerms:
     """Margin cross-entropy with information-maximisation terms, in one pass.
 
-    CE on margin logits ``s (x - m_y e_y)`` (LDAM eq. 13; DIFC passes its own
+    CE on margin logits ``s (x - m_y e_y)`` (LDAM margin loss; DIFC passes its own
     margins), with optional label smoothing, averaged as
     ``sum_b w_b [b labelled] ce_b / #labelled``; a row is labelled when ``mask`` is
     true and its target lies in [0, C) (so -100 or -1 mean "no label"). The IM
     terms use ``p = softmax(s x)`` without margins over all rows: entropy
     ``mean_b H(p_b)`` and diversity ``H(mean_b p_b)``; SHOT's IM loss (Liang et al.
-    2020, eq. 3-4) is ``entropy - diversity``. ``entropy_eps=1e-5`` reproduces
+    2020: L_ent - L_div) is ``entropy - diversity``. ``entropy_eps=1e-5`` reproduces
     SHOT's ``-sum p log(p + 1e-5)`` exactly; 0 gives the exact entropy. Margins
     carry no gradient; ``weight`` does (it is applied outside the kernel).
 

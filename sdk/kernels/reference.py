@@ -122,11 +122,12 @@ def margin_ce_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row terms of margin cross-entropy with information maximisation.
 
-    Margin logits (LDAM, Cao et al. 2019, eq. 13): ``z = s (x - m_y e_y)``. Row loss
-    with label smoothing ``a``: ``-(1-a) log softmax(z)_y - (a/C) sum_k log softmax(z)_k``.
+    Margin logits (LDAM, Cao et al. 2019, margins ``m_j = C / n_j^{1/4}``):
+    ``z = s (x - m_y e_y)``. Row loss with label smoothing ``a``:
+    ``-(1-a) log softmax(z)_y - (a/C) sum_k log softmax(z)_k``.
     Predictions for the IM terms use no margin: ``p = softmax(s x)``; the row
     entropy is ``-sum_k p_k log p_k`` when ``entropy_eps == 0`` and SHOT's
-    ``-sum_k p_k log(p_k + eps)`` otherwise (Liang et al. 2020, eq. 3 uses 1e-5).
+    ``-sum_k p_k log(p_k + eps)`` otherwise (Liang et al. 2020 use 1e-5).
 
     Args:
         logits: (B, C) raw logits ``x``.
