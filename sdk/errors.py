@@ -56,3 +56,30 @@ class ConfigError(SourcefreeError, ValueError):
 
 class DatasetError(SourcefreeError):
     """A dataset cannot be read, or holds too many unreadable files."""
+
+
+class WorkdirError(SourcefreeError):
+    """A run directory cannot be created, locked or used."""
+
+
+class CheckpointError(SourcefreeError):
+    """A checkpoint could not be written or read; the previous one is kept."""
+
+
+class ResumeError(SourcefreeError):
+    """``--resume`` was refused: nothing to resume, or the inputs changed."""
+
+
+class TrainingError(SourcefreeError):
+    """Adaptation diverged (a non-finite loss) or a method broke its contract."""
+
+
+#: Exit code of a run stopped by SIGINT/SIGTERM after writing a checkpoint
+#: (EX_TEMPFAIL: run the same command again with ``--resume``).
+EXIT_RESUMABLE = 75
+
+
+class RunInterruptedError(SourcefreeError):
+    """A signal stopped the run after a checkpoint; ``--resume`` continues it."""
+
+    exit_code = EXIT_RESUMABLE
