@@ -208,9 +208,11 @@ PRESETS: dict[str, DomainSpec] = {
         ),
         DomainSpec(
             name="nir",
-            description="near-infrared camera: grey, bright skin on black, vignette, long faces",
+            description="near-infrared camera: grey, bright skin on black, vignette, soft, noisy",
             gray=1.0,
-            noise=0.3,
+            lowres=0.3,
+            blur=0.5,
+            noise=0.5,
             shape=1.0,
             nir=True,
         ),
