@@ -1,1 +1,8 @@
 """Adaptation methods, one file each; importing a module registers its method."""
+
+from __future__ import annotations
+
+from sourcefree.adapters import adabn as adabn
+from sourcefree.adapters import tent as tent
+
+__all__ = ["adabn", "tent"]

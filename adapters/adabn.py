@@ -1,0 +1,61 @@
+"""AdaBN: re-estimate BatchNorm statistics on the target domain, no gradients.
+
+[0] Li, Wang, Shi, Liu, Hou. "Revisiting Batch Normalization For Practical
+Domain Adaptation", 2016, https://arxiv.org/abs/1603.04779
+
+Every BatchNorm layer's running mean and variance are replaced by their
+average over the target images (Algorithm 1), all weights unchanged. The
+exact average is accumulated with ``momentum=None`` over full batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from sourcefree.errors import ConfigError
+from sourcefree.method import Method, MethodContext, Phase, bn_statistics_phase
+from sourcefree.models import Classifier
+from sourcefree.registry import register_method
+
+
+@dataclass(frozen=True)
+class AdaBNConfig:
+    """AdaBN settings."""
+
+    batch_size: int = 64
+    """Images per forward pass while averaging the statistics."""
+    epochs: int = 1
+    """Passes over the target images (one gives the exact average)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2 or self.epochs < 1:
+            raise ConfigError(
+                f"adabn batch_size={self.batch_size}, epochs={self.epochs}",
+                "batch_size must be at least 2 and epochs at least 1",
+                "fix the values",
+            )
+
+
+@register_method("adabn")
+class AdaBN(Method):
+    """Re-estimate BatchNorm statistics on the target images."""
+
+    description = "AdaBN: BatchNorm statistics re-estimated on the target images (no training)"
+    config_class = AdaBNConfig
+    config: AdaBNConfig
+
+    def __init__(self, config: AdaBNConfig, context: MethodContext) -> None:
+        super().__init__(config, context)
+        self.model = context.sources[0].model
+
+    def phases(self) -> Sequence[Phase]:
+        return [bn_statistics_phase(self.model, self.config.batch_size, self.config.epochs)]
+
+    def modules(self) -> Mapping[str, nn.Module]:
+        return {"model": self.model}
+
+    def export_model(self) -> Classifier:
+        return self.model.eval()

@@ -1,0 +1,348 @@
+"""``sourcefree.adapt``: adapt source package(s) to unlabelled target images, on site.
+
+The output directory holds the adapted package and an aggregate report::
+
+    OUT/
+      package/       the adapted package (same format as a source package)
+      report.json    method, resolved config, per-phase loss curves, timings,
+                     read counts; source vs adapted metrics with --eval-labels
+
+OUT appears atomically (staged beside it, renamed at the end). Evaluation
+labels are read only after adaptation finished, to report; they never enter a
+decision. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sourcefree import __version__, strictjson
+from sourcefree.errors import ConfigError, ResumeError, WorkdirError
+from sourcefree.fsutil import check_output_dir, staged_directory
+from sourcefree.package import Package, load_package
+
+if TYPE_CHECKING:
+    from sourcefree.method import TargetData
+    from sourcefree.trainer import StepInfo
+
+PACKAGE_DIR = "package"
+REPORT_NAME = "report.json"
+
+
+@dataclass(frozen=True)
+class AdaptResult:
+    """What :func:`adapt` produced."""
+
+    out: Path
+    package: Package
+    """The adapted package, read back and verified from ``out/package``."""
+    report: dict[str, Any]
+    """The content of ``out/report.json``."""
+
+
+def default_workdir(out: str | os.PathLike[str]) -> Path:
+    """The run directory used when none is given: ``.<OUT>.work`` beside OUT."""
+    target = Path(out).absolute()
+    return target.with_name(f".{target.name}.work")
+
+
+def _packages(
+    packages: str | os.PathLike[str] | Package | Sequence[str | os.PathLike[str] | Package],
+) -> list[Package]:
+    single = isinstance(packages, (str, os.PathLike, Package))
+    items: list[Any] = [packages] if single else list(packages)  # type: ignore[arg-type]
+    return [p if isinstance(p, Package) else load_package(p) for p in items]
+
+
+def _check_sources(pkgs: Sequence[Package], method: str, lo: int, hi: int) -> None:
+    if not lo <= len(pkgs) <= hi:
+        want = str(lo) if lo == hi else f"{lo} to {hi}"
+        raise ConfigError(
+            f"method {method!r} takes {want} source package(s), got {len(pkgs)}",
+            "each method declares how many source models it adapts",
+            "pass the right number of packages before DATA"
+            + (" (la-cmfer takes several)" if hi == 1 else ""),
+        )
+    first = pkgs[0].manifest
+    for other in pkgs[1:]:
+        m = other.manifest
+        if m.labels != first.labels or m.input != first.input:
+            raise ConfigError(
+                f"source packages {first.name!r} and {m.name!r} do not match",
+                "several sources must share labels (same order) and input spec",
+                "use packages exported for the same classes and preprocessing",
+            )
+
+
+def load_target(
+    data: str | os.PathLike[str],
+    spec: Any,
+    *,
+    max_bad_fraction: float = 0.05,
+    strict: bool = False,
+) -> TargetData:
+    """Read every image under ``data`` (unlabelled) at the package's input size.
+
+    Raises:
+        DatasetError: no image, too many unreadable images, or one with ``strict``.
+    """
+    from sourcefree.data.readers import read_image_folder
+    from sourcefree.method import TargetData
+
+    dataset = read_image_folder(data)
+    loaded = dataset.load(
+        spec.size,
+        spec.color,
+        interpolation=spec.interpolation,
+        max_bad_fraction=max_bad_fraction,
+        strict=strict,
+    )
+    fp = dataset.fingerprint()
+    report = loaded.report
+    summary = {
+        "total": report.total,
+        "ok": report.ok,
+        "bad": report.bad,
+        "reasons": dict(sorted(report.reasons.items())),
+        "ignored": report.ignored,
+    }
+    return TargetData(
+        images=loaded.images,
+        spec=spec,
+        fingerprint=strictjson.dumps(
+            {"digest": fp.digest, "files": fp.files, "bytes": fp.bytes}
+        ).decode(),
+        read_summary=summary,
+    )
+
+
+def _identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    from sourcefree.config import diff
+    from sourcefree.data.dataset import Fingerprint
+
+    out: list[str] = []
+    if old.get("method") != new.get("method"):
+        out.append(f"the method changed ({old.get('method')} -> {new.get('method')})")
+    if old.get("sources") != new.get("sources"):
+        before = ", ".join(s[:12] for s in old.get("sources", []))
+        after = ", ".join(s[:12] for s in new.get("sources", []))
+        out.append(f"the source package changed (sha256 {before}... -> {after}...)")
+    if old.get("dataset") != new.get("dataset"):
+        a, b = old.get("dataset", {}), new.get("dataset", {})
+        try:
+            change = Fingerprint(**a).describe_change(Fingerprint(**b))
+        except TypeError:
+            change = "its fingerprint differs"
+        out.append(f"the target dataset changed ({change})")
+    if old.get("config") != new.get("config"):
+        changes = diff(old.get("config", {}), new.get("config", {}))
+        out.append("the config changed (" + "; ".join(changes[:5]) + ")")
+    if old.get("seed") != new.get("seed"):
+        out.append(f"the seed changed ({old.get('seed')} -> {new.get('seed')})")
+    return out
+
+
+def adapt(
+    packages: str | os.PathLike[str] | Package | Sequence[str | os.PathLike[str] | Package],
+    data: str | os.PathLike[str],
+    *,
+    method: str,
+    out: str | os.PathLike[str],
+    config: Any = None,
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    workdir: str | os.PathLike[str] | None = None,
+    keep_workdir: bool = False,
+    device: str = "auto",
+    eval_labels: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    max_bad_fraction: float = 0.05,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+    checkpoint_every_s: float = 600.0,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> AdaptResult:
+    """Adapt source package(s) to the images under ``data`` and write ``out``.
+
+    Args:
+        packages: one source package (or several, for methods that take them).
+        data: folder of unlabelled target images (read recursively).
+        method: registered method name (``sourcefree methods``).
+        out: output directory (package + report); must not exist unless ``overwrite``.
+        config: a config instance or a dict of overrides of the method's defaults.
+        config_file: YAML file of overrides.
+        overrides: ``key=value`` strings (dotted keys for nested sections).
+        resume: continue from the newest checkpoint in the run directory.
+        workdir: private run directory (default ``.<OUT>.work`` beside OUT).
+        keep_workdir: keep the run directory after success.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        eval_labels: labels CSV for reporting source vs adapted metrics only.
+        seed: seed of all randomness.
+        max_bad_fraction: tolerated fraction of unreadable images.
+        strict: stop at the first unreadable image.
+        overwrite: replace an existing ``out``.
+        progress: progress bars on stderr.
+        checkpoint_every_s: interval of timer checkpoints.
+        on_step: callback after each training step (tests, custom progress).
+
+    Raises:
+        SourcefreeError subclasses: ConfigError, PackageError, DatasetError,
+        ResumeError, WorkdirError, CheckpointError, TrainingError, ExportError;
+        RunInterruptedError (exit code 75) after SIGINT/SIGTERM and a checkpoint.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import dataclasses
+
+    import torch
+
+    from sourcefree import config as cfgmod
+    from sourcefree.export.adapted import adapted_package
+    from sourcefree.method import MethodContext, SourceModel
+    from sourcefree.models import load_classifier
+    from sourcefree.registry import get_method
+    from sourcefree.trainer import Trainer, resolve_device, seed_everything
+    from sourcefree.workdir import Workdir
+
+    t0 = time.perf_counter()
+    cls = get_method(method)
+    if config is not None and dataclasses.is_dataclass(config) and not isinstance(config, type):
+        base: Mapping[str, Any] | None = cfgmod.to_dict(config)
+    else:
+        base = config
+    cfg = cfgmod.load_config(cls.config_class, file=config_file, overrides=overrides, base=base)
+    config_dict = cfgmod.to_dict(cfg)
+    target = Path(out).absolute()
+    check_output_dir(target, overwrite)
+    pkgs = _packages(packages)
+    _check_sources(pkgs, method, cls.min_sources, cls.max_sources)
+    spec = pkgs[0].manifest.input
+    dev = resolve_device(device)
+    models = [load_classifier(p.manifest.architecture, p.weights_bytes).to(dev) for p in pkgs]
+    target_data = load_target(data, spec, max_bad_fraction=max_bad_fraction, strict=strict)
+    t_loaded = time.perf_counter()
+
+    identity = {
+        "format": "sourcefree-run-v1",
+        "method": method,
+        "config": config_dict,
+        "dataset": strictjson.loads(
+            target_data.fingerprint.encode(), what="fingerprint", max_bytes=1 << 16
+        ),
+        "sources": [p.sha256 for p in pkgs],
+        "seed": seed,
+        "sdk_version": __version__,
+    }
+    wd = Workdir(workdir if workdir is not None else default_workdir(target)).open()
+    try:
+        previous = wd.read_identity()
+        if resume:
+            if previous is None or not wd.has_checkpoints():
+                raise ResumeError(
+                    f"nothing to resume in {str(wd.path)!r}",
+                    "no checkpoint was written there",
+                    "run without --resume (or pass the --workdir of the interrupted run)",
+                )
+            changes = _identity_diff(previous, identity)
+            if changes:
+                raise ResumeError(
+                    "cannot resume: the inputs differ from the interrupted run",
+                    "; ".join(changes),
+                    "run again with the original inputs, or start a fresh run without "
+                    f"--resume after removing {str(wd.path)!r}",
+                )
+        else:
+            if wd.has_checkpoints():
+                raise WorkdirError(
+                    f"run directory {str(wd.path)!r} holds checkpoints of an earlier run",
+                    "a fresh run would overwrite them",
+                    "pass --resume to continue that run, or remove the directory",
+                )
+            wd.write_identity(identity)
+        seed_everything(seed)
+        context = MethodContext(
+            sources=tuple(SourceModel(p, m) for p, m in zip(pkgs, models, strict=True)),
+            data=target_data,
+            device=dev,
+            seed=seed,
+        )
+        instance = cls(cfg, context)
+        trainer = Trainer(
+            instance,
+            target_data,
+            device=dev,
+            seed=seed,
+            workdir=wd,
+            checkpoint_every_s=checkpoint_every_s,
+            progress=progress,
+            on_step=on_step,
+        )
+        result = trainer.run(resume=resume)
+        t_trained = time.perf_counter()
+        model = instance.export_model().to("cpu", torch.float32).eval()
+        report: dict[str, Any] = {
+            "format": "sourcefree-adapt-report-v1",
+            "method": method,
+            "config": config_dict,
+            "seed": seed,
+            "device": result.device,
+            "amp": result.amp,
+            "sources": [
+                {"name": p.manifest.name, "version": p.manifest.version, "sha256": p.sha256}
+                for p in pkgs
+            ],
+            "target": {"images": len(target_data), "read": dict(target_data.read_summary)},
+            "resumed": result.resumed_from is not None,
+            "checkpoints_written": result.checkpoints,
+            "phases": [log.to_dict() for log in result.phases],
+            "package": PACKAGE_DIR,
+        }
+        with staged_directory(target, overwrite=overwrite) as stage:
+            adapted, parity = adapted_package(
+                model,
+                sources=pkgs,
+                method=method,
+                config=config_dict,
+                num_target_images=len(target_data),
+                architecture=instance.export_architecture(),
+                out=stage / PACKAGE_DIR,
+            )
+            t_exported = time.perf_counter()
+            report["export"] = {
+                "sha256": adapted.sha256,
+                "parity_max_abs_logits": float(parity.max_abs_logits),
+                "parity_top1_agreement": float(parity.top1_agreement),
+            }
+            if eval_labels is not None:
+                from sourcefree.evaluation import evaluate
+
+                report["evaluation"] = {
+                    "note": "labels were read after adaptation, for this report only",
+                    "source": [
+                        evaluate(p, data, eval_labels, device="cpu").to_dict() for p in pkgs
+                    ],
+                    "adapted": evaluate(adapted, data, eval_labels, device="cpu").to_dict(),
+                }
+            t_end = time.perf_counter()
+            report["timings_s"] = {
+                "load": round(t_loaded - t0, 3),
+                "train": round(t_trained - t_loaded, 3),
+                "export": round(t_exported - t_trained, 3),
+                "evaluate": round(t_end - t_exported, 3),
+                "total": round(t_end - t0, 3),
+            }
+            (stage / REPORT_NAME).write_bytes(strictjson.dumps(report))
+    except BaseException:
+        wd.close()
+        raise
+    if keep_workdir:
+        wd.close()
+    else:
+        wd.remove()
+    return AdaptResult(out=target, package=load_package(target / PACKAGE_DIR), report=report)

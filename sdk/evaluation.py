@@ -1,0 +1,190 @@
+"""Evaluate a package on labelled images through the onnxruntime runtime (what ships).
+
+Labels are read from a CSV (``path,label``; names or indices in the package's
+label order) and matched to the images of the data folder by their path
+relative to that folder (or to the CSV's folder when the CSV lies inside it).
+Metrics: accuracy, mean class recall over the classes present, per-class
+recall and the confusion matrix (rows: true class, columns: prediction).
+No torch import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sourcefree.data.dataset import ImageDataset, LoadedImages
+from sourcefree.data.readers import read_image_folder, read_labels_csv
+from sourcefree.errors import DatasetError
+from sourcefree.manifest import InputSpec
+from sourcefree.package import Package, load_package
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Classification metrics of one package on one labelled set (aggregates only)."""
+
+    labels: tuple[str, ...]
+    accuracy: float
+    mean_class_recall: float
+    """Mean of the per-class recalls over classes that have at least one image."""
+    per_class_recall: dict[str, float | None]
+    """None for classes with no image."""
+    confusion: list[list[int]]
+    """``confusion[true][predicted]`` counts."""
+    images: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "mean_class_recall": self.mean_class_recall,
+            "per_class_recall": self.per_class_recall,
+            "confusion": self.confusion,
+            "labels": list(self.labels),
+            "images": self.images,
+        }
+
+
+def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[str]) -> Metrics:
+    """Accuracy, mean class recall, per-class recall and confusion matrix."""
+    k = len(labels)
+    if y_true.shape != y_pred.shape or y_true.size == 0:
+        raise DatasetError(
+            "nothing to evaluate",
+            f"{y_true.size} labelled images were matched",
+            "check that the labels CSV names images of the data folder",
+        )
+    confusion = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+    support = confusion.sum(axis=1)
+    recalls: dict[str, float | None] = {}
+    present = []
+    for c, name in enumerate(labels):
+        if support[c] > 0:
+            r = float(confusion[c, c] / support[c])
+            recalls[name] = r
+            present.append(r)
+        else:
+            recalls[name] = None
+    return Metrics(
+        labels=tuple(labels),
+        accuracy=float(np.trace(confusion) / confusion.sum()),
+        mean_class_recall=float(np.mean(present)),
+        per_class_recall=recalls,
+        confusion=confusion.astype(int).tolist(),
+        images=int(y_true.size),
+    )
+
+
+def labelled_dataset(
+    data: str | os.PathLike[str], labels_csv: str | os.PathLike[str], labels: Sequence[str]
+) -> ImageDataset:
+    """The images of ``data`` that the CSV labels, with labels in the package's order.
+
+    Raises:
+        DatasetError: the CSV names a class the package does not have, or no
+            image of ``data`` is labelled by it.
+    """
+    folder = read_image_folder(data)
+    try:
+        table = read_labels_csv(labels_csv, labels=labels)
+    except DatasetError as exc:
+        if "unknown label" in exc.what or "label index" in exc.what:
+            raise DatasetError(
+                exc.what,
+                f"the package predicts only {', '.join(labels)}",
+                "evaluate with labels of this package's classes (drop or map the other rows)",
+            ) from None
+        raise
+    # Keys of the CSV are relative to its folder; re-base them on the data folder.
+    offset = ""
+    try:
+        rel = table.root.resolve().relative_to(folder.root.resolve())
+        offset = "" if str(rel) == "." else rel.as_posix() + "/"
+    except ValueError:
+        offset = ""
+    by_key = {offset + Path(s.key).as_posix(): s.label for s in table.samples if s.label >= 0}
+    picked = [
+        dataclasses.replace(s, label=by_key[s.key]) for s in folder.samples if s.key in by_key
+    ]
+    if not picked:
+        raise DatasetError(
+            "no image of the data folder has a label in the labels CSV",
+            f"{len(folder)} images, {len(by_key)} labelled rows, no common path",
+            "use paths relative to the data folder in the CSV",
+        )
+    return ImageDataset(picked, tuple(labels), root=folder.root, kind="evaluation")
+
+
+def load_inputs(
+    dataset: ImageDataset,
+    spec: InputSpec,
+    *,
+    max_bad_fraction: float = 0.05,
+    strict: bool = False,
+) -> tuple[np.ndarray, LoadedImages]:
+    """Decode ``dataset`` at the spec's size into the float32 NCHW the graph takes."""
+    loaded = dataset.load(
+        spec.size,
+        spec.color,
+        interpolation=spec.interpolation,
+        max_bad_fraction=max_bad_fraction,
+        strict=strict,
+    )
+    x = loaded.to_float(spec.mean, spec.std)
+    if x.shape[1] == 1 and spec.channels == 3:
+        x = np.ascontiguousarray(np.repeat(x, 3, axis=1))
+    return x, loaded
+
+
+def evaluate(
+    package: str | os.PathLike[str] | Package,
+    data: str | os.PathLike[str],
+    labels_csv: str | os.PathLike[str],
+    *,
+    device: str = "auto",
+    max_bad_fraction: float = 0.05,
+    strict: bool = False,
+    batch_size: int = 256,
+) -> Metrics:
+    """Evaluate a package with :class:`sourcefree.runtime.Predictor` on labelled images.
+
+    Raises:
+        PackageError: the package does not verify.
+        DatasetError: unreadable data, labels naming unknown classes, no match.
+    """
+    from sourcefree.runtime import Predictor
+
+    pkg = package if isinstance(package, Package) else load_package(package)
+    dataset = labelled_dataset(data, labels_csv, pkg.manifest.labels)
+    x, loaded = load_inputs(
+        dataset, pkg.manifest.input, max_bad_fraction=max_bad_fraction, strict=strict
+    )
+    predictor = Predictor(pkg, device=device, batch_size=batch_size)
+    pred = predictor.predict_array(x)
+    return compute_metrics(loaded.labels, pred.indices.astype(np.int64), pkg.manifest.labels)
+
+
+def format_metrics(m: Metrics) -> str:
+    """A short text table: accuracy, mean class recall, per-class recall, confusion."""
+    width = max(8, *(len(n) for n in m.labels))
+    lines = [
+        f"images             {m.images}",
+        f"accuracy           {m.accuracy:.4f}",
+        f"mean class recall  {m.mean_class_recall:.4f}",
+        "",
+        "per-class recall",
+    ]
+    for name in m.labels:
+        r = m.per_class_recall[name]
+        lines.append(f"  {name:<{width}}  {'-' if r is None else f'{r:.4f}'}")
+    lines += ["", "confusion (rows: true, columns: predicted)"]
+    lines.append(" " * (width + 2) + " ".join(f"{i:>6d}" for i in range(len(m.labels))))
+    for i, (name, row) in enumerate(zip(m.labels, m.confusion, strict=True)):
+        lines.append(f"  {name:<{width}}" + " ".join(f"{v:>6d}" for v in row) + f"   [{i}]")
+    return "\n".join(lines)
