@@ -109,8 +109,10 @@ def read_labels_csv(
 
     An optional header (``path,label``) is skipped. Labels are names (matched
     like folder names) or integer indices into ``labels``; a row with no
-    label is unlabelled. With ``labels=None`` the label set is the sorted
-    names found (or ``0..max`` for indices). Paths may not leave the CSV's
+    label is unlabelled. Numeric values are read as names when every value
+    is one of ``labels`` (e.g. labels ``1..7``), else as indices. With
+    ``labels=None`` the label set is the sorted names found (or ``0..max``
+    for indices). Paths may not leave the CSV's
     folder; such rows and missing files are counted as skipped at load.
 
     Raises:
@@ -138,6 +140,9 @@ def read_labels_csv(
         raise DatasetError("the labels CSV has no rows", "", "add `path,label` rows")
     values = [r[2] for r in rows if r[2]]
     as_index = bool(values) and all(v.lstrip("-").isdigit() for v in values)
+    if as_index and labels is not None:
+        given = LabelMap(tuple(labels))
+        as_index = not all(given.index(v) is not None for v in values)  # names win
     if labels is not None:
         names: tuple[str, ...] | None = tuple(labels)
     elif not values:

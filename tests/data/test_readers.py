@@ -138,3 +138,14 @@ def test_subset_and_torch_dataset(tmp_path: Path, write_image: ImageWriter) -> N
     tds = sub.torch_dataset(size=8)
     x, y = tds[0]
     assert tuple(x.shape) == (3, 8, 8) and int(y) == 1
+
+
+def test_labels_csv_numeric_names_and_newline_paths(
+    tmp_path: Path, write_image: ImageWriter
+) -> None:
+    write_image(tmp_path / "two\nlines.png", value=9)
+    write_image(tmp_path / "b.png")
+    (tmp_path / "l.csv").write_text('path,label\n"two\nlines.png",7\nb.png,1\n')
+    ds = read_labels_csv(tmp_path / "l.csv", labels=[str(i) for i in range(1, 8)])
+    assert ds.targets.tolist() == [6, 0]  # "7" and "1" are names here, not indices
+    assert ds.load(size=4).report.ok == 2
