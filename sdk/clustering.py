@@ -25,6 +25,11 @@ Decisions (tested in tests/test_clustering.py):
 - Distance ties go to the lowest centroid index (``kmeans_assign``); majority
   ties in purity go to the lowest class index; empty clusters get label -1 and
   purity 0 (a mask, never NaN).
+- Cost: each Lloyd iteration is one N x K x D GEMM (chunked) plus an O(N D)
+  update. k-means++ reads every training point once per centre (K memory-bound
+  passes), about as much as 10-20 Lloyd iterations at N=100k, D=512, K=1000 on
+  a 2-core CPU; lower ``max_points_per_centroid`` (seeding and training run on
+  the subsample) or ``n_init`` where that matters.
 - Results are bitwise reproducible on CPU for a given seed. On CUDA,
   ``index_add_`` accumulates with atomics, so centroids can differ in the last
   bits between runs.
