@@ -1,0 +1,223 @@
+"""CLI verbs of the customer's job: ``adapt``, ``methods``, ``evaluate``.
+
+Each command turns typed SDK errors into one ``error:`` line on stderr and the
+error's exit code (2, or 75 for an interrupted, resumable run), so the
+commands behave the same when invoked on their own (tests) or from the
+``sourcefree`` group. Torch is imported only by ``adapt`` and ``methods``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from sourcefree.errors import SourcefreeError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _typed_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SourcefreeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.command("adapt")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-m", "--method", required=True, help="Method name (see `sourcefree methods`).")
+@click.option(
+    "-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory."
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML file of config overrides.",
+)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    help="Private run directory for checkpoints (default: .OUT.work beside OUT).",
+)
+@click.option("--keep-workdir", is_flag=True, help="Keep the run directory after success.")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option(
+    "--eval-labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Labels CSV: report source vs adapted metrics (read after adaptation, never used by it).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--max-bad-fraction",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.05,
+    show_default=True,
+    help="Stop when more than this fraction of images is unreadable.",
+)
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@_typed_errors
+def adapt_command(
+    paths: tuple[Path, ...],
+    method: str,
+    out: Path,
+    config_file: Path | None,
+    overrides: tuple[str, ...],
+    resume: bool,
+    workdir: Path | None,
+    keep_workdir: bool,
+    device: str,
+    eval_labels: Path | None,
+    seed: int,
+    max_bad_fraction: float,
+    strict: bool,
+    overwrite: bool,
+    no_progress: bool,
+) -> None:
+    """Adapt source package(s) PKG [PKG2 ...] to the unlabelled images in DATA.
+
+    \b
+    sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/
+    sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/ --set lr=0.0005
+    sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/ --resume
+
+    Writes OUT/package (the adapted package) and OUT/report.json (aggregates
+    only). SIGINT/SIGTERM write a checkpoint and exit with code 75; run the
+    same command with --resume to continue to the same result.
+    """
+    if len(paths) < 2:
+        raise click.UsageError("expected at least one package and the DATA folder")
+    from sourcefree.adaptation import adapt
+
+    *pkgs, data = paths
+    result = adapt(
+        pkgs,
+        data,
+        method=method,
+        out=out,
+        config_file=config_file,
+        overrides=overrides,
+        resume=resume,
+        workdir=workdir,
+        keep_workdir=keep_workdir,
+        device=device,
+        eval_labels=eval_labels,
+        seed=seed,
+        max_bad_fraction=max_bad_fraction,
+        strict=strict,
+        overwrite=overwrite,
+        progress=not no_progress,
+    )
+    report = result.report
+    click.echo(f"adapted package: {result.out / 'package'}")
+    click.echo(f"report:          {result.out / 'report.json'}")
+    evaluation = report.get("evaluation")
+    if evaluation:
+        for i, src in enumerate(evaluation["source"]):
+            click.echo(
+                f"source{'' if len(evaluation['source']) == 1 else i + 1}: "
+                f"accuracy {src['accuracy']:.4f}, mean class recall {src['mean_class_recall']:.4f}"
+            )
+        ad = evaluation["adapted"]
+        click.echo(
+            f"adapted: accuracy {ad['accuracy']:.4f}, mean class recall "
+            f"{ad['mean_class_recall']:.4f}"
+        )
+
+
+@click.command("methods")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_typed_errors
+def methods_command(as_json: bool) -> None:
+    """List adaptation methods, their one-line descriptions and options."""
+    from sourcefree.config import describe
+    from sourcefree.registry import get_method, list_methods
+
+    rows: list[dict[str, Any]] = []
+    for name in list_methods():
+        cls = get_method(name)
+        rows.append(
+            {
+                "name": name,
+                "description": cls.description,
+                "sources": [cls.min_sources, cls.max_sources],
+                "options": [
+                    {"key": k, "default": d, "help": h} for k, d, h in describe(cls.config_class)
+                ],
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']:<10} {row['description']}")
+        for opt in row["options"]:
+            click.echo(f"    --set {opt['key']}={opt['default']:<10}  {opt['help']}")
+        click.echo("")
+
+
+@click.command("evaluate")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option(
+    "--labels",
+    "labels_csv",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="CSV of path,label rows (paths relative to DATA).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option("--max-bad-fraction", type=click.FloatRange(0.0, 1.0), default=0.05)
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
+@_typed_errors
+def evaluate_command(
+    package: Path,
+    data: Path,
+    labels_csv: Path,
+    as_json: bool,
+    device: str,
+    max_bad_fraction: float,
+    strict: bool,
+) -> None:
+    """Accuracy, mean class recall, per-class recall and confusion of PACKAGE on DATA.
+
+    Runs the package through onnxruntime, as an application would.
+    """
+    from sourcefree.evaluation import evaluate, format_metrics
+
+    metrics = evaluate(
+        package,
+        data,
+        labels_csv,
+        device=device,
+        max_bad_fraction=max_bad_fraction,
+        strict=strict,
+    )
+    if as_json:
+        click.echo(json.dumps(metrics.to_dict(), indent=2))
+    else:
+        click.echo(format_metrics(metrics))
+
+
+#: The commands to add to the ``sourcefree`` group.
+COMMANDS: tuple[click.Command, ...] = (adapt_command, methods_command, evaluate_command)
