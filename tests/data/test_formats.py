@@ -182,13 +182,15 @@ def test_expw_crops_each_face(tmp_path: Path, write_image: ImageWriter) -> None:
         "scene.jpg 0 10 20 80 90 56.3 3\n"  # top left right bottom -> 60 x 80
         "scene.jpg 1 30 100 150 70 40.1 0\n"  # a second face: angry
         "missing.jpg 0 0 0 10 10 12.0 6\n"
+        "scene.jpg 2 500 500 600 600 9.0 6\n"  # a box outside the image
     )
     ds = read_expw(tmp_path / "label" / "label.lst")
-    assert ds.targets.tolist() == [3, 5, 6]
+    assert ds.targets.tolist() == [3, 5, 6, 6]
     assert ds.decode(0).size == (60, 80)
     assert ds.decode(1).size == (50, 40)
     assert ds.samples[0].key != ds.samples[1].key
-    assert ds.preflight(max_bad_fraction=1.0).reasons == {"missing": 1}
+    assert ds.preflight(max_bad_fraction=1.0).reasons == {"missing": 1, "bad_box": 1}
+    assert read_expw(tmp_path / "label" / "label.lst", min_confidence=50).targets.tolist() == [3]
     (tmp_path / "label" / "bad.lst").write_text("scene.jpg 0 10 20\n")
     with pytest.raises(DatasetError, match="line 1 of the ExpW label.lst is malformed"):
         read_expw(tmp_path / "label" / "bad.lst")

@@ -304,3 +304,16 @@ def test_permission_error_is_counted_not_raised(
 
     monkeypatch.setattr(imaging, "_read_regular_file", deny)
     assert _reasons(read_image_folder(root)) == {"unreadable": 1}
+
+
+def test_iter_decoded_streams_and_checks_at_the_end(
+    tmp_path: Path, write_image: ImageWriter
+) -> None:
+    root = tmp_path / "data"
+    _good(root, write_image, 3)
+    (root / "bad.jpg").write_bytes(b"")
+    ds = read_image_folder(root)
+    seen = [i for i, img in ds.iter_decoded(max_bad_fraction=0.5, color="gray") if img.mode == "L"]
+    assert seen == [1, 2, 3]
+    with pytest.raises(DatasetError, match="1 of 4 images are unreadable"):
+        list(ds.iter_decoded())
