@@ -86,7 +86,7 @@ def test_losses_gradients_and_descent(name: str, source_pkg: Path) -> None:
             opt.zero_grad()
             out = phase.step(batch)
             assert out.loss is not None and bool(torch.isfinite(out.loss))
-            out.loss.backward()
+            out.loss.backward()  # type: ignore[no-untyped-call]
             if i == 0:
                 missing = [j for j, p in enumerate(params) if p.grad is None or not p.grad.any()]
                 assert not missing, f"{name}/{phase.name}: no gradient for params {missing}"
