@@ -592,18 +592,19 @@ def generate(domain: str | DomainSpec, n: int, size: int = 32, seed: int = 0) ->
         aus float32 (n, len(AU_NAMES)))``; labels index :data:`CLASSES`.
     """
     spec = get_domain(domain)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n > 10_000_000:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= 10**7:
         raise ConfigError(
             f"cannot generate n={n!r} images", "n must be an integer from 0 to 10,000,000", ""
         )
-    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 512:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 16 <= size <= 512:
         raise ConfigError(
             f"cannot generate images of size {size!r}",
             "the side must be an integer from 16 to 512 pixels",
             "use --size 32 (the benchmark size) or 48",
         )
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"invalid seed {seed!r}", "seeds are non-negative integers", "")
+    n, size, seed = int(n), int(size), int(seed)
     frame = _Frame(max(_RENDER_MIN, size), size, spec)
     prior = spec.class_prior()
     root = np.random.SeedSequence([seed, zlib.crc32(spec.name.encode("utf-8"))])
@@ -670,6 +671,10 @@ def write_domain(
     """
     target = Path(out)
     spec = get_domain(domain)
+    if isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n < 1:
+        raise ConfigError(
+            f"cannot write a domain of n={n} images", "n must be at least 1", "pass --n 1000"
+        )
     _check_out(target, overwrite)
     data = generate(spec, n, size, seed)
     target.parent.mkdir(parents=True, exist_ok=True)

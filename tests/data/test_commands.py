@@ -48,6 +48,15 @@ def test_synth_unknown_domain_suggests(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+def test_synth_rejects_bad_numbers(tmp_path: Path) -> None:
+    result = CliRunner().invoke(synth, [str(tmp_path / "o"), "--n", "0"])
+    assert isinstance(result.exception, ConfigError)
+    assert "cannot write a domain of n=0 images" in str(result.exception)
+    result = CliRunner().invoke(synth, [str(tmp_path / "o"), "--size", "4000"])
+    assert "cannot generate images of size 4000" in str(result.exception)
+    assert not (tmp_path / "o").exists()
+
+
 def test_synth_help_lists_domains() -> None:
     result = CliRunner().invoke(synth, ["--help"])
     assert result.exit_code == 0
