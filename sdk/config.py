@@ -68,7 +68,7 @@ def _unknown_key(key: str, allowed: Sequence[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, list(allowed), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return ConfigError(
-        f"unknown config key {where}{key!r}",
+        f"unknown config key {where + key!r}",
         f"{hint}valid keys: {', '.join(sorted(allowed))}",
         "fix the key (`sourcefree methods` lists every option)",
     )

@@ -214,10 +214,10 @@ class Workdir:
         try:
             action()
         except OSError as exc:
-            reason = "the disk is full" if exc.errno == errno.ENOSPC else "an I/O error"
+            reason = "the disk is full" if exc.errno == errno.ENOSPC else "an I/O error occurred"
             raise CheckpointError(
                 f"could not write to the run directory {str(self.path)!r} ({exc.strerror or exc})",
-                f"{reason} stopped the write; the previous checkpoint is intact",
+                f"{reason}; nothing was half-written and the previous checkpoint is intact",
                 "free disk space (or pass a --workdir on another disk), then run again "
                 "with --resume",
             ) from None
