@@ -22,18 +22,11 @@ if "onnxruntime" in sys.modules:
 
 __version__ = "0.1.0"
 
-from sourcefree.errors import (
-    IntegrityError as IntegrityError,
-)
-from sourcefree.errors import (
-    PackageError as PackageError,
-)
-from sourcefree.errors import (
-    SignatureError as SignatureError,
-)
-from sourcefree.errors import (
-    SourcefreeError as SourcefreeError,
-)
+from sourcefree.adaptation import adapt as adapt
+from sourcefree.errors import IntegrityError as IntegrityError
+from sourcefree.errors import PackageError as PackageError
+from sourcefree.errors import SignatureError as SignatureError
+from sourcefree.errors import SourcefreeError as SourcefreeError
 from sourcefree.package import Package as Package
 from sourcefree.package import load_package as load_package
 
@@ -44,5 +37,6 @@ __all__ = [
     "SignatureError",
     "SourcefreeError",
     "__version__",
+    "adapt",
     "load_package",
 ]

@@ -330,15 +330,15 @@ def demo(out: Path, overwrite: bool) -> None:
     run_demo(out, overwrite=overwrite)
 
 
-def _register_optional() -> None:
-    try:
-        from sourcefree.data.commands import synth
-    except ImportError:  # the data package is optional until it lands
-        return
-    main.add_command(synth)
+def _register() -> None:
+    from sourcefree.commands_adapt import COMMANDS
+    from sourcefree.data.commands import synth
+
+    for command in (*COMMANDS, synth):
+        main.add_command(command)
 
 
-_register_optional()
+_register()
 
 if __name__ == "__main__":
     main()
