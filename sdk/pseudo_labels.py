@@ -58,11 +58,13 @@ from sourcefree.clustering import (
 from sourcefree.errors import ConfigError, InputError
 
 __all__ = [
+    "CentroidPseudoLabels",
     "ClusterPseudoLabelConfig",
     "PseudoLabelDiagnostics",
     "PseudoLabelSelection",
     "ScoreHistogram",
     "SelectionQuality",
+    "centroid_pseudo_labels",
     "cluster_pseudo_labels",
     "default_n_clusters",
     "prepare_features",
@@ -524,4 +526,102 @@ def selection_quality(
         per_class_coverage=tuple(
             cr / t if t else None for cr, t in zip(cor_per, true_per, strict=True)
         ),
+    )
+
+
+# --- SHOT-style centroid pseudo-labels (shared by SHOT, DIFC, POCAN, LA-CMFER) ----------
+
+#: Added to the weight sums of the centroids (SHOT's reference value).
+_CENTROID_EPS = 1e-8
+
+
+@dataclass(frozen=True, eq=False)
+class CentroidPseudoLabels:
+    """Result of :func:`centroid_pseudo_labels`.
+
+    Attributes:
+        labels: (N,) int64 pseudo-label of every target sample (all samples are labelled).
+        centroids: (C, D+1) float32 centroids of the last round in the prepared feature
+            space; rows of classes that could not be assigned are zero.
+        assignable: classes that could receive labels in the last round (those the
+            previous round predicted for at least ``threshold + 1`` samples).
+        counts: (C,) samples per pseudo-label.
+        agreement: fraction of samples whose pseudo-label equals the model's argmax.
+    """
+
+    labels: torch.Tensor
+    centroids: torch.Tensor
+    assignable: tuple[int, ...]
+    counts: tuple[int, ...]
+    agreement: float
+
+
+def _nearest_centroid(
+    z: torch.Tensor, weights: torch.Tensor, predicted: torch.Tensor, threshold: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One labelling round: weighted centroids, then nearest eligible centroid by cosine."""
+    c = weights.shape[1]
+    centroids = weights.T @ z / (weights.sum(dim=0).unsqueeze(1) + _CENTROID_EPS)
+    eligible = torch.bincount(predicted, minlength=c) > threshold
+    unit = centroids / centroids.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    # Cosine distance 1 - <z, c>/(|z||c|); rows of z are unit vectors already.
+    dist = 1.0 - z @ unit.T
+    dist = dist.masked_fill(~eligible.unsqueeze(0), math.inf)
+    labels = dist.argmin(dim=1)
+    return labels, centroids * eligible.unsqueeze(1).to(centroids.dtype), eligible
+
+
+def centroid_pseudo_labels(
+    features: torch.Tensor,
+    probabilities: torch.Tensor,
+    *,
+    rounds: int = 2,
+    threshold: int = 0,
+) -> CentroidPseudoLabels:
+    """SHOT's self-supervised centroid pseudo-labels (Liang et al., ICML 2020, Sec. 3.3).
+
+    1. ``z_i = [f_i; 1] / ||[f_i; 1]||`` (:func:`prepare_features`).
+    2. Round 1: soft centroids ``c_k = sum_i p_ik z_i / (sum_i p_ik + 1e-8)``
+       weighted by the model's probabilities; every sample takes the nearest
+       centroid by cosine distance, among the classes that the argmax
+       of ``probabilities`` predicts for more than ``threshold`` samples.
+    3. Round 2: the same with one-hot weights from round 1's labels,
+       eligible classes again those round 1 assigned more than ``threshold``.
+
+    As in the reference code, a class nobody predicts can never be assigned
+    (``threshold`` is 0 for closed-set adaptation). Ties go to the lower class index.
+
+    Args:
+        features: (N, D) floating features of the target samples (eval mode, no augmentation).
+        probabilities: (N, C) softmax outputs of the same samples.
+        rounds: labelling rounds (SHOT: 2, one soft and one hard); at least 1.
+        threshold: a class is eligible when more than this many samples carry it.
+
+    Raises:
+        InputError: bad shapes, non-finite values, rows that are not distributions.
+        ConfigError: ``rounds < 1`` or ``threshold < 0``.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"rounds={rounds!r}", "at least one labelling round is needed", "")
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+        raise ConfigError(f"threshold={threshold!r}", "the threshold is a count >= 0", "")
+    z = prepare_features(features)
+    probs = _check_probabilities(probabilities, z.shape[0]).to(device=z.device, dtype=z.dtype)
+    predicted = probs.argmax(dim=1)
+    first = predicted
+    weights = probs
+    labels = predicted
+    centroids = torch.zeros((probs.shape[1], z.shape[1]), dtype=z.dtype, device=z.device)
+    eligible = torch.zeros(probs.shape[1], dtype=torch.bool, device=z.device)
+    for _ in range(rounds):
+        labels, centroids, eligible = _nearest_centroid(z, weights, predicted, threshold)
+        predicted = labels
+        weights = torch.nn.functional.one_hot(labels, probs.shape[1]).to(z.dtype)
+    counts = torch.bincount(labels, minlength=probs.shape[1])
+    return CentroidPseudoLabels(
+        labels=labels.to(torch.int64),
+        centroids=centroids,
+        assignable=tuple(int(k) for k in torch.nonzero(eligible).flatten().tolist()),
+        counts=tuple(int(v) for v in counts.tolist()),
+        agreement=float((labels == first).to(torch.float64).mean().item()),
     )
