@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sourcefree.adapters import adabn as adabn
+from sourcefree.adapters import shot as shot
 from sourcefree.adapters import tent as tent
 
-__all__ = ["adabn", "tent"]
+__all__ = ["adabn", "shot", "tent"]
