@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from sourcefree.adapters import adabn as adabn
+from sourcefree.adapters import clup as clup
+from sourcefree.adapters import difc as difc
 from sourcefree.adapters import shot as shot
 from sourcefree.adapters import tent as tent
 
-__all__ = ["adabn", "shot", "tent"]
+__all__ = ["adabn", "difc", "shot", "tent"]
