@@ -301,6 +301,7 @@ def adapt(
             "resumed": result.resumed_from is not None,
             "checkpoints_written": result.checkpoints,
             "phases": [log.to_dict() for log in result.phases],
+            "method_report": instance.report(),
             "package": PACKAGE_DIR,
         }
         with staged_directory(target, overwrite=overwrite) as stage:

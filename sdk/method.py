@@ -262,6 +262,13 @@ class Method:
     def load_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, JSON]) -> None:
         """Restore what :meth:`state_tensors` and :meth:`state_meta` returned."""
 
+    def report(self) -> dict[str, JSON]:
+        """Aggregate diagnostics for ``report.json`` after the run (counts, histograms).
+
+        Never per-sample data (indices, file names, images). Default: nothing.
+        """
+        return {}
+
 
 # --- helpers shared by several methods -------------------------------------------------
 
