@@ -30,7 +30,8 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from sourcefree.data.synthetic import CLASSES, PRESETS, generate
-from sourcefree.models import build_classifier
+from sourcefree.manifest import InputSpec
+from sourcefree.training import TrainConfig, to_tensor, train_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "synthetic_baselines.json"
@@ -48,52 +49,16 @@ BATCH = 64
 LR = 2e-3
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC -> float32 NCHW normalised with mean = std = 0.5."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    return (x - 0.5) / 0.5
+SPEC = InputSpec(size=(SIZE, SIZE))
 
 
 def train_source(seed: int) -> tuple[nn.Module, float]:
-    """Train smallcnn on studio; returns the model (with precise-BN) and the seconds taken."""
-    torch.manual_seed(seed)
+    """Train smallcnn on studio with the SDK's vendor recipe (precise BN included)."""
     data = generate("studio", N_SOURCE, SIZE, seed=1000 + seed)
-    x, y = to_tensor(data.images), torch.from_numpy(data.labels)
-    model = build_classifier("smallcnn", len(CLASSES), 3)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
-    steps = EPOCHS * (len(x) // BATCH)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    model.train()
-    for _ in range(EPOCHS):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(len(x) // BATCH):
-            idx = order[i * BATCH : (i + 1) * BATCH]
-            logits, _ = model(x[idx])
-            loss = nn.functional.cross_entropy(logits, y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-            sched.step()
-    precise_bn(model, x, gen)
+    cfg = TrainConfig(epochs=EPOCHS, batch_size=BATCH, lr=LR, seed=seed)
+    model = train_classifier(data.images, data.labels, len(CLASSES), SPEC, cfg)
     return model, time.perf_counter() - start
-
-
-@torch.no_grad()
-def precise_bn(model: nn.Module, x: torch.Tensor, gen: torch.Generator) -> None:
-    """Re-estimate BN running statistics as a true average over source batches."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average
-    model.train()
-    order = torch.randperm(len(x), generator=gen)
-    for i in range(len(x) // BATCH):  # drop_last: no small, noisy final batch
-        model(x[order[i * BATCH : (i + 1) * BATCH]])
-    for bn in bns:
-        bn.momentum = 0.1  # later adaptation must not inherit momentum=None
-    model.eval()
 
 
 @torch.no_grad()
@@ -101,7 +66,7 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> dict[s
     """Accuracy and mean class recall (classes present in the labels)."""
     model.eval()
     preds = []
-    x = to_tensor(images)
+    x = to_tensor(images, SPEC)
     for i in range(0, len(x), 500):
         logits, _ = model(x[i : i + 500])
         preds.append(logits.argmax(1).numpy())

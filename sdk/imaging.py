@@ -67,9 +67,14 @@ def _read_regular_file(path: Path) -> bytes:
             "downscale the image first",
         )
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    fd = os.open(path, flags)
-    with os.fdopen(fd, "rb") as fh:
-        return fh.read(MAX_FILE_BYTES + 1)
+    try:
+        fd = os.open(path, flags)
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ImageDecodeError(
+            "an image could not be read", exc.strerror or str(exc), "check the file's permissions"
+        ) from None
 
 
 def decode_image(

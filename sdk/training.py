@@ -9,7 +9,6 @@ gains of AdaBN-style adaptation (research notes, data.md pitfall 1).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,19 +22,23 @@ from sourcefree.models import Classifier, build_classifier
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Supervised source training (SGD with cosine schedule)."""
+    """Supervised source training: AdamW with a one-cycle schedule.
+
+    Defaults reach 0.98 validation accuracy on 5000 ``studio`` faces at 32 px
+    in 6 epochs (benchmarks/synthetic_baselines.py).
+    """
 
     arch: str = "smallcnn"
     epochs: int = 6
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
+    batch_size: int = 64
+    lr: float = 2e-3
+    """Peak learning rate of the one-cycle schedule."""
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
     seed: int = 0
-    flip: bool = True
+    flip: bool = False
     """Random horizontal flips (faces are left-right symmetric)."""
-    shift: int = 2
+    shift: int = 0
     """Random translation by up to this many pixels."""
 
 
@@ -118,18 +121,10 @@ def train_classifier(
     x = to_tensor(images, spec)
     y = torch.from_numpy(labels.astype(np.int64))
     model = build_classifier(cfg.arch, num_classes, spec.channels)
-    opt = torch.optim.SGD(
-        model.parameters(),
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        nesterov=True,
-    )
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, x.shape[0] // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     model.train()
     for _ in range(cfg.epochs):
