@@ -56,7 +56,7 @@ def main() -> int:
     import sklearn
     import torch
     from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+    from threadpoolctl import threadpool_limits
 
     from sourcefree.clustering import KMeansConfig, cluster_purity, kmeans, kmeans_plusplus
     from sourcefree.kernels import kmeans_assign
