@@ -1,0 +1,170 @@
+"""Source-free DIFC: eq. 3 margins, eq. 5 confusion scores, eq. 6 increments, the loss, state."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sourcefree.adapters.difc import (
+    Difc,
+    DifcConfig,
+    confusion_margins,
+    confusion_scores,
+    imbalance_margins,
+)
+from sourcefree.adapters.shot import AugmentConfig
+from sourcefree.data.synthetic import generate
+from sourcefree.errors import ConfigError
+from sourcefree.manifest import InputSpec
+from sourcefree.method import Batch, EpochInfo, MethodContext, SourceModel, TargetData
+from sourcefree.models import load_classifier
+from sourcefree.package import load_package
+from sourcefree.registry import get_method
+from sourcefree.trainer import build_optimizer
+
+
+def _data(n: int = 40) -> TargetData:
+    s = generate("wild-mild", n, 32, seed=6)
+    return TargetData(images=s.images, spec=InputSpec(size=(32, 32)), fingerprint="x")
+
+
+def _ctx(pkg_path: Path, data: TargetData) -> MethodContext:
+    pkg = load_package(pkg_path)
+    model = load_classifier(pkg.manifest.architecture, pkg.weights_bytes)
+    return MethodContext((SourceModel(pkg, model),), data, torch.device("cpu"), 0)
+
+
+def test_registered_with_paper_defaults() -> None:
+    assert get_method("difc") is Difc
+    cfg = DifcConfig()
+    assert (cfg.max_margin, cfg.eps) == (0.3, 0.02)
+    with pytest.raises(ConfigError):
+        DifcConfig(beta=0.0)
+    with pytest.raises(ConfigError):
+        DifcConfig(max_margin=0.0)
+
+
+def test_eq3_margins_from_class_counts() -> None:
+    counts = [10, 20, 30, 160]
+    got = imbalance_margins(counts, 4, 0.3)
+    want = [0.3 * (10 / n) ** 0.25 for n in counts]  # gamma / N^(1/4), largest = 0.3
+    assert got.tolist() == pytest.approx(want, rel=1e-6)
+    assert float(got.max()) == pytest.approx(0.3)
+    assert imbalance_margins([0, 1], 2, 0.3).tolist() == pytest.approx([0.3, 0.3])
+    with pytest.raises(ConfigError):
+        imbalance_margins([1, 2], 3)
+
+
+def test_uniform_margins_and_warning_without_counts() -> None:
+    with pytest.warns(UserWarning, match="class_counts"):
+        got = imbalance_margins(None, 3, 0.3)
+    assert got.tolist() == pytest.approx([0.3, 0.3, 0.3])
+
+
+def test_eq5_confusion_scores_by_hand() -> None:
+    p = torch.tensor(
+        [
+            [0.7, 0.2, 0.1],  # class 0, gap 0.5
+            [0.5, 0.4, 0.1],  # class 0, gap 0.1
+            [0.1, 0.8, 0.1],  # class 1, gap 0.7
+        ]
+    )
+    got = confusion_scores(p)
+    assert float(got[0]) == pytest.approx(1 / 0.3)
+    assert float(got[1]) == pytest.approx(1 / 0.7)
+    assert math.isnan(float(got[2]))  # nobody predicted as class 2
+
+
+def test_eq6_increments_follow_confusion_order() -> None:
+    base = torch.tensor([0.1, 0.2, 0.3, 0.25])
+    scores = torch.tensor([2.0, 5.0, float("nan"), 3.0], dtype=torch.float64)
+    got = confusion_margins(base, scores, 0.02)
+    # order: class 1 (5), class 3 (3), class 0 (2), class 2 (no score) -> eps, eps/2, eps/4, eps/8
+    want = [0.1 + 0.005, 0.2 + 0.02, 0.3 + 0.0025, 0.25 + 0.01]
+    assert got.tolist() == pytest.approx(want, rel=1e-6)
+    assert got.dtype == base.dtype
+
+
+def _epoch(method: Difc, data: TargetData, epoch: int) -> None:
+    (phase,) = method.phases()
+    assert phase.on_enter is not None and phase.on_epoch_start is not None
+    phase.on_enter()
+    phase.on_epoch_start(EpochInfo("adapt", epoch, data, torch.device("cpu")))
+
+
+def test_margins_recomputed_per_epoch_after_di_stage(source_pkg: Path) -> None:
+    data = _data()
+    method = Difc(DifcConfig(di_epochs=1), _ctx(source_pkg, data))
+    # conftest's package ships class_counts [10, 20, 30]
+    base = imbalance_margins([10, 20, 30], 3, 0.3)
+    torch.testing.assert_close(method.base_margins, base)
+    _epoch(method, data, 0)
+    torch.testing.assert_close(method.margins, base)  # DI stage: eq. 3 alone
+    _epoch(method, data, 1)
+    model = method.model.eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(data.tensor())[0], 1)
+    want = confusion_margins(base, confusion_scores(probs), 0.02)
+    torch.testing.assert_close(method.margins, want)
+    assert sorted(method.confusion_order) == [0, 1, 2]
+    state = method.state_tensors()
+    assert set(state) == {"pseudo_labels", "margins"}
+    other = Difc(DifcConfig(), _ctx(source_pkg, data))
+    other.load_state(state, method.state_meta())
+    torch.testing.assert_close(other.margins, method.margins)
+    assert other.confusion_order == method.confusion_order
+
+
+def test_loss_is_margin_ce_on_pseudo_labels_plus_im(source_pkg: Path) -> None:
+    data = _data()
+    cfg = DifcConfig(di_epochs=0, augment=AugmentConfig(enabled=False))
+    method = Difc(cfg, _ctx(source_pkg, data))
+    _epoch(method, data, 0)
+    (phase,) = method.phases()
+    idx = torch.arange(16)
+    batch = Batch(data.tensor(idx), idx, torch.Generator().manual_seed(0), 0, 0, 0.0)
+    out = phase.step(batch)
+    assert out.loss is not None
+    with torch.no_grad():
+        logits, _ = method.model(batch.x)
+    assert method.pseudo_labels is not None
+    y = method.pseudo_labels[idx]
+    m = method.margins
+    shifted = logits - torch.nn.functional.one_hot(y, 3) * m[y].unsqueeze(1)  # eq. 3
+    ce = torch.nn.functional.cross_entropy(shifted, y)
+    p = torch.softmax(logits, 1)
+    ent = -(p * torch.log(p + 1e-5)).sum(1).mean()
+    pm = p.mean(0)
+    div = -(pm * torch.log(pm + 1e-5)).sum()
+    want = 0.3 * ce + ent - div
+    assert float(out.loss.detach()) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+
+
+def test_head_frozen_only_backbone_trains(source_pkg: Path) -> None:
+    method = Difc(DifcConfig(), _ctx(source_pkg, _data()))
+    opt = build_optimizer(method.phases()[0])
+    assert opt is not None
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not trained & {id(p) for p in method.model.head.parameters()}
+
+
+def test_package_without_counts_warns(source_pkg: Path, tmp_path: Path) -> None:
+    from sourcefree.export import source_package
+
+    pkg = load_package(source_pkg)
+    model = load_classifier(pkg.manifest.architecture, pkg.weights_bytes)
+    bare = source_package(
+        model.eval(),
+        architecture=pkg.manifest.architecture.name,
+        labels=list(pkg.manifest.labels),
+        input_spec=pkg.manifest.input,
+        out=tmp_path / "bare",
+    )
+    data = _data(8)
+    ctx = MethodContext((SourceModel(bare, model),), data, torch.device("cpu"), 0)
+    with pytest.warns(UserWarning, match="uniform"):
+        method = Difc(DifcConfig(), ctx)
+    assert method.base_margins.tolist() == pytest.approx([0.3, 0.3, 0.3])
