@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -74,6 +74,7 @@ __all__ = [
     "SgdInvConfig",
     "Shot",
     "ShotConfig",
+    "ShotFamilyConfig",
     "ShotIM",
     "ShotIMConfig",
     "augment_flip_shift",
@@ -131,7 +132,30 @@ class AugmentConfig:
         _refuse(self, [f"shift={self.shift} (must be >= 0)"] if self.shift < 0 else [])
 
 
-def check_common(cfg: ShotConfig | ShotIMConfig | Any) -> None:
+class ShotFamilyConfig(Protocol):
+    """What :class:`Shot` reads from its config (SHOT, SHOT-IM and DIFC configs have it)."""
+
+    @property
+    def beta(self) -> float: ...
+    @property
+    def im_weight(self) -> float: ...
+    @property
+    def entropy_eps(self) -> float: ...
+    @property
+    def threshold(self) -> int: ...
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def label_batch_size(self) -> int: ...
+    @property
+    def optim(self) -> SgdInvConfig: ...
+    @property
+    def augment(self) -> AugmentConfig: ...
+
+
+def check_common(cfg: ShotFamilyConfig) -> None:
     """Validate the top-level fields SHOT-family configs share (raises ConfigError)."""
     bad = []
     if not cfg.beta >= 0 or not cfg.im_weight >= 0:
@@ -226,10 +250,10 @@ class Shot(Method):
         "SHOT: frozen source head, information maximisation + centroid pseudo-labels "
         "(Liang et al. 2020)"
     )
-    config_class: ClassVar[type[Any]] = ShotConfig
-    config: ShotConfig | ShotIMConfig
+    config_class: ClassVar[type[object]] = ShotConfig
+    config: ShotFamilyConfig
 
-    def __init__(self, config: ShotConfig | ShotIMConfig, context: MethodContext) -> None:
+    def __init__(self, config: ShotFamilyConfig, context: MethodContext) -> None:
         super().__init__(config, context)
         self.model = context.sources[0].model.to(context.device)
         self.pseudo_labels: torch.Tensor | None = None
