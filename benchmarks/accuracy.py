@@ -1,0 +1,282 @@
+"""Adapted accuracy of registered methods on synthetic shifts: methods x presets x seeds.
+
+For every seed: the vendor's ``smallcnn`` is trained on ``studio`` (5000 images,
+32 px, :func:`sourcefree.training.train_classifier`) and exported as a source
+package; the target set is 2000 images of each preset. Every method variant then
+adapts a fresh copy of the source model in-process (``Method`` + ``Trainer``, CPU)
+and is evaluated on the same target images with their labels. Labels are used for
+evaluation only: never to choose K, Q, an epoch or a checkpoint.
+
+A variant is ``NAME`` or ``NAME:key=value,key=value`` (config overrides, as with
+``--set``), e.g. ``clup:ssl.method=deepclusterv2,score=confidence``; ``source-only`` is
+the vendor's model unchanged. For methods that select pseudo-labels (CluP), the
+precision and coverage of the selection are reported against the labels too.
+
+Writes ``benchmarks/results/accuracy.json`` (after every run, so a partial run
+keeps its rows) and the "## Accuracy" section of ``docs/benchmarks.md``.
+
+    python benchmarks/accuracy.py [--methods V ...] [--presets wild-mild] [--seeds 0 1 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sourcefree import config as cfgmod
+from sourcefree.data.synthetic import CLASSES, generate
+from sourcefree.export import source_package
+from sourcefree.manifest import InputSpec
+from sourcefree.method import MethodContext, SourceModel, TargetData
+from sourcefree.models import Classifier, load_classifier
+from sourcefree.package import load_package
+from sourcefree.registry import get_method
+from sourcefree.trainer import Trainer, seed_everything
+from sourcefree.training import TrainConfig, predict_logits, to_tensor, train_classifier
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "accuracy.json"
+DOCS = ROOT / "docs" / "benchmarks.md"
+START = "<!-- accuracy:start -->"
+END = "<!-- accuracy:end -->"
+
+SIZE = 32
+N_SOURCE = 5000
+N_TARGET = 2000
+DEFAULT_METHODS = (
+    "source-only",
+    "clup",
+    "clup:score=confidence",
+    "clup:ssl.method=deepclusterv2",
+    "clup:ssl.method=deepclusterv2,score=confidence",
+)
+QUICK = ("ssl.epochs=2", "finetune.epochs=6")
+
+
+def _metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    recalls = [float((pred[truth == c] == c).mean()) for c in np.unique(truth)]
+    return {
+        "accuracy": float((pred == truth).mean()),
+        "mean_class_recall": float(np.mean(recalls)),
+    }
+
+
+def _split(variant: str) -> tuple[str, list[str]]:
+    name, _, rest = variant.partition(":")
+    return name, [kv for kv in rest.split(",") if kv]
+
+
+def _source(seed: int, workdir: Path) -> tuple[Path, float]:
+    spec = InputSpec(size=(SIZE, SIZE))
+    t0 = time.perf_counter()
+    train = generate("studio", N_SOURCE, SIZE, seed=1000 + seed)
+    model = train_classifier(train.images, train.labels, len(CLASSES), spec, TrainConfig(seed=seed))
+    seconds = time.perf_counter() - t0
+    out = workdir / f"source-{seed}"
+    source_package(
+        model.eval(),
+        architecture="smallcnn",
+        labels=list(CLASSES),
+        input_spec=spec,
+        out=out,
+    )
+    return out, seconds
+
+
+def _predict(model: Classifier, images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    logits = predict_logits(model.eval(), to_tensor(images, spec))
+    return logits.argmax(1).numpy()
+
+
+def run_variant(
+    variant: str, pkg_path: Path, preset: str, seed: int, extra: tuple[str, ...]
+) -> dict[str, Any]:
+    """Adapt (or not) and evaluate one variant on one preset and seed."""
+    pkg = load_package(pkg_path)
+    spec = pkg.manifest.input
+    target = generate(preset, N_TARGET, SIZE, seed=2000 + seed)
+    truth = target.labels.astype(np.int64)
+    model = load_classifier(pkg.manifest.architecture, pkg.weights_bytes)
+    name, overrides = _split(variant)
+    row: dict[str, Any] = {"variant": variant, "preset": preset, "seed": seed}
+    t0 = time.perf_counter()
+    if name == "source-only":
+        row.update(_metrics(_predict(model, target.images, spec), truth))
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        return row
+    cls = get_method(name)
+    cfg = cfgmod.load_config(cls.config_class, overrides=[*overrides, *extra])
+    data = TargetData(images=target.images, spec=spec, fingerprint=f"{preset}-{seed}")
+    device = torch.device("cpu")
+    seed_everything(seed)
+    ctx = MethodContext((SourceModel(pkg, model),), data, device, seed)
+    method = cls(cfg, ctx)
+    result = Trainer(method, data, device=device, seed=seed).run()
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    row["phase_seconds"] = {log.name: round(log.seconds, 1) for log in result.phases}
+    row.update(_metrics(_predict(method.export_model(), target.images, spec), truth))
+    row["config"] = cfgmod.to_dict(cfg)
+    # Pseudo-label quality, for reporting only (the run is over; nothing feeds back).
+    idx = getattr(method, "selected_indices", None)
+    labels = getattr(method, "selected_labels", None)
+    if isinstance(idx, torch.Tensor) and isinstance(labels, torch.Tensor) and idx.numel():
+        correct = truth[idx.numpy()] == labels.numpy()
+        row["pseudo_label_precision"] = float(correct.mean())
+        row["pseudo_label_coverage"] = float(idx.numel() / len(truth))
+        row["selected_per_class"] = np.bincount(labels.numpy(), minlength=len(CLASSES)).tolist()
+    return row
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std over seeds per (variant, preset), with the source-only reference."""
+    out = []
+    keys = dict.fromkeys((r["variant"], r["preset"]) for r in rows)
+    for variant, preset in keys:
+        group = [r for r in rows if r["variant"] == variant and r["preset"] == preset]
+        s: dict[str, Any] = {"variant": variant, "preset": preset}
+        for k in ("accuracy", "mean_class_recall", "pseudo_label_precision", "seconds"):
+            vals = [float(r[k]) for r in group if k in r]
+            if vals:
+                s[k] = _mean_std(vals)
+        src = {
+            r["seed"]: r["accuracy"]
+            for r in rows
+            if r["variant"] == "source-only" and r["preset"] == preset
+        }
+        gains = [r["accuracy"] - src[r["seed"]] for r in group if r["seed"] in src]
+        if gains and variant != "source-only":
+            s["gain_over_source"] = _mean_std(gains)
+            s["min_gain_over_source"] = round(min(gains), 4)
+            s["source_accuracy_by_seed"] = {str(k): round(v, 4) for k, v in src.items()}
+        out.append(s)
+    return out
+
+
+def _fmt(s: dict[str, Any], key: str) -> str:
+    if key not in s:
+        return "-"
+    return f"{s[key]['mean']:.3f} ± {s[key]['std']:.3f}"
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The table of the "## Accuracy" section."""
+    lines = [
+        START,
+        f"`python benchmarks/accuracy.py` ({payload['argv']}); studio -> target, {SIZE} px, "
+        f"{N_TARGET} target images, smallcnn source trained on {N_SOURCE} studio images "
+        f"per seed, CPU ({payload['machine']['threads']} threads), seeds "
+        f"{payload['seeds']}. Mean ± std over seeds; `gain` = adapted - source-only "
+        "accuracy of the same seed (min over seeds in brackets); `PL prec.` = precision "
+        "of the selected pseudo-labels (labels used for evaluation only).",
+        "",
+        "| preset | method | accuracy | mean class recall | gain (min) | PL prec. | s/run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in payload["summary"]:
+        gain = "-"
+        if "gain_over_source" in s:
+            g = s["gain_over_source"]
+            gain = f"{g['mean']:+.3f} ({s['min_gain_over_source']:+.3f})"
+        secs = f"{s['seconds']['mean']:.0f}" if "seconds" in s else "-"
+        lines.append(
+            f"| {s['preset']} | `{s['variant']}` | {_fmt(s, 'accuracy')} | "
+            f"{_fmt(s, 'mean_class_recall')} | {gain} | "
+            f"{_fmt(s, 'pseudo_label_precision')} | {secs} |"
+        )
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_docs(block: str) -> None:
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block + tail
+    elif "## Accuracy" in text:
+        head, rest = text.split("## Accuracy", 1)
+        text = head + "## Accuracy\n\n" + block + "\n" + rest.lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n## Accuracy\n\n" + block + "\n"
+    DOCS.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--presets", nargs="+", default=["wild-mild"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--quick", action="store_true", help=f"short runs: {', '.join(QUICK)}")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--no-docs", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    extra = QUICK if args.quick else ()
+    rows: list[dict[str, Any]] = []
+    payload: dict[str, Any] = {
+        "benchmark": "accuracy",
+        "argv": " ".join(sys.argv[1:] if argv is None else argv) or "defaults",
+        "seeds": args.seeds,
+        "presets": args.presets,
+        "methods": args.methods,
+        "quick": args.quick,
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+        },
+    }
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        sources: dict[int, Path] = {}
+        train_seconds: dict[str, float] = {}
+        for seed in args.seeds:
+            sources[seed], secs = _source(seed, Path(tmp))
+            train_seconds[str(seed)] = round(secs, 1)
+            print(f"seed {seed}: source trained in {secs:.0f} s", flush=True)
+        payload["source_train_seconds"] = train_seconds
+        for variant in args.methods:
+            for preset in args.presets:
+                for seed in args.seeds:
+                    row = run_variant(variant, sources[seed], preset, seed, extra)
+                    rows.append(row)
+                    prec = row.get("pseudo_label_precision")
+                    print(
+                        f"{preset} {variant} seed {seed}: acc {row['accuracy']:.4f} "
+                        f"mcr {row['mean_class_recall']:.4f}"
+                        + (f" PL prec {prec:.4f}" if prec is not None else "")
+                        + f" ({row['seconds']} s)",
+                        flush=True,
+                    )
+                    payload["rows"] = rows
+                    payload["summary"] = summarise(rows)
+                    payload["wall_seconds"] = round(time.perf_counter() - t_all, 1)
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    if not args.no_docs:
+        write_docs(markdown(payload))
+    print(markdown(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
