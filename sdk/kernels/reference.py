@@ -18,7 +18,9 @@ def kmeans_assign(
     """Nearest centroid by squared Euclidean distance, in row chunks.
 
     Never materialises the full N x K distance matrix: each chunk of rows
-    computes ``|x|^2 - 2 x c^T + |c|^2`` with one ``addmm`` and an argmin.
+    computes ``|c|^2 - 2 x c^T`` with one ``addmm`` and takes the row minimum;
+    ``|x|^2`` is constant per row, so it is added to the N minima only, not to
+    the chunk x K matrix.
 
     Args:
         x: points, shape (N, D).
@@ -32,13 +34,13 @@ def kmeans_assign(
     n = x.shape[0]
     labels = torch.empty(n, dtype=torch.int64, device=x.device)
     dist = torch.empty(n, dtype=x.dtype, device=x.device)
-    c_sq = (centroids * centroids).sum(dim=1)
+    c_sq = (centroids * centroids).sum(dim=1).unsqueeze(0)
     for start in range(0, n, chunk_size):
         xb = x[start : start + chunk_size]
-        d = torch.addmm(c_sq.unsqueeze(0), xb, centroids.t(), beta=1.0, alpha=-2.0)
-        d.add_((xb * xb).sum(dim=1, keepdim=True))
+        d = torch.addmm(c_sq, xb, centroids.t(), beta=1.0, alpha=-2.0)
         best, idx = d.min(dim=1)
         labels[start : start + chunk_size] = idx
+        best.add_((xb * xb).sum(dim=1))
         dist[start : start + chunk_size] = best.clamp_min_(0)
     return labels, dist
 
