@@ -12,8 +12,10 @@ A variant is ``NAME`` or ``NAME:key=value,key=value`` (config overrides, as with
 the vendor's model unchanged. For methods that select pseudo-labels (CluP), the
 precision and coverage of the selection are reported against the labels too.
 
-Writes ``benchmarks/results/accuracy.json`` (after every run, so a partial run
-keeps its rows) and the "## Accuracy" section of ``docs/benchmarks.md``.
+Writes ``benchmarks/results/accuracy.json`` after every run (rows are merged with
+those already there by (variant, preset, seed), so runs of other methods accumulate
+and a partial run keeps its rows) and the "## Accuracy" section of ``docs/benchmarks.md``
+(the table over all rows in the file).
 
     python benchmarks/accuracy.py [--methods V ...] [--presets wild-mild] [--seeds 0 1 2] [--quick]
 """
@@ -135,6 +137,23 @@ def run_variant(
         row["pseudo_label_coverage"] = float(idx.numel() / len(truth))
         row["selected_per_class"] = np.bincount(labels.numpy(), minlength=len(CLASSES)).tolist()
     return row
+
+
+def _previous_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows already in the results file (other methods' runs), or none."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    rows = old.get("rows", []) if isinstance(old, dict) else []
+    return [r for r in rows if isinstance(r, dict) and {"variant", "preset", "seed"} <= set(r)]
+
+
+def _merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows keyed by (variant, preset, seed); this run's rows replace earlier ones."""
+    out = {(r["variant"], r["preset"], r["seed"]): r for r in old}
+    out.update({(r["variant"], r["preset"], r["seed"]): r for r in new})
+    return list(out.values())
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -267,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                         + f" ({row['seconds']} s)",
                         flush=True,
                     )
-                    payload["rows"] = rows
-                    payload["summary"] = summarise(rows)
+                    merged = _merge(_previous_rows(args.out), rows)
+                    payload["rows"] = merged
+                    payload["summary"] = summarise(merged)
                     payload["wall_seconds"] = round(time.perf_counter() - t_all, 1)
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps(payload, indent=2) + "\n")
