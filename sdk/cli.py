@@ -319,15 +319,19 @@ def doctor(as_json: bool) -> None:
     help="Where the demo writes its packages and report.",
 )
 @click.option("--overwrite/--no-overwrite", default=True, show_default=True)
-def demo(out: Path, overwrite: bool) -> None:
-    """The whole path on built-in synthetic faces, end to end.
+@click.option("-m", "--method", default="clup", show_default=True, help="Adaptation method.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def demo(out: Path, overwrite: bool, method: str, seed: int) -> None:
+    """The main job on built-in synthetic faces, end to end.
 
-    Synthesises the vendor's faces, trains and exports the vendor model, signs
-    and verifies the package, and serves it through the runtime.
+    Synthesises the vendor's faces ('studio'), trains, exports and signs the
+    vendor model; verifies it on the customer's side, adapts it to the
+    customer's photos ('wild-mild'), evaluates source and adapted packages and
+    serves the adapted one through the runtime. Writes OUT/report.json.
     """
     from sourcefree.demo import run_demo
 
-    run_demo(out, overwrite=overwrite)
+    run_demo(out, overwrite=overwrite, method=method, seed=seed)
 
 
 def _register() -> None:

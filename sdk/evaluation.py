@@ -101,14 +101,20 @@ def labelled_dataset(
                 "evaluate with labels of this package's classes (drop or map the other rows)",
             ) from None
         raise
-    # Keys of the CSV are relative to its folder; re-base them on the data folder.
-    offset = ""
-    try:
-        rel = table.root.resolve().relative_to(folder.root.resolve())
-        offset = "" if str(rel) == "." else rel.as_posix() + "/"
-    except ValueError:
-        offset = ""
-    by_key = {offset + Path(s.key).as_posix(): s.label for s in table.samples if s.label >= 0}
+    # CSV paths are relative to the CSV's folder (re-based here on the data
+    # folder, wherever the CSV sits) or, failing that, relative to the data folder.
+    csv_root, data_root = table.root.resolve(), folder.root.resolve()
+    rebased: dict[str, int] = {}
+    for s in table.samples:
+        if s.label < 0:
+            continue
+        try:
+            rebased[(csv_root / s.key).relative_to(data_root).as_posix()] = s.label
+        except ValueError:
+            continue  # the row names an image outside the data folder
+    as_given = {Path(s.key).as_posix(): s.label for s in table.samples if s.label >= 0}
+    keys = {s.key for s in folder.samples}
+    by_key = max((rebased, as_given), key=lambda m: len(keys & m.keys()))
     picked = [
         dataclasses.replace(s, label=by_key[s.key]) for s in folder.samples if s.key in by_key
     ]
