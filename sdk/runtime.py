@@ -113,7 +113,13 @@ class Predictor:
         opts.log_severity_level = 4 if device == "auto" else 3
         opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(self.package.onnx_bytes, opts, providers=providers)
+        if device == "auto":
+            # Provider start-up failures are logged by the process-wide logger.
+            ort.set_default_logger_severity(4)
+        try:
+            self.session = ort.InferenceSession(self.package.onnx_bytes, opts, providers=providers)
+        finally:
+            ort.set_default_logger_severity(3)
         active = self.session.get_providers()
         if device in ("cuda", "tensorrt") and active[0] != _PROVIDER_OF[device]:
             raise DeviceError(
