@@ -101,11 +101,11 @@ class DomainSpec:
     gray: float = 0.0
     """Blend toward luma replicated on 3 channels (1 = fully grey)."""
     lowres: float = 0.0
-    """Effective resolution ``size * (1 - 0.5 s)``, upsampled back."""
+    """Effective resolution ``(1 - 0.5 s)`` of the 64 px drawing canvas, upsampled back."""
     blur: float = 0.0
     """Gaussian blur, sigma ``0.9 s`` pixels at 64 px."""
     noise: float = 0.0
-    """Gaussian pixel noise, sigma ``0.02 + 0.06 s``."""
+    """Gaussian pixel noise on the output image, sigma ``0.02 + 0.06 s``."""
     light: float = 0.0
     """Directional illumination gradient of amplitude up to ``0.6 s``."""
     tone: float = 0.0
@@ -389,10 +389,13 @@ class _Frame:
         self.y = xs[None, :, None]
         self.px = float(2.0 * _VIEW / render)
         scale = render / 64.0
-        # Degradations act at the render resolution, then the image is area-resized.
+        # Blur and low resolution act on the drawing canvas, which is then area-resized
+        # to the output size (where the sensor noise is added). The effective resolution
+        # is relative to the canvas, as in the recipe: relative to a 32 px output it
+        # would drop the eyes and mouth below one pixel and collapse accuracy.
         pre = _gauss_matrix(render, 0.9 * spec.blur * scale) if spec.blur > 0 else None
-        low = round(size * (1.0 - 0.5 * min(spec.lowres, 1.6)))
-        if spec.lowres > 0 and low < size:
+        low = round(render * (1.0 - 0.5 * min(spec.lowres, 1.6)))
+        if spec.lowres > 0 and low < render:
             lowres = _linear_matrix(render, max(low, 4)) @ _area_matrix(max(low, 4), render)
             pre = lowres if pre is None else pre @ lowres
         self.pre = pre
@@ -494,7 +497,7 @@ def _render_chunk(
     eb = 0.065 * eye_open
     ev = v - ey
     rim = _ramp(_ellipse(au - 0.25, ev, np.full((b, 1, 1), 0.14, dtype=f32), eb + 0.022), px)
-    _blend(img, rim, (hair * 0.5).astype(f32))
+    _blend(img, rim, (np.minimum(hair, skin) * 0.5).astype(f32))
     white_d = _ellipse(au - 0.25, ev, np.full((b, 1, 1), 0.12, dtype=f32), eb)
     white = _ramp(white_d, px)
     _blend(img, white, np.full((b, 3), 0.96, dtype=f32))
@@ -508,7 +511,9 @@ def _render_chunk(
     sx, sy = np.float32(0.30), outer_y - inner_y
     h = np.clip((dxi * sx + dyi * sy) / (sx * sx + sy * sy), 0.0, 1.0)
     brow_d = np.sqrt((dxi - h * sx) ** 2 + (dyi - h * sy) ** 2) - 0.028
-    _blend(img, _ramp(brow_d, px), (hair * 0.6).astype(f32))
+    # Brows (and lips, eye rims) are darker than the skin of every tone, so they stay
+    # visible after grey conversion (blond brows or red lips on dark skin had no luma edge).
+    _blend(img, _ramp(brow_d, px), np.minimum(hair * 0.6, skin * 0.5).astype(f32))
 
     # Nose: a bar independent of the class, plus disgust wrinkles on the bridge.
     nose_d = np.maximum(np.abs(u) - 0.035, np.abs(v - 0.10) - 0.11)
@@ -526,7 +531,7 @@ def _render_chunk(
     dv = np.abs(v - yc)
     side = np.abs(u) - half
     lips = _ramp(np.maximum(dv - gap - 0.032, side), px)
-    _blend(img, lips, np.array([[0.62, 0.18, 0.20]], dtype=f32).repeat(b, axis=0))
+    _blend(img, lips, (skin * np.array([0.72, 0.42, 0.42], dtype=f32)).astype(f32))
     inside = _ramp(np.maximum(dv - gap + 0.012, side + 0.02), px)
     _blend(img, inside, np.array([[0.22, 0.04, 0.06]], dtype=f32).repeat(b, axis=0))
     teeth_on = (open_ > 0.15).astype(f32)
@@ -569,12 +574,13 @@ def _render_chunk(
     if spec.gray > 0:
         luma = np.einsum("bchw,c->bhw", img, _LUMA)[:, None]
         img = img + min(spec.gray, 1.0) * (luma - img)
+    if frame.resize is not None:
+        img = _separable(img, frame.resize, frame.resize)
+    # Sensor noise on the output pixels (added before the resize it would be halved at 32 px).
     sigma = 0.02 + 0.06 * spec.noise
     channels = 1 if spec.gray >= 1.0 else 3
     shape = (b, channels, img.shape[-2], img.shape[-1])
     img = img + sigma * rng.standard_normal(size=shape, dtype=f32)
-    if frame.resize is not None:
-        img = _separable(img, frame.resize, frame.resize)
     return np.asarray(np.clip(img, 0.0, 1.0), dtype=f32)
 
 
