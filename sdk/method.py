@@ -18,6 +18,7 @@ Methods never see target labels: :class:`TargetData` holds images only.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -215,7 +216,7 @@ class Phase:
     max_grad_norm: float | None = None
 
 
-class Method:
+class Method(ABC):
     """Base class of adaptation methods.
 
     Subclasses set ``description`` (one line) and ``config_class`` (a frozen
@@ -235,17 +236,17 @@ class Method:
         self.config = config
         self.context = context
 
+    @abstractmethod
     def phases(self) -> Sequence[Phase]:
         """The phases, in order. Called once per run; must not depend on RNG."""
-        raise NotImplementedError
 
+    @abstractmethod
     def modules(self) -> Mapping[str, nn.Module]:
         """Every module whose state must be checkpointed, by a stable name."""
-        raise NotImplementedError
 
+    @abstractmethod
     def export_model(self) -> Classifier:
         """The model to export as the adapted package (eval mode)."""
-        raise NotImplementedError
 
     def export_architecture(self) -> str:
         """Registry name of :meth:`export_model`'s architecture."""
@@ -259,7 +260,7 @@ class Method:
         """Extra JSON state to checkpoint."""
         return {}
 
-    def load_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, JSON]) -> None:
+    def load_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, JSON]) -> None:  # noqa: B027 (optional hook; the default keeps nothing)
         """Restore what :meth:`state_tensors` and :meth:`state_meta` returned."""
 
     def report(self) -> dict[str, JSON]:
