@@ -205,30 +205,11 @@ class ShotConfig:
 
 
 @dataclass(frozen=True)
-class ShotIMConfig:
+class ShotIMConfig(ShotConfig):
     """SHOT-IM settings: SHOT without the pseudo-label cross-entropy."""
 
     beta: float = 0.0
     """Weight of the pseudo-label cross-entropy (0: information maximisation only)."""
-    im_weight: float = 1.0
-    """Weight of the information-maximisation loss ``L_ent - L_div``."""
-    entropy_eps: float = 1e-5
-    """The epsilon inside ``p log(p + eps)`` of the reference's entropies."""
-    threshold: int = 0
-    """Centroid-label class threshold (used only when beta > 0)."""
-    epochs: int = 10
-    """Passes over the target images (reference: 15; 10 keeps CPU runs short)."""
-    batch_size: int = 64
-    """Images per step."""
-    label_batch_size: int = 256
-    """Images per forward pass of the pseudo-labelling pass (used only when beta > 0)."""
-    optim: SgdInvConfig = SgdInvConfig()
-    """Optimiser and schedule."""
-    augment: AugmentConfig = AugmentConfig()
-    """Training-batch augmentation."""
-
-    def __post_init__(self) -> None:
-        check_common(self)
 
 
 def augment_flip_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:

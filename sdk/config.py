@@ -371,7 +371,15 @@ def diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> li
 
 
 def field_docs(cls: type[Any]) -> dict[str, str]:
-    """The one-line attribute docstring of each field (empty when absent)."""
+    """The one-line attribute docstring of each field, inherited ones included."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type[Any]) -> dict[str, str]:
     docs: dict[str, str] = {}
     try:
         source = textwrap.dedent(inspect.getsource(cls))
