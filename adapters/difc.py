@@ -47,12 +47,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from sourcefree.adapters.shot import AugmentConfig, SgdInvConfig, Shot, check_common
+from sourcefree.adapters.shot import Shot, ShotConfig, check_common
 from sourcefree.errors import ConfigError
 from sourcefree.kernels import ldam_margins
 from sourcefree.method import JSON, MethodContext
@@ -62,33 +62,17 @@ __all__ = ["Difc", "DifcConfig", "confusion_margins", "confusion_scores", "imbal
 
 
 @dataclass(frozen=True)
-class DifcConfig:
-    """Source-free DIFC settings (paper defaults for margins; SHOT base otherwise)."""
+class DifcConfig(ShotConfig):
+    """Source-free DIFC settings: the SHOT base plus the DIFC margins (paper defaults)."""
 
+    beta: float = 0.3
+    """Weight of the DIFC loss on the target pseudo-labels (SHOT's CE weight)."""
     max_margin: float = 0.3
     """Largest LDAM margin after normalisation (gamma of eq. 3; paper: 0.3)."""
     eps: float = 0.02
     """Margin increase of the most confusing class (eq. 6; paper: 0.02)."""
     di_epochs: int = 1
     """Epochs with the eq. 3 margins alone before confusion margins (paper: 20 of 40)."""
-    beta: float = 0.3
-    """Weight of the DIFC loss on the target pseudo-labels (SHOT's CE weight)."""
-    im_weight: float = 1.0
-    """Weight of the information-maximisation loss ``L_ent - L_div`` of the base."""
-    entropy_eps: float = 1e-5
-    """The epsilon inside ``p log(p + eps)`` of the IM entropies (SHOT)."""
-    threshold: int = 0
-    """A class takes centroid labels only if more than this many samples predict it."""
-    epochs: int = 10
-    """Passes over the target images."""
-    batch_size: int = 64
-    """Images per step."""
-    label_batch_size: int = 256
-    """Images per forward pass of the per-epoch pseudo-label and confusion pass."""
-    optim: SgdInvConfig = field(default_factory=SgdInvConfig)
-    """Optimiser and schedule (SHOT base)."""
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    """Training-batch augmentation."""
 
     def __post_init__(self) -> None:
         check_common(self)
