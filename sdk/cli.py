@@ -231,6 +231,33 @@ def inspect(package: Path, as_json: bool) -> None:
             click.echo(f"{key}: {value}")
 
 
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the audit as JSON.")
+def audit(package: Path, as_json: bool) -> None:
+    """Privacy scan: list what a package holds and flag anything that looks private.
+
+    Flags file-system paths, file names, your home directory and user name,
+    free text over 200 characters, unlisted files, fields outside the schema,
+    ONNX metadata and doc strings, safetensors metadata. A package that fails
+    verification is still audited; the failure is a finding.
+
+    \b
+    Exit codes: 0 nothing found, 3 findings, 2 not a package directory.
+    Example:
+      sourcefree audit adapted/package
+    """
+    from sourcefree.audit import EXIT_FINDINGS, audit_package, format_report
+
+    report = audit_package(package)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(format_report(report))
+    if not report.clean:
+        sys.exit(EXIT_FINDINGS)
+
+
 def _expand(paths: tuple[Path, ...]) -> Iterator[Path]:
     from sourcefree.imaging import is_image_name
 

@@ -100,6 +100,20 @@ def _text(value: Any) -> str:
         raise _bad("a name is not UTF-8") from None
 
 
+def _loose(value: Any) -> str:
+    """Decode a free string for ``GraphSummary.texts`` without refusing bad UTF-8."""
+    return bytes(value).decode("utf-8", "replace")
+
+
+def _entry(value: Any) -> str:
+    """``key=value`` of a StringStringEntryProto (metadata_props)."""
+    key, val = "", ""
+    for number, _, v in _Reader(value).fields():
+        key = _loose(v) if number == 1 else key
+        val = _loose(v) if number == 2 else val
+    return f"{key}={val}"
+
+
 def _packed_ints(wire: int, value: Any) -> list[int]:
     if wire == 0:
         return [int(value)]
@@ -127,6 +141,9 @@ class GraphSummary:
     doc_strings: int = 0
     node_metadata: int = 0
     producer: str = ""
+    texts: list[tuple[str, str]] = field(default_factory=list)
+    """Free strings as (where, text): node and tensor names, doc strings,
+    graph and node metadata, producer and domain (read by ``audit``)."""
 
 
 def _tensor(data: memoryview, summary: GraphSummary) -> None:
@@ -140,6 +157,8 @@ def _tensor(data: memoryview, summary: GraphSummary) -> None:
                 count *= max(d, 1)
         elif number == 8:
             name = _text(value)
+        elif number == 12 and len(value):
+            summary.texts.append(("tensor doc string", _loose(value)))
         elif number in (13, 14) and (number == 13 or value == 1):
             raise PackageError(
                 f"{ONNX_NAME} refers to external tensor data",
@@ -150,6 +169,8 @@ def _tensor(data: memoryview, summary: GraphSummary) -> None:
     if count > MAX_ELEMENTS:
         raise _bad(f"an initializer declares {count} elements")
     summary.initializer_names.add(name)
+    if name:
+        summary.texts.append(("tensor name", name))
 
 
 def _value_info(data: memoryview) -> tuple[str, list[int | str], int]:
@@ -182,6 +203,11 @@ def _graph(data: memoryview, summary: GraphSummary, depth: int, top: bool) -> No
         raise _bad("subgraphs are nested too deeply")
     inputs: list[tuple[str, list[int | str], int]] = []
     for number, _, value in _Reader(data).fields():
+        if number in (11, 12, 13):  # graph inputs, outputs and value_info
+            for vn, _, vv in _Reader(value).fields():
+                if vn in (1, 3) and len(vv):
+                    where = "value name" if vn == 1 else "value doc string"
+                    summary.texts.append((where, _loose(vv)))
         if number == 1:
             _node(value, summary, depth)
         elif number == 5:
@@ -192,8 +218,12 @@ def _graph(data: memoryview, summary: GraphSummary, depth: int, top: bool) -> No
                     _tensor(sv, summary)
         elif number == 10 and len(value):
             summary.doc_strings += 1
+            summary.texts.append(("graph doc string", _loose(value)))
         elif number == 16:
             summary.node_metadata += 1
+            summary.texts.append(("graph metadata", _entry(value)))
+        elif number == 2 and len(value):
+            summary.texts.append(("graph name", _loose(value)))
         elif top and number == 11:
             inputs.append(_value_info(value))
         elif top and number == 12:
@@ -217,8 +247,12 @@ def _node(data: memoryview, summary: GraphSummary, depth: int) -> None:
             domain = _text(value)
         elif number == 6 and len(value):
             summary.doc_strings += 1
+            summary.texts.append(("node doc string", _loose(value)))
         elif number == 9:
             summary.node_metadata += 1
+            summary.texts.append(("node metadata", _entry(value)))
+        elif number == 3 and len(value):
+            summary.texts.append(("node name", _loose(value)))
         elif number == 5:
             for an, _, av in _Reader(value).fields():
                 if an in (6, 11):
@@ -260,8 +294,12 @@ def summarize(data: bytes) -> GraphSummary:
             summary.ir_version = int(value)
         elif number == 2 and wire == 2:
             summary.producer = _text(value)
+            summary.texts.append(("producer name", summary.producer))
+        elif number in (3, 4) and wire == 2 and len(value):
+            summary.texts.append(("producer version" if number == 3 else "domain", _loose(value)))
         elif number == 6 and wire == 2 and len(value):
             summary.doc_strings += 1
+            summary.texts.append(("model doc string", _loose(value)))
         elif number == 8 and wire == 2:
             dom, ver = "", 0
             for on, _, ov in _Reader(value).fields():

@@ -64,6 +64,13 @@ def sniff_container(data: bytes, name: str) -> None:
 
 def read_header(data: bytes, name: str = WEIGHTS_NAME) -> dict[str, TensorInfo]:
     """Parse and validate a safetensors header; return tensors by name."""
+    return read_header_with_metadata(data, name)[0]
+
+
+def read_header_with_metadata(
+    data: bytes, name: str = WEIGHTS_NAME
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Like :func:`read_header`, also returning the ``__metadata__`` strings (for ``audit``)."""
     sniff_container(data, name)
     if len(data) < 8:
         raise _bad("it is shorter than its 8-byte header length")
@@ -114,7 +121,7 @@ def read_header(data: bytes, name: str = WEIGHTS_NAME) -> dict[str, TensorInfo]:
         cursor = info.end
     if cursor != body:
         raise _bad("the file has bytes after the last tensor")
-    return {t.name: t for t in infos}
+    return {t.name: t for t in infos}, dict(meta)
 
 
 def _finite(data: bytes, base: int, info: TensorInfo) -> bool:
