@@ -957,6 +957,12 @@ class CluP(Method):
         selection = meta.get("selection", {})
         self.selection_meta = dict(selection) if isinstance(selection, Mapping) else {}
 
+    def pseudo_label_selection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The selected subset of Sec. 3.1: dataset indices and their pseudo-labels."""
+        if not self.selection_meta:
+            return None
+        return self.selected_indices.clone(), self.selected_labels.clone()
+
     def report(self) -> dict[str, JSON]:
         """Aggregate pseudo-label diagnostics for report.json (counts and histograms only)."""
         info: dict[str, Any] = {"pseudo_labels": dict(self.selection_meta)}

@@ -362,6 +362,13 @@ class Shot(Method):
     def export_model(self) -> Classifier:
         return self.model.eval()
 
+    def pseudo_label_selection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The last round's centroid pseudo-labels, one per target image (None for SHOT-IM)."""
+        if self.pseudo_labels is None:
+            return None
+        labels = self.pseudo_labels.detach().cpu().to(torch.int64)
+        return torch.arange(labels.numel()), labels
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if self.pseudo_labels is None:
             return {}

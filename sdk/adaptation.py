@@ -91,6 +91,21 @@ def load_target(
     Raises:
         DatasetError: no image, too many unreadable images, or one with ``strict``.
     """
+    return _read_target(data, spec, max_bad_fraction=max_bad_fraction, strict=strict)[0]
+
+
+def _read_target(
+    data: str | os.PathLike[str],
+    spec: Any,
+    *,
+    max_bad_fraction: float,
+    strict: bool,
+) -> tuple[TargetData, list[str]]:
+    """:func:`load_target` and the key (path relative to ``data``) of each image kept.
+
+    The keys stay in :func:`adapt` to match evaluation labels after the run;
+    they never reach a method or a report.
+    """
     from sourcefree.data.readers import read_image_folder
     from sourcefree.method import TargetData
 
@@ -111,7 +126,7 @@ def load_target(
         "reasons": dict(sorted(report.reasons.items())),
         "ignored": report.ignored,
     }
-    return TargetData(
+    target = TargetData(
         images=loaded.images,
         spec=spec,
         fingerprint=strictjson.dumps(
@@ -119,6 +134,7 @@ def load_target(
         ).decode(),
         read_summary=summary,
     )
+    return target, [dataset.samples[int(i)].key for i in loaded.indices]
 
 
 def _identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -144,6 +160,38 @@ def _identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
         out.append("the config changed (" + "; ".join(changes[:5]) + ")")
     if old.get("seed") != new.get("seed"):
         out.append(f"the seed changed ({old.get('seed')} -> {new.get('seed')})")
+    return out
+
+
+def _pseudo_label_report(
+    selection: tuple[Any, Any],
+    keys: Sequence[str],
+    data: str | os.PathLike[str],
+    eval_labels: str | os.PathLike[str],
+    labels: Sequence[str],
+    *,
+    source_accuracy: float,
+) -> dict[str, Any]:
+    """Precision and coverage of a method's pseudo-labels against evaluation labels."""
+    import numpy as np
+
+    from sourcefree.errors import TrainingError
+    from sourcefree.evaluation import labelled_dataset, pseudo_label_quality
+
+    indices = selection[0].detach().cpu().numpy().astype(np.int64).reshape(-1)
+    chosen = selection[1].detach().cpu().numpy().astype(np.int64).reshape(-1)
+    if indices.shape != chosen.shape or (
+        indices.size and (indices.min() < 0 or indices.max() >= len(keys))
+    ):
+        raise TrainingError(
+            "the method's pseudo_label_selection() is malformed",
+            f"{indices.size} indices and {chosen.size} labels for {len(keys)} images",
+            "return (dataset indices, labels) of equal length, indices in range",
+        )
+    by_key = {s.key: s.label for s in labelled_dataset(data, eval_labels, labels).samples}
+    truth = np.asarray([by_key.get(k, -1) for k in keys], dtype=np.int64)
+    out = pseudo_label_quality(indices, chosen, truth, labels)
+    out["source_accuracy"] = source_accuracy
     return out
 
 
@@ -225,7 +273,9 @@ def adapt(
     spec = pkgs[0].manifest.input
     dev = resolve_device(device)
     models = [load_classifier(p.manifest.architecture, p.weights_bytes).to(dev) for p in pkgs]
-    target_data = load_target(data, spec, max_bad_fraction=max_bad_fraction, strict=strict)
+    target_data, target_keys = _read_target(
+        data, spec, max_bad_fraction=max_bad_fraction, strict=strict
+    )
     t_loaded = time.perf_counter()
 
     identity = {
@@ -323,13 +373,24 @@ def adapt(
             if eval_labels is not None:
                 from sourcefree.evaluation import evaluate
 
-                report["evaluation"] = {
+                evaluation: dict[str, Any] = {
                     "note": "labels were read after adaptation, for this report only",
                     "source": [
                         evaluate(p, data, eval_labels, device="cpu").to_dict() for p in pkgs
                     ],
                     "adapted": evaluate(adapted, data, eval_labels, device="cpu").to_dict(),
                 }
+                selection = instance.pseudo_label_selection()
+                if selection is not None:
+                    evaluation["pseudo_labels"] = _pseudo_label_report(
+                        selection,
+                        target_keys,
+                        data,
+                        eval_labels,
+                        pkgs[0].manifest.labels,
+                        source_accuracy=evaluation["source"][0]["accuracy"],
+                    )
+                report["evaluation"] = evaluation
             t_end = time.perf_counter()
             report["timings_s"] = {
                 "load": round(t_loaded - t0, 3),

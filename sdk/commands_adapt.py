@@ -140,6 +140,19 @@ def adapt_command(
             f"adapted: accuracy {ad['accuracy']:.4f}, mean class recall "
             f"{ad['mean_class_recall']:.4f}"
         )
+        pl = evaluation.get("pseudo_labels")
+        if pl is not None:
+            precision = "-" if pl["precision"] is None else f"{pl['precision']:.4f}"
+            click.echo(
+                f"pseudo-labels: precision {precision} "
+                f"({pl['labelled_selected']} labelled of {pl['selected']} selected), "
+                f"coverage {pl['coverage']:.4f} ({pl['selected']}/{pl['images']}); "
+                f"source accuracy {pl['source_accuracy']:.4f}"
+            )
+            click.echo(
+                "  selected per class: "
+                + ", ".join(f"{n} {c}" for n, c in pl["selected_per_class"].items())
+            )
 
 
 @click.command("methods")

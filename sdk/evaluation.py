@@ -81,6 +81,43 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[str
     )
 
 
+def pseudo_label_quality(
+    indices: np.ndarray, chosen: np.ndarray, truth: np.ndarray, labels: Sequence[str]
+) -> dict[str, Any]:
+    """Precision and coverage of pseudo-labels (aggregates only).
+
+    Args:
+        indices: target-image indices the method selected (int64).
+        chosen: their pseudo-labels (int64, same length).
+        truth: evaluation label of every target image, -1 where unlabelled.
+        labels: class names.
+
+    Returns:
+        ``selected``, ``images``, ``coverage`` (selected / images), ``labelled_selected``
+        (selected images with an evaluation label), ``precision`` (share of those whose
+        pseudo-label is right; None when there is none), ``selected_per_class`` and
+        ``precision_per_class`` by class name.
+    """
+    k = len(labels)
+    known = truth[indices] >= 0
+    right = chosen[known] == truth[indices][known]
+    selected_per_class = np.bincount(chosen, minlength=k)[:k] if chosen.size else np.zeros(k)
+    known_per_class = np.bincount(chosen[known], minlength=k)[:k]
+    right_per_class = np.bincount(chosen[known][right], minlength=k)[:k]
+    return {
+        "selected": int(indices.size),
+        "images": int(truth.size),
+        "coverage": float(indices.size / truth.size) if truth.size else 0.0,
+        "labelled_selected": int(known.sum()),
+        "precision": float(right.mean()) if right.size else None,
+        "selected_per_class": {n: int(selected_per_class[c]) for c, n in enumerate(labels)},
+        "precision_per_class": {
+            n: float(right_per_class[c] / known_per_class[c]) if known_per_class[c] else None
+            for c, n in enumerate(labels)
+        },
+    }
+
+
 def labelled_dataset(
     data: str | os.PathLike[str], labels_csv: str | os.PathLike[str], labels: Sequence[str]
 ) -> ImageDataset:

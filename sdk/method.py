@@ -270,6 +270,15 @@ class Method(ABC):
         """
         return {}
 
+    def pseudo_label_selection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The pseudo-labels the method trained on: (dataset indices, labels), int64, CPU.
+
+        Read once after the run, only to report their precision and coverage
+        against evaluation labels (``adapt --eval-labels``); never written out.
+        Default: None (the method has no pseudo-labels).
+        """
+        return None
+
 
 # --- helpers shared by several methods -------------------------------------------------
 

@@ -2,12 +2,56 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from sourcefree.adaptation import adapt
 from sourcefree.audit import audit_package
+from sourcefree.commands_adapt import adapt_command
+from sourcefree.evaluation import pseudo_label_quality
+
+#: A CluP run small enough for the CPU test suite (64 images, a few seconds per phase).
+CLUP_SETS = [
+    "ssl.epochs=2",
+    "ssl.batch_size=16",
+    "ssl.prototypes=8",
+    "ssl.hidden_dim=32",
+    "ssl.output_dim=16",
+    "ssl.local_crops=2",
+    "ssl.queue_length=32",
+    "ssl.queue_start_epoch=1",
+    "kmeans_n_init=1",
+    "kmeans_max_iter=20",
+    "label_batch_size=32",
+    "batch_size=16",
+    "finetune.epochs=2",
+]
+
+
+def _adapt_cli(pkg: Path, data: Path, out: Path, method: str, sets: list[str], *extra: str) -> str:
+    args = [str(pkg), str(data), "-m", method, "-o", str(out), "--no-progress", "--device", "cpu"]
+    for s in sets:
+        args += ["--set", s]
+    result = CliRunner().invoke(adapt_command, [*args, *extra])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def clup_run(
+    source_pkg: Path, target_dir: Path, eval_csv: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str, dict[str, Any]]:
+    """One small CluP run with evaluation labels: (OUT, CLI output, report.json)."""
+    out = tmp_path_factory.mktemp("clup") / "out"
+    text = _adapt_cli(
+        source_pkg, target_dir, out, "clup", CLUP_SETS, "--eval-labels", str(eval_csv)
+    )
+    return out, text, json.loads((out / "report.json").read_text())
 
 
 def test_adapted_package_audits_clean(
@@ -19,3 +63,61 @@ def test_adapted_package_audits_clean(
     assert report.clean and report.verified, report.findings
     assert report.manifest["kind"] == "adapted"
     assert "method" in report.manifest["provenance_keys"]
+
+
+def test_clup_package_audits_clean(
+    clup_run: tuple[Path, str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", "/home/alice")
+    report = audit_package(clup_run[0] / "package")
+    assert report.clean and report.verified, report.findings
+
+
+def test_pseudo_label_quality_counts() -> None:
+    truth = np.array([0, 0, 1, -1, 2])
+    out = pseudo_label_quality(np.array([0, 1, 2, 3]), np.array([0, 1, 1, 2]), truth, "abc")
+    assert out["selected"] == 4 and out["images"] == 5 and out["coverage"] == 0.8
+    assert out["labelled_selected"] == 3 and out["precision"] == pytest.approx(2 / 3)
+    assert out["selected_per_class"] == {"a": 1, "b": 2, "c": 1}
+    assert out["precision_per_class"] == {"a": 1.0, "b": 0.5, "c": None}
+    empty = pseudo_label_quality(np.zeros(0, np.int64), np.zeros(0, np.int64), truth, "abc")
+    assert empty["precision"] is None and empty["coverage"] == 0.0
+    assert empty["selected_per_class"] == {"a": 0, "b": 0, "c": 0}
+
+
+def test_clup_reports_pseudo_label_precision_and_coverage(
+    clup_run: tuple[Path, str, dict[str, Any]],
+) -> None:
+    _, text, report = clup_run
+    pl = report["evaluation"]["pseudo_labels"]
+    selection = report["method_report"]["pseudo_labels"]
+    assert pl["selected"] == selection["n_selected"] > 0
+    assert pl["images"] == 64 and pl["coverage"] == pl["selected"] / 64
+    assert sum(pl["selected_per_class"].values()) == pl["selected"]
+    labels = report["evaluation"]["source"][0]["labels"]
+    assert [pl["selected_per_class"][n] for n in labels] == selection["selected_per_class"]
+    assert 0 < pl["labelled_selected"] <= pl["selected"]
+    assert 0.0 <= pl["precision"] <= 1.0
+    assert pl["source_accuracy"] == report["evaluation"]["source"][0]["accuracy"]
+    assert "pseudo-labels: precision" in text and "coverage" in text
+    assert "selected per class: surprise" in text
+
+
+def test_shot_reports_pseudo_labels_over_all_images(
+    source_pkg: Path, target_dir: Path, eval_csv: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    _adapt_cli(source_pkg, target_dir, out, "shot", ["epochs=1"], "--eval-labels", str(eval_csv))
+    pl = json.loads((out / "report.json").read_text())["evaluation"]["pseudo_labels"]
+    assert pl["selected"] == pl["images"] == 64 and pl["coverage"] == 1.0
+    labelled = sum(1 for _ in eval_csv.open()) - 1
+    assert pl["labelled_selected"] == labelled
+
+
+def test_no_pseudo_labels_without_the_hook(
+    source_pkg: Path, target_dir: Path, eval_csv: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    _adapt_cli(source_pkg, target_dir, out, "adabn", [], "--eval-labels", str(eval_csv))
+    evaluation = json.loads((out / "report.json").read_text())["evaluation"]
+    assert "pseudo_labels" not in evaluation and "adapted" in evaluation
