@@ -6,6 +6,7 @@ The output directory holds the adapted package and an aggregate report::
       package/       the adapted package (same format as a source package)
       report.json    method, resolved config, per-phase loss curves, timings,
                      read counts; source vs adapted metrics with --eval-labels
+      report.html    the same as one self-contained page with inline SVG plots
 
 OUT appears atomically (staged beside it, renamed at the end). Evaluation
 labels are read only after adaptation finished, to report; they never enter a
@@ -255,6 +256,7 @@ def adapt(
     from sourcefree.method import MethodContext, SourceModel
     from sourcefree.models import load_classifier
     from sourcefree.registry import get_method
+    from sourcefree.report_html import REPORT_HTML_NAME, render_report
     from sourcefree.trainer import Trainer, resolve_device, seed_everything
     from sourcefree.workdir import Workdir
 
@@ -400,6 +402,8 @@ def adapt(
                 "total": round(t_end - t0, 3),
             }
             (stage / REPORT_NAME).write_bytes(strictjson.dumps(report))
+            html = render_report(report, labels=pkgs[0].manifest.labels)
+            (stage / REPORT_HTML_NAME).write_text(html, encoding="utf-8")
     except BaseException:
         wd.close()
         raise

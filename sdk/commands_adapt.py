@@ -98,9 +98,10 @@ def adapt_command(
     sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/ --set lr=0.0005
     sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/ --resume
 
-    Writes OUT/package (the adapted package) and OUT/report.json (aggregates
-    only). SIGINT/SIGTERM write a checkpoint and exit with code 75; run the
-    same command with --resume to continue to the same result.
+    Writes OUT/package (the adapted package), OUT/report.json and
+    OUT/report.html (aggregates only, plots inline). SIGINT/SIGTERM write a
+    checkpoint and exit with code 75; run the same command with --resume to
+    continue to the same result.
     """
     if len(paths) < 2:
         raise click.UsageError("expected at least one package and the DATA folder")
@@ -128,6 +129,7 @@ def adapt_command(
     report = result.report
     click.echo(f"adapted package: {result.out / 'package'}")
     click.echo(f"report:          {result.out / 'report.json'}")
+    click.echo(f"html report:     {result.out / 'report.html'}")
     evaluation = report.get("evaluation")
     if evaluation:
         for i, src in enumerate(evaluation["source"]):

@@ -138,7 +138,7 @@ def test_cli_adapt_with_eval_labels_and_report(
     assert report["phases"][0]["name"] == "bn-stats"
     assert set(report["evaluation"]["adapted"]) >= {"accuracy", "mean_class_recall"}
     assert str(tmp_path) not in (out / "report.json").read_text(), "no paths in the report"
-    assert sorted(p.name for p in out.iterdir()) == ["package", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["package", "report.html", "report.json"]
     again = CliRunner().invoke(adapt_command, args)
     assert again.exit_code == 2 and "exists and is not empty" in again.output
 

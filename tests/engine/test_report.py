@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from sourcefree.adaptation import adapt
 from sourcefree.audit import audit_package
 from sourcefree.commands_adapt import adapt_command
 from sourcefree.evaluation import pseudo_label_quality
+from sourcefree.imaging import is_image_name
+from sourcefree.report_html import bar_chart, line_chart, render_report
 
 #: A CluP run small enough for the CPU test suite (64 images, a few seconds per phase).
 CLUP_SETS = [
@@ -121,3 +124,101 @@ def test_no_pseudo_labels_without_the_hook(
     _adapt_cli(source_pkg, target_dir, out, "adabn", [], "--eval-labels", str(eval_csv))
     evaluation = json.loads((out / "report.json").read_text())["evaluation"]
     assert "pseudo_labels" not in evaluation and "adapted" in evaluation
+
+
+_VOID = {"meta", "rect", "line", "circle", "polyline", "br", "hr", "img", "input", "link"}
+
+
+class _Checker(HTMLParser):
+    """Counts tags, checks that every element is closed in order, collects text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.tags: dict[str, int] = {}
+        self.errors: list[str] = []
+        self.attrs: list[tuple[str, str | None]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags[tag] = self.tags.get(tag, 0) + 1
+        self.attrs += attrs
+        if tag not in _VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags[tag] = self.tags.get(tag, 0) + 1
+        self.attrs += attrs
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _VOID:
+            return
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+            return
+        self.stack.pop()
+
+
+def _check_html(text: str) -> _Checker:
+    checker = _Checker()
+    checker.feed(text)
+    checker.close()
+    assert not checker.errors and not checker.stack, (checker.errors, checker.stack)
+    return checker
+
+
+def test_report_html_is_self_contained_with_plots(
+    clup_run: tuple[Path, str, dict[str, Any]],
+) -> None:
+    out, _, _ = clup_run
+    assert sorted(p.name for p in out.iterdir()) == ["package", "report.html", "report.json"]
+    text = (out / "report.html").read_text(encoding="utf-8")
+    checker = _check_html(text)
+    assert checker.tags["svg"] >= 6, "loss curves, purity histogram, per class, accuracy"
+    assert checker.tags.get("script", 0) == checker.tags.get("link", 0) == 0
+    assert checker.tags.get("img", 0) == 0, "no images at all"
+    assert not [a for a in checker.attrs if a[0] in ("src", "href")], "no external resources"
+    for needle in (
+        "loss of phase warm-up",
+        "purity histogram",
+        "selected samples per class",
+        "per-class accuracy",
+        "confusion matrix: adapted",
+        "precision of the selected pseudo-labels",
+    ):
+        assert needle in text, needle
+
+
+def test_report_html_names_no_target_file(
+    clup_run: tuple[Path, str, dict[str, Any]], target_dir: Path, eval_csv: Path
+) -> None:
+    out, _, _ = clup_run
+    text = (out / "report.html").read_text(encoding="utf-8")
+    names = [p for p in target_dir.rglob("*") if is_image_name(p.name)]
+    assert len(names) == 64
+    for p in names:
+        assert p.name not in text, p.name
+    for folder in (target_dir, eval_csv.parent, out):
+        assert str(folder) not in text
+    assert target_dir.name not in text and eval_csv.name not in text
+
+
+def test_report_html_escapes_text_and_survives_odd_values() -> None:
+    report: dict[str, Any] = {
+        "method": "<script>alert(1)</script>",
+        "config": {"note": "a & b"},
+        "phases": [
+            {
+                "name": "x<y",
+                "epochs": 1,
+                "steps_per_epoch": 2,
+                "epoch_loss": [float("nan")],
+                "loss_curve": [[1, 1.0], [2, float("inf")]],
+            }
+        ],
+        "method_report": {"pseudo_labels": {"selected_per_class": [1, 2]}},
+    }
+    text = render_report(report, labels=["<a>", "b"])
+    assert "<script>" not in text and "&lt;script&gt;" in text and "a &amp; b" in text
+    _check_html(text)
+    assert "no values" in line_chart("empty", [("s", [])], "x", "y")
+    assert "<svg" in bar_chart("one", ["a"], [("g", [None], "#000")], "y")

@@ -1,0 +1,452 @@
+"""``OUT/report.html``: the adaptation report as one self-contained page.
+
+Inline SVG plots drawn here (no plotting library, no JavaScript, no external
+resource): loss curves per phase, the method's diagnostics (CluP: purity
+histogram and selected samples per class), per-class accuracy and confusion
+matrices when evaluation labels were given. Everything comes from the
+aggregate ``report.json`` content; no image, path or file name is drawn, and
+every string is escaped. No torch import.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+REPORT_HTML_NAME = "report.html"
+
+_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
+_SOURCE, _ADAPTED = "#9e9e9e", "#1f77b4"
+_W, _H = 640, 260
+_M = {"left": 56, "right": 16, "top": 30, "bottom": 48}
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:960px;
+color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ddd}
+h3{font-size:1.05em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;
+text-align:left;font-size:.9em}th{background:#f5f5f5}td.n{text-align:right;
+font-variant-numeric:tabular-nums}
+svg{display:block;margin:.5em 0}svg text{font-size:11px;fill:#333}
+.note{color:#666;font-size:.9em}
+"""
+
+
+def _e(value: Any) -> str:
+    """Escaped text of any value."""
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+    return _e(value)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> list[float]:
+    """Round tick values from at most ``lo`` to at least ``hi`` (whole steps if ``integer``)."""
+    if not hi > lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / max(1, count)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    if integer:
+        step = max(1.0, round(step))
+    start = math.floor(lo / step + 1e-9) * step
+    stop = math.ceil(hi / step - 1e-9) * step
+    return [round(start + i * step, 10) for i in range(round((stop - start) / step) + 1)]
+
+
+def _fmt_tick(v: float) -> str:
+    if v == int(v) and abs(v) < 1e6:
+        return str(int(v))
+    return f"{v:.3g}"
+
+
+def _svg_open(title: str, width: int = _W, height: int = _H) -> list[str]:
+    return [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
+        f"<title>{_e(title)}</title>",
+        f'<rect width="{width}" height="{height}" fill="#fff"/>',
+    ]
+
+
+def _axes(
+    parts: list[str], xlo: float, xhi: float, ylo: float, yhi: float, xlabel: str, ylabel: str
+) -> tuple[Any, Any]:
+    """Draw axes with ticks; return the x and y mappings to pixels."""
+    left, right, top, bottom = _M["left"], _W - _M["right"], _M["top"], _H - _M["bottom"]
+
+    def fx(x: float) -> float:
+        return left + (x - xlo) / ((xhi - xlo) or 1.0) * (right - left)
+
+    def fy(y: float) -> float:
+        return bottom - (y - ylo) / ((yhi - ylo) or 1.0) * (bottom - top)
+
+    parts.append(
+        f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#444"/>'
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="#444"/>'
+    )
+    for t in _ticks(ylo, yhi):
+        if ylo - 1e-12 <= t <= yhi + 1e-12:
+            y = fy(t)
+            parts.append(
+                f'<line x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="#eee"/>'
+                f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{_fmt_tick(t)}</text>'
+            )
+    parts.append(
+        f'<text x="{(left + right) / 2:.0f}" y="{_H - 10}" text-anchor="middle">{_e(xlabel)}</text>'
+        f'<text x="14" y="{(top + bottom) / 2:.0f}" text-anchor="middle" '
+        f'transform="rotate(-90 14 {(top + bottom) / 2:.0f})">{_e(ylabel)}</text>'
+    )
+    return fx, fy
+
+
+def _legend(parts: list[str], items: Sequence[tuple[str, str]]) -> None:
+    """Coloured keys in a row above the plot area."""
+    x = float(_M["left"])
+    for name, color in items:
+        parts.append(
+            f'<rect x="{x:.0f}" y="6" width="10" height="10" fill="{color}"/>'
+            f'<text x="{x + 14:.0f}" y="15">{_e(name)}</text>'
+        )
+        x += 24 + 6.5 * len(name)
+
+
+def line_chart(
+    title: str,
+    series: Sequence[tuple[str, Sequence[tuple[float, float]]]],
+    xlabel: str,
+    ylabel: str,
+) -> str:
+    """An SVG line chart of named (x, y) series (non-finite points are dropped)."""
+    clean = [(n, [(x, y) for x, y in pts if _finite(x) and _finite(y)]) for n, pts in series]
+    clean = [(n, pts) for n, pts in clean if pts]
+    if not clean:
+        return '<p class="note">no values</p>'
+    xs = [x for _, pts in clean for x, _ in pts]
+    ys = [y for _, pts in clean for _, y in pts]
+    yt = _ticks(min(ys), max(ys))
+    xlo, xhi = min(xs), max(xs)
+    parts = _svg_open(title)
+    fx, fy = _axes(parts, xlo, xhi if xhi > xlo else xlo + 1, yt[0], yt[-1], xlabel, ylabel)
+    bottom = _H - _M["bottom"]
+    for t in _ticks(xlo, xhi if xhi > xlo else xlo + 1, 6, integer=True):
+        if xlo <= t <= xhi:
+            parts.append(
+                f'<text x="{fx(t):.1f}" y="{bottom + 16}" text-anchor="middle">'
+                f"{_fmt_tick(t)}</text>"
+            )
+    for i, (_, pts) in enumerate(clean):
+        color = _COLORS[i % len(_COLORS)]
+        if len(pts) == 1:
+            x, y = pts[0]
+            parts.append(f'<circle cx="{fx(x):.1f}" cy="{fy(y):.1f}" r="3" fill="{color}"/>')
+        else:
+            path = " ".join(f"{fx(x):.1f},{fy(y):.1f}" for x, y in pts)
+            parts.append(
+                f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>'
+            )
+    _legend(parts, [(n, _COLORS[i % len(_COLORS)]) for i, (n, _) in enumerate(clean)])
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def bar_chart(
+    title: str,
+    categories: Sequence[str],
+    groups: Sequence[tuple[str, Sequence[float | None], str]],
+    ylabel: str,
+    ymax: float | None = None,
+) -> str:
+    """An SVG grouped bar chart: one bar per (group, category); None draws no bar."""
+    values = [float(v) for _, vals, _ in groups for v in vals if v is not None and _finite(v)]
+    if not categories or not groups:
+        return '<p class="note">no values</p>'
+    top_value = ymax if ymax is not None else max([*values, 0.0]) or 1.0
+    yt = _ticks(0.0, top_value)
+    parts = _svg_open(title)
+    fx, fy = _axes(parts, 0.0, float(len(categories)), 0.0, yt[-1], "", ylabel)
+    slot = fx(1.0) - fx(0.0)
+    width = slot * 0.8 / len(groups)
+    bottom = _H - _M["bottom"]
+    rotate = len(categories) > 8
+    for c, cat in enumerate(categories):
+        center = fx(c + 0.5)
+        name = cat if len(cat) <= 14 else cat[:13] + "~"
+        if rotate:
+            parts.append(
+                f'<text x="{center:.1f}" y="{bottom + 12}" text-anchor="end" '
+                f'transform="rotate(-35 {center:.1f} {bottom + 12})">{_e(name)}</text>'
+            )
+        else:
+            parts.append(
+                f'<text x="{center:.1f}" y="{bottom + 16}" text-anchor="middle">{_e(name)}</text>'
+            )
+        for g, (gname, vals, color) in enumerate(groups):
+            v = vals[c] if c < len(vals) else None
+            if v is None or not _finite(v):
+                continue
+            x = fx(c) + slot * 0.1 + g * width
+            y = fy(float(v))
+            parts.append(
+                f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(width - 1, 1):.1f}" '
+                f'height="{max(bottom - y, 0):.1f}" fill="{color}">'
+                f"<title>{_e(gname)} {_e(cat)}: {_num(v)}</title></rect>"
+            )
+    if len(groups) > 1:
+        _legend(parts, [(gname, color) for gname, _, color in groups])
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def heatmap_table(title: str, matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> str:
+    """A confusion matrix as an HTML table shaded by row share (rows: true, columns: predicted)."""
+    rows = [f"<table><caption>{_e(title)}</caption><tr><th>true \\ predicted</th>"]
+    rows += [f"<th>{_e(n)}</th>" for n in labels]
+    rows.append("</tr>")
+    for name, row in zip(labels, matrix, strict=False):
+        total = sum(row) or 1
+        cells = []
+        for v in row:
+            share = v / total
+            shade = int(255 - 180 * share)
+            text = "#fff" if share > 0.6 else "#222"
+            cells.append(
+                f'<td class="n" style="background:rgb({shade},{shade},255);color:{text}">'
+                f"{int(v)}</td>"
+            )
+        rows.append(f"<tr><th>{_e(name)}</th>{''.join(cells)}</tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def _table(rows: Sequence[tuple[str, Any]]) -> str:
+    body = "".join(f'<tr><th>{_e(k)}</th><td class="n">{_num(v)}</td></tr>' for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _flat(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Scalar leaves of a JSON value as (dotted key, value); long lists are summarised."""
+    if isinstance(value, Mapping):
+        out: list[tuple[str, Any]] = []
+        for k, v in value.items():
+            out += _flat(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(value, list):
+        if len(value) <= 12 and all(not isinstance(v, (list, Mapping)) for v in value):
+            return [(prefix, ", ".join(_num(v, 3) for v in value))]
+        return [(prefix, f"[{len(value)} values]")]
+    return [(prefix, value)]
+
+
+def _summary(report: Mapping[str, Any]) -> str:
+    target = report.get("target", {})
+    read = target.get("read", {})
+    rows: list[tuple[str, Any]] = [
+        ("method", report.get("method")),
+        ("target images", target.get("images")),
+        ("unreadable images skipped", read.get("bad")),
+        ("device", report.get("device")),
+        ("bf16 autocast", report.get("amp")),
+        ("seed", report.get("seed")),
+        ("resumed", report.get("resumed")),
+        ("checkpoints written", report.get("checkpoints_written")),
+    ]
+    for i, src in enumerate(report.get("sources", [])):
+        rows.append(
+            (
+                f"source package {i + 1}",
+                f"{src.get('name')} {src.get('version')} (sha256 {str(src.get('sha256'))[:16]})",
+            )
+        )
+    export = report.get("export", {})
+    if export:
+        rows += [
+            ("adapted package sha256", str(export.get("sha256"))[:16]),
+            ("export parity: max |logits| difference", export.get("parity_max_abs_logits")),
+            ("export parity: top-1 agreement", export.get("parity_top1_agreement")),
+        ]
+    for key, value in report.get("timings_s", {}).items():
+        rows.append((f"time: {key} (s)", value))
+    config = _flat(report.get("config", {}))
+    out = "<h2>Run</h2>" + _table(rows)
+    if config:
+        out += "<details><summary>resolved config</summary>" + _table(config) + "</details>"
+    return out
+
+
+def _phases(report: Mapping[str, Any]) -> str:
+    parts = ["<h2>Loss per phase</h2>"]
+    rows = []
+    for p in report.get("phases", []):
+        rows.append(
+            "<tr>"
+            + "".join(
+                f'<td class="n">{_num(v, 3)}</td>' if i else f"<td>{_e(v)}</td>"
+                for i, v in enumerate(
+                    (
+                        p.get("name"),
+                        p.get("epochs"),
+                        p.get("steps_per_epoch"),
+                        p.get("images"),
+                        p.get("seconds"),
+                        p.get("images_per_s"),
+                        (p.get("epoch_loss") or [None])[-1],
+                    )
+                )
+            )
+            + "</tr>"
+        )
+    parts.append(
+        "<table><tr><th>phase</th><th>epochs</th><th>steps/epoch</th><th>images</th>"
+        "<th>seconds</th><th>images/s</th><th>last epoch loss</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+    for p in report.get("phases", []):
+        curve = [(float(x), float(y)) for x, y in p.get("loss_curve", [])]
+        spe = p.get("steps_per_epoch") or 1
+        means = [((e + 1) * spe, v) for e, v in enumerate(p.get("epoch_loss", []))]
+        name = str(p.get("name"))
+        if not curve and not means:
+            continue
+        parts.append(f"<h3>{_e(name)}</h3>")
+        parts.append(
+            line_chart(
+                f"loss of phase {name}",
+                [("loss per step", curve), ("epoch mean", means)],
+                "step",
+                "loss",
+            )
+        )
+    return "".join(parts)
+
+
+def _method(report: Mapping[str, Any], labels: Sequence[str]) -> str:
+    info = report.get("method_report") or {}
+    if not info:
+        return ""
+    parts = [f"<h2>Method: {_e(report.get('method'))}</h2>"]
+    pl = info.get("pseudo_labels")
+    if isinstance(pl, Mapping):
+        hist = pl.get("histogram")
+        if isinstance(hist, Mapping) and hist.get("bin_edges"):
+            edges = list(hist["bin_edges"])
+            bins = [f"{a:.2g}-{b:.2g}" for a, b in itertools.pairwise(edges)]
+            kind = str(hist.get("kind", "score"))
+            groups: list[tuple[str, Sequence[float | None], str]] = [
+                ("images", hist.get("sample_counts") or [], _ADAPTED)
+            ]
+            if hist.get("cluster_counts") is not None:
+                groups.append(("clusters", hist["cluster_counts"], "#ff7f0e"))
+            parts.append(f"<h3>{_e(kind)} histogram</h3>")
+            parts.append(bar_chart(f"{kind} histogram", bins, groups, "count"))
+        per_class = pl.get("selected_per_class")
+        if isinstance(per_class, list) and per_class:
+            names = [str(n) for n in labels]
+            if len(names) != len(per_class):
+                names = [str(i) for i in range(len(per_class))]
+            series: list[tuple[str, Sequence[float | None], str]] = [
+                ("selected", per_class, _ADAPTED)
+            ]
+            if isinstance(pl.get("candidates_per_class"), list):
+                series.insert(0, ("candidates", pl["candidates_per_class"], _SOURCE))
+            parts.append("<h3>pseudo-labelled samples per class</h3>")
+            parts.append(bar_chart("selected samples per class", names, series, "images"))
+    parts.append("<details><summary>all diagnostics</summary>")
+    parts.append(_table(_flat(info)) + "</details>")
+    return "".join(parts)
+
+
+def _evaluation(report: Mapping[str, Any]) -> str:
+    ev = report.get("evaluation")
+    if not isinstance(ev, Mapping):
+        return ""
+    sources = list(ev.get("source", []))
+    adapted = ev.get("adapted", {})
+    labels = list(adapted.get("labels") or (sources[0].get("labels") if sources else []))
+    parts = [
+        "<h2>Evaluation</h2>",
+        f'<p class="note">{_e(ev.get("note", ""))}</p>',
+        "<table><tr><th>model</th><th>images</th><th>accuracy</th><th>mean class recall</th></tr>",
+    ]
+    named = [
+        (f"source {i + 1}" if len(sources) > 1 else "source", m) for i, m in enumerate(sources)
+    ]
+    named.append(("adapted", adapted))
+    for name, m in named:
+        parts.append(
+            f"<tr><td>{_e(name)}</td><td class='n'>{_num(m.get('images'))}</td>"
+            f"<td class='n'>{_num(m.get('accuracy'))}</td>"
+            f"<td class='n'>{_num(m.get('mean_class_recall'))}</td></tr>"
+        )
+    parts.append("</table>")
+    groups: list[tuple[str, Sequence[float | None], str]] = []
+    for i, (name, m) in enumerate(named):
+        recall = m.get("per_class_recall", {})
+        color = _ADAPTED if name == "adapted" else (_SOURCE if i == 0 else _COLORS[2 + i % 4])
+        groups.append((name, [recall.get(n) for n in labels], color))
+    parts.append("<h3>per-class accuracy (recall)</h3>")
+    parts.append(bar_chart("per-class accuracy", labels, groups, "recall", ymax=1.0))
+    for name, m in named:
+        if m.get("confusion"):
+            parts.append(heatmap_table(f"confusion matrix: {name}", m["confusion"], labels))
+    pl = ev.get("pseudo_labels")
+    if isinstance(pl, Mapping):
+        parts.append("<h3>pseudo-labels against the evaluation labels</h3>")
+        parts.append(
+            _table(
+                [
+                    ("selected images", pl.get("selected")),
+                    ("target images", pl.get("images")),
+                    ("coverage", pl.get("coverage")),
+                    ("selected images with a label", pl.get("labelled_selected")),
+                    ("precision of the selected pseudo-labels", pl.get("precision")),
+                    ("source accuracy on every labelled image", pl.get("source_accuracy")),
+                ]
+            )
+        )
+        precision = pl.get("precision_per_class", {})
+        parts.append(
+            bar_chart(
+                "pseudo-label precision per class",
+                labels,
+                [("precision", [precision.get(n) for n in labels], _ADAPTED)],
+                "precision",
+                ymax=1.0,
+            )
+        )
+    return "".join(parts)
+
+
+def render_report(report: Mapping[str, Any], labels: Sequence[str] = ()) -> str:
+    """The HTML page of an adaptation report (``report.json`` content; class names)."""
+    body = [
+        f"<h1>sourcefree adaptation report: {_e(report.get('method'))}</h1>",
+        '<p class="note">Aggregates only: no image, path or file name of the target data.</p>',
+        _summary(report),
+        _phases(report),
+        _method(report, labels),
+        _evaluation(report),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>sourcefree report: {_e(report.get('method'))}</title>"
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
