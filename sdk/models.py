@@ -158,6 +158,61 @@ def _split(module: nn.Module, head_path: str) -> tuple[nn.Module, nn.Linear]:
     return module, head
 
 
+def feature_map_split(backbone: nn.Module, arch: str) -> tuple[nn.Module, nn.Module]:
+    """``(trunk, neck)`` of a registered architecture's backbone, sharing its modules.
+
+    ``trunk(x)`` is the last feature map (N, C, h, w); ``neck(v)`` maps a
+    spatially average-pooled map vector (N, C) to the ``features`` output, so
+    ``backbone(x) == neck(trunk(x).mean((2, 3)))``. Methods with region
+    branches (LA-CMFER's 2x2 grid) pool parts of the map themselves.
+
+    Raises:
+        PackageError: the architecture has no known split.
+    """
+    a = get_architecture(arch)
+    if a.name == "smallcnn" and isinstance(backbone, SmallCNN):
+        return nn.Sequential(*list(backbone.features)[:-2]), nn.Identity()
+    if a.name.startswith("resnet"):
+        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        return nn.Sequential(*(getattr(backbone, n) for n in names)), nn.Identity()
+    if a.name.startswith(("mobilenet_v3", "efficientnet")):
+        trunk, neck = backbone.features, backbone.classifier
+        if isinstance(trunk, nn.Module) and isinstance(neck, nn.Module):
+            return trunk, neck
+    raise PackageError(
+        f"no feature-map split for architecture {a.name!r}",
+        "the method needs the last feature map before global pooling",
+        "use smallcnn, a ResNet, MobileNetV3 or EfficientNet-B0",
+    )
+
+
+FamilyBuilder = Callable[[ArchitectureSpec], Classifier]
+"""``build(spec)`` -> a randomly initialised model for a composite architecture name."""
+
+_FAMILIES: dict[str, FamilyBuilder] = {}
+
+
+def register_architecture_family(prefix: str, build: FamilyBuilder) -> None:
+    """Let a method rebuild the composite models it exports, named ``<prefix>.<details>``.
+
+    Adapted packages of methods that add layers to the source model (LA-CMFER's
+    local branch) name such an architecture; :func:`load_classifier` finds the
+    builder by the prefix (importing the built-in methods first).
+    """
+    _FAMILIES[prefix] = build
+
+
+def _family(name: str) -> FamilyBuilder | None:
+    prefix, dot, _ = name.partition(".")
+    if not dot or name in ARCHITECTURES:
+        return None
+    if prefix not in _FAMILIES:
+        from sourcefree.registry import list_methods
+
+        list_methods()  # imports sourcefree.adapters, whose modules register families
+    return _FAMILIES.get(prefix)
+
+
 def build_classifier(
     arch: str | Architecture, num_classes: int, in_channels: int = 3
 ) -> Classifier:
@@ -227,10 +282,18 @@ def from_vendor_state(
 
 
 def load_classifier(spec: ArchitectureSpec, weights: bytes) -> Classifier:
-    """Rebuild a package's model from verified safetensors bytes (never torch.load)."""
+    """Rebuild a package's model from verified safetensors bytes (never torch.load).
+
+    Registered architectures, and composite ones (``<family>.<details>``) whose
+    family a method registered with :func:`register_architecture_family`.
+    """
     from safetensors.torch import load as load_safetensors
 
-    model = build_classifier(spec.name, spec.num_classes, spec.in_channels)
+    family = _family(spec.name)
+    if family is not None:
+        model = family(spec)
+    else:
+        model = build_classifier(spec.name, spec.num_classes, spec.in_channels)
     if model.head.in_features != spec.feature_dim:
         raise PackageError(
             f"architecture.feature_dim is {spec.feature_dim}",

@@ -10,6 +10,7 @@ from sourcefree.manifest import ARCHITECTURE_NAMES
 from sourcefree.models import (
     ARCHITECTURES,
     build_classifier,
+    feature_map_split,
     from_vendor_state,
     get_architecture,
 )
@@ -28,6 +29,19 @@ def test_each_architecture_declares_its_split(name: str) -> None:
     assert logits.shape == (2, 5)
     assert feats.shape == (2, arch.feature_dim)
     assert set(k.split(".")[0] for k in model.state_dict()) == {"backbone", "head"}
+
+
+@pytest.mark.parametrize("name", ARCHITECTURE_NAMES)
+def test_feature_map_split_recomposes_the_backbone(name: str) -> None:
+    model = build_classifier(name, 5).eval()
+    trunk, neck = feature_map_split(model.backbone, name)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fmap = trunk(x)
+        assert fmap.ndim == 4
+        assert torch.allclose(neck(fmap.mean(dim=(2, 3))), model.backbone(x), atol=1e-5)
+    owned = {id(p) for p in model.backbone.parameters()}
+    assert all(id(p) in owned for p in [*trunk.parameters(), *neck.parameters()])
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "smallcnn"])
