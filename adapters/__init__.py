@@ -5,7 +5,8 @@ from __future__ import annotations
 from sourcefree.adapters import adabn as adabn
 from sourcefree.adapters import clup as clup
 from sourcefree.adapters import difc as difc
+from sourcefree.adapters import la_cmfer as la_cmfer
 from sourcefree.adapters import shot as shot
 from sourcefree.adapters import tent as tent
 
-__all__ = ["adabn", "difc", "shot", "tent"]
+__all__ = ["adabn", "difc", "la_cmfer", "shot", "tent"]
