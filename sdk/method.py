@@ -288,7 +288,9 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def bn_statistics_phase(model: nn.Module, batch_size: int, epochs: int = 1) -> Phase:
+def bn_statistics_phase(
+    model: nn.Module, batch_size: int, epochs: int = 1, name: str = "bn-stats"
+) -> Phase:
     """A no-gradient phase that re-estimates BatchNorm statistics on the target data.
 
     AdaBN (Li et al., 2016): running mean and variance are reset, then
@@ -319,7 +321,7 @@ def bn_statistics_phase(model: nn.Module, batch_size: int, epochs: int = 1) -> P
         model.eval()
 
     return Phase(
-        name="bn-stats",
+        name=name,
         epochs=epochs,
         step=step,
         batch_size=batch_size,

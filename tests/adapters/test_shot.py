@@ -83,7 +83,7 @@ def test_registered_names_and_defaults() -> None:
 
 def test_phase_plan_is_sgd_nesterov_inv(source_pkg: Path) -> None:
     method = Shot(ShotConfig(), _ctx(source_pkg, _data()))
-    (phase,) = method.phases()
+    phase = method.phases()[-1]
     assert phase.optimizer.name == "sgd" and phase.optimizer.nesterov
     assert phase.optimizer.weight_decay == 1e-3 and phase.optimizer.momentum == 0.9
     assert phase.schedule.name == "inv"
@@ -97,12 +97,22 @@ def test_phase_plan_is_sgd_nesterov_inv(source_pkg: Path) -> None:
     assert trained == {id(p) for p in method.model.backbone.parameters()}
 
 
+def test_target_batchnorm_is_estimated_before_the_first_labelling(source_pkg: Path) -> None:
+    method = Shot(ShotConfig(), _ctx(source_pkg, _data()))
+    names = [p.name for p in method.phases()]
+    assert names == ["target-bn", "adapt"]
+    first = method.phases()[0]
+    assert first.parameters is None and not first.shuffle
+    off = Shot(ShotConfig(target_bn_init=False), _ctx(source_pkg, _data()))
+    assert [p.name for p in off.phases()] == ["adapt"]
+
+
 @pytest.mark.parametrize("beta", [0.3, 0.0])
 def test_loss_matches_hand_computation(source_pkg: Path, beta: float) -> None:
     data = _data()
     cfg = ShotConfig(beta=beta, augment=AugmentConfig(enabled=False))
     method = Shot(cfg, _ctx(source_pkg, data))
-    (phase,) = method.phases()
+    phase = method.phases()[-1]
     assert phase.on_enter is not None and phase.on_epoch_start is not None
     phase.on_enter()
     phase.on_epoch_start(EpochInfo("adapt", 0, data, torch.device("cpu")))
@@ -121,7 +131,7 @@ def test_loss_matches_hand_computation(source_pkg: Path, beta: float) -> None:
 def test_pseudo_labels_come_from_eval_mode_centroids(source_pkg: Path) -> None:
     data = _data()
     method = Shot(ShotConfig(), _ctx(source_pkg, data))
-    (phase,) = method.phases()
+    phase = method.phases()[-1]
     assert phase.on_enter is not None and phase.on_epoch_start is not None
     phase.on_enter()
     phase.on_epoch_start(EpochInfo("adapt", 0, data, torch.device("cpu")))
@@ -140,7 +150,7 @@ def test_pseudo_labels_come_from_eval_mode_centroids(source_pkg: Path) -> None:
 def test_head_stays_frozen_and_labels_recomputed_each_epoch(source_pkg: Path) -> None:
     data = _data(48)
     method = Shot(ShotConfig(batch_size=16, epochs=2), _ctx(source_pkg, data))
-    (phase,) = method.phases()
+    phase = method.phases()[-1]
     head_before = {k: v.clone() for k, v in method.model.head.state_dict().items()}
     backbone_before = [p.detach().clone() for p in method.model.backbone.parameters()]
     calls: list[int] = []
