@@ -74,6 +74,10 @@ class TrainingError(SourcefreeError):
     """Adaptation diverged (a non-finite loss) or a method broke its contract."""
 
 
+class DistributedError(SourcefreeError):
+    """A multi-process run (torchrun) cannot start or its ranks disagree."""
+
+
 #: Exit code of a run stopped by SIGINT/SIGTERM after writing a checkpoint
 #: (EX_TEMPFAIL: run the same command again with ``--resume``).
 EXIT_RESUMABLE = 75

@@ -48,6 +48,7 @@ from typing import Literal
 
 import torch
 
+from sourcefree import distributed as _dist
 from sourcefree.clustering import (
     KMeansConfig,
     all_finite,
@@ -364,10 +365,18 @@ def _histogram(values: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(c) for c in torch.bincount(bins, minlength=_N_BINS).tolist())
 
 
+def _sharded(distributed: bool) -> bool:
+    if not distributed:
+        return False
+    return _dist.is_distributed()
+
+
 def cluster_pseudo_labels(
     features: torch.Tensor,
     probabilities: torch.Tensor,
     config: ClusterPseudoLabelConfig | None = None,
+    *,
+    distributed: bool = False,
 ) -> PseudoLabelSelection:
     """CluP cluster-level pseudo-labels (Sec. 3.1): cluster, vote, score by purity, select.
 
@@ -375,6 +384,11 @@ def cluster_pseudo_labels(
         features: (N, D) source-model features of the un-augmented target images.
         probabilities: (N, C) source softmax outputs (rows sum to 1).
         config: see :class:`ClusterPseudoLabelConfig`.
+        distributed: both are this rank's contiguous shard of the samples, in rank
+            order (:mod:`sourcefree.distributed`): K-means and the purity table are
+            all-reduced, the per-sample labels and scores (N numbers each) gathered,
+            and every rank returns the same selection in global sample indices.
+            No effect without a multi-process group.
 
     Returns:
         The selected subset with its labels, per-class counts and aggregates.
@@ -385,6 +399,9 @@ def cluster_pseudo_labels(
     probs = _check_probabilities(probabilities, n).to(feats.device)
     c = int(probs.shape[1])
     confidence, predicted = probs.to(torch.float32).max(dim=1)  # ties: lowest class index
+    sharded = _sharded(distributed)
+    if sharded:
+        n = sum(_dist.shard_sizes(n))
 
     n_clusters = 0
     n_empty = 0
@@ -403,8 +420,8 @@ def cluster_pseudo_labels(
                 "lower n_clusters, or set it to None to scale K with the data size",
             )
         z = prepare_features(feats)
-        km = kmeans(z, k, cfg.kmeans)
-        pur = cluster_purity(km.labels, predicted, k, c)
+        km = kmeans(z, k, cfg.kmeans, distributed=sharded)
+        pur = cluster_purity(km.labels, predicted, k, c, distributed=sharded)
         labels, scores = member_labels_and_scores(km.labels, pur)
         nonempty = pur.nonempty
         n_clusters = k
@@ -419,6 +436,10 @@ def cluster_pseudo_labels(
         clusters_per_class = tuple(int(v) for v in won.tolist())
     else:
         labels, scores = predicted, confidence
+    if sharded:
+        labels, scores, confidence, predicted = (
+            _dist.all_gather_cat(t) for t in (labels, scores, confidence, predicted)
+        )
 
     keep = select_top_fraction_per_class(labels, scores, confidence, c, cfg.keep_fraction)
     sel_labels = labels[keep]
@@ -557,12 +578,22 @@ class CentroidPseudoLabels:
 
 
 def _nearest_centroid(
-    z: torch.Tensor, weights: torch.Tensor, predicted: torch.Tensor, threshold: int
+    z: torch.Tensor,
+    weights: torch.Tensor,
+    predicted: torch.Tensor,
+    threshold: int,
+    sharded: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One labelling round: weighted centroids, then nearest eligible centroid by cosine."""
     c = weights.shape[1]
-    centroids = weights.T @ z / (weights.sum(dim=0).unsqueeze(1) + _CENTROID_EPS)
-    eligible = torch.bincount(predicted, minlength=c) > threshold
+    if sharded:
+        sums = _dist.all_reduce_sum(weights.T @ z)
+        mass = _dist.all_reduce_sum(weights.sum(dim=0))
+        centroids = sums / (mass.unsqueeze(1) + _CENTROID_EPS)
+        eligible = _dist.all_reduce_sum(torch.bincount(predicted, minlength=c)) > threshold
+    else:
+        centroids = weights.T @ z / (weights.sum(dim=0).unsqueeze(1) + _CENTROID_EPS)
+        eligible = torch.bincount(predicted, minlength=c) > threshold
     unit = centroids / centroids.norm(dim=1, keepdim=True).clamp_min(1e-12)
     # Cosine distance 1 - <z, c>/(|z||c|); rows of z are unit vectors already.
     dist = 1.0 - z @ unit.T
@@ -577,6 +608,7 @@ def centroid_pseudo_labels(
     *,
     rounds: int = 2,
     threshold: int = 0,
+    distributed: bool = False,
 ) -> CentroidPseudoLabels:
     """SHOT's self-supervised centroid pseudo-labels (Liang et al., ICML 2020, Sec. 3.3).
 
@@ -596,6 +628,10 @@ def centroid_pseudo_labels(
         probabilities: (N, C) softmax outputs of the same samples.
         rounds: labelling rounds (SHOT: 2, one soft and one hard); at least 1.
         threshold: a class is eligible when more than this many samples carry it.
+        distributed: features and probabilities are this rank's shard of the samples
+            (:mod:`sourcefree.distributed`): centroid sums, weights and counts are
+            all-reduced, labels come back for this rank's samples, counts and
+            agreement are global. No effect without a multi-process group.
 
     Raises:
         InputError: bad shapes, non-finite values, rows that are not distributions.
@@ -613,15 +649,23 @@ def centroid_pseudo_labels(
     labels = predicted
     centroids = torch.zeros((probs.shape[1], z.shape[1]), dtype=z.dtype, device=z.device)
     eligible = torch.zeros(probs.shape[1], dtype=torch.bool, device=z.device)
+    sharded = _sharded(distributed)
     for _ in range(rounds):
-        labels, centroids, eligible = _nearest_centroid(z, weights, predicted, threshold)
+        labels, centroids, eligible = _nearest_centroid(z, weights, predicted, threshold, sharded)
         predicted = labels
         weights = torch.nn.functional.one_hot(labels, probs.shape[1]).to(z.dtype)
     counts = torch.bincount(labels, minlength=probs.shape[1])
+    if sharded:
+        counts = _dist.all_reduce_sum(counts)
+        same = torch.tensor([float((labels == first).sum().item()), float(labels.numel())])
+        _dist.all_reduce_sum(same)
+        agreement = float(same[0] / same[1])
+    else:
+        agreement = float((labels == first).to(torch.float64).mean().item())
     return CentroidPseudoLabels(
         labels=labels.to(torch.int64),
         centroids=centroids,
         assignable=tuple(int(k) for k in torch.nonzero(eligible).flatten().tolist()),
         counts=tuple(int(v) for v in counts.tolist()),
-        agreement=float((labels == first).to(torch.float64).mean().item()),
+        agreement=agreement,
     )

@@ -124,6 +124,39 @@ def _sinkhorn_impls(scores: Tensor) -> tuple[_Potentials, _SwappedCE]:
     )
 
 
+def _global_sinkhorn_potentials(
+    scores: Tensor, epsilon: float, iterations: int
+) -> tuple[Tensor, Tensor]:
+    """``reference.sinkhorn_potentials`` over the rows of every rank (SwAV's distributed form).
+
+    The prototype marginal sums over the global batch: SwAV all-reduces the
+    column sums of Q; in the log domain that is a logsumexp over all ranks' rows,
+    computed from an all-reduced column maximum and an all-reduced sum of
+    ``exp(L + g - max)``. Row potentials ``g`` stay local. With one process this
+    is the reference computation.
+    """
+    from sourcefree import distributed as dist
+
+    logits = scores / epsilon
+    g = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    f = torch.zeros(logits.shape[1], dtype=logits.dtype, device=logits.device)
+    for _ in range(iterations):
+        shifted = logits + g.unsqueeze(1)
+        top = dist.all_reduce_max(shifted.amax(dim=0))
+        mass = dist.all_reduce_sum(torch.exp(shifted - top.unsqueeze(0)).sum(dim=0))
+        f = -(top + torch.log(mass))
+        g = -torch.logsumexp(logits + f.unsqueeze(0), dim=1)
+    return f, g
+
+
+def _sinkhorn_global(scores: Tensor, distributed: bool) -> _Potentials | None:
+    if not distributed:
+        return None
+    from sourcefree import distributed as dist
+
+    return _global_sinkhorn_potentials if dist.is_distributed() else None
+
+
 def _check_sinkhorn_params(epsilon: float, iterations: int, temperature: float = 1.0) -> None:
     if not epsilon > 0.0 or not temperature > 0.0:
         raise InputError(f"epsilon={epsilon}, temperature={temperature}", "both must be positive")
@@ -131,7 +164,9 @@ def _check_sinkhorn_params(epsilon: float, iterations: int, temperature: float =
         raise InputError(f"iterations={iterations}", "at least one Sinkhorn iteration is needed")
 
 
-def sinkhorn_codes(scores: Tensor, *, epsilon: float = 0.05, iterations: int = 3) -> Tensor:
+def sinkhorn_codes(
+    scores: Tensor, *, epsilon: float = 0.05, iterations: int = 3, distributed: bool = False
+) -> Tensor:
     """SwAV codes ``Q`` (each row sums to one) by log-domain Sinkhorn-Knopp; no gradient.
 
     Equal to SwAV's/lightly's exp-form ``sinkhorn`` where that is finite, and finite
@@ -142,6 +177,9 @@ def sinkhorn_codes(scores: Tensor, *, epsilon: float = 0.05, iterations: int = 3
         scores: (R, K) prototype scores, queue rows included.
         epsilon: entropic regularisation.
         iterations: Sinkhorn iterations.
+        distributed: ``scores`` are this rank's rows of a global batch: the
+            prototype marginals are taken over every rank's rows (all-reduced, on
+            the reference path), as SwAV does. No effect for one process.
 
     Returns:
         (R, K) codes in the compute dtype.
@@ -150,6 +188,7 @@ def sinkhorn_codes(scores: Tensor, *, epsilon: float = 0.05, iterations: int = 3
     _check_sinkhorn_params(epsilon, iterations)
     s = scores.detach().to(_compute_dtype(scores))
     potentials, _ = _sinkhorn_impls(s)
+    potentials = _sinkhorn_global(s, distributed) or potentials
     f, g = potentials(s, float(epsilon), int(iterations))
     return torch.exp(s / epsilon + f.unsqueeze(0) + g.unsqueeze(1))
 
@@ -162,6 +201,7 @@ def swav_loss(
     temperature: float = 0.1,
     epsilon: float = 0.05,
     iterations: int = 3,
+    distributed: bool = False,
 ) -> Tensor:
     """SwAV swapped-prediction loss over multi-crop outputs (Caron et al. 2020, eq. 1-3).
 
@@ -179,6 +219,10 @@ def swav_loss(
         temperature: softmax temperature of the predictions.
         epsilon: Sinkhorn regularisation.
         iterations: Sinkhorn iterations.
+        distributed: the crops are this rank's slice of a global batch: Sinkhorn
+            runs over the rows (batch and queue) of every rank, as SwAV does; the
+            loss is this rank's mean (the trainer averages gradients over ranks).
+            No effect for one process.
 
     Returns:
         0-d loss tensor; gradients flow into every crop's predictions, never the codes.
@@ -210,6 +254,7 @@ def swav_loss(
     dtype = _compute_dtype(crops[0])
     preds = [t.to(dtype) for t in crops]
     potentials, swapped_ce = _sinkhorn_impls(preds[0])
+    potentials = _sinkhorn_global(preds[0], distributed) or potentials
     eps, temp = float(epsilon), float(temperature)
     total = preds[0].new_zeros(())
     for i in range(len(hi)):
