@@ -11,10 +11,17 @@ The output directory holds the adapted package and an aggregate report::
 OUT appears atomically (staged beside it, renamed at the end). Evaluation
 labels are read only after adaptation finished, to report; they never enter a
 decision. Importing this module does not import torch.
+
+Under ``torchrun`` (see docs/scaling.md) every rank reads the target images and
+trains its slice of each batch; rank 0 alone holds the run directory (lock,
+identity, checkpoints) and writes OUT, while the other ranks wait at a barrier
+and then receive the report and the package's bytes from it, so :func:`adapt`
+returns the same result on every rank.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +51,8 @@ class AdaptResult:
     """The adapted package, read back and verified from ``out/package``."""
     report: dict[str, Any]
     """The content of ``out/report.json``."""
+    rank: int = 0
+    """This process's rank under torchrun (only rank 0 wrote ``out``)."""
 
 
 def default_workdir(out: str | os.PathLike[str]) -> Path:
@@ -247,11 +256,104 @@ def adapt(
         RunInterruptedError (exit code 75) after SIGINT/SIGTERM and a checkpoint.
     """
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    from sourcefree import distributed
+
+    started_group = distributed.init_from_env(device)
+    try:
+        return _adapt(
+            packages,
+            data,
+            method=method,
+            out=out,
+            config=config,
+            config_file=config_file,
+            overrides=overrides,
+            resume=resume,
+            workdir=workdir,
+            keep_workdir=keep_workdir,
+            device=device,
+            eval_labels=eval_labels,
+            seed=seed,
+            max_bad_fraction=max_bad_fraction,
+            strict=strict,
+            overwrite=overwrite,
+            progress=progress,
+            checkpoint_every_s=checkpoint_every_s,
+            on_step=on_step,
+        )
+    finally:
+        if started_group:
+            distributed.shutdown()
+
+
+def _share_result(target: Path, result: AdaptResult | None) -> AdaptResult:
+    """Rank 0's report and package bytes on every rank (rank 0 passes its result)."""
+    from sourcefree import distributed
+    from sourcefree.manifest import MANIFEST_NAME, Manifest
+
+    payload = None
+    if result is not None:
+        files = {REPORT_NAME: strictjson.dumps(result.report)}
+        files.update({f"{PACKAGE_DIR}/{k}": v for k, v in result.package.blobs.items()})
+        files[f"{PACKAGE_DIR}/{MANIFEST_NAME}"] = result.package.manifest_bytes
+        head = strictjson.dumps({name: {"size": len(data)} for name, data in files.items()})
+        body = b"".join(files[name] for name in sorted(files))  # the header's (sorted) order
+        payload = len(head).to_bytes(8, "little") + head + body
+    data = distributed.broadcast_bytes(payload)
+    if result is not None:
+        return result
+    size = int.from_bytes(data[:8], "little")
+    head, body = data[8 : 8 + size], data[8 + size :]
+    sizes = strictjson.loads(head, what="result", max_bytes=len(head))
+    files, offset = {}, 0
+    for name, entry in sorted(sizes.items()):
+        files[name] = body[offset : offset + entry["size"]]
+        offset += entry["size"]
+    manifest_bytes = files.pop(f"{PACKAGE_DIR}/{MANIFEST_NAME}")
+    report = strictjson.loads(files.pop(REPORT_NAME), what=REPORT_NAME, max_bytes=len(body))
+    manifest = Manifest.from_dict(
+        strictjson.loads(manifest_bytes, what=MANIFEST_NAME, max_bytes=len(manifest_bytes))
+    )
+    package = Package(
+        path=target / PACKAGE_DIR,
+        manifest=manifest,
+        manifest_bytes=manifest_bytes,
+        sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+        signed=False,
+        signature_verified=False,
+        blobs={k[len(PACKAGE_DIR) + 1 :]: v for k, v in files.items()},
+    )
+    return AdaptResult(out=target, package=package, report=report, rank=distributed.rank())
+
+
+def _adapt(
+    packages: str | os.PathLike[str] | Package | Sequence[str | os.PathLike[str] | Package],
+    data: str | os.PathLike[str],
+    *,
+    method: str,
+    out: str | os.PathLike[str],
+    config: Any,
+    config_file: str | os.PathLike[str] | None,
+    overrides: Sequence[str],
+    resume: bool,
+    workdir: str | os.PathLike[str] | None,
+    keep_workdir: bool,
+    device: str,
+    eval_labels: str | os.PathLike[str] | None,
+    seed: int,
+    max_bad_fraction: float,
+    strict: bool,
+    overwrite: bool,
+    progress: bool,
+    checkpoint_every_s: float,
+    on_step: Callable[[StepInfo], None] | None,
+) -> AdaptResult:
     import dataclasses
 
     import torch
 
     from sourcefree import config as cfgmod
+    from sourcefree import distributed
     from sourcefree.export.adapted import adapted_package
     from sourcefree.method import MethodContext, SourceModel
     from sourcefree.models import load_classifier
@@ -269,11 +371,13 @@ def adapt(
     cfg = cfgmod.load_config(cls.config_class, file=config_file, overrides=overrides, base=base)
     config_dict = cfgmod.to_dict(cfg)
     target = Path(out).absolute()
-    check_output_dir(target, overwrite)
+    main = distributed.is_main()
+    if main:
+        check_output_dir(target, overwrite)
     pkgs = _packages(packages)
     _check_sources(pkgs, method, cls.min_sources, cls.max_sources)
     spec = pkgs[0].manifest.input
-    dev = resolve_device(device)
+    dev = distributed.device_for_rank(resolve_device(device))
     models = [load_classifier(p.manifest.architecture, p.weights_bytes).to(dev) for p in pkgs]
     target_data, target_keys = _read_target(
         data, spec, max_bad_fraction=max_bad_fraction, strict=strict
@@ -291,6 +395,10 @@ def adapt(
         "seed": seed,
         "sdk_version": __version__,
     }
+    if not main:
+        return _other_rank(
+            cls, cfg, pkgs, models, target_data, dev, seed, resume, progress, on_step, target
+        )
     wd = Workdir(workdir if workdir is not None else default_workdir(target)).open()
     try:
         previous = wd.read_identity()
@@ -351,6 +459,7 @@ def adapt(
             ],
             "target": {"images": len(target_data), "read": dict(target_data.read_summary)},
             "resumed": result.resumed_from is not None,
+            "world_size": distributed.world_size(),
             "checkpoints_written": result.checkpoints,
             "phases": [log.to_dict() for log in result.phases],
             "method_report": instance.report(),
@@ -411,4 +520,42 @@ def adapt(
         wd.close()
     else:
         wd.remove()
-    return AdaptResult(out=target, package=load_package(target / PACKAGE_DIR), report=report)
+    done = AdaptResult(out=target, package=load_package(target / PACKAGE_DIR), report=report)
+    if distributed.is_distributed():
+        distributed.barrier()
+        return _share_result(target, done)
+    return done
+
+
+def _other_rank(
+    cls: Any,
+    cfg: Any,
+    pkgs: Sequence[Package],
+    models: Sequence[Any],
+    target_data: TargetData,
+    dev: Any,
+    seed: int,
+    resume: bool,
+    progress: bool,
+    on_step: Callable[[StepInfo], None] | None,
+    target: Path,
+) -> AdaptResult:
+    """A rank other than 0: train its slices, write nothing, wait for rank 0's result."""
+    from sourcefree import distributed
+    from sourcefree.method import MethodContext, SourceModel
+    from sourcefree.trainer import Trainer, seed_everything
+
+    seed_everything(seed)
+    context = MethodContext(
+        sources=tuple(SourceModel(p, m) for p, m in zip(pkgs, models, strict=True)),
+        data=target_data,
+        device=dev,
+        seed=seed,
+    )
+    instance = cls(cfg, context)
+    trainer = Trainer(
+        instance, target_data, device=dev, seed=seed, progress=progress, on_step=on_step
+    )
+    trainer.run(resume=resume)
+    distributed.barrier()  # rank 0 exports, evaluates and writes OUT meanwhile
+    return _share_result(target, None)

@@ -126,6 +126,8 @@ def adapt_command(
         overwrite=overwrite,
         progress=not no_progress,
     )
+    if result.rank != 0:
+        return  # under torchrun only rank 0 reports
     report = result.report
     click.echo(f"adapted package: {result.out / 'package'}")
     click.echo(f"report:          {result.out / 'report.json'}")

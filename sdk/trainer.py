@@ -11,6 +11,21 @@ Signals: SIGINT/SIGTERM handlers only set a flag; after the current step the
 loop writes a checkpoint and raises :class:`~sourcefree.errors.RunInterruptedError`
 (exit code 75, resumable). A second signal restores the default handler and
 interrupts at once (atomic writes keep the checkpoints consistent).
+
+Several processes (``torchrun``, :mod:`sourcefree.distributed`): ``batch_size``
+is the global batch. Every rank draws the same epoch order and takes its
+disjoint slice of each global batch (:func:`sourcefree.distributed.batch_shard`);
+after ``backward`` the gradients of the phase's parameters are averaged over
+the ranks, weighted by slice size, in one all-reduce (the arithmetic of
+DistributedDataParallel, without wrapping: methods call their sub-modules
+directly, e.g. ``model.backbone``, which a DDP wrapper would not see). Losses and
+metrics are the global-batch means, identical on every rank. BatchNorm running
+statistics are averaged over the ranks at the end of each phase. Stop requests
+and timer checkpoints are agreed on by all ranks after every step; every rank
+builds the checkpoint state (methods may use collectives there) and rank 0
+writes it. A resumed run reads the newest checkpoint on rank 0 and broadcasts
+it, so a checkpoint written with any number of processes resumes with any other.
+Each rank's step generator is seeded from ``(seed, phase, epoch, step, rank)``.
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sourcefree import distributed as dist
 from sourcefree.errors import (
     CheckpointError,
     DeviceError,
@@ -39,7 +55,7 @@ from sourcefree.errors import (
     TrainingError,
 )
 from sourcefree.method import Batch, EpochInfo, Method, ParamGroup, Phase, TargetData
-from sourcefree.workdir import Workdir
+from sourcefree.workdir import Checkpoint, Workdir
 
 DEVICES = ("auto", "cpu", "cuda")
 #: Default wall-clock interval between timer checkpoints, in seconds.
@@ -435,6 +451,9 @@ class Trainer:
         self._epoch_sums: dict[str, list[float]] = {}
         self._last_checkpoint = time.monotonic()
         self.bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.world = dist.world_size()
+        self.rank = dist.rank()
+        self._saves = workdir is not None
 
     # -- checkpoint state ------------------------------------------------------------
 
@@ -470,12 +489,51 @@ class Trainer:
         return tensors, meta
 
     def _checkpoint(self, pos: _Position, opt: torch.optim.Optimizer | None) -> None:
-        if self.workdir is None:
+        # Every rank builds the state (methods may gather per-rank state); rank 0 writes.
+        if not self._saves:
             return
         tensors, meta = self._state(pos, opt)
-        self.workdir.save_checkpoint(tensors, meta)
+        if self.workdir is not None:
+            self.workdir.save_checkpoint(tensors, meta)
         self.checkpoints += 1
         self._last_checkpoint = time.monotonic()
+
+    def _latest_checkpoint(self) -> Checkpoint | None:
+        """The newest checkpoint, read on rank 0 and broadcast to every rank."""
+        ckpt = self.workdir.load_latest() if self.workdir is not None else None
+        if self.world == 1:
+            return ckpt
+        from safetensors.torch import load as load_safetensors
+        from safetensors.torch import save as save_safetensors
+
+        from sourcefree import strictjson
+
+        payload = None
+        if self.rank == 0:
+            payload = b""
+            if ckpt is not None:
+                head = strictjson.dumps({"sequence": ckpt.sequence, "meta": ckpt.meta})
+                blob = save_safetensors({k: v.contiguous() for k, v in ckpt.tensors.items()})
+                payload = len(head).to_bytes(8, "little") + head + blob
+        data = dist.broadcast_bytes(payload)
+        if not data:
+            return None
+        size = int.from_bytes(data[:8], "little")
+        head = strictjson.loads(data[8 : 8 + size], what="checkpoint", max_bytes=size)
+        return Checkpoint(int(head["sequence"]), load_safetensors(data[8 + size :]), head["meta"])
+
+    def _agree(self, pos: _Position) -> bool:
+        """All ranks agree on stopping and on a timer checkpoint; returns checkpoint-due."""
+        due = self.workdir is not None and (
+            time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s
+        )
+        if self.world == 1:
+            return due
+        flags = torch.tensor([float(self.stop.requested), float(due and self.rank == 0)])
+        dist.all_reduce_max(flags)
+        if flags[0] > 0 and not self.stop.requested:
+            self.stop.set("stop requested on another rank")
+        return bool(flags[1] > 0)
 
     def _restore_modules(self, tensors: Mapping[str, torch.Tensor]) -> None:
         for name, module in self.method.modules().items():
@@ -504,8 +562,11 @@ class Trainer:
         pos = _Position()
         resumed_from: int | None = None
         restored_opt: tuple[Mapping[str, torch.Tensor], Any] | None = None
-        if resume and self.workdir is not None:
-            ckpt = self.workdir.load_latest()
+        if self.world > 1:
+            flag = dist.all_reduce_max(torch.tensor([float(self.workdir is not None)]))
+            self._saves = bool(flag[0] > 0)
+        if resume and self._saves:
+            ckpt = self._latest_checkpoint()
             if ckpt is not None:
                 resumed_from = ckpt.sequence
                 self._restore_modules(ckpt.tensors)
@@ -525,6 +586,7 @@ class Trainer:
                     k: [float(x) for x in v] for k, v in ckpt.meta.get("epoch_sums", {}).items()
                 }
         self._last_checkpoint = time.monotonic()
+        dist.broadcast_module_state(self.method.modules().values())
         with signal_handlers(self.stop), deterministic():
             while pos.phase < len(self.phases):
                 self._run_phase(pos, restored_opt)
@@ -574,10 +636,14 @@ class Trainer:
                     started = time.perf_counter()
                     lo = pos.step * phase.batch_size
                     idx = order[lo : lo + phase.batch_size] if n > phase.batch_size else order
-                    gen = seed_everything(derive_seed(self.seed, pos.phase, pos.epoch, pos.step))
+                    mine = dist.batch_shard(idx, self.rank, self.world)
+                    where: tuple[object, ...] = (pos.phase, pos.epoch, pos.step)
+                    if self.world > 1:
+                        where = (*where, f"rank{self.rank}")
+                    gen = seed_everything(derive_seed(self.seed, *where))
                     batch = Batch(
-                        x=self.data.tensor(idx).to(self.device, non_blocking=True),
-                        index=idx.to(self.device),
+                        x=self.data.tensor(mine).to(self.device, non_blocking=True),
+                        index=mine.to(self.device),
                         generator=gen,
                         epoch=pos.epoch,
                         step=pos.step,
@@ -616,24 +682,24 @@ class Trainer:
                         self._end_epoch(log)
                         pos.epoch += 1
                         pos.step = 0
+                    due = self._agree(pos)
                     if self.stop.requested:
                         self._checkpoint(pos, opt)
-                        saved = " after a checkpoint" if self.workdir is not None else ""
+                        dist.barrier()  # rank 0 has written it before any rank exits
+                        saved = " after a checkpoint" if self._saves else ""
                         raise RunInterruptedError(
                             f"the run stopped ({self.stop.reason}) in phase {phase.name!r}, "
                             f"epoch {pos.epoch + 1}, step {pos.step}{saved}",
                             "a signal or a stop request interrupts at the next step boundary",
                             "run the same command again with --resume to continue"
-                            if self.workdir is not None
+                            if self._saves
                             else "run again",
                         )
-                    if (
-                        self.workdir is not None
-                        and time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s
-                    ):
+                    if due:
                         self._checkpoint(pos, opt)
                     if pos.step == 0:
                         break
+            dist.average_batchnorm_statistics(self.method.modules().values())
             if phase.on_phase_end is not None:
                 phase.on_phase_end()
             log.done = True
@@ -672,14 +738,30 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = phase.step(batch)
+        metrics = {
+            key: float(value.detach().float().item())
+            if isinstance(value, torch.Tensor)
+            else float(value)
+            for key, value in out.metrics.items()
+        }
+        loss = None if out.loss is None else out.loss.float()
+        value = math.nan if loss is None else float(loss.detach().item())
+        mine = float(batch.index.numel())
+        n_global = mine
+        if self.world > 1:
+            # Global-batch means, the same on every rank: one all-reduce of the step's numbers.
+            keys = sorted(metrics)
+            numbers = [mine, mine * value if loss is not None else 0.0]
+            numbers += [mine * metrics[k] for k in keys]
+            reduced = dist.all_reduce_sum(torch.tensor(numbers, dtype=torch.float64)).tolist()
+            n_global = reduced[0]
+            value = reduced[1] / n_global
+            metrics = {k: reduced[2 + i] / n_global for i, k in enumerate(keys)}
         sums = self._epoch_sums
-        for key, value in out.metrics.items():
-            v = float(value.detach().float().item()) if isinstance(value, torch.Tensor) else value
-            sums.setdefault(key, []).append(float(v))
-        if out.loss is None:
+        for key, v in metrics.items():
+            sums.setdefault(key, []).append(v)
+        if loss is None:
             return None
-        loss = out.loss.float()
-        value = float(loss.detach().item())
         if not math.isfinite(value):
             raise TrainingError(
                 f"the loss of phase {phase.name!r} is {value} at epoch {pos.epoch + 1}, "
@@ -691,14 +773,15 @@ class Trainer:
         sums.setdefault("loss", []).append(value)
         if opt is not None and loss.requires_grad:
             loss.backward()  # type: ignore[no-untyped-call]
+            params = [p for g in opt.param_groups for p in g["params"]]
+            dist.average_gradients(params, weight=mine, total=n_global)
             if phase.max_grad_norm is not None:
-                params = [p for g in opt.param_groups for p in g["params"]]
                 nn.utils.clip_grad_norm_(params, phase.max_grad_norm)
             opt.step()
         return value
 
     def _bar(self, phase: Phase, pos: _Position, total: int) -> Any:
-        if not self.progress:
+        if not self.progress or self.rank != 0:
             return None
         from tqdm import tqdm  # type: ignore[import-untyped]
 
