@@ -28,3 +28,21 @@ def test_vendor_then_application(tmp_path: Path) -> None:
     labels = _load("app_inference").main(str(package), str(tmp_path / "vendor.pub"), [str(image)])
     assert len(labels) == 1
     assert labels[0] in {"surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral"}
+
+
+def test_vendor_then_customer_then_application(tmp_path: Path) -> None:
+    from sourcefree.data.synthetic import write_domain
+
+    package = _load("vendor_export").main(tmp_path, n=300, epochs=1)
+    faces = write_domain(tmp_path / "faces", "wild-mild", 96, seed=3)
+    (faces / "labels.csv").unlink()  # the customer has no labels
+    report = _load("customer_adapt").main(
+        str(package), str(tmp_path / "vendor.pub"), str(faces), str(tmp_path / "adapted"), "adabn"
+    )
+    assert report["method"] == "adabn" and report["target"]["images"] == 96
+    adapted = tmp_path / "adapted" / "package"
+    image = next(faces.glob("*.png"))
+    labels = _load("app_inference").main(
+        str(adapted), str(tmp_path / "adapted" / "site.pub"), [str(image)]
+    )
+    assert len(labels) == 1
