@@ -50,7 +50,7 @@ See docs/methods.md for what follows the paper and what differs (CPU-sized defau
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -466,6 +466,27 @@ def _bank_buffers(bank: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, ptr
 
 
+def _merge_batch_averages(bns: Sequence[nn.modules.batchnorm._BatchNorm]) -> None:
+    """Merge per-rank cumulative BatchNorm averages (``momentum=None``) into the global one.
+
+    Each rank averaged its own batches; weighting by ``num_batches_tracked`` gives the
+    average over every batch, as one process computes it. No-op for one process.
+    """
+    from sourcefree import distributed as dist
+
+    if not dist.is_distributed():
+        return
+    for bn in bns:
+        mean, var, count = bn.running_mean, bn.running_var, bn.num_batches_tracked
+        if mean is None or var is None or count is None:
+            continue
+        weight = count.to(mean.dtype)
+        total = dist.all_reduce_sum(count.clone()).to(mean.dtype).clamp_min(1)
+        mean.copy_(dist.all_reduce_sum(mean * weight) / total)
+        var.copy_(dist.all_reduce_sum(var * weight) / total)
+        count.copy_(total.to(count.dtype))
+
+
 def _finite(v: float) -> float | None:
     return None if math.isnan(v) else v
 
@@ -535,10 +556,15 @@ class CluP(Method):
                 for p in self.prototypes.parameters():
                     p.requires_grad_(False)
             self.queue_length = self._queue_length(n)
+            # Under torchrun each rank queues its own slices: queue_length / world rows
+            # (SwAV's split); Sinkhorn then runs over every rank's batch and queue.
+            from sourcefree import distributed as dist
+
+            rows = self.queue_length // dist.world_size()
             self.banks = nn.ModuleList(
                 [
-                    MemoryBankModule((self.queue_length, ssl.output_dim), feature_dim_first=False)
-                    for _ in range(ssl.global_crops if self.queue_length > 0 else 0)
+                    MemoryBankModule((rows, ssl.output_dim), feature_dim_first=False)
+                    for _ in range(ssl.global_crops if rows > 0 else 0)
                 ]
             ).to(dev)
         # Method state (checkpointed through state_tensors).
@@ -587,30 +613,61 @@ class CluP(Method):
             bn.momentum = None  # exact average over the batches
             bn.train()
         dev = self.context.device
-        n = len(self.context.data)
         bs = self.config.label_batch_size
-        for start, (_, x) in zip(range(0, n, bs), self.context.data.batches(bs), strict=True):
+        for start, x in self._label_batches():
             if x.shape[0] < 2 or (start > 0 and x.shape[0] < bs // 2):
                 continue  # a tiny last batch would skew the average
             model(x.to(dev))
+        if self._sharded_labelling():
+            _merge_batch_averages(bns)
         return model.eval()
+
+    def _sharded_labelling(self) -> bool:
+        """Under torchrun, whether every rank gets at least one labelling batch to shard."""
+        from sourcefree import distributed as dist
+
+        batches = math.ceil(len(self.context.data) / self.config.label_batch_size)
+        return dist.is_distributed() and batches >= dist.world_size()
+
+    def _label_batches(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, images) of this rank's labelling batches: whole batches, in rank order.
+
+        One process: every batch of ``label_batch_size`` in dataset order. Under
+        torchrun each rank takes a contiguous run of those same batches, so its rows
+        are a contiguous shard in rank order and every image sits in the same batch
+        as with one process (with fewer batches than ranks every rank takes all).
+        """
+        from sourcefree import distributed as dist
+
+        n = len(self.context.data)
+        bs = self.config.label_batch_size
+        first, last = 0, math.ceil(n / bs)
+        if self._sharded_labelling():
+            first, last = dist.shard_range(last)
+        for b in range(first, last):
+            yield b * bs, self.context.data.tensor(slice(b * bs, min(n, (b + 1) * bs)))
 
     @torch.no_grad()
     def _source_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and softmax of this rank's shard (every image with one process)."""
         labeler = self._labeler()
         probs, feats = [], []
         dev = self.context.device
-        for _, x in self.context.data.batches(self.config.label_batch_size):
+        for _, x in self._label_batches():
             logits, f = labeler(x.to(dev))
             probs.append(torch.softmax(logits.float(), dim=1).cpu())
             feats.append(f.float().cpu())
         return torch.cat(feats), torch.cat(probs)
 
     def compute_pseudo_labels(self) -> PseudoLabelSelection:
-        """Run Sec. 3.1 on the whole target set and store the selection in the method state."""
+        """Run Sec. 3.1 on the whole target set and store the selection in the method state.
+
+        Under torchrun the ranks label their shards and cluster them together
+        (``cluster_pseudo_labels(distributed=True)``); every rank gets the same selection.
+        """
         feats, probs = self._source_outputs()
         cfg = self.config.pseudo_label_config(seed=_derive(self.context.seed, 2))
-        sel = cluster_pseudo_labels(feats, probs, cfg)
+        sel = cluster_pseudo_labels(feats, probs, cfg, distributed=self._sharded_labelling())
         self.selected_indices = sel.indices.cpu()
         self.selected_labels = sel.labels.cpu()
         d = sel.diagnostics
@@ -688,7 +745,7 @@ class CluP(Method):
         p_high = [self.prototypes(z, epoch) for z in zh]
         p_low = [self.prototypes(z, epoch) for z in zl]
         queue: list[torch.Tensor] | None = None
-        if self.queue_length > 0:
+        if len(self.banks) > 0:
             with torch.no_grad():
                 rows = []
                 for bank, z in zip(self.banks, zh, strict=True):
@@ -704,6 +761,7 @@ class CluP(Method):
             temperature=ssl.temperature,
             epsilon=ssl.epsilon,
             iterations=ssl.sinkhorn_iterations,
+            distributed=True,
         )
         return StepOutput(loss, {"swav": loss.detach()})
 
@@ -757,8 +815,12 @@ class CluP(Method):
         zh, zl = self._embed_groups(high, low)
         idx = batch.index.cpu()
         with torch.no_grad():
+            # Under torchrun every rank writes the whole global batch: one replicated bank.
+            from sourcefree import distributed as dist
+
+            every = dist.all_gather_cat(idx)
             for j, z in enumerate(zh):
-                self.dc_bank[j, idx] = z.detach().cpu()
+                self.dc_bank[j, every] = dist.all_gather_cat(z.detach().cpu())
         targets = self.dc_assignments[:, idx].to(batch.x.device)
         heads: nn.ModuleList = self.prototypes  # type: ignore[assignment]
         z_all = torch.cat(zh + zl)
@@ -937,8 +999,13 @@ class CluP(Method):
             "dc_bank": self.dc_bank,
             "dc_assignments": self.dc_assignments,
         }
+        from sourcefree import distributed as dist
+
         for i, bank in enumerate(self.banks):
-            out[f"queue{i}"], out[f"queue{i}_ptr"] = _bank_buffers(bank)
+            # Every rank's queue, in rank order (one process: its own); called on every rank.
+            rows, ptr = _bank_buffers(bank)
+            out[f"queue{i}"] = dist.all_gather_cat(rows.detach().cpu())
+            out[f"queue{i}_ptr"] = dist.all_gather_cat(ptr.detach().cpu())
         return {k: v.detach().cpu().clone() for k, v in out.items()}
 
     def state_meta(self) -> dict[str, JSON]:
@@ -949,11 +1016,26 @@ class CluP(Method):
         self.selected_labels = tensors["selected_labels"].to(torch.int64).clone()
         self.dc_bank = tensors["dc_bank"].clone()
         self.dc_assignments = tensors["dc_assignments"].to(torch.int64).clone()
+        from sourcefree import distributed as dist
+
         with torch.no_grad():
             for i, bank in enumerate(self.banks):
                 rows, ptr = _bank_buffers(bank)
-                rows.copy_(tensors[f"queue{i}"])
-                ptr.copy_(tensors[f"queue{i}_ptr"])
+                saved, ptrs = tensors[f"queue{i}"], tensors[f"queue{i}_ptr"]
+                if (
+                    ptrs.numel() == dist.world_size()
+                    and saved.shape[0] == rows.shape[0] * ptrs.numel()
+                ):
+                    # Written with this many processes: each rank gets its own queue back.
+                    r = dist.rank()
+                    rows.copy_(saved[r * rows.shape[0] : (r + 1) * rows.shape[0]])
+                    ptr.copy_(ptrs[r : r + 1])
+                else:
+                    # Another world size: split the saved rows evenly, restart the pointers.
+                    start, stop = dist.shard_range(saved.shape[0])
+                    part = saved[start:stop][: rows.shape[0]]
+                    rows.zero_()[: part.shape[0]].copy_(part)
+                    ptr.zero_()
         selection = meta.get("selection", {})
         self.selection_meta = dict(selection) if isinstance(selection, Mapping) else {}
 
