@@ -276,17 +276,26 @@ class Shot(Method):
 
     @torch.no_grad()
     def _predict_all(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval-mode (features, probabilities) of every un-augmented target image."""
+        """Eval-mode (features, probabilities) of every un-augmented target image.
+
+        Under torchrun each rank predicts its contiguous run of the batches and the
+        rows are gathered exactly, so every rank returns all N rows, as one process.
+        """
+        from sourcefree import distributed as dist
+
         was_training = self.model.training
         self.model.eval()
         feats, probs = [], []
         device = self.context.device
-        for _, x in self.context.data.batches(self.config.label_batch_size):
-            logits, f = self.model(x.to(device))
+        data, bs = self.context.data, self.config.label_batch_size
+        for start in dist.batch_starts(len(data), bs):
+            logits, f = self.model(data.tensor(slice(start, start + bs)).to(device))
             feats.append(f.float())
             probs.append(torch.softmax(logits.float(), dim=1))
         if was_training:
             self._train_mode()
+        if dist.shards_batches(len(data), bs):
+            return dist.all_gather_cat(torch.cat(feats)), dist.all_gather_cat(torch.cat(probs))
         return torch.cat(feats), torch.cat(probs)
 
     def _relabel(self, epoch: int) -> None:

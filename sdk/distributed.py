@@ -47,6 +47,7 @@ __all__ = [
     "average_gradients",
     "barrier",
     "batch_shard",
+    "batch_starts",
     "broadcast",
     "broadcast_bytes",
     "broadcast_module_state",
@@ -61,6 +62,7 @@ __all__ = [
     "shard_indices",
     "shard_range",
     "shard_sizes",
+    "shards_batches",
     "shutdown",
     "world_size",
 ]
@@ -329,6 +331,29 @@ def shard_indices(n: int, rank_: int | None = None, world: int | None = None) ->
     """int64 dataset indices of a rank's contiguous shard (see :func:`shard_range`)."""
     start, stop = shard_range(n, rank_, world)
     return torch.arange(start, stop, dtype=torch.int64)
+
+
+def shards_batches(n: int, batch_size: int) -> bool:
+    """Whether a whole-set pass over ``n`` rows in batches is split over the ranks.
+
+    True in a multi-process run with at least one batch per rank; otherwise every
+    rank takes every batch.
+    """
+    return is_distributed() and -(-n // batch_size) >= world_size()
+
+
+def batch_starts(n: int, batch_size: int) -> range:
+    """First row of each batch of a whole-set pass that this rank takes.
+
+    One process: every batch of ``batch_size`` rows in dataset order. Several:
+    a contiguous run of those same batches (:func:`shard_range` over the
+    batches), so each rank's rows form a contiguous shard in rank order and every
+    row sits in the same batch as with one process; with fewer batches than
+    ranks, every batch (see :func:`shards_batches`).
+    """
+    batches = -(-n // batch_size)
+    first, last = shard_range(batches) if shards_batches(n, batch_size) else (0, batches)
+    return range(first * batch_size, last * batch_size, batch_size)
 
 
 def batch_shard(

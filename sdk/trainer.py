@@ -20,7 +20,8 @@ the ranks, weighted by slice size, in one all-reduce (the arithmetic of
 DistributedDataParallel, without wrapping: methods call their sub-modules
 directly, e.g. ``model.backbone``, which a DDP wrapper would not see). Losses and
 metrics are the global-batch means, identical on every rank. BatchNorm running
-statistics are averaged over the ranks at the end of each phase. Stop requests
+statistics are averaged over the ranks before each epoch hook and at the end of
+each phase. Stop requests
 and timer checkpoints are agreed on by all ranks after every step; every rank
 builds the checkpoint state (methods may use collectives there) and rank 0
 writes it. A resumed run reads the newest checkpoint on rank 0 and broadcasts
@@ -624,6 +625,8 @@ class Trainer:
         try:
             while pos.epoch < phase.epochs:
                 if pos.step == 0 and phase.on_epoch_start is not None:
+                    # Whole-set passes in eval mode then see the same model on every rank.
+                    dist.average_batchnorm_statistics(self.method.modules().values())
                     seed_everything(derive_seed(self.seed, pos.phase, pos.epoch, "epoch"))
                     phase.on_epoch_start(EpochInfo(phase.name, pos.epoch, self.data, self.device))
                 order_gen = torch.Generator().manual_seed(
