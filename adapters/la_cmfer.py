@@ -76,9 +76,11 @@ classifier. The source side of eq. 5-8 is the vendor's class means (above). A
 package without class means skips its alignment with a warning. Before
 adaptation, BatchNorm statistics are re-estimated on the target
 (``target_bn_init``; in the paper E sees target batches in train mode from the
-first step). Training length is CPU-sized (``epochs``; the paper runs 20,000
-iterations of batch 128) and the optimiser is SGD with the inverse-decay schedule
-of the DANN family (the paper follows [38] without listing it).
+first step). Target batches are not augmented by default (``augment.enabled``;
+the paper names no augmentation). Training length is CPU-sized (``epochs``; the
+paper runs 20,000 iterations of batch 128) and the optimiser is SGD with the
+inverse-decay schedule of the DANN family (the paper follows [38] without listing
+it).
 """
 
 from __future__ import annotations
@@ -214,8 +216,8 @@ class LaCmferConfig:
     """Images per forward pass of whole-set passes (BN statistics, the final vote)."""
     optim: LaCmferOptimConfig = field(default_factory=LaCmferOptimConfig)
     """Optimiser and schedule."""
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    """Training-batch augmentation (flip + shift, as SHOT's)."""
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(enabled=False))
+    """Flip + shift of training batches (SHOT's helper); off: the paper names none."""
 
     def __post_init__(self) -> None:
         bad = []
@@ -564,6 +566,7 @@ class LaCmfer(Method):
     config_class = LaCmferConfig
     min_sources = 1
     max_sources = 8
+    relative_cost = 3.0  # five branches (global + 2x2 grid) per image
     config: LaCmferConfig
 
     def __init__(self, config: LaCmferConfig, context: MethodContext) -> None:

@@ -98,6 +98,7 @@ def test_defaults_are_the_papers() -> None:
     assert (cfg.alpha, cfg.lambda_cid, cfg.beta, cfg.gamma) == (0.1, 0.02, 0.5, 0.1)
     assert (cfg.tau, cfg.epsilon) == (0.9, 0.4)
     assert cfg.optim.lr == 0.01 and not cfg.train_global_head
+    assert not cfg.augment.enabled and cfg.target_bn_init
     assert LaCmfer.min_sources == 1 and LaCmfer.max_sources >= 2
 
 
