@@ -52,6 +52,7 @@ from sourcefree import distributed as dist
 from sourcefree.errors import (
     CheckpointError,
     DeviceError,
+    DistributedError,
     RunInterruptedError,
     TrainingError,
 )
@@ -523,6 +524,19 @@ class Trainer:
         head = strictjson.loads(data[8 : 8 + size], what="checkpoint", max_bytes=size)
         return Checkpoint(int(head["sequence"]), load_safetensors(data[8 + size :]), head["meta"])
 
+    def _check_same_data(self) -> None:
+        """Every rank must hold the same decoded images (each rank reads DATA itself)."""
+        images = np.ascontiguousarray(self.data.images)
+        digest = hashlib.sha256(images.data).digest()
+        mine = int.from_bytes(digest[:7], "little")
+        seen = dist.all_reduce_max(torch.tensor([mine, -mine], dtype=torch.int64))
+        if int(seen[0]) != mine or int(seen[1]) != -mine:
+            raise DistributedError(
+                f"rank {self.rank} read other target images than another rank",
+                "every process reads DATA itself and all must see the same images",
+                "put DATA on a file system every node sees, or give every node an identical copy",
+            )
+
     def _agree(self, pos: _Position) -> bool:
         """All ranks agree on stopping and on a timer checkpoint; returns checkpoint-due."""
         due = self.workdir is not None and (
@@ -564,6 +578,7 @@ class Trainer:
         resumed_from: int | None = None
         restored_opt: tuple[Mapping[str, torch.Tensor], Any] | None = None
         if self.world > 1:
+            self._check_same_data()
             flag = dist.all_reduce_max(torch.tensor([float(self.workdir is not None)]))
             self._saves = bool(flag[0] > 0)
         if resume and self._saves:

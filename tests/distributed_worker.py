@@ -13,20 +13,24 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 from safetensors.torch import load_file, save_file
 
 from sourcefree import distributed as dist
 from sourcefree.clustering import KMeansConfig, cluster_purity, kmeans
+from sourcefree.errors import DistributedError
 from sourcefree.kernels import sinkhorn_codes, swav_loss
 from sourcefree.pseudo_labels import (
     ClusterPseudoLabelConfig,
     centroid_pseudo_labels,
     cluster_pseudo_labels,
 )
+from sourcefree.trainer import Trainer
 
 KMEANS_CONFIGS = {
     "full": KMeansConfig(n_init=2, max_iter=50, seed=3, max_points_per_centroid=None),
@@ -99,6 +103,19 @@ def run(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[
     dist.average_gradients([p, unused], weight=float(dist.rank() + 1), total=3.0)
     out["avg_grad"] = p.grad
     meta["unused_grad_is_none"] = unused.grad is None
+
+    # The trainer refuses ranks that decoded different target images.
+    same = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    stub: Any = SimpleNamespace(data=SimpleNamespace(images=same), rank=dist.rank())
+    Trainer._check_same_data(stub)
+    other = same.copy()
+    other[0, 0, 0, 0] = dist.rank()
+    stub.data = SimpleNamespace(images=other)
+    try:
+        Trainer._check_same_data(stub)
+        meta["different_data"] = "accepted"
+    except DistributedError as exc:
+        meta["different_data"] = str(exc)
     return out, meta
 
 

@@ -202,6 +202,7 @@ def test_primitives(ranks: tuple[list[dict[str, Any]], list[Any]]) -> None:
         # (1 * 1 + 2 * 2) / 3: weighted by each rank's batch size.
         torch.testing.assert_close(tensors[r]["avg_grad"], torch.full((3,), 5 / 3))
         assert meta[r]["unused_grad_is_none"]
+        assert "read other target images than another rank" in meta[r]["different_data"]
 
 
 def test_single_process_helpers_are_no_ops(monkeypatch: pytest.MonkeyPatch) -> None:
