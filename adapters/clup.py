@@ -57,6 +57,14 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
+from sourcefree.augment import (
+    affine_sample,
+    color_jitter,
+    from_unit,
+    random_view,
+    to_unit,
+    uniform,
+)
 from sourcefree.clustering import KMeansConfig, kmeans
 from sourcefree.errors import ConfigError, TrainingError
 from sourcefree.method import (
@@ -298,98 +306,6 @@ class CluPConfig:
 # --- batched tensor augmentations ----------------------------------------------------------
 
 
-def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=gen)
-
-
-def _to_unit(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return x * std + mean
-
-
-def _from_unit(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (x - mean) / std
-
-
-def _grey(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[1] != 3:
-        return x
-    w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True).expand_as(x)
-
-
-def _hue_shift(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
-    """Rotate chroma in YIQ space by ``2 pi turns`` per image (a batched hue shift)."""
-    if x.shape[1] != 3:
-        return x
-    to_yiq = torch.tensor(
-        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-        dtype=x.dtype,
-        device=x.device,
-    )
-    from_yiq = torch.linalg.inv(to_yiq)
-    yiq = torch.einsum("ij,bjhw->bihw", to_yiq, x)
-    a = 2 * math.pi * turns.to(x.device, x.dtype)
-    cos, sin = torch.cos(a).view(-1, 1, 1), torch.sin(a).view(-1, 1, 1)
-    i, q = yiq[:, 1], yiq[:, 2]
-    rotated = torch.stack((yiq[:, 0], cos * i - sin * q, sin * i + cos * q), dim=1)
-    return torch.einsum("ij,bjhw->bihw", from_yiq, rotated)
-
-
-def _color_jitter(
-    x: torch.Tensor,
-    gen: torch.Generator,
-    strength: float,
-    hue: float,
-    prob: float = 1.0,
-) -> torch.Tensor:
-    """Brightness, contrast, saturation in [1-s, 1+s], hue in [-h, h], on [0, 1] images."""
-    n = x.shape[0]
-    apply = (torch.rand(n, generator=gen) < prob).to(x.device).view(-1, 1, 1, 1)
-    b = _uniform(n, 1 - strength, 1 + strength, gen).to(x.device).view(-1, 1, 1, 1)
-    c = _uniform(n, 1 - strength, 1 + strength, gen).to(x.device).view(-1, 1, 1, 1)
-    s = _uniform(n, 1 - strength, 1 + strength, gen).to(x.device).view(-1, 1, 1, 1)
-    h = _uniform(n, -hue, hue, gen)
-    y = (x * b).clamp(0, 1)
-    mean = _grey(y).mean(dim=(1, 2, 3), keepdim=True)
-    y = ((y - mean) * c + mean).clamp(0, 1)
-    g = _grey(y)
-    y = ((y - g) * s + g).clamp(0, 1)
-    if hue > 0:
-        y = _hue_shift(y, h).clamp(0, 1)
-    return torch.where(apply, y, x)
-
-
-def _affine_sample(x: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
-    grid = nn.functional.affine_grid(
-        theta.to(x.device, x.dtype), [x.shape[0], x.shape[1], size, size], False
-    )
-    return nn.functional.grid_sample(
-        x, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
-
-
-def _resized_crop_theta(
-    n: int, scale: tuple[float, float], gen: torch.Generator, flip: bool = True
-) -> torch.Tensor:
-    """Affine parameters of RandomResizedCrop(scale, ratio 3/4-4/3) + horizontal flip."""
-    area = _uniform(n, scale[0], scale[1], gen)
-    log_ratio = _uniform(n, math.log(3 / 4), math.log(4 / 3), gen)
-    ratio = torch.exp(log_ratio)
-    w = torch.sqrt(area * ratio).clamp(max=1.0)
-    h = torch.sqrt(area / ratio).clamp(max=1.0)
-    cx = (2 * torch.rand(n, generator=gen) - 1) * (1 - w)
-    cy = (2 * torch.rand(n, generator=gen) - 1) * (1 - h)
-    sign = torch.ones(n)
-    if flip:
-        sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = w * sign
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = cy
-    return theta
-
-
 def multi_crop(
     x: torch.Tensor,
     gen: torch.Generator,
@@ -409,15 +325,12 @@ def multi_crop(
     """
     side = int(x.shape[-1])
     local_side = max(8, round(side * cfg.local_size_ratio))
-    unit = _to_unit(x, mean, std)
-    n = x.shape[0]
+    unit = to_unit(x, mean, std)
 
     def view(size: int, scale: tuple[float, float]) -> torch.Tensor:
-        v = _affine_sample(unit, _resized_crop_theta(n, scale, gen), size)
-        v = _color_jitter(v, gen, 0.8 * cfg.color_jitter, 0.2 * cfg.color_jitter, prob=0.8)
-        grey = (torch.rand(n, generator=gen) < cfg.grayscale_prob).to(v.device).view(-1, 1, 1, 1)
-        v = torch.where(grey, _grey(v), v)
-        return _from_unit(v, mean, std)
+        s = cfg.color_jitter
+        v = random_view(unit, gen, size, scale, 0.8 * s, 0.2 * s, 0.8, cfg.grayscale_prob)
+        return from_unit(v, mean, std)
 
     high = [view(side, cfg.global_scale) for _ in range(cfg.global_crops)]
     low = [view(local_side, cfg.local_scale) for _ in range(cfg.local_crops)]
@@ -437,10 +350,10 @@ def finetune_augment(
     ColorJitter(brightness = contrast = saturation = jitter, hue) in fixed order.
     """
     n, side = x.shape[0], int(x.shape[-1])
-    unit = _to_unit(x, mean, std)
-    angle = _uniform(n, -cfg.degrees, cfg.degrees, gen) * math.pi / 180
-    tx = _uniform(n, -cfg.translate, cfg.translate, gen) * 2
-    ty = _uniform(n, -cfg.translate, cfg.translate, gen) * 2
+    unit = to_unit(x, mean, std)
+    angle = uniform(n, -cfg.degrees, cfg.degrees, gen) * math.pi / 180
+    tx = uniform(n, -cfg.translate, cfg.translate, gen) * 2
+    ty = uniform(n, -cfg.translate, cfg.translate, gen) * 2
     flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.zeros(n, 2, 3)
@@ -450,9 +363,9 @@ def finetune_augment(
     theta[:, 1, 0] = sin * flip
     theta[:, 1, 1] = cos
     theta[:, 1, 2] = ty
-    v = _affine_sample(unit, theta, side)
-    v = _color_jitter(v, gen, cfg.jitter, cfg.hue)
-    return _from_unit(v, mean, std)
+    v = affine_sample(unit, theta, side)
+    v = color_jitter(v, gen, cfg.jitter, cfg.hue)
+    return from_unit(v, mean, std)
 
 
 # --- the method ------------------------------------------------------------------------------

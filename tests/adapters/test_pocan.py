@@ -1,0 +1,323 @@
+"""Source-free POCAN: eq. 13 weights, eq. 14 thresholds, InfoNCE, the alternating phases."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sourcefree.adapters.pocan import (
+    Pocan,
+    PocanConfig,
+    PocanOptimConfig,
+    PocanViewConfig,
+    adaptive_thresholds,
+    class_weights,
+    info_nce,
+    lambda_schedule,
+    trusted_mask,
+)
+from sourcefree.data.synthetic import generate
+from sourcefree.errors import ConfigError, InputError
+from sourcefree.manifest import InputSpec
+from sourcefree.method import Batch, MethodContext, Phase, SourceModel, TargetData
+from sourcefree.models import load_classifier
+from sourcefree.package import load_package
+from sourcefree.registry import get_method
+from sourcefree.trainer import build_optimizer
+
+
+def _data(n: int = 40) -> TargetData:
+    s = generate("wild-mild", n, 32, seed=8)
+    return TargetData(images=s.images, spec=InputSpec(size=(32, 32)), fingerprint="x")
+
+
+def _method(pkg_path: Path, data: TargetData, **kw: object) -> Pocan:
+    pkg = load_package(pkg_path)
+    model = load_classifier(pkg.manifest.architecture, pkg.weights_bytes)
+    ctx = MethodContext((SourceModel(pkg, model),), data, torch.device("cpu"), 0)
+    return Pocan(PocanConfig(batch_size=16, **kw), ctx)  # type: ignore[arg-type]
+
+
+def _batch(data: TargetData, n: int = 16, progress: float = 0.0) -> Batch:
+    idx = torch.arange(n)
+    return Batch(data.tensor(idx), idx, torch.Generator().manual_seed(3), 0, 0, progress)
+
+
+def _phase(method: Pocan, name: str) -> Phase:
+    return next(p for p in method.phases() if p.name == name)
+
+
+# --- config -------------------------------------------------------------------------------
+
+
+def test_registered_with_paper_defaults() -> None:
+    assert get_method("pocan") is Pocan
+    cfg = PocanConfig()
+    assert (cfg.tau, cfg.beta, cfg.lambda_gamma) == (0.7, 2.0, 10.0)
+    assert (cfg.instance_weight, cfg.cross_weight, cfg.class_weighting) == (1.0, 1.0, True)
+    assert cfg.weight_smoothing == 1.0
+    assert (cfg.optim.momentum, cfg.optim.weight_decay) == (0.9, 1e-5)
+    assert cfg.optim.prototype_lr == pytest.approx(10 * cfg.optim.extractor_lr)
+    assert cfg.drop_epoch() == cfg.epochs // 2
+    assert PocanConfig(optim=PocanOptimConfig(prototype_lr_drop_epoch=3)).drop_epoch() == 3
+
+
+@pytest.mark.parametrize(
+    ("make", "pinned"),
+    [
+        (lambda: PocanConfig(beta=0.0), "beta=0.0 (must be > 0)"),
+        (lambda: PocanConfig(tau=-1.0), "tau=-1.0"),
+        (lambda: PocanConfig(epochs=0), "epochs=0 (must be an integer >= 1)"),
+        (lambda: PocanConfig(batch_size=1), "batch_size=1"),
+        (lambda: PocanConfig(cross_weight=-1.0), "cross_weight=-1.0 (must be >= 0)"),
+        (lambda: PocanOptimConfig(prototype_lr_drop=2.0), "prototype_lr_drop=2.0"),
+        (lambda: PocanOptimConfig(extractor_lr=0.0), "extractor_lr=0.0"),
+        (lambda: PocanOptimConfig(prototype_lr_drop_epoch=-1), "prototype_lr_drop_epoch=-1"),
+        (lambda: PocanViewConfig(crop_scale=(0.5, 0.2)), "crop_scale=(0.5, 0.2)"),
+        (lambda: PocanViewConfig(grayscale_prob=1.5), "grayscale_prob=1.5"),
+    ],
+)
+def test_invalid_values_are_refused(make: object, pinned: str) -> None:
+    with pytest.raises(ConfigError, match=pinned.replace("(", r"\(").replace(")", r"\)")):
+        make()  # type: ignore[operator]
+
+
+# --- eq. 13, eq. 14, eq. 1, lambda_t ------------------------------------------------------
+
+
+def test_eq13_class_weights_by_hand() -> None:
+    got = class_weights(torch.tensor([2, 6, 0, 2]))
+    # n / sum = 0.2, 0.6, 0, 0.2 -> 1 - f^2
+    assert got.tolist() == pytest.approx([0.96, 0.64, 1.0, 0.96])
+    assert got.dtype == torch.float32
+    assert class_weights(torch.zeros(3, dtype=torch.int64)).tolist() == [1.0, 1.0, 1.0]
+    # one class holds every label: eq. 13 silences it; add-one smoothing keeps it trainable
+    assert class_weights(torch.tensor([0, 8, 0])).tolist() == [1.0, 0.0, 1.0]
+    smooth = class_weights(torch.tensor([0, 8, 0]), smoothing=1.0)
+    assert smooth.tolist() == pytest.approx(
+        [1 - (1 / 11) ** 2, 1 - (9 / 11) ** 2, 1 - (1 / 11) ** 2]
+    )
+    with pytest.raises(InputError):
+        class_weights(torch.tensor([1, -1]))
+
+
+def test_eq14_thresholds_by_hand() -> None:
+    conf = torch.tensor([0.5, 0.7, 0.9, 0.6, 0.8, 0.4])
+    labels = torch.tensor([0, 0, 0, 1, 3, 3])
+    thr = adaptive_thresholds(conf, labels, 4, beta=2.0)
+    # class 0: avg 0.7, max 0.9 -> 0.7 + 0.2 (1 - 0.7^2) = 0.802
+    # class 1: one sample, avg = max = 0.6 -> 0.6 (its only sample is trusted)
+    # class 2: nobody -> +inf (nothing passes)
+    # class 3: avg 0.6, max 0.8 -> 0.6 + 0.2 (1 - 0.36) = 0.728
+    assert float(thr[0]) == pytest.approx(0.802)
+    assert float(thr[1]) == pytest.approx(0.6)
+    assert math.isinf(float(thr[2]))
+    assert float(thr[3]) == pytest.approx(0.728)
+    assert trusted_mask(conf, labels, thr).tolist() == [False, False, True, True, True, False]
+    # a larger beta is stricter (Sec. 3.5); beta = 1 by hand: 0.7 + 0.2 * 0.3
+    assert float(adaptive_thresholds(conf, labels, 4, beta=1.0)[0]) == pytest.approx(0.76)
+    assert float(adaptive_thresholds(conf, labels, 4, beta=8.0)[0]) > float(thr[0])
+    with pytest.raises(ConfigError):
+        adaptive_thresholds(conf, labels, 4, beta=0.0)
+
+
+def test_eq14_most_confident_sample_of_each_class_is_trusted() -> None:
+    g = torch.Generator().manual_seed(0)
+    conf = torch.rand(500, generator=g, dtype=torch.float32) * 0.7 + 0.3
+    labels = torch.randint(0, 5, (500,), generator=g)
+    thr = adaptive_thresholds(conf, labels, 5, beta=0.01)  # threshold -> max
+    keep = trusted_mask(conf, labels, thr)
+    for c in range(5):
+        assert bool(keep[labels == c].any())
+
+
+def test_lambda_schedule() -> None:
+    assert lambda_schedule(0.0) == 0.0
+    assert lambda_schedule(0.5) == pytest.approx(2 / (1 + math.exp(-5)) - 1)
+    assert lambda_schedule(1.0) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
+    assert lambda_schedule(2.0) == lambda_schedule(1.0)
+
+
+def test_info_nce_matches_a_loop() -> None:
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    t = 0.7
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    total = 0.0
+    for i in range(8):
+        pos = (i + 4) % 8
+        den = sum(math.exp(float(z[i] @ z[j]) / t) for j in range(8) if j != i)
+        total += -math.log(math.exp(float(z[i] @ z[pos]) / t) / den)
+    assert float(info_nce(z1, z2, t)) == pytest.approx(total / 8, rel=1e-5)
+    with pytest.raises(InputError):
+        info_nce(z1, z2[:3], t)
+
+
+# --- the method ---------------------------------------------------------------------------
+
+
+def test_phases_alternate_prototypes_and_extractor(source_pkg: Path) -> None:
+    method = _method(source_pkg, _data(), epochs=3)
+    names = [p.name for p in method.phases()]
+    assert names == [
+        "prototypes-1",
+        "extractor-1",
+        "prototypes-2",
+        "extractor-2",
+        "prototypes-3",
+        "extractor-3",
+        "bn-stats",
+    ]
+    lrs = []
+    for name in ("prototypes-1", "prototypes-2"):  # drop epoch = 3 // 2 = 1
+        opt = build_optimizer(_phase(method, name))
+        assert opt is not None
+        lrs.append(opt.param_groups[0]["lr"])
+        assert opt.param_groups[0]["weight_decay"] == 0.0
+    assert lrs == pytest.approx([1e-3, 1e-4])
+
+
+def test_prototypes_start_at_normalised_source_head(source_pkg: Path) -> None:
+    method = _method(source_pkg, _data())
+    w = torch.nn.functional.normalize(method.model.head.weight.detach(), dim=1)
+    torch.testing.assert_close(method.prototypes.source, w)
+    torch.testing.assert_close(method.prototypes.target.detach(), w)
+
+
+def test_labelling_follows_target_prototypes_and_eq14(source_pkg: Path) -> None:
+    data = _data()
+    method = _method(source_pkg, data)
+    method.label(0)
+    model = method.model.eval()
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(model.backbone(data.tensor()), dim=1)
+    mu = torch.nn.functional.normalize(method.prototypes.target.detach(), dim=1)
+    probs = torch.softmax(z @ mu.T / 0.1, dim=1)
+    conf, labels = probs.max(1)
+    assert torch.equal(method.labels, labels)
+    thr = adaptive_thresholds(conf, labels, 3, 2.0)
+    assert torch.equal(method.trusted, trusted_mask(conf, labels, thr))
+    counts = torch.bincount(labels, minlength=3)
+    torch.testing.assert_close(method.weights, class_weights(counts, smoothing=1.0))
+    torch.testing.assert_close(method.features, z)
+    meta = method.state_meta()["round"]
+    assert isinstance(meta, dict) and sum(meta["pseudo_label_counts"]) == len(data)
+
+
+def _grads(method: Pocan) -> dict[str, bool]:
+    named = dict(method.model.named_parameters(prefix="model"))
+    named.update(method.prototypes.named_parameters(prefix="prototypes"))
+    named.update(method.projector.named_parameters(prefix="projector"))
+    return {k: p.grad is not None and bool(p.grad.any()) for k, p in named.items()}
+
+
+def _run(method: Pocan, phase: Phase, batch: Batch, steps: int = 1) -> list[float]:
+    opt = build_optimizer(phase)
+    assert opt is not None
+    for g in opt.param_groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    if phase.on_enter is not None:
+        phase.on_enter()
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        out = phase.step(batch)
+        assert out.loss is not None and bool(torch.isfinite(out.loss))
+        out.loss.backward()  # type: ignore[no-untyped-call]
+        losses.append(float(out.loss.detach()))
+        opt.step()
+    return losses
+
+
+def test_prototype_phase_trains_only_the_target_prototypes(source_pkg: Path) -> None:
+    data = _data()
+    method = _method(source_pkg, data)
+    method.label(0)
+    before = method.prototypes.target.detach().clone()
+    source = method.prototypes.source.clone()
+    backbone = [p.detach().clone() for p in method.model.parameters()]
+    losses = _run(method, _phase(method, "prototypes-1"), _batch(data), steps=5)
+    grads = _grads(method)
+    assert grads.pop("prototypes.target")
+    assert not any(grads.values()), grads
+    assert losses[-1] < losses[0]
+    assert not torch.equal(method.prototypes.target.detach(), before)  # prototypes update
+    assert torch.equal(method.prototypes.source, source)  # M_s stays the source head
+    assert all(torch.equal(a, b) for a, b in zip(backbone, method.model.parameters(), strict=True))
+
+
+def test_extractor_phase_trains_only_the_backbone(source_pkg: Path) -> None:
+    data = _data()
+    method = _method(source_pkg, data)
+    method.label(0)
+    protos = method.prototypes.target.detach().clone()
+    _run(method, _phase(method, "extractor-1"), _batch(data))
+    grads = _grads(method)
+    assert not grads.pop("prototypes.target")
+    assert not grads.pop("model.head.weight") and not grads.pop("model.head.bias")
+    assert all(v for k, v in grads.items()), grads
+    assert torch.equal(method.prototypes.target.detach(), protos)
+
+
+def test_extractor_loss_is_eq5_plus_eq8(source_pkg: Path) -> None:
+    data = _data()
+    method = _method(source_pkg, data, epochs=2)
+    method.label(0)
+    method.model.train()
+    batch = _batch(data, progress=0.5)  # round 0 of 2: p = 0.25
+    out = _phase(method, "extractor-1").step(batch)
+    assert out.loss is not None
+    with torch.no_grad():
+        f = method.model.backbone(method._views(batch))
+        z = torch.nn.functional.normalize(f, dim=1)
+        h = method.projector(f)  # the instance loss's own head (SimCLR g)
+    y = method.labels[:16].repeat(2)
+    keep = method.trusted[:16].repeat(2)
+    w = method.weights[y]
+
+    def ce(mu: torch.Tensor) -> torch.Tensor:
+        logits = z @ torch.nn.functional.normalize(mu, dim=1).T / 0.1
+        rows = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        return (w * rows)[keep].sum() / keep.sum().clamp_min(1)
+
+    lam = 2 / (1 + math.exp(-10 * 0.25)) - 1
+    want = (
+        info_nce(h[:16], h[16:], 0.7)
+        + lam * ce(method.prototypes.target.detach())
+        + ce(method.prototypes.source)
+    )
+    assert float(out.loss.detach()) == pytest.approx(float(want), rel=1e-4)
+    assert float(out.metrics["lambda_t"]) == pytest.approx(lam)
+
+
+def test_views_are_a_function_of_the_batch(source_pkg: Path) -> None:
+    data = _data()
+    method = _method(source_pkg, data)
+    batch = _batch(data)
+    a, b = method._views(batch), method._views(batch)
+    assert a.shape == (32, 3, 32, 32)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[:16], a[16:])
+
+
+def test_export_is_the_target_prototype_classifier(source_pkg: Path) -> None:
+    data = _data()
+    method = _method(source_pkg, data)
+    with torch.no_grad():
+        method.prototypes.target.add_(0.3 * torch.randn_like(method.prototypes.target))
+    model = method.export_model()
+    assert float(method.feature_scale) > 0
+    with torch.no_grad():
+        logits, f = model(data.tensor())
+    mu = torch.nn.functional.normalize(method.prototypes.target.detach(), dim=1)
+    cos = torch.nn.functional.normalize(f, dim=1) @ mu.T
+    assert torch.equal(logits.argmax(1), cos.argmax(1))
+    assert model.head.bias is not None and not model.head.bias.any()
+    state = method.state_tensors()
+    other = _method(source_pkg, data)
+    other.load_state(state, method.state_meta())
+    assert torch.equal(other.feature_scale, method.feature_scale)
