@@ -46,6 +46,7 @@ class AdaBN(Method):
     description = "AdaBN: BatchNorm statistics re-estimated on the target images (no training)"
     config_class = AdaBNConfig
     config: AdaBNConfig
+    relative_cost = 0.05  # one forward pass, no training
 
     def __init__(self, config: AdaBNConfig, context: MethodContext) -> None:
         super().__init__(config, context)

@@ -251,6 +251,10 @@ class Shot(Method):
     )
     config_class: ClassVar[type[object]] = ShotConfig
     config: ShotFamilyConfig
+    #: ``--select auto``: the number of epochs (the reference code keeps the last
+    #: iterate; the paper's 15 and our default 10 are both unchecked without labels).
+    #: DIFC and SHOT-IM inherit it.
+    selection_grid = ({"epochs": 2}, {"epochs": 5}, {"epochs": 10})
 
     def __init__(self, config: ShotFamilyConfig, context: MethodContext) -> None:
         super().__init__(config, context)

@@ -69,6 +69,7 @@ class Tent(Method):
     description = "Tent: entropy minimisation of BatchNorm scale and shift (Wang et al. 2021)"
     config_class = TentConfig
     config: TentConfig
+    relative_cost = 0.2  # one epoch on the BatchNorm affine parameters
 
     def __init__(self, config: TentConfig, context: MethodContext) -> None:
         super().__init__(config, context)

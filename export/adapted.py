@@ -39,10 +39,14 @@ def adapted_package(
     name: str | None = None,
     version: str | None = None,
     overwrite: bool = False,
+    note: str | None = None,
 ) -> tuple[Package, Parity]:
     """Export an adapted classifier as a verified ``kind=adapted`` package at ``out``.
 
     Labels and input spec are the first source package's (all sources share them).
+    ``note`` (at most 256 characters) goes into the provenance: ``adapt`` writes
+    the do-no-harm gate's reason there when it exports the source model
+    (``method="source"``).
 
     Raises:
         ExportError: no source, non-finite weights, export or parity failure.
@@ -58,6 +62,8 @@ def adapted_package(
     }
     if len(sources) > 1:
         provenance["source_packages"] = [p.sha256 for p in sources]
+    if note is not None:
+        provenance["note"] = note
     with torch.no_grad():
         return write_package(
             model,

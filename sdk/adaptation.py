@@ -35,8 +35,10 @@ from sourcefree.fsutil import check_output_dir, staged_directory
 from sourcefree.package import Package, load_package
 
 if TYPE_CHECKING:
-    from sourcefree.method import TargetData
-    from sourcefree.trainer import StepInfo
+    from sourcefree import selection
+    from sourcefree.method import Method, TargetData
+    from sourcefree.models import Classifier
+    from sourcefree.trainer import StepInfo, TrainResult
 
 PACKAGE_DIR = "package"
 REPORT_NAME = "report.json"
@@ -205,6 +207,274 @@ def _pseudo_label_report(
     return out
 
 
+def _check_multi(
+    auto: bool,
+    resume: bool,
+    config: Any,
+    config_file: str | os.PathLike[str] | None,
+    overrides: Sequence[str],
+) -> None:
+    """Refuse what ``-m auto`` / ``--select auto`` cannot honour."""
+    from sourcefree import distributed
+
+    flag = "-m auto" if auto else "--select auto"
+    if resume:
+        raise ResumeError(
+            f"{flag} cannot resume",
+            "candidates run without checkpoints, one after the other",
+            f"run {flag} again without --resume, or resume a run of one method",
+        )
+    if distributed.is_distributed():
+        raise ConfigError(
+            f"{flag} does not run under torchrun",
+            "candidates are trained one after the other in one process",
+            "run it in one process, or name one method and its config",
+        )
+    if auto and (config is not None or config_file is not None or overrides):
+        raise ConfigError(
+            "-m auto takes no config",
+            "each method runs with its own defaults; --set and --config name one method's keys",
+            "drop --set/--config, or name the method",
+        )
+
+
+def _fresh(pkg: Package, dev: Any) -> Classifier:
+    """A fresh copy of a package's model on ``dev`` (methods may train theirs in place)."""
+    from sourcefree.models import load_classifier
+
+    return load_classifier(pkg.manifest.architecture, pkg.weights_bytes).to(dev).eval()
+
+
+def _reference_source(outputs: Sequence[selection.Outputs], pkgs: Sequence[Package]) -> int:
+    """The source the gate compares with: the best ATC estimate among calibrated ones, else 0."""
+    from sourcefree import selection
+
+    best, ref = -1.0, 0
+    for i, (out, pkg) in enumerate(zip(outputs, pkgs, strict=False)):
+        stats = pkg.manifest.source_stats
+        if stats is None or stats.calibration is None:
+            continue
+        value = selection.atc_accuracy(out, stats.calibration)
+        if value > best:
+            best, ref = value, i
+    return ref
+
+
+@dataclass
+class _Run:
+    """One candidate of ``-m auto`` / ``--select auto`` (predictions stay in memory)."""
+
+    candidate: selection.Candidate
+    status: str = "not started"
+    detail: str = ""
+    seconds: float = 0.0
+    scores: selection.Scores | None = None
+    value: float | None = None
+    predictions: Any = None
+    chosen: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "candidate": self.candidate.label,
+            "method": self.candidate.method,
+            "overrides": {k: v for k, v in self.candidate.overrides.items()},
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "scores": None if self.scores is None else self.scores.to_dict(),
+            "value": None if self.value is None else float(f"{self.value:.6g}"),
+            "chosen": self.chosen,
+        }
+        if self.detail:
+            out["detail"] = self.detail[:300]
+        return out
+
+
+def _run_candidates(
+    plan: Sequence[selection.Candidate],
+    *,
+    base: Mapping[str, Any] | None,
+    config_file: str | os.PathLike[str] | None,
+    overrides: Sequence[str],
+    pkgs: Sequence[Package],
+    target_data: TargetData,
+    dev: Any,
+    seed: int,
+    budget_s: float | None,
+    progress: bool,
+    on_step: Callable[[StepInfo], None] | None,
+    source: selection.Outputs,
+    calibration: Any,
+    runs: list[_Run],
+) -> tuple[Method, TrainResult, selection.Outputs, Any] | None:
+    """Train every candidate in turn (no checkpoints); keep the best by label-free value.
+
+    ``runs`` receives one record per candidate. Returns the chosen candidate's
+    method instance, train result, outputs and config, or None when none finished.
+    """
+    from sourcefree import config as cfgmod
+    from sourcefree import selection
+    from sourcefree.errors import RunInterruptedError, SourcefreeError
+    from sourcefree.method import MethodContext, SourceModel
+    from sourcefree.registry import get_method
+    from sourcefree.trainer import Trainer, seed_everything
+
+    start = time.perf_counter()
+    best: tuple[float, int, Method, TrainResult, selection.Outputs, Any] | None = None
+    for cand in plan:
+        run = _Run(cand)
+        runs.append(run)
+        if budget_s is not None and time.perf_counter() - start >= budget_s:
+            run.detail = f"the {budget_s:g} s budget was spent"
+            continue
+        t = time.perf_counter()
+        cls = get_method(cand.method)
+        spent = [False]
+
+        def hook(info: StepInfo, _spent: list[bool] = spent) -> None:
+            if on_step is not None:
+                on_step(info)
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                _spent[0] = True
+                info.request_stop()
+
+        try:
+            user = cfgmod.load_config(
+                cls.config_class, file=config_file, overrides=overrides, base=base
+            )
+            cfg = selection.apply_overrides(cls.config_class, cfgmod.to_dict(user), cand.overrides)
+            models = tuple(SourceModel(p, _fresh(p, dev)) for p in pkgs)
+            seed_everything(seed)
+            instance = cls(cfg, MethodContext(models, target_data, dev, seed))
+            result = Trainer(
+                instance, target_data, device=dev, seed=seed, progress=progress, on_step=hook
+            ).run()
+            outputs = selection.model_outputs(instance.export_model(), target_data, device=dev)
+        except RunInterruptedError:
+            if not spent[0]:
+                raise  # a signal: stop everything
+            run.status = "stopped"
+            run.detail = f"the {budget_s:g} s budget was spent during training"
+            run.seconds = time.perf_counter() - t
+            continue
+        except SourcefreeError as exc:
+            run.status = "failed"
+            run.detail = f"{type(exc).__name__}: {exc.what}"
+            run.seconds = time.perf_counter() - t
+            continue
+        run.seconds = time.perf_counter() - t
+        run.status = "done"
+        run.scores = selection.score_outputs(outputs, source, calibration)
+        run.value = selection.selection_value(run.scores)
+        run.predictions = outputs.predictions.numpy()
+        if best is None or run.value > best[0]:
+            best = (run.value, len(runs) - 1, instance, result, outputs, cfg)
+        del instance, outputs
+    if best is None:
+        return None
+    runs[best[1]].chosen = True
+    return best[2], best[3], best[4], best[5]
+
+
+def _gate(
+    *,
+    gate: bool,
+    force: bool,
+    adapted: selection.Outputs | None,
+    sources: Sequence[selection.Outputs],
+    ref: int,
+    calibration: Any,
+    method: str,
+    trained: bool,
+) -> dict[str, Any]:
+    """The do-no-harm verdict for ``report["gate"]`` (decision: what is exported)."""
+    from sourcefree import selection
+
+    if not trained:
+        return {
+            "enabled": gate,
+            "decision": "source",
+            "verdict": "source",
+            "forced": False,
+            "reason": "no candidate finished within the budget; the source model is exported",
+            "scores": None,
+        }
+    if not gate or adapted is None:
+        return {
+            "enabled": False,
+            "decision": "adapted",
+            "verdict": None,
+            "forced": False,
+            "reason": "the gate was switched off (--no-gate)",
+            "scores": None,
+        }
+    src = selection.score_outputs(sources[ref], sources[ref], calibration)
+    ada = selection.score_outputs(adapted, sources[ref], calibration)
+    result = selection.gate_decision(src, ada, method=method)
+    decision = "adapted" if force else result.decision
+    reason = result.reason
+    if force and result.decision == "source":
+        reason += "; exported anyway (--force)"
+    return {
+        "enabled": True,
+        "decision": decision,
+        "verdict": result.decision,
+        "forced": force and result.decision == "source",
+        "criterion": result.criterion,
+        "estimated_gain": result.to_dict()["estimated_gain"],
+        "reason": reason,
+        "reference_source": ref,
+        "calibrated": calibration is not None,
+        "scores": {"source": src.to_dict(), "adapted": ada.to_dict()},
+    }
+
+
+def _truth(
+    keys: Sequence[str],
+    data: str | os.PathLike[str],
+    eval_labels: str | os.PathLike[str],
+    labels: Sequence[str],
+) -> Any:
+    """Evaluation label index of every kept target image (-1: unlabelled), in memory only."""
+    import numpy as np
+
+    from sourcefree.evaluation import labelled_dataset
+
+    by_key = {s.key: s.label for s in labelled_dataset(data, eval_labels, labels).samples}
+    return np.asarray([by_key.get(k, -1) for k in keys], dtype=np.int64)
+
+
+def _accuracy(predictions: Any, truth: Any) -> float | None:
+    import numpy as np
+
+    mask = truth >= 0
+    if predictions is None or not mask.any():
+        return None
+    return round(float(np.mean(np.asarray(predictions)[mask] == truth[mask])), 6)
+
+
+def _judge_with_labels(
+    report: dict[str, Any],
+    runs: Sequence[_Run],
+    adapted: selection.Outputs | None,
+    source: selection.Outputs | None,
+    *,
+    truth: Any,
+) -> None:
+    """True accuracy of every candidate and of both sides of the gate, after the decisions."""
+    note = "labels were read after the decisions, to judge them; they chose nothing"
+    gate = report["gate"]
+    if gate.get("scores") is not None and adapted is not None and source is not None:
+        gate["accuracy"] = {
+            "source": _accuracy(source.predictions.numpy(), truth),
+            "adapted": _accuracy(adapted.predictions.numpy(), truth),
+            "note": note,
+        }
+    if "selection" in report:
+        for row, run in zip(report["selection"]["candidates"], runs, strict=True):
+            row["accuracy"] = _accuracy(run.predictions, truth)
+        report["selection"]["note"] = note
+
+
 def adapt(
     packages: str | os.PathLike[str] | Package | Sequence[str | os.PathLike[str] | Package],
     data: str | os.PathLike[str],
@@ -226,6 +496,10 @@ def adapt(
     progress: bool = False,
     checkpoint_every_s: float = 600.0,
     on_step: Callable[[StepInfo], None] | None = None,
+    select: str = "none",
+    gate: bool = True,
+    force: bool = False,
+    budget_s: float | None = None,
 ) -> AdaptResult:
     """Adapt source package(s) to the images under ``data`` and write ``out``.
 
@@ -249,6 +523,16 @@ def adapt(
         progress: progress bars on stderr.
         checkpoint_every_s: interval of timer checkpoints.
         on_step: callback after each training step (tests, custom progress).
+        select: ``none``, or ``auto``: run the method's ``selection_grid`` and keep
+            the candidate with the best label-free score (docs/selection.md).
+        gate: run the do-no-harm gate: export the source model instead when the
+            adapted one is estimated worse without labels (``report["gate"]``).
+        force: export the adapted model even when the gate estimates it worse.
+        budget_s: wall-clock budget of ``-m auto`` / ``--select auto`` candidates
+            (checked before each candidate and after every training step).
+
+    ``method="auto"`` tries every registered method that takes this many
+    packages, cheapest first, and keeps the best by label-free score.
 
     Raises:
         SourcefreeError subclasses: ConfigError, PackageError, DatasetError,
@@ -280,6 +564,10 @@ def adapt(
             progress=progress,
             checkpoint_every_s=checkpoint_every_s,
             on_step=on_step,
+            select=select,
+            gate=gate,
+            force=force,
+            budget_s=budget_s,
         )
     finally:
         if started_group:
@@ -347,13 +635,18 @@ def _adapt(
     progress: bool,
     checkpoint_every_s: float,
     on_step: Callable[[StepInfo], None] | None,
+    select: str,
+    gate: bool,
+    force: bool,
+    budget_s: float | None,
 ) -> AdaptResult:
     import dataclasses
 
     import torch
 
     from sourcefree import config as cfgmod
-    from sourcefree import distributed
+    from sourcefree import distributed, selection
+    from sourcefree.errors import TrainingError
     from sourcefree.export.adapted import adapted_package
     from sourcefree.method import MethodContext, SourceModel
     from sourcefree.models import load_classifier
@@ -363,19 +656,49 @@ def _adapt(
     from sourcefree.workdir import Workdir
 
     t0 = time.perf_counter()
-    cls = get_method(method)
+    if select not in ("none", "auto"):
+        raise ConfigError(
+            f"--select {select!r} is not known",
+            "selection is 'none' (the config as given) or 'auto' (the method's grid)",
+            "pass --select auto or leave it out",
+        )
+    if budget_s is not None and not budget_s > 0:
+        raise ConfigError(f"--budget-s {budget_s}", "the budget must be positive", "")
+    auto = method == selection.AUTO_METHOD
+    multi = auto or select == "auto"
+    if multi:
+        _check_multi(auto, resume, config, config_file, overrides)
     if config is not None and dataclasses.is_dataclass(config) and not isinstance(config, type):
         base: Mapping[str, Any] | None = cfgmod.to_dict(config)
     else:
         base = config
-    cfg = cfgmod.load_config(cls.config_class, file=config_file, overrides=overrides, base=base)
-    config_dict = cfgmod.to_dict(cfg)
+    cls: type[Method] | None = None
+    cfg: Any = None
+    config_dict: dict[str, Any] = {}
+    if not auto:
+        cls = get_method(method)
+        cfg = cfgmod.load_config(cls.config_class, file=config_file, overrides=overrides, base=base)
+        config_dict = cfgmod.to_dict(cfg)
     target = Path(out).absolute()
     main = distributed.is_main()
     if main:
         check_output_dir(target, overwrite)
     pkgs = _packages(packages)
-    _check_sources(pkgs, method, cls.min_sources, cls.max_sources)
+    if cls is not None:
+        _check_sources(pkgs, method, cls.min_sources, cls.max_sources)
+    plan: list[selection.Candidate] = []
+    if multi:
+        names = selection.auto_methods(len(pkgs)) if auto else [method]
+        if not names:
+            raise ConfigError(
+                f"-m auto: no registered method takes {len(pkgs)} source package(s)",
+                "every method declares how many source models it adapts",
+                "pass one package, or name a method",
+            )
+        plan = selection.plan_candidates(names, grid=select == "auto")
+        if cls is not None:
+            for cand in plan:  # a --set of a grid key is refused before any training
+                selection.apply_overrides(cls.config_class, config_dict, cand.overrides)
     spec = pkgs[0].manifest.input
     dev = distributed.device_for_rank(resolve_device(device))
     models = [load_classifier(p.manifest.architecture, p.weights_bytes).to(dev) for p in pkgs]
@@ -424,60 +747,138 @@ def _adapt(
                     "a fresh run would overwrite them",
                     "pass --resume to continue that run, or remove the directory",
                 )
-            wd.write_identity(identity)
+            if not multi:
+                wd.write_identity(identity)
+        calibrations = [p.manifest.source_stats for p in pkgs]
+        sources_out: list[selection.Outputs] = []
+        if gate or multi:
+            # Fresh copies: methods may train context.sources[i].model in place.
+            sources_out = [
+                selection.model_outputs(_fresh(p, dev), target_data, device=dev) for p in pkgs
+            ]
+        ref = _reference_source(sources_out, pkgs)
+        ref_stats = calibrations[ref]
+        ref_cal = ref_stats.calibration if ref_stats is not None else None
         seed_everything(seed)
-        context = MethodContext(
-            sources=tuple(SourceModel(p, m) for p, m in zip(pkgs, models, strict=True)),
-            data=target_data,
-            device=dev,
-            seed=seed,
-        )
-        instance = cls(cfg, context)
-        trainer = Trainer(
-            instance,
-            target_data,
-            device=dev,
-            seed=seed,
-            workdir=wd,
-            checkpoint_every_s=checkpoint_every_s,
-            progress=progress,
-            on_step=on_step,
-        )
-        result = trainer.run(resume=resume)
+        instance: Method | None = None
+        result: TrainResult | None = None
+        runs: list[_Run] = []
+        adapted_out: selection.Outputs | None = None
+        if multi:
+            chosen = _run_candidates(
+                plan,
+                base=base,
+                config_file=config_file,
+                overrides=overrides,
+                pkgs=pkgs,
+                target_data=target_data,
+                dev=dev,
+                seed=seed,
+                budget_s=budget_s,
+                progress=progress,
+                on_step=on_step,
+                source=sources_out[ref],
+                calibration=ref_cal,
+                runs=runs,
+            )
+            if chosen is not None:
+                instance, result, adapted_out, cfg = chosen
+                method = instance.name
+                config_dict = cfgmod.to_dict(cfg)
+        else:
+            single = get_method(method)
+            context = MethodContext(
+                sources=tuple(SourceModel(p, m) for p, m in zip(pkgs, models, strict=True)),
+                data=target_data,
+                device=dev,
+                seed=seed,
+            )
+            instance = single(cfg, context)
+            trainer = Trainer(
+                instance,
+                target_data,
+                device=dev,
+                seed=seed,
+                workdir=wd,
+                checkpoint_every_s=checkpoint_every_s,
+                progress=progress,
+                on_step=on_step,
+            )
+            result = trainer.run(resume=resume)
         t_trained = time.perf_counter()
-        model = instance.export_model().to("cpu", torch.float32).eval()
+        model = None if instance is None else instance.export_model()
+        if model is not None and adapted_out is None and gate:
+            adapted_out = selection.model_outputs(model, target_data, device=dev)
+        verdict = _gate(
+            gate=gate,
+            force=force,
+            adapted=adapted_out,
+            sources=sources_out,
+            ref=ref,
+            calibration=ref_cal,
+            method=method,
+            trained=instance is not None,
+        )
+        keep_source = verdict["decision"] == "source"
+        if keep_source:
+            export_model = _fresh(pkgs[ref], torch.device("cpu"))
+            export_sources = [pkgs[ref], *[p for i, p in enumerate(pkgs) if i != ref]]
+            export_method, export_config = "source", {}
+            architecture = pkgs[ref].manifest.architecture.name
+        else:
+            if model is None or instance is None:
+                raise TrainingError(
+                    "no adapted model to export", "no candidate finished", "report this bug"
+                )
+            export_model = model
+            export_sources = list(pkgs)
+            export_method, export_config = method, config_dict
+            architecture = instance.export_architecture()
+        export_model = export_model.to("cpu", torch.float32).eval()
         report: dict[str, Any] = {
             "format": "sourcefree-adapt-report-v1",
             "method": method,
             "config": config_dict,
             "seed": seed,
-            "device": result.device,
-            "amp": result.amp,
+            "device": result.device if result is not None else str(dev),
+            "amp": result.amp if result is not None else "off",
             "sources": [
                 {"name": p.manifest.name, "version": p.manifest.version, "sha256": p.sha256}
                 for p in pkgs
             ],
             "target": {"images": len(target_data), "read": dict(target_data.read_summary)},
-            "resumed": result.resumed_from is not None,
+            "resumed": result is not None and result.resumed_from is not None,
             "world_size": distributed.world_size(),
-            "checkpoints_written": result.checkpoints,
-            "phases": [log.to_dict() for log in result.phases],
-            "method_report": instance.report(),
+            "checkpoints_written": result.checkpoints if result is not None else 0,
+            "phases": [log.to_dict() for log in result.phases] if result is not None else [],
+            "method_report": instance.report() if instance is not None else {},
             "package": PACKAGE_DIR,
+            "gate": verdict,
         }
+        if multi:
+            report["selection"] = {
+                "mode": "auto-method" if auto else "grid",
+                "select": select,
+                "criterion": selection.criterion_name(ref_cal is not None),
+                "budget_s": budget_s,
+                "chosen": next((r.candidate.label for r in runs if r.chosen), None),
+                "candidates": [r.to_dict() for r in runs],
+            }
         with staged_directory(target, overwrite=overwrite) as stage:
             adapted, parity = adapted_package(
-                model,
-                sources=pkgs,
-                method=method,
-                config=config_dict,
+                export_model,
+                sources=export_sources,
+                method=export_method,
+                config=export_config,
                 num_target_images=len(target_data),
-                architecture=instance.export_architecture(),
+                architecture=architecture,
                 out=stage / PACKAGE_DIR,
+                note=verdict["reason"][:256] if keep_source else None,
             )
             t_exported = time.perf_counter()
             report["export"] = {
                 "sha256": adapted.sha256,
+                "model": "source" if keep_source else "adapted",
                 "parity_max_abs_logits": float(parity.max_abs_logits),
                 "parity_top1_agreement": float(parity.top1_agreement),
             }
@@ -491,10 +892,10 @@ def _adapt(
                     ],
                     "adapted": evaluate(adapted, data, eval_labels, device="cpu").to_dict(),
                 }
-                selection = instance.pseudo_label_selection()
-                if selection is not None:
+                selected = None if instance is None else instance.pseudo_label_selection()
+                if selected is not None:
                     evaluation["pseudo_labels"] = _pseudo_label_report(
-                        selection,
+                        selected,
                         target_keys,
                         data,
                         eval_labels,
@@ -502,6 +903,13 @@ def _adapt(
                         source_accuracy=evaluation["source"][0]["accuracy"],
                     )
                 report["evaluation"] = evaluation
+                _judge_with_labels(
+                    report,
+                    runs,
+                    adapted_out,
+                    sources_out[ref] if sources_out else None,
+                    truth=_truth(target_keys, data, eval_labels, pkgs[0].manifest.labels),
+                )
             t_end = time.perf_counter()
             report["timings_s"] = {
                 "load": round(t_loaded - t0, 3),

@@ -36,7 +36,13 @@ def _typed_errors(func: F) -> F:
 
 @click.command("adapt")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-m", "--method", required=True, help="Method name (see `sourcefree methods`).")
+@click.option(
+    "-m",
+    "--method",
+    required=True,
+    help="Method name (see `sourcefree methods`), or `auto`: try every method that takes "
+    "this many packages, cheapest first, within --budget-s; keep the best by label-free score.",
+)
 @click.option(
     "-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory."
 )
@@ -73,6 +79,30 @@ def _typed_errors(func: F) -> F:
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option(
+    "--select",
+    type=click.Choice(["none", "auto"]),
+    default="none",
+    show_default=True,
+    help="auto: run the method's small grid (CluP: K, Q; SHOT: epochs) and keep the "
+    "candidate with the best label-free score (docs/selection.md).",
+)
+@click.option(
+    "--budget-s",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=None,
+    help="Wall-clock budget of -m auto / --select auto candidates (default: none).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Export the adapted model even when the do-no-harm gate estimates it worse.",
+)
+@click.option(
+    "--no-gate",
+    is_flag=True,
+    help="Skip the do-no-harm gate (no label-free comparison with the source model).",
+)
 @_typed_errors
 def adapt_command(
     paths: tuple[Path, ...],
@@ -90,6 +120,10 @@ def adapt_command(
     strict: bool,
     overwrite: bool,
     no_progress: bool,
+    select: str,
+    budget_s: float | None,
+    force: bool,
+    no_gate: bool,
 ) -> None:
     """Adapt source package(s) PKG [PKG2 ...] to the unlabelled images in DATA.
 
@@ -97,11 +131,17 @@ def adapt_command(
     sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/
     sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/ --set lr=0.0005
     sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/ --resume
+    sourcefree adapt vendor-pkg/ faces/ -m shot -o adapted/ --select auto
+    sourcefree adapt vendor-pkg/ faces/ -m auto -o adapted/ --budget-s 1800
 
     Writes OUT/package (the adapted package), OUT/report.json and
     OUT/report.html (aggregates only, plots inline). SIGINT/SIGTERM write a
     checkpoint and exit with code 75; run the same command with --resume to
     continue to the same result.
+
+    After adaptation the do-no-harm gate compares the adapted model with the
+    source model without labels; when the adapted one is estimated worse, the
+    source model is exported (provenance method "source") unless --force.
     """
     if len(paths) < 2:
         raise click.UsageError("expected at least one package and the DATA folder")
@@ -125,6 +165,10 @@ def adapt_command(
         strict=strict,
         overwrite=overwrite,
         progress=not no_progress,
+        select=select,
+        gate=not no_gate,
+        force=force,
+        budget_s=budget_s,
     )
     if result.rank != 0:
         return  # under torchrun only rank 0 reports
@@ -132,6 +176,7 @@ def adapt_command(
     click.echo(f"adapted package: {result.out / 'package'}")
     click.echo(f"report:          {result.out / 'report.json'}")
     click.echo(f"html report:     {result.out / 'report.html'}")
+    _echo_selection(report)
     evaluation = report.get("evaluation")
     if evaluation:
         for i, src in enumerate(evaluation["source"]):
@@ -156,6 +201,34 @@ def adapt_command(
             click.echo(
                 "  selected per class: "
                 + ", ".join(f"{n} {c}" for n, c in pl["selected_per_class"].items())
+            )
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _echo_selection(report: dict[str, Any]) -> None:
+    """Candidates of -m auto / --select auto, then the gate's decision."""
+    sel = report.get("selection")
+    if sel is not None:
+        click.echo(f"candidates (ranked by {sel['criterion']}, higher is better):")
+        for row in sel["candidates"]:
+            mark = "*" if row["chosen"] else " "
+            acc = f"  accuracy {_fmt(row['accuracy'])}" if "accuracy" in row else ""
+            detail = f" ({row['detail']})" if row.get("detail") else ""
+            click.echo(
+                f" {mark} {row['candidate']:<32} {row['status']:<11} "
+                f"score {_fmt(row['value'])}{acc}{detail}"
+            )
+    gate = report.get("gate")
+    if gate is not None:
+        click.echo(f"gate: exported the {gate['decision']} model; {gate['reason']}")
+        acc = gate.get("accuracy")
+        if acc is not None:
+            click.echo(
+                f"  (with --eval-labels: source accuracy {_fmt(acc['source'])}, "
+                f"adapted {_fmt(acc['adapted'])})"
             )
 
 

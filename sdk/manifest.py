@@ -70,7 +70,13 @@ PROVENANCE_KEYS = {
     "num_target_images",
     "note",
 }
-SOURCE_STATS_KEYS = {"class_counts", "class_feature_means", "au_frequencies"}
+SOURCE_STATS_KEYS = {"class_counts", "class_feature_means", "au_frequencies", "calibration"}
+CALIBRATION_KEYS = {
+    "validation_accuracy",
+    "validation_images",
+    "atc_max_softmax",
+    "atc_neg_entropy",
+}
 
 
 def _err(path: str, why: str, fix: str = "re-export the package with the SDK") -> PackageError:
@@ -291,6 +297,60 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """The vendor's validation numbers behind label-free accuracy estimates (ATC).
+
+    Average Thresholded Confidence (Garg et al., ICLR 2022, "Leveraging unlabeled
+    data to predict out-of-distribution performance"): on held-out validation images
+    of the source domain, the threshold ``t`` of a confidence score is fitted so
+    that the fraction of images scoring above ``t`` equals the validation accuracy.
+    Aggregates only: two thresholds, an accuracy and a count.
+    """
+
+    validation_accuracy: float
+    """Top-1 accuracy of the exported model on the vendor's validation images."""
+    validation_images: int
+    """How many validation images the numbers come from."""
+    atc_max_softmax: float
+    """ATC threshold on the maximum softmax probability."""
+    atc_neg_entropy: float
+    """ATC threshold on the negative entropy of the softmax (ATC-NE, the paper's best)."""
+
+    def __post_init__(self) -> None:
+        path = "source_stats.calibration"
+        acc = _float(self.validation_accuracy, f"{path}.validation_accuracy")
+        if not 0.0 <= acc <= 1.0:
+            raise _err(f"{path}.validation_accuracy", f"{acc} is outside [0, 1]")
+        _int(self.validation_images, f"{path}.validation_images", 1, 1 << 40)
+        _float(self.atc_max_softmax, f"{path}.atc_max_softmax")
+        _float(self.atc_neg_entropy, f"{path}.atc_neg_entropy")
+
+    def threshold(self, score: str) -> float:
+        """The threshold of ``score`` (``max_softmax`` or ``neg_entropy``)."""
+        return self.atc_max_softmax if score == "max_softmax" else self.atc_neg_entropy
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "validation_accuracy": self.validation_accuracy,
+            "validation_images": self.validation_images,
+            "atc_max_softmax": self.atc_max_softmax,
+            "atc_neg_entropy": self.atc_neg_entropy,
+        }
+
+    @classmethod
+    def from_dict(cls, value: Any, path: str = "source_stats.calibration") -> Calibration:
+        obj = _obj(value, path, CALIBRATION_KEYS, CALIBRATION_KEYS)
+        return cls(
+            validation_accuracy=_float(obj["validation_accuracy"], f"{path}.validation_accuracy"),
+            validation_images=_int(
+                obj["validation_images"], f"{path}.validation_images", 1, 1 << 40
+            ),
+            atc_max_softmax=_float(obj["atc_max_softmax"], f"{path}.atc_max_softmax"),
+            atc_neg_entropy=_float(obj["atc_neg_entropy"], f"{path}.atc_neg_entropy"),
+        )
+
+
+@dataclass(frozen=True)
 class SourceStats:
     """Aggregate, privacy-safe statistics a vendor may ship (never per-image)."""
 
@@ -300,6 +360,8 @@ class SourceStats:
     """Per-class mean of the ``features`` output (prototypes, alignment)."""
     au_frequencies: tuple[tuple[float, ...], ...] | None = None
     """Per-class action-unit frequencies in [0, 1] (AdaFER)."""
+    calibration: Calibration | None = None
+    """Validation accuracy and ATC thresholds (label-free accuracy estimates on site)."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -309,6 +371,8 @@ class SourceStats:
             out["class_feature_means"] = [list(r) for r in self.class_feature_means]
         if self.au_frequencies is not None:
             out["au_frequencies"] = [list(r) for r in self.au_frequencies]
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_dict()
         return out
 
     @classmethod
@@ -324,6 +388,11 @@ class SourceStats:
             class_counts=counts,
             class_feature_means=_matrix(obj, "class_feature_means", num_classes, path),
             au_frequencies=_matrix(obj, "au_frequencies", num_classes, path),
+            calibration=(
+                Calibration.from_dict(obj["calibration"], f"{path}.calibration")
+                if "calibration" in obj
+                else None
+            ),
         )
 
 

@@ -231,6 +231,13 @@ class Method(ABC):
     config_class: ClassVar[type[Any]]
     min_sources: ClassVar[int] = 1
     max_sources: ClassVar[int] = 1
+    selection_grid: ClassVar[tuple[Mapping[str, Any], ...]] = ()
+    """Candidates of ``adapt --select auto``: each a mapping of (dotted) config keys to
+    values applied over the user's config; the label-free score picks one
+    (``sourcefree.selection``). Empty: the method has nothing to tune there."""
+    relative_cost: ClassVar[float] = 1.0
+    """Rough cost of a default run relative to SHOT's; ``adapt -m auto`` tries the
+    cheapest methods first, so a tight ``--budget-s`` still yields a candidate."""
 
     def __init__(self, config: Any, context: MethodContext) -> None:
         self.config = config

@@ -1,0 +1,660 @@
+"""Label-free model selection and the do-no-harm gate.
+
+The customer has no labels, so every choice made on site (a method, its K or
+Q, its number of epochs, and whether to ship the adapted model at all) must
+come from the target images alone. This module scores a model on the target
+images without labels:
+
+- ``entropy``: mean Shannon entropy of the softmax (lower: more confident).
+- ``im``: information maximisation, ``H(mean_i p_i) - mean_i H(p_i)``: the
+  negative of SHOT's IM loss (Liang et al., ICML 2020); high when predictions
+  are individually confident and globally diverse. In ``[0, log C]``.
+- ``snd``: soft neighbourhood density (Saito et al., ICCV 2021, "Tune it the
+  right way: unsupervised validation of domain adaptation via soft
+  neighborhood density"): softmax outputs are L2-normalised, each image's
+  cosine similarities to every other image go through a softmax at
+  temperature 0.05, and SND is the mean entropy of those neighbour
+  distributions. Higher is better (denser, well-clustered outputs).
+- ``agreement``: share of images on which the model's top-1 equals the source
+  model's; ``kappa``: the same corrected for chance (Cohen's kappa; below 0 the
+  two models agree less than two independent predictors with their class
+  frequencies would, as a model with permuted classes does).
+- ``stability``: share of images whose top-1 survives a horizontal flip and a
+  2-pixel shift (mean over the two views).
+- ``atc``: Average Thresholded Confidence (Garg et al., ICLR 2022,
+  "Leveraging unlabeled data to predict out-of-distribution performance"):
+  the share of target images whose confidence exceeds the threshold the
+  vendor fitted on its own validation images (``source_stats.calibration``,
+  see :func:`calibrate`). It estimates the *source* model's target accuracy.
+  For an adapted model the vendor's threshold is only an approximation:
+  entropy-minimising methods make a model more confident without making it
+  more accurate, so the adapted model's plain ATC reads high.
+- ``anchored``: an accuracy estimate of an adapted model anchored on the
+  calibrated source: the share of images where it agrees with a source
+  prediction that ATC counts as correct, plus the share where it overrules a
+  source prediction ATC counts as wrong. It uses the source's calibrated
+  confidence only, so it is not inflated by the adapted model's own
+  over-confidence; it is optimistic where the adapted model overrules the
+  source (it counts all of those as right).
+
+Without a vendor calibration ``atc`` and ``anchored`` are unavailable
+(``None``): no threshold is ever fitted on the target data, which would need
+labels. Target labels never enter anything here.
+
+The module imports torch; ``sourcefree.adaptation`` imports it lazily.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from sourcefree.errors import ConfigError
+from sourcefree.manifest import Calibration, InputSpec
+
+if TYPE_CHECKING:
+    from sourcefree.method import TargetData
+
+ConfidenceScore = Literal["max_softmax", "neg_entropy"]
+#: Confidence score of ATC estimates (ATC-NE: the best variant in Garg et al. 2022).
+ATC_SCORE: ConfidenceScore = "neg_entropy"
+#: Temperature of SND (Saito et al. 2021, Sec. 3).
+SND_TEMPERATURE = 0.05
+#: SND is computed on at most this many images (a seeded subset above it): O(N^2).
+SND_MAX_SAMPLES = 8192
+#: Pixels of the shifted view of :func:`augmentation_stability`.
+STABILITY_SHIFT = 2
+
+#: Score names and whether higher is better.
+HIGHER_IS_BETTER: Mapping[str, bool] = {
+    "entropy": False,
+    "im": True,
+    "snd": True,
+    "agreement": True,
+    "kappa": True,
+    "stability": True,
+    "atc": True,
+    "anchored": True,
+}
+
+
+# --- model outputs ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """A model's outputs on the target images (CPU, float32)."""
+
+    logits: torch.Tensor
+    """(N, C) logits of the un-augmented images."""
+    view_predictions: tuple[torch.Tensor, ...] = ()
+    """(N,) top-1 of each augmented view (flip, shift), when computed."""
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        """(N,) top-1 class of each image."""
+        return self.logits.argmax(1)
+
+
+ArrayLike = Outputs | torch.Tensor | np.ndarray
+"""Logits (N, C), or :class:`Outputs` holding them."""
+
+
+def _views(x: torch.Tensor, shift: int) -> list[torch.Tensor]:
+    """The flipped and the shifted (replicate padding) view of a batch."""
+    padded = nn.functional.pad(x, (shift, shift, shift, shift), mode="replicate")
+    return [x.flip(3), padded[:, :, : x.shape[2], : x.shape[3]]]
+
+
+def _batches(data: TargetData | torch.Tensor, batch_size: int) -> Sequence[torch.Tensor] | Any:
+    if isinstance(data, torch.Tensor):
+        return (data[i : i + batch_size] for i in range(0, data.shape[0], batch_size))
+    return (x for _, x in data.batches(batch_size))
+
+
+@torch.no_grad()
+def model_outputs(
+    model: nn.Module,
+    data: TargetData | torch.Tensor,
+    *,
+    views: bool = True,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> Outputs:
+    """Eval-mode logits of ``model`` on every image, and top-1 of flipped/shifted views.
+
+    ``model`` returns ``(logits, features)`` (a :class:`~sourcefree.models.Classifier`)
+    or logits. ``data`` is a :class:`~sourcefree.method.TargetData` or a normalised
+    float tensor (N, C, H, W). The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    dev = torch.device(device)
+    logits: list[torch.Tensor] = []
+    preds: list[list[torch.Tensor]] = [[], []]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = model(x.to(dev))
+        first: torch.Tensor = out[0] if isinstance(out, (tuple, list)) else out
+        return first.float().cpu()
+
+    try:
+        for x in _batches(data, batch_size):
+            logits.append(run(x))
+            if views:
+                for i, v in enumerate(_views(x, STABILITY_SHIFT)):
+                    preds[i].append(run(v).argmax(1))
+    finally:
+        model.train(was_training)
+    if not logits:
+        raise ConfigError("no target images to score", "the target set is empty", "")
+    all_logits = torch.cat(logits)
+    _check_finite(all_logits)
+    return Outputs(
+        logits=all_logits,
+        view_predictions=tuple(torch.cat(p) for p in preds) if views else (),
+    )
+
+
+def _check_finite(logits: torch.Tensor) -> None:
+    if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] < 2:
+        raise ConfigError(
+            f"logits of shape {tuple(logits.shape)}",
+            "label-free scores need (N, C) logits with N >= 1 and C >= 2",
+            "pass a model's logits on the target images",
+        )
+    if not bool(torch.isfinite(logits).all()):
+        raise ConfigError(
+            "the model's logits contain NaN or Inf",
+            "no score is defined for a non-finite output",
+            "check the model (a diverged adaptation?)",
+        )
+
+
+def _logits(value: ArrayLike) -> torch.Tensor:
+    if isinstance(value, Outputs):
+        return value.logits
+    t = torch.as_tensor(value).float()
+    _check_finite(t)
+    return t
+
+
+# --- scores ---------------------------------------------------------------------------
+
+
+def _entropies(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.double(), dim=1)
+    return -(logp.exp() * logp).sum(1)
+
+
+def prediction_entropy(logits: ArrayLike) -> float:
+    """Mean Shannon entropy (nats) of the softmax of ``logits``; lower is more confident."""
+    return float(_entropies(_logits(logits)).mean())
+
+
+def information_maximisation(logits: ArrayLike) -> float:
+    """``H(mean_i p_i) - mean_i H(p_i)`` (nats): the negative of SHOT's IM loss.
+
+    Liang et al., ICML 2020, Sec. 3.2 (``L_div - L_ent``, exact logs here, no
+    ``+1e-5``). High for confident and class-diverse predictions; in ``[0, log C]``.
+    """
+    t = _logits(logits).double()
+    mean_p = torch.softmax(t, dim=1).mean(0)
+    h_mean = -float(torch.special.xlogy(mean_p, mean_p).sum())
+    return h_mean - float(_entropies(t).mean())
+
+
+def soft_neighbourhood_density(
+    logits: ArrayLike,
+    *,
+    temperature: float = SND_TEMPERATURE,
+    max_samples: int = SND_MAX_SAMPLES,
+    seed: int = 0,
+    chunk: int = 1024,
+) -> float:
+    """Soft neighbourhood density (Saito et al., ICCV 2021); higher is better.
+
+    Softmax outputs are L2-normalised; row ``i`` of the cosine-similarity matrix,
+    without the image itself, goes through ``softmax(s_ij / temperature)``; SND is
+    the mean entropy of those rows. Above ``max_samples`` images a seeded random
+    subset is scored (the matrix is N x N; computed in row chunks).
+    """
+    if temperature <= 0:
+        raise ConfigError(f"SND temperature {temperature}", "must be positive", "")
+    t = _logits(logits)
+    n = t.shape[0]
+    if n < 2:
+        raise ConfigError("SND of fewer than 2 images", "every image needs a neighbour", "")
+    if n > max_samples:
+        gen = torch.Generator().manual_seed(seed)
+        t = t[torch.randperm(n, generator=gen)[:max_samples]]
+        n = max_samples
+    f = nn.functional.normalize(torch.softmax(t.float(), dim=1), dim=1)
+    total = 0.0
+    for start in range(0, n, chunk):
+        rows = f[start : start + chunk]
+        sim = rows @ f.T / temperature
+        idx = torch.arange(rows.shape[0])
+        sim[idx, idx + start] = float("-inf")
+        q = torch.softmax(sim, dim=1)
+        total += float(-torch.special.xlogy(q, q).sum(1).double().sum())
+    return total / n
+
+
+def agreement(a: ArrayLike, b: ArrayLike) -> float:
+    """Share of images with the same top-1 class under both models."""
+    la, lb = _logits(a), _logits(b)
+    if la.shape != lb.shape:
+        raise ConfigError(
+            f"outputs of shape {tuple(la.shape)} and {tuple(lb.shape)}",
+            "agreement compares two models on the same images",
+            "score both models on the same target set",
+        )
+    return float((la.argmax(1) == lb.argmax(1)).double().mean())
+
+
+def cohen_kappa(a: ArrayLike, b: ArrayLike) -> float:
+    """Cohen's kappa of two models' top-1 predictions: ``(p_o - p_e) / (1 - p_e)``.
+
+    ``p_o`` is the agreement, ``p_e`` the agreement expected from the two
+    prediction histograms alone. When both models predict one and the same class
+    everywhere (``p_e = 1``) kappa is 1.
+    """
+    la, lb = _logits(a), _logits(b)
+    observed = agreement(la, lb)
+    c = la.shape[1]
+    pa = torch.bincount(la.argmax(1), minlength=c).double() / la.shape[0]
+    pb = torch.bincount(lb.argmax(1), minlength=c).double() / lb.shape[0]
+    expected = float((pa * pb).sum())
+    if expected >= 1.0 - 1e-12:
+        return 1.0 if observed >= 1.0 - 1e-12 else 0.0
+    return (observed - expected) / (1.0 - expected)
+
+
+def augmentation_stability(outputs: Outputs) -> float:
+    """Share of images whose top-1 is unchanged under each view (flip, shift), averaged."""
+    if not outputs.view_predictions:
+        raise ConfigError(
+            "no augmented views were scored",
+            "stability compares the top-1 of each image with its flipped and shifted views",
+            "call model_outputs(..., views=True)",
+        )
+    base = outputs.predictions
+    return float(np.mean([float((v == base).double().mean()) for v in outputs.view_predictions]))
+
+
+def confidence(logits: ArrayLike, score: ConfidenceScore = ATC_SCORE) -> torch.Tensor:
+    """Per-image confidence: maximum softmax probability, or negative entropy (float64)."""
+    t = _logits(logits).double()
+    if score == "max_softmax":
+        return torch.softmax(t, dim=1).max(1).values
+    if score == "neg_entropy":
+        return -_entropies(t)
+    raise ConfigError(f"unknown confidence score {score!r}", "use max_softmax or neg_entropy", "")
+
+
+def fit_atc_threshold(conf: torch.Tensor | np.ndarray, accuracy: float) -> float:
+    """The threshold ``t`` with ``mean(conf > t) == accuracy`` (up to one image).
+
+    Garg et al. 2022, eq. 1: fitted on labelled *validation* images of the source
+    domain (the vendor's), never on target images.
+    """
+    if not 0.0 <= accuracy <= 1.0 or math.isnan(accuracy):
+        raise ConfigError(f"accuracy {accuracy}", "must be in [0, 1]", "")
+    s = torch.as_tensor(conf).double().flatten().sort().values
+    n = s.numel()
+    if n == 0:
+        raise ConfigError("no validation confidences", "ATC needs validation images", "")
+    below = n - round(accuracy * n)  # images at or below t
+    if below <= 0:
+        return float(s[0]) - 1e-6 * max(1.0, abs(float(s[0])))
+    if below >= n:
+        return float(s[-1])
+    return float((s[below - 1] + s[below]) / 2)
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    images: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    spec: InputSpec | None = None,
+    *,
+    batch_size: int = 256,
+) -> Calibration:
+    """Vendor side: fit the ATC thresholds on labelled validation images of the source domain.
+
+    Args:
+        model: the model as it will be exported (eval mode is used).
+        images: normalised float (N, C, H, W), or uint8 (N, H, W, 3) with ``spec``.
+        labels: (N,) class indices.
+        spec: the package's input spec (needed for uint8 images).
+
+    The result goes into ``source_stats={"calibration": cal.to_dict(), ...}`` of
+    :func:`sourcefree.export.source_package`; it holds two thresholds, an accuracy
+    and a count (aggregates only). Use images the model was not trained on.
+    """
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8:
+        if spec is None:
+            raise ConfigError(
+                "uint8 validation images without an input spec",
+                "the images must be normalised as the package will declare",
+                "pass spec=InputSpec(...) or normalised float images",
+            )
+        from sourcefree.training import to_tensor
+
+        x = to_tensor(images, spec)
+    else:
+        x = torch.as_tensor(images).float()
+    y = torch.as_tensor(np.asarray(labels)).long().flatten()
+    if x.shape[0] != y.shape[0] or y.numel() == 0:
+        raise ConfigError(
+            f"{x.shape[0]} validation images and {y.numel()} labels",
+            "calibration needs one label per image",
+            "pass matching arrays",
+        )
+    out = model_outputs(model, x, views=False, batch_size=batch_size)
+    acc = float((out.predictions == y).double().mean())
+    return Calibration(
+        validation_accuracy=acc,
+        validation_images=int(y.numel()),
+        atc_max_softmax=fit_atc_threshold(confidence(out, "max_softmax"), acc),
+        atc_neg_entropy=fit_atc_threshold(confidence(out, "neg_entropy"), acc),
+    )
+
+
+def atc_accuracy(
+    logits: ArrayLike,
+    calibration: Calibration,
+    score: ConfidenceScore = ATC_SCORE,
+) -> float:
+    """ATC estimate of accuracy: the share of images whose confidence exceeds the threshold."""
+    return float((confidence(logits, score) > calibration.threshold(score)).double().mean())
+
+
+def anchored_accuracy(
+    outputs: ArrayLike,
+    source: ArrayLike,
+    calibration: Calibration,
+    score: ConfidenceScore = ATC_SCORE,
+) -> float:
+    """Accuracy estimate of a model anchored on the calibrated source model.
+
+    ``mean(agree & source_ok) + mean(disagree & ~source_ok)`` with ``source_ok``
+    the source's ATC indicator (confidence above the vendor's threshold): the
+    source's ATC estimate, minus what the model changes where the source is
+    (by ATC) right, plus what it changes where the source is wrong. Equals
+    :func:`atc_accuracy` of the source for the source itself.
+    """
+    la, ls = _logits(outputs), _logits(source)
+    if la.shape != ls.shape:
+        raise ConfigError(
+            f"outputs of shape {tuple(la.shape)} and {tuple(ls.shape)}",
+            "the anchored estimate compares two models on the same images",
+            "score both models on the same target set",
+        )
+    ok = confidence(ls, score) > calibration.threshold(score)
+    agree = la.argmax(1) == ls.argmax(1)
+    return float(((agree & ok) | (~agree & ~ok)).double().mean())
+
+
+# --- a model's scores -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Label-free scores of one model on the target images (see the module docstring)."""
+
+    entropy: float
+    im: float
+    snd: float
+    agreement: float
+    """With the source model (1.0 for the source itself)."""
+    kappa: float
+    """Cohen's kappa with the source model (1.0 for the source itself)."""
+    stability: float | None
+    atc: float | None
+    """None without a vendor calibration."""
+    anchored: float | None
+    """None without a vendor calibration."""
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {
+            "entropy": _round(self.entropy),
+            "im": _round(self.im),
+            "snd": _round(self.snd),
+            "agreement": _round(self.agreement),
+            "kappa": _round(self.kappa),
+            "stability": _round(self.stability),
+            "atc": _round(self.atc),
+            "anchored": _round(self.anchored),
+        }
+
+
+def _round(v: float | None) -> float | None:
+    """Six significant digits (scores of tiny models can be ~1e-7 apart)."""
+    return None if v is None else float(f"{float(v):.6g}")
+
+
+def score_outputs(
+    outputs: Outputs,
+    source: Outputs,
+    calibration: Calibration | None = None,
+    *,
+    score: ConfidenceScore = ATC_SCORE,
+) -> Scores:
+    """Every label-free score of ``outputs``, with ``source`` as the reference model."""
+    return Scores(
+        entropy=prediction_entropy(outputs),
+        im=information_maximisation(outputs),
+        snd=soft_neighbourhood_density(outputs),
+        agreement=agreement(outputs, source),
+        kappa=cohen_kappa(outputs, source),
+        stability=augmentation_stability(outputs) if outputs.view_predictions else None,
+        atc=None if calibration is None else atc_accuracy(outputs, calibration, score),
+        anchored=(
+            None if calibration is None else anchored_accuracy(outputs, source, calibration, score)
+        ),
+    )
+
+
+# --- choosing among candidates, and the do-no-harm gate ------------------------------
+
+#: ``adapt -m auto``: try the registered methods.
+AUTO_METHOD = "auto"
+#: The adapted model must be estimated better than the source by more than this.
+GATE_MARGIN = 0.0
+
+
+def criterion_name(calibrated: bool) -> str:
+    """The score :func:`selection_value` ranks by: ``anchored`` or ``im``."""
+    return "anchored" if calibrated else "im"
+
+
+def selection_value(scores: Scores) -> float:
+    """The label-free value that ranks candidates (higher is better).
+
+    With a vendor calibration: the anchored accuracy estimate. Without: the
+    information-maximisation score (see docs/selection.md for the measurements
+    behind this choice).
+    """
+    if scores.anchored is not None:
+        return scores.anchored
+    return scores.im
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One run tried by ``--select auto`` or ``-m auto``."""
+
+    method: str
+    overrides: Mapping[str, Any]
+    """Dotted config keys set on top of the user's config (a grid entry)."""
+
+    @property
+    def label(self) -> str:
+        """``method`` or ``method:key=value,...`` (the benchmarks' variant syntax)."""
+        if not self.overrides:
+            return self.method
+        body = ",".join(f"{k}={_text(v)}" for k, v in self.overrides.items())
+        return f"{self.method}:{body}"
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def auto_methods(num_sources: int) -> list[str]:
+    """Registered methods that take ``num_sources`` packages, cheapest first (``-m auto``)."""
+    from sourcefree.registry import get_method, list_methods
+
+    eligible = []
+    for name in list_methods():
+        cls = get_method(name)
+        if cls.min_sources <= num_sources <= cls.max_sources:
+            eligible.append((float(cls.relative_cost), name))
+    return [name for _, name in sorted(eligible)]
+
+
+def plan_candidates(methods: Sequence[str], *, grid: bool) -> list[Candidate]:
+    """The candidates: each method's ``selection_grid`` (``grid``) or its defaults."""
+    from sourcefree.registry import get_method
+
+    out: list[Candidate] = []
+    for name in methods:
+        cls = get_method(name)
+        entries = cls.selection_grid if grid and cls.selection_grid else ({},)
+        out.extend(Candidate(name, dict(entry)) for entry in entries)
+    return out
+
+
+def apply_overrides(
+    config_class: type[Any], config: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> Any:
+    """``config`` (a resolved config dict) with a grid entry's dotted keys set.
+
+    Raises:
+        ConfigError: the user set a key the grid varies, or the entry is invalid.
+    """
+    from sourcefree import config as cfgmod
+
+    defaults = cfgmod.to_dict(config_class())
+    data: dict[str, Any] = _deep_copy(config)
+    for key, value in overrides.items():
+        if _get_dotted(config, key) != _get_dotted(defaults, key):
+            raise ConfigError(
+                f"--select auto varies {key!r}, which the config sets",
+                f"the grid tries {key}={_text(value)} among others",
+                f"drop {key} from --set/--config, or run without --select auto",
+            )
+        _set(data, key, value)
+    return cfgmod.from_dict(config_class, data)
+
+
+def _deep_copy(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+
+
+def _get_dotted(d: Mapping[str, Any], key: str) -> Any:
+    node: Any = d
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = d
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = list(value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The do-no-harm gate's verdict on an adapted model."""
+
+    decision: Literal["adapted", "source"]
+    criterion: str
+    """``anchored`` (vendor calibration) or ``uncalibrated``."""
+    reason: str
+    estimated_gain: float | None
+    """Anchored accuracy of the adapted model minus the source's ATC (calibrated only)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "decision": self.decision,
+            "criterion": self.criterion,
+            "reason": self.reason,
+            "estimated_gain": _round(self.estimated_gain),
+        }
+
+
+def gate_decision(
+    source: Scores,
+    adapted: Scores,
+    *,
+    method: str = "the adapted model",
+    margin: float = GATE_MARGIN,
+) -> GateResult:
+    """Keep the adapted model only when it is estimated better than the source.
+
+    With a vendor calibration (``anchored`` scores): the adapted model passes when
+    its anchored accuracy estimate exceeds the source's ATC estimate by more than
+    ``margin``. Without one, no accuracy can be estimated; the adapted model passes
+    when it is at least as confident-and-diverse as the source (``im``) and agrees
+    with the source at least as often as chance (``kappa >= 0``): this catches
+    collapsed or class-scrambled models, not a harmful shift of the class prior.
+    """
+    if source.anchored is not None and adapted.anchored is not None:
+        gain = adapted.anchored - source.anchored
+        numbers = (
+            f"anchored accuracy estimate {adapted.anchored:.3f} vs the source's ATC "
+            f"estimate {source.anchored:.3f} ({gain:+.3f})"
+        )
+        if gain > margin:
+            return GateResult(
+                "adapted", "anchored", f"{method} is estimated better: {numbers}", gain
+            )
+        return GateResult(
+            "source",
+            "anchored",
+            f"{method} is not estimated better than the source model: {numbers}; "
+            "the source model is kept",
+            gain,
+        )
+    problems = []
+    if adapted.im < source.im:
+        problems.append(f"its IM score {adapted.im:.3f} is below the source's {source.im:.3f}")
+    if adapted.kappa < 0:
+        problems.append(
+            f"it agrees with the source less than chance (kappa {adapted.kappa:.3f}), "
+            "as a model with permuted classes would"
+        )
+    if problems:
+        return GateResult(
+            "source",
+            "uncalibrated",
+            f"{method} looks degenerate: " + "; ".join(problems) + "; the source model is kept",
+            None,
+        )
+    return GateResult(
+        "adapted",
+        "uncalibrated",
+        f"{method} passes the uncalibrated checks (IM {adapted.im:.3f} >= {source.im:.3f}, "
+        f"kappa {adapted.kappa:.3f} >= 0); without a vendor calibration its accuracy "
+        "cannot be estimated",
+        None,
+    )

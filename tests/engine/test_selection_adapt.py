@@ -1,0 +1,399 @@
+"""adapt: the do-no-harm gate, --select auto and -m auto, end to end on tiny data."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load as load_safetensors
+from torch import nn
+
+from sourcefree import selection
+from sourcefree.adaptation import adapt
+from sourcefree.commands_adapt import adapt_command
+from sourcefree.errors import ConfigError, ResumeError
+from sourcefree.export import source_package
+from sourcefree.manifest import InputSpec
+from sourcefree.method import Batch, Method, MethodContext, Phase, StepOutput
+from sourcefree.models import Classifier, build_classifier
+from sourcefree.package import load_package
+from sourcefree.registry import register_method, unregister_method
+from sourcefree.trainer import StepInfo
+
+LABELS = ["surprise", "fear", "happiness"]
+
+
+@dataclass(frozen=True)
+class ScrambleConfig:
+    """Test method: roll the head's class rows and scale the logits."""
+
+    shift: int = 0
+    """Roll the class rows by this much (1: every prediction moves to another class)."""
+    scale: float = 1.0
+    """Multiply the logits (a temperature: predictions stay, confidence changes)."""
+
+
+class Scramble(Method):
+    """Makes the source model worse (or sharper) on purpose, without training."""
+
+    description = "test: roll and scale the head"
+    config_class = ScrambleConfig
+    config: ScrambleConfig
+    selection_grid = ({"scale": 0.5}, {"scale": 1.0}, {"scale": 2.0})
+    relative_cost = 0.5
+
+    def __init__(self, config: ScrambleConfig, context: MethodContext) -> None:
+        super().__init__(config, context)
+        self.model = context.sources[0].model
+        with torch.no_grad():
+            head = self.model.head
+            head.weight.copy_(torch.roll(head.weight, config.shift, 0) * config.scale)
+            head.bias.copy_(torch.roll(head.bias, config.shift, 0) * config.scale)
+
+    def phases(self) -> Sequence[Phase]:
+        return [Phase("noop", 1, self._step, batch_size=16, shuffle=False)]
+
+    def _step(self, batch: Batch) -> StepOutput:
+        return StepOutput(loss=None)
+
+    def modules(self) -> Mapping[str, nn.Module]:
+        return {"model": self.model}
+
+    def export_model(self) -> Classifier:
+        return self.model.eval()
+
+
+@dataclass(frozen=True)
+class SharpenConfig(ScrambleConfig):
+    """Test method: sharper logits by default."""
+
+    scale: float = 2.0
+    """Multiply the logits."""
+
+
+class Sharpen(Scramble):
+    description = "test: sharpen the head"
+    config_class = SharpenConfig
+    relative_cost = 0.1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _scramble() -> Iterator[None]:
+    register_method("scramble-test")(Scramble)
+    register_method("sharpen-test")(Sharpen)
+    yield
+    unregister_method("scramble-test")
+    unregister_method("sharpen-test")
+
+
+def _images(data: Path) -> torch.Tensor:
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(data.glob("*.png"))]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+    return (x - 0.5) / 0.5
+
+
+def _package(out: Path, target_dir: Path, calibration: dict[str, Any] | None) -> Path:
+    """A random smallcnn with BatchNorm statistics and a head centred on the target images.
+
+    Its predictions spread over the classes (a plain random model predicts one class).
+    """
+    torch.manual_seed(0)
+    model = build_classifier("smallcnn", len(LABELS))
+    x = _images(target_dir)
+    model.train()
+    with torch.no_grad():
+        model(x)
+        model.eval()
+        feats = model.backbone(x)
+        weight = torch.randn(len(LABELS), feats.shape[1]) * 100 / feats.shape[1] ** 0.5
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(-weight @ feats.mean(0))
+    stats: dict[str, Any] = {"class_counts": [10, 10, 10]}
+    if calibration is not None:
+        stats["calibration"] = calibration
+    source_package(
+        model.eval(),
+        architecture="smallcnn",
+        labels=LABELS,
+        input_spec=InputSpec(size=(32, 32)),
+        out=out,
+        source_stats=stats,
+    )
+    return out
+
+
+def _cal(threshold: float) -> dict[str, Any]:
+    return {
+        "validation_accuracy": 0.9,
+        "validation_images": 100,
+        "atc_max_softmax": threshold,
+        "atc_neg_entropy": threshold,
+    }
+
+
+@pytest.fixture(scope="module")
+def plain_pkg(target_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """No vendor calibration."""
+    return _package(tmp_path_factory.mktemp("sel") / "plain", target_dir, None)
+
+
+@pytest.fixture(scope="module")
+def confident_pkg(target_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Calibrated so that ATC counts every source prediction as right (threshold below all)."""
+    return _package(tmp_path_factory.mktemp("sel") / "confident", target_dir, _cal(-100.0))
+
+
+@pytest.fixture(scope="module")
+def unsure_pkg(target_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Calibrated so that ATC counts every source prediction as wrong (threshold above all)."""
+    return _package(tmp_path_factory.mktemp("sel") / "unsure", target_dir, _cal(2.0))
+
+
+def _weights(pkg: Path) -> dict[str, torch.Tensor]:
+    return load_safetensors((pkg / "model.safetensors").read_bytes())
+
+
+def test_source_predictions_are_spread(plain_pkg: Path, target_dir: Path) -> None:
+    pkg = load_package(plain_pkg)
+    from sourcefree.models import load_classifier
+
+    out = selection.model_outputs(
+        load_classifier(pkg.manifest.architecture, pkg.weights_bytes), _images(target_dir)
+    )
+    assert len(set(out.predictions.tolist())) == 3  # so kappa can see a permutation
+
+
+def test_gate_keeps_the_source_when_the_head_is_scrambled(
+    confident_pkg: Path, target_dir: Path, eval_csv: Path, tmp_path: Path
+) -> None:
+    result = adapt(
+        confident_pkg,
+        target_dir,
+        method="scramble-test",
+        out=tmp_path / "run",
+        overrides=["shift=1"],
+        device="cpu",
+        eval_labels=eval_csv,
+    )
+    gate = result.report["gate"]
+    assert gate["decision"] == gate["verdict"] == "source" and not gate["forced"]
+    assert gate["criterion"] == "anchored" and gate["calibrated"]
+    assert gate["estimated_gain"] == pytest.approx(-1.0)
+    assert gate["scores"]["adapted"]["agreement"] == 0.0
+    assert gate["scores"]["source"]["atc"] == 1.0
+    assert "source model is kept" in gate["reason"]
+    assert set(gate["accuracy"]) == {"source", "adapted", "note"}
+    assert result.report["export"]["model"] == "source"
+    manifest = result.package.manifest
+    assert manifest.kind == "adapted"
+    assert manifest.provenance["method"] == "source"
+    assert manifest.provenance["config"] == {}
+    assert "scramble-test is not estimated better" in manifest.provenance["note"]
+    assert manifest.name.endswith("-source")
+    exported, original = _weights(tmp_path / "run" / "package"), _weights(confident_pkg)
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], original[k]) for k in original)
+    # The report still names what was tried.
+    assert result.report["method"] == "scramble-test"
+    on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert on_disk["gate"]["decision"] == "source"
+
+
+def test_gate_lets_an_estimated_better_model_through(
+    unsure_pkg: Path, target_dir: Path, tmp_path: Path
+) -> None:
+    result = adapt(
+        unsure_pkg,
+        target_dir,
+        method="scramble-test",
+        out=tmp_path / "run",
+        overrides=["shift=1"],
+        device="cpu",
+    )
+    gate = result.report["gate"]
+    assert gate["decision"] == gate["verdict"] == "adapted"
+    assert gate["estimated_gain"] == pytest.approx(1.0)
+    assert result.package.manifest.provenance["method"] == "scramble-test"
+    assert "note" not in result.package.manifest.provenance
+    assert result.report["export"]["model"] == "adapted"
+
+
+def test_uncalibrated_gate_catches_permuted_classes(
+    plain_pkg: Path, target_dir: Path, tmp_path: Path
+) -> None:
+    result = adapt(
+        plain_pkg,
+        target_dir,
+        method="scramble-test",
+        out=tmp_path / "run",
+        overrides=["shift=1"],
+        device="cpu",
+    )
+    gate = result.report["gate"]
+    assert gate["decision"] == "source" and gate["criterion"] == "uncalibrated"
+    assert gate["scores"]["adapted"]["kappa"] < 0
+    assert gate["scores"]["adapted"]["atc"] is None
+    assert result.package.manifest.provenance["method"] == "source"
+
+
+def test_force_and_no_gate_export_the_adapted_model(
+    confident_pkg: Path, target_dir: Path, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    res = runner.invoke(
+        adapt_command,
+        [
+            str(confident_pkg),
+            str(target_dir),
+            "-m",
+            "scramble-test",
+            "-o",
+            str(tmp_path / "forced"),
+            "--set",
+            "shift=1",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--force",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "gate: exported the adapted model" in res.output and "--force" in res.output
+    report = json.loads((tmp_path / "forced" / "report.json").read_text())
+    assert report["gate"]["decision"] == "adapted" and report["gate"]["verdict"] == "source"
+    assert report["gate"]["forced"] is True
+    forced = load_package(tmp_path / "forced" / "package")
+    assert forced.manifest.provenance["method"] == "scramble-test"
+
+    result = adapt(
+        confident_pkg,
+        target_dir,
+        method="scramble-test",
+        out=tmp_path / "nogate",
+        overrides=["shift=1"],
+        device="cpu",
+        gate=False,
+    )
+    assert result.report["gate"]["enabled"] is False
+    assert result.report["gate"]["decision"] == "adapted"
+    assert result.report["gate"]["scores"] is None
+    assert result.package.manifest.provenance["method"] == "scramble-test"
+
+
+def test_select_auto_keeps_the_best_label_free_score(
+    plain_pkg: Path, target_dir: Path, eval_csv: Path, tmp_path: Path
+) -> None:
+    result = adapt(
+        plain_pkg,
+        target_dir,
+        method="scramble-test",
+        out=tmp_path / "run",
+        select="auto",
+        device="cpu",
+        eval_labels=eval_csv,
+    )
+    sel = result.report["selection"]
+    assert sel["mode"] == "grid" and sel["criterion"] == "im"
+    rows = sel["candidates"]
+    assert [r["candidate"] for r in rows] == [
+        "scramble-test:scale=0.5",
+        "scramble-test:scale=1.0",
+        "scramble-test:scale=2.0",
+    ]
+    assert all(r["status"] == "done" and r["scores"] is not None for r in rows)
+    values = [r["value"] for r in rows]
+    best = int(np.argmax(values))
+    assert [r["chosen"] for r in rows] == [i == best for i in range(3)]
+    assert all(r["value"] == r["scores"]["im"] for r in rows)
+    assert sel["chosen"] == rows[best]["candidate"]
+    assert result.report["config"]["scale"] == [0.5, 1.0, 2.0][best]
+    # True accuracy of each candidate, computed after the choice (same predictions here).
+    assert len({r["accuracy"] for r in rows}) == 1 and "after the decisions" in sel["note"]
+    assert result.report["gate"]["enabled"]
+
+
+def test_select_auto_refuses_a_set_grid_key(
+    plain_pkg: Path, target_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="--select auto varies 'scale'"):
+        adapt(
+            plain_pkg,
+            target_dir,
+            method="scramble-test",
+            out=tmp_path / "run",
+            select="auto",
+            overrides=["scale=2"],
+            device="cpu",
+        )
+    with pytest.raises(ResumeError, match="cannot resume"):
+        adapt(plain_pkg, target_dir, method="shot", out=tmp_path / "r", select="auto", resume=True)
+    with pytest.raises(ConfigError, match="-m auto takes no config"):
+        adapt(plain_pkg, target_dir, method="auto", out=tmp_path / "r", overrides=["lr=1"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_auto_method_runs_candidates_cheapest_first(
+    plain_pkg: Path,
+    target_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(selection, "auto_methods", lambda n: ["sharpen-test", "scramble-test"])
+    runner = CliRunner()
+    res = runner.invoke(
+        adapt_command,
+        [
+            *(str(plain_pkg), str(target_dir), "-m", "auto", "-o", str(tmp_path / "run")),
+            *("--device", "cpu", "--no-progress", "--budget-s", "600"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "candidates (ranked by im" in res.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    sel = report["selection"]
+    assert sel["mode"] == "auto-method" and sel["budget_s"] == 600
+    assert [r["candidate"] for r in sel["candidates"]] == ["sharpen-test", "scramble-test"]
+    best = max(sel["candidates"], key=lambda r: r["value"])
+    assert best["method"] == "sharpen-test"  # sharper logits: higher IM
+    assert best["chosen"] and report["method"] == best["method"]
+    assert report["config"]["scale"] == 2.0
+    assert report["gate"]["enabled"]
+
+
+def test_auto_method_with_a_tiny_budget_exports_the_source(
+    plain_pkg: Path,
+    target_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(selection, "auto_methods", lambda n: ["sharpen-test", "scramble-test"])
+
+    def slow(info: StepInfo) -> None:
+        time.sleep(0.3)
+
+    result = adapt(
+        plain_pkg,
+        target_dir,
+        method="auto",
+        out=tmp_path / "run",
+        device="cpu",
+        budget_s=0.2,
+        on_step=slow,
+    )
+    rows = result.report["selection"]["candidates"]
+    assert [r["status"] for r in rows] == ["stopped", "not started"]
+    assert "budget" in rows[0]["detail"] and "budget" in rows[1]["detail"]
+    gate = result.report["gate"]
+    assert gate["decision"] == "source" and "no candidate finished" in gate["reason"]
+    assert result.package.manifest.provenance["method"] == "source"
+    assert result.report["method"] == "auto"

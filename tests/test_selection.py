@@ -1,0 +1,295 @@
+"""Label-free scores, ATC calibration and the gate's rule on hand-made outputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sourcefree import selection as sel
+from sourcefree.errors import ConfigError, PackageError
+from sourcefree.manifest import Calibration, SourceStats
+
+
+def _logits_from_probs(p: np.ndarray) -> torch.Tensor:
+    return torch.log(torch.as_tensor(p, dtype=torch.float64)).float()
+
+
+def test_entropy_uniform_and_confident() -> None:
+    assert sel.prediction_entropy(torch.zeros(5, 4)) == pytest.approx(math.log(4))
+    confident = torch.tensor([[20.0, 0.0, 0.0], [0.0, 20.0, 0.0]])
+    assert sel.prediction_entropy(confident) < 1e-6
+
+
+def test_information_maximisation_formula() -> None:
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.25, 0.25, 0.5]])
+    h = -(p * np.log(p)).sum(1)
+    mean = p.mean(0)
+    expected = -(mean * np.log(mean)).sum() - h.mean()
+    assert sel.information_maximisation(_logits_from_probs(p)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_information_maximisation_extremes() -> None:
+    # One class for every image, confidently: nothing diverse, IM ~ 0.
+    collapsed = torch.tensor([[30.0, 0.0, 0.0]] * 6)
+    assert sel.information_maximisation(collapsed) == pytest.approx(0.0, abs=1e-6)
+    # Confident and balanced: IM ~ log C.
+    balanced = torch.eye(3).repeat(2, 1) * 30
+    assert sel.information_maximisation(balanced) == pytest.approx(math.log(3), abs=1e-6)
+
+
+def _snd_reference(logits: torch.Tensor, temperature: float = 0.05) -> float:
+    """The whole N x N matrix at once (Saito et al. 2021), no chunks."""
+    f = nn.functional.normalize(torch.softmax(logits.double(), 1), dim=1)
+    sim = f @ f.T / temperature
+    sim.fill_diagonal_(float("-inf"))
+    q = torch.softmax(sim, 1)
+    return float(-torch.special.xlogy(q, q).sum(1).mean())
+
+
+def test_snd_matches_reference_in_chunks() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 5, generator=gen) * 3
+    ref = _snd_reference(logits)
+    assert sel.soft_neighbourhood_density(logits, chunk=7) == pytest.approx(ref, rel=1e-4)
+    assert sel.soft_neighbourhood_density(logits) == pytest.approx(ref, rel=1e-4)
+
+
+def test_snd_higher_for_clustered_outputs() -> None:
+    gen = torch.Generator().manual_seed(1)
+    centres = torch.eye(4) * 8
+    clustered = centres.repeat_interleave(30, 0) + 0.05 * torch.randn(120, 4, generator=gen)
+    scattered = torch.randn(120, 4, generator=gen) * 3
+    assert sel.soft_neighbourhood_density(clustered) > sel.soft_neighbourhood_density(scattered)
+
+
+def test_snd_subsamples_large_sets_deterministically() -> None:
+    logits = torch.randn(300, 3, generator=torch.Generator().manual_seed(2))
+    a = sel.soft_neighbourhood_density(logits, max_samples=100, seed=3)
+    b = sel.soft_neighbourhood_density(logits, max_samples=100, seed=3)
+    assert a == b
+    assert a <= math.log(99) + 1e-6
+
+
+def test_agreement_and_kappa() -> None:
+    a = torch.eye(3)[[0, 1, 2, 0, 1, 2]]
+    assert sel.agreement(a, a) == 1.0
+    assert sel.cohen_kappa(a, a) == pytest.approx(1.0)
+    permuted = a[:, [1, 2, 0]]  # every class renamed: never agrees
+    assert sel.agreement(a, permuted) == 0.0
+    assert sel.cohen_kappa(a, permuted) == pytest.approx(-0.5)
+    collapsed = torch.eye(3)[[0] * 6]
+    # Agreeing only where the other model predicts the collapsed class is chance level.
+    assert sel.cohen_kappa(a, collapsed) == pytest.approx(0.0)
+    assert sel.cohen_kappa(collapsed, collapsed) == 1.0
+    with pytest.raises(ConfigError, match="same images"):
+        sel.agreement(a, a[:3])
+
+
+class _FlipAware(nn.Module):
+    """Predicts class 0 when the left half is brighter, else 1: a flip swaps the class."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = x.shape[3] // 2
+        d = x[:, :, :, :w].mean((1, 2, 3)) - x[:, :, :, w:].mean((1, 2, 3))
+        logits = torch.stack([d, -d], 1) * 10
+        return logits, logits
+
+
+class _Blind(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))[:, :2] * 0 + torch.tensor([1.0, 0.0])
+
+
+def test_stability_of_flip_aware_and_blind_models() -> None:
+    x = torch.zeros(8, 3, 16, 16)
+    x[:4, :, :, :8] = 1.0  # left-bright
+    x[4:, :, :, 8:] = 1.0  # right-bright
+    aware = sel.model_outputs(_FlipAware(), x, batch_size=3)
+    # The flip changes every prediction; the 2-px shift changes none: mean 0.5.
+    assert sel.augmentation_stability(aware) == pytest.approx(0.5)
+    assert aware.predictions.tolist() == [0] * 4 + [1] * 4
+    assert sel.augmentation_stability(sel.model_outputs(_Blind(), x)) == 1.0
+    with pytest.raises(ConfigError, match="views"):
+        sel.augmentation_stability(sel.model_outputs(_Blind(), x, views=False))
+
+
+def test_model_outputs_restore_training_mode() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3), nn.BatchNorm1d(3))
+    model.train()
+    sel.model_outputs(model, torch.randn(5, 3, 4, 4))
+    assert model.training
+
+
+def test_non_finite_logits_are_refused() -> None:
+    with pytest.raises(ConfigError, match="NaN or Inf"):
+        sel.prediction_entropy(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ConfigError, match=r"\(N, C\)"):
+        sel.prediction_entropy(torch.zeros(3))
+
+
+def test_fit_atc_threshold_matches_accuracy() -> None:
+    conf = torch.linspace(0, 1, 101)
+    for acc in (0.0, 0.3, 0.7, 1.0):
+        t = sel.fit_atc_threshold(conf, acc)
+        assert float((conf > t).double().mean()) == pytest.approx(acc, abs=0.01)
+    with pytest.raises(ConfigError):
+        sel.fit_atc_threshold(conf, 1.5)
+
+
+def _separable_sample(
+    n: int, gen: np.random.Generator, sharp: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of a 4-class model that is right exactly when its top softmax exceeds 0.6.
+
+    That is the case ATC is exact for (Garg et al. 2022): confidence ranks
+    correctness. ``sharp`` moves the confidence distribution (a covariate shift).
+    """
+    c = 4
+    top = 1 / c + (1 - 1 / c) * gen.beta(sharp, 1.0, size=n)
+    rest = (1 - top) / (c - 1)
+    probs = np.repeat(rest[:, None], c, 1)
+    predicted = gen.integers(0, c, size=n)
+    probs[np.arange(n), predicted] = top
+    other = (predicted + gen.integers(1, c, size=n)) % c
+    truth = np.where(top > 0.6, predicted, other)
+    return np.log(probs), truth
+
+
+def test_atc_estimates_accuracy_under_covariate_shift() -> None:
+    gen = np.random.default_rng(0)
+    val_logits, val_truth = _separable_sample(5000, gen, sharp=3.0)
+    val_acc = float((val_logits.argmax(1) == val_truth).mean())
+    cal = Calibration(
+        validation_accuracy=val_acc,
+        validation_images=5000,
+        atc_max_softmax=sel.fit_atc_threshold(sel.confidence(val_logits, "max_softmax"), val_acc),
+        atc_neg_entropy=sel.fit_atc_threshold(sel.confidence(val_logits, "neg_entropy"), val_acc),
+    )
+    tgt_logits, tgt_truth = _separable_sample(5000, gen, sharp=0.7)  # less confident target
+    tgt_acc = float((tgt_logits.argmax(1) == tgt_truth).mean())
+    assert tgt_acc < val_acc - 0.2
+    # Without the vendor's threshold the average confidence is no estimate here.
+    assert abs(float(sel.confidence(tgt_logits, "max_softmax").mean()) - tgt_acc) > 0.1
+    for score in ("max_softmax", "neg_entropy"):
+        estimate = sel.atc_accuracy(tgt_logits, cal, score)
+        assert estimate == pytest.approx(tgt_acc, abs=0.01), score
+
+
+def test_calibrate_vendor_side_and_manifest_round_trip() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    x = torch.randn(40, 3, 4, 4)
+    y = model(x).argmax(1).numpy()
+    y[:10] = (y[:10] + 1) % 3  # 30 of 40 right
+    cal = sel.calibrate(model, x, y)
+    assert cal.validation_accuracy == pytest.approx(0.75)
+    assert cal.validation_images == 40
+    out = sel.model_outputs(model, x, views=False)
+    for score in ("max_softmax", "neg_entropy"):
+        assert sel.atc_accuracy(out, cal, score) == pytest.approx(0.75)
+    stats = SourceStats.from_dict({"class_counts": [1, 2, 3], "calibration": cal.to_dict()}, 3)
+    assert stats.calibration == cal
+    assert stats.to_dict()["calibration"] == cal.to_dict()
+    with pytest.raises(PackageError, match="validation_accuracy"):
+        SourceStats.from_dict({"calibration": {**cal.to_dict(), "validation_accuracy": 1.5}}, 3)
+    with pytest.raises(PackageError, match="calibration.extra"):
+        SourceStats.from_dict({"calibration": {**cal.to_dict(), "extra": 1}}, 3)
+    with pytest.raises(ConfigError, match="input spec"):
+        sel.calibrate(model, np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2))
+
+
+def test_anchored_accuracy_by_hand() -> None:
+    # Source: confident (neg entropy ~0) on images 0-3, uniform on 4-7.
+    source = torch.zeros(8, 3)
+    source[:4, 0] = 30.0
+    cal = Calibration(0.9, 100, atc_max_softmax=0.5, atc_neg_entropy=-0.5)
+    assert sel.atc_accuracy(source, cal) == 0.5
+    assert sel.anchored_accuracy(source, source, cal) == 0.5
+    adapted = torch.zeros(8, 3)
+    adapted[:, 0] = 1.0  # class 0 everywhere: agrees on 0-7 (the source's ties go to class 0)
+    adapted[[1, 5, 6], 0] = 0.0
+    adapted[[1, 5, 6], 2] = 5.0  # changes one confident and two unconfident predictions
+    # agree & confident: 0, 2, 3; disagree & unconfident: 5, 6 -> 5 / 8
+    assert sel.anchored_accuracy(adapted, source, cal) == pytest.approx(5 / 8)
+
+
+def _scores(**kw: float | None) -> sel.Scores:
+    base: dict[str, float | None] = {
+        "entropy": 0.5,
+        "im": 1.0,
+        "snd": 4.0,
+        "agreement": 0.8,
+        "kappa": 0.7,
+        "stability": 0.9,
+        "atc": None,
+        "anchored": None,
+    }
+    base.update(kw)
+    return sel.Scores(**base)  # type: ignore[arg-type]
+
+
+def test_gate_rule_calibrated() -> None:
+    src = _scores(agreement=1.0, kappa=1.0, atc=0.6, anchored=0.6)
+    better = sel.gate_decision(src, _scores(atc=0.9, anchored=0.7), method="tent")
+    assert better.decision == "adapted" and better.criterion == "anchored"
+    assert better.estimated_gain == pytest.approx(0.1)
+    assert "tent is estimated better" in better.reason
+    worse = sel.gate_decision(src, _scores(atc=0.95, anchored=0.55))  # confident, not better
+    assert worse.decision == "source" and "source model is kept" in worse.reason
+    tie = sel.gate_decision(src, _scores(atc=0.6, anchored=0.6))
+    assert tie.decision == "source"
+
+
+def test_gate_rule_uncalibrated() -> None:
+    src = _scores(im=0.5, agreement=1.0, kappa=1.0)
+    assert sel.gate_decision(src, _scores(im=0.8, kappa=0.3)).decision == "adapted"
+    less_im = sel.gate_decision(src, _scores(im=0.4, kappa=0.3))
+    assert less_im.decision == "source" and "IM score" in less_im.reason
+    scrambled = sel.gate_decision(src, _scores(im=0.5, kappa=-0.4))
+    assert scrambled.decision == "source" and "permuted" in scrambled.reason
+    assert scrambled.criterion == "uncalibrated" and scrambled.estimated_gain is None
+
+
+def test_selection_value_and_criterion() -> None:
+    assert sel.selection_value(_scores(anchored=0.42)) == 0.42
+    assert sel.selection_value(_scores(im=1.3)) == 1.3
+    assert sel.criterion_name(True) == "anchored" and sel.criterion_name(False) == "im"
+
+
+def test_candidates_from_method_grids() -> None:
+    from sourcefree import config as cfgmod
+    from sourcefree.registry import get_method
+
+    plan = sel.plan_candidates(["shot", "adabn"], grid=True)
+    shot = get_method("shot")
+    assert len(shot.selection_grid) >= 2
+    assert [c.method for c in plan].count("shot") == len(shot.selection_grid)
+    assert [c.label for c in plan if c.method == "adabn"] == ["adabn"]  # no grid: defaults
+    assert sel.plan_candidates(["shot"], grid=False) == [sel.Candidate("shot", {})]
+    assert sel.Candidate("clup", {"n_clusters": None, "keep_fraction": 0.1}).label == (
+        "clup:n_clusters=none,keep_fraction=0.1"
+    )
+    defaults = cfgmod.to_dict(shot.config_class())
+    for cand in plan:
+        if cand.method == "shot":  # every grid entry is a valid config
+            cfg = sel.apply_overrides(shot.config_class, defaults, cand.overrides)
+            for key, value in cand.overrides.items():
+                assert getattr(cfg, key) == value
+    user = {**defaults, "epochs": 3}
+    with pytest.raises(ConfigError, match="--select auto varies 'epochs'"):
+        sel.apply_overrides(shot.config_class, user, {"epochs": 5})
+
+
+def test_auto_methods_cheapest_first() -> None:
+    from sourcefree.registry import get_method
+
+    names = sel.auto_methods(1)
+    assert names[0] == "adabn"
+    assert "la-cmfer" in names  # takes one package or several
+    costs = [get_method(n).relative_cost for n in names]
+    assert costs == sorted(costs)
+    assert sel.auto_methods(2) == ["la-cmfer"]
