@@ -418,6 +418,13 @@ class CluP(Method):
     )
     config_class = CluPConfig
     config: CluPConfig
+    #: ``--select auto``: K (default: about 30 images per cluster; 250: the paper's
+    #: smaller K) x the kept fraction q = 1 - Q (0.1: the paper's Q = 0.9; 0.3: ours).
+    #: Candidates with more clusters than images fail and are reported.
+    selection_grid = tuple(
+        {"n_clusters": k, "keep_fraction": q} for k in (None, 250) for q in (0.1, 0.3)
+    )
+    relative_cost = 15.0  # SSL warm-up + fine-tune: the slowest method on a CPU
 
     def __init__(self, config: CluPConfig, context: MethodContext) -> None:
         super().__init__(config, context)

@@ -2,7 +2,10 @@
 
 Run: python examples/vendor_export.py OUT_DIR
 Writes OUT_DIR/package (the source package) and OUT_DIR/vendor.key / vendor.pub.
-Only weights, a graph and aggregate statistics leave; no image does.
+Only weights, a graph and aggregate statistics leave; no image does. The
+statistics include a calibration from held-out validation faces (accuracy and
+two ATC thresholds), so that customers can estimate accuracy without labels
+and the do-no-harm gate can compare the adapted model with yours.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 from sourcefree.data.synthetic import CLASSES, generate
 from sourcefree.export import source_package
 from sourcefree.manifest import InputSpec
+from sourcefree.selection import calibrate
 from sourcefree.signing import keygen, sign_package
 from sourcefree.training import TrainConfig, class_feature_means, to_tensor, train_classifier
 
@@ -22,6 +26,7 @@ from sourcefree.training import TrainConfig, class_feature_means, to_tensor, tra
 def main(out: Path, n: int = 2000, epochs: int = 4) -> Path:
     spec = InputSpec(size=(32, 32))
     faces = generate("studio", n, 32, seed=0)  # stands in for the vendor's private faces
+    held_out = generate("studio", max(100, n // 4), 32, seed=1)  # never trained on
     model = train_classifier(
         faces.images, faces.labels, len(CLASSES), spec, TrainConfig(epochs=epochs)
     )
@@ -30,6 +35,7 @@ def main(out: Path, n: int = 2000, epochs: int = 4) -> Path:
         "class_feature_means": class_feature_means(
             model, to_tensor(faces.images, spec), faces.labels, len(CLASSES)
         ),
+        "calibration": calibrate(model, held_out.images, held_out.labels, spec).to_dict(),
     }
     package = out / "package"
     source_package(

@@ -38,6 +38,7 @@ def run_demo(
     from sourcefree.manifest import InputSpec
     from sourcefree.package import load_package
     from sourcefree.runtime import Predictor
+    from sourcefree.selection import calibrate
     from sourcefree.signing import keygen, sign_package
     from sourcefree.training import (
         TrainConfig,
@@ -61,6 +62,8 @@ def run_demo(
     val_pred = predict_logits(model, to_tensor(val.images, spec)).argmax(1).numpy()
     val_acc = float((val_pred == val.labels).mean())
     click.echo(f"[vendor] source validation accuracy {val_acc:.3f}")
+    # ATC thresholds from the validation images: label-free accuracy estimates on site.
+    calibration = calibrate(model, val.images, val.labels, spec).to_dict()
 
     counts = np.bincount(train.labels, minlength=len(labels)).tolist()
     means = class_feature_means(model, to_tensor(train.images, spec), train.labels, len(labels))
@@ -71,7 +74,11 @@ def run_demo(
         labels=labels,
         input_spec=spec,
         out=pkg_dir,
-        source_stats={"class_counts": counts, "class_feature_means": means},
+        source_stats={
+            "class_counts": counts,
+            "class_feature_means": means,
+            "calibration": calibration,
+        },
         name="fer-smallcnn",
         overwrite=True,
     )
@@ -96,6 +103,8 @@ def run_demo(
         pkg, photos, method=method, out=out / "adapted", overwrite=True, seed=seed, progress=True
     )
     adapt_seconds = time.perf_counter() - t_adapt
+    gate = result.report["gate"]
+    click.echo(f"[customer] do-no-harm gate: exported the {gate['decision']} model")
     adapted_metrics = evaluate(result.package, photos, labels_csv)
 
     predictor = Predictor(result.package, device="auto")
@@ -117,6 +126,7 @@ def run_demo(
             "accuracy": round(adapted_metrics.accuracy, 4),
             "mean_class_recall": round(adapted_metrics.mean_class_recall, 4),
             "adapt_seconds": round(adapt_seconds, 1),
+            "exported": gate["decision"],
         },
         "runtime_device": predictor.device,
         "seconds": round(elapsed, 1),
@@ -125,7 +135,8 @@ def run_demo(
     click.echo("")
     click.echo(f"{'model':30s} {'data':12s} {'accuracy':>9s} {'mean recall':>12s}")
     click.echo(f"{'source (vendor validation)':30s} {'studio':12s} {val_acc:9.3f}")
-    for name, m in (("source package", source_metrics), (f"adapted ({method})", adapted_metrics)):
+    exported = f"adapted ({method})" if gate["decision"] == "adapted" else "exported (gate: source)"
+    for name, m in (("source package", source_metrics), (exported, adapted_metrics)):
         click.echo(f"{name:30s} {'wild-mild':12s} {m.accuracy:9.3f} {m.mean_class_recall:12.3f}")
     click.echo(f"report: {out / 'report.json'}  ({elapsed:.0f} s)")
     return report

@@ -284,6 +284,21 @@ def test_candidates_from_method_grids() -> None:
         sel.apply_overrides(shot.config_class, user, {"epochs": 5})
 
 
+def test_every_declared_grid_entry_is_a_valid_config() -> None:
+    from sourcefree import config as cfgmod
+    from sourcefree.registry import get_method, list_methods
+
+    grids = {name: get_method(name).selection_grid for name in list_methods()}
+    assert grids["clup"] and grids["shot"] and grids["shot-im"]  # the documented grids
+    for name, grid in grids.items():
+        cls = get_method(name)
+        defaults = cfgmod.to_dict(cls.config_class())
+        for entry in grid:
+            sel.apply_overrides(cls.config_class, defaults, entry)
+    keys = {tuple(sorted(e)) for e in grids["clup"]}
+    assert keys == {("keep_fraction", "n_clusters")}
+
+
 def test_auto_methods_cheapest_first() -> None:
     from sourcefree.registry import get_method
 
