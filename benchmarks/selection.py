@@ -1,0 +1,429 @@
+"""Label-free model selection and the do-no-harm gate, judged with labels afterwards.
+
+For every seed: the vendor's ``smallcnn`` is trained on ``studio`` faces and a
+calibration (validation accuracy, ATC thresholds: :func:`sourcefree.selection.calibrate`)
+is fitted on held-out ``studio`` faces, as ``examples/vendor_export.py`` does. For
+every preset, every candidate (each method's default config and each entry of its
+``selection_grid``) adapts a fresh copy of the source model in-process
+(``Method`` + ``Trainer``, CPU); its label-free scores are computed on the target
+images (:mod:`sourcefree.selection`) and, only then, its true accuracy.
+
+Reported (labels judge the selectors; they choose nothing):
+
+- **Spearman** rank correlation between each score (oriented: higher is better)
+  and true accuracy over the candidates of one (preset, seed), then averaged;
+- **regret of ``--select auto``**: per method with a grid, the accuracy of the
+  best candidate by labels minus the one the label-free value picks;
+- **``-m auto``**: the method default with the best label-free value, passed
+  through the gate, against the best single method by labels;
+- **gate**: for every adapted candidate, the calibrated and the uncalibrated
+  decision against the truth (adapted more accurate than the source).
+
+Writes ``benchmarks/results/selection.json`` and the "## Label-free selection"
+section of ``docs/benchmarks.md``.
+
+    python benchmarks/selection.py [--methods adabn tent shot] [--presets wild-mild prior-shift]
+                                   [--seeds 0 1 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sourcefree import config as cfgmod
+from sourcefree import selection as sel
+from sourcefree.data.synthetic import CLASSES, generate
+from sourcefree.export import source_package
+from sourcefree.manifest import Calibration, InputSpec
+from sourcefree.method import MethodContext, SourceModel, TargetData
+from sourcefree.models import load_classifier
+from sourcefree.package import Package, load_package
+from sourcefree.registry import get_method
+from sourcefree.trainer import Trainer, seed_everything
+from sourcefree.training import TrainConfig, train_classifier
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "selection.json"
+DOCS = ROOT / "docs" / "benchmarks.md"
+START = "<!-- selection:start -->"
+END = "<!-- selection:end -->"
+
+SIZE = 32
+DEFAULT_METHODS = ("adabn", "tent", "shot", "shot-im", "difc")
+QUICK_METHODS = ("adabn", "tent", "shot", "shot-im")
+SCORES = ("entropy", "im", "snd", "agreement", "kappa", "stability", "atc", "anchored")
+
+
+def _source(seed: int, workdir: Path, n_source: int, n_val: int) -> tuple[Path, float]:
+    """Train the vendor's model, calibrate it on held-out faces, export it."""
+    spec = InputSpec(size=(SIZE, SIZE))
+    t0 = time.perf_counter()
+    train = generate("studio", n_source, SIZE, seed=1000 + seed)
+    model = train_classifier(train.images, train.labels, len(CLASSES), spec, TrainConfig(seed=seed))
+    val = generate("studio", n_val, SIZE, seed=3000 + seed)
+    cal = sel.calibrate(model, val.images, val.labels, spec)
+    out = workdir / f"source-{seed}"
+    source_package(
+        model.eval(),
+        architecture="smallcnn",
+        labels=list(CLASSES),
+        input_spec=spec,
+        out=out,
+        source_stats={"calibration": cal.to_dict()},
+    )
+    return out, time.perf_counter() - t0
+
+
+def _candidates(methods: list[str]) -> list[sel.Candidate]:
+    """Each method's default config, then its grid entries (duplicates run once)."""
+    out: list[sel.Candidate] = []
+    for name in methods:
+        out.append(sel.Candidate(name, {}))
+        out.extend(sel.Candidate(name, dict(e)) for e in get_method(name).selection_grid)
+    return out
+
+
+def _config_key(cand: sel.Candidate) -> str:
+    cls = get_method(cand.method)
+    cfg = sel.apply_overrides(cls.config_class, cfgmod.to_dict(cls.config_class()), cand.overrides)
+    return cand.method + json.dumps(cfgmod.to_dict(cfg), sort_keys=True)
+
+
+def _run(
+    cand: sel.Candidate, pkg: Package, data: TargetData, seed: int
+) -> tuple[sel.Outputs, float]:
+    cls = get_method(cand.method)
+    cfg = sel.apply_overrides(cls.config_class, cfgmod.to_dict(cls.config_class()), cand.overrides)
+    model = load_classifier(pkg.manifest.architecture, pkg.weights_bytes)
+    device = torch.device("cpu")
+    seed_everything(seed)
+    method = cls(cfg, MethodContext((SourceModel(pkg, model),), data, device, seed))
+    t0 = time.perf_counter()
+    Trainer(method, data, device=device, seed=seed).run()
+    outputs = sel.model_outputs(method.export_model(), data)
+    return outputs, time.perf_counter() - t0
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    for value in np.unique(x):  # average ranks of ties
+        tie = x == value
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None when undefined."""
+    if len(x) < 3:
+        return None
+    rx, ry = _ranks(np.asarray(x, float)), _ranks(np.asarray(y, float))
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _oriented(row: dict[str, Any], score: str) -> float | None:
+    v = row["scores"].get(score)
+    if v is None:
+        return None
+    return float(v) if sel.HIGHER_IS_BETTER[score] else -float(v)
+
+
+def _gate_scores(d: dict[str, Any]) -> sel.Scores:
+    return sel.Scores(**{k: d[k] for k in sel.Scores.__dataclass_fields__})
+
+
+def analyse(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    """Spearman, regrets, -m auto and gate decisions per (preset, seed), and their means."""
+    groups = sorted({(r["preset"], r["seed"]) for r in rows})
+    spear: dict[str, list[float]] = {s: [] for s in (*SCORES, "value")}
+    per_group: list[dict[str, Any]] = []
+    regrets: dict[str, list[float]] = {}
+    auto_rows: list[dict[str, Any]] = []
+    gate_rows: list[dict[str, Any]] = []
+    for preset, seed in groups:
+        group = [r for r in rows if r["preset"] == preset and r["seed"] == seed]
+        src = next(r for r in group if r["candidate"] == "source-only")
+        adapted = [r for r in group if r["candidate"] != "source-only"]
+        unique = list({r["config_key"]: r for r in adapted}.values())  # a default may be in a grid
+        acc = [r["accuracy"] for r in unique]
+        g: dict[str, Any] = {"preset": preset, "seed": seed, "spearman": {}}
+        for score in (*SCORES, "value"):
+            vals = [r["value"] if score == "value" else _oriented(r, score) for r in unique]
+            if any(v is None for v in vals):
+                continue
+            rho = spearman([float(v) for v in vals if v is not None], acc)
+            g["spearman"][score] = None if rho is None else round(rho, 4)
+            if rho is not None:
+                spear[score].append(rho)
+        for name in methods:
+            grid = [r for r in unique if r["method"] == name and r["in_grid"]]
+            if len(grid) < 2:
+                continue
+            chosen = max(grid, key=lambda r: r["value"])
+            best = max(r["accuracy"] for r in grid)
+            regret = best - chosen["accuracy"]
+            regrets.setdefault(name, []).append(regret)
+            g.setdefault("select_auto", {})[name] = {
+                "chosen": chosen["candidate"],
+                "chosen_accuracy": chosen["accuracy"],
+                "best_accuracy": best,
+                "regret": round(regret, 4),
+            }
+        defaults = [r for r in adapted if r["is_default"]]
+        if defaults:
+            chosen = max(defaults, key=lambda r: r["value"])
+            verdict = sel.gate_decision(
+                _gate_scores(src["scores"]), _gate_scores(chosen["scores"])
+            ).decision
+            exported = chosen["accuracy"] if verdict == "adapted" else src["accuracy"]
+            best_single = max(r["accuracy"] for r in defaults)
+            auto = {
+                "preset": preset,
+                "seed": seed,
+                "chosen": chosen["candidate"],
+                "gate": verdict,
+                "exported_accuracy": exported,
+                "source_accuracy": src["accuracy"],
+                "best_single_method": max(defaults, key=lambda r: r["accuracy"])["candidate"],
+                "best_single_accuracy": best_single,
+                "gap_to_best": round(best_single - exported, 4),
+            }
+            auto_rows.append(auto)
+            g["auto"] = auto
+        uncal_src = {**src["scores"], "atc": None, "anchored": None}
+        for r in unique:
+            better = r["accuracy"] > src["accuracy"]
+            cal = sel.gate_decision(_gate_scores(src["scores"]), _gate_scores(r["scores"]))
+            unc = sel.gate_decision(
+                _gate_scores(uncal_src),
+                _gate_scores({**r["scores"], "atc": None, "anchored": None}),
+            )
+            gate_rows.append(
+                {
+                    "preset": preset,
+                    "seed": seed,
+                    "candidate": r["candidate"],
+                    "adapted_better": better,
+                    "gain": round(r["accuracy"] - src["accuracy"], 4),
+                    "calibrated": cal.decision,
+                    "estimated_gain": None
+                    if cal.estimated_gain is None
+                    else round(cal.estimated_gain, 4),
+                    "uncalibrated": unc.decision,
+                }
+            )
+        per_group.append(g)
+
+    def right(kind: str) -> dict[str, int]:
+        ok = sum((g[kind] == "adapted") == g["adapted_better"] for g in gate_rows)
+        harm = sum(g[kind] == "adapted" and not g["adapted_better"] for g in gate_rows)
+        return {"correct": ok, "of": len(gate_rows), "harmful_passed": harm}
+
+    return {
+        "spearman_mean": {
+            k: round(statistics.fmean(v), 4) if v else None for k, v in spear.items()
+        },
+        "spearman_groups": {k: len(v) for k, v in spear.items()},
+        "select_auto_regret_mean": {
+            k: round(statistics.fmean(v), 4) for k, v in sorted(regrets.items())
+        },
+        "select_auto_regret_overall": _mean([x for v in regrets.values() for x in v]),
+        "auto": auto_rows,
+        "gate": gate_rows,
+        "gate_summary": {"calibrated": right("calibrated"), "uncalibrated": right("uncalibrated")},
+        "groups": per_group,
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(statistics.fmean(values), 4) if values else None
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    a = payload["analysis"]
+    lines = [
+        START,
+        f"`python benchmarks/selection.py {payload['argv']}`: studio -> target, {SIZE} px, "
+        f"{payload['n_target']} target images, smallcnn source trained on "
+        f"{payload['n_source']} studio images and calibrated on {payload['n_val']} held-out "
+        f"ones per seed; CPU ({payload['machine']['threads']} threads); methods "
+        f"{', '.join(payload['methods'])}; presets {', '.join(payload['presets'])}; seeds "
+        f"{payload['seeds']}; {len(payload['rows'])} runs in {payload['wall_seconds']:.0f} s. "
+        "Labels judge the selectors after the fact; they choose nothing.",
+        "",
+        "Spearman correlation of each label-free score with true accuracy over the "
+        "adapted candidates of one (preset, seed), mean over groups (`value` = the "
+        "selection value: `anchored` with a calibration):",
+        "",
+        "| " + " | ".join(a["spearman_mean"]) + " |",
+        "|" + "---|" * len(a["spearman_mean"]),
+        "| "
+        + " | ".join("-" if v is None else f"{v:+.2f}" for v in a["spearman_mean"].values())
+        + " |",
+        "",
+        "`--select auto` regret (best candidate by labels minus the chosen one), mean "
+        "over groups: "
+        + (", ".join(f"`{k}` {v:.3f}" for k, v in a["select_auto_regret_mean"].items()) or "-")
+        + (
+            f"; overall {a['select_auto_regret_overall']:.3f}."
+            if a["select_auto_regret_overall"] is not None
+            else "."
+        ),
+        "",
+        "| preset | seed | `-m auto` picks | gate | exported acc. | source acc. "
+        "| best single method | gap |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in a["auto"]:
+        lines.append(
+            f"| {r['preset']} | {r['seed']} | `{r['chosen']}` | {r['gate']} | "
+            f"{r['exported_accuracy']:.3f} | {r['source_accuracy']:.3f} | "
+            f"`{r['best_single_method']}` {r['best_single_accuracy']:.3f} | "
+            f"{r['gap_to_best']:+.3f} |"
+        )
+    s = a["gate_summary"]
+    lines += [
+        "",
+        "Gate on every adapted candidate (right = exports the more accurate of source "
+        f"and adapted): calibrated {s['calibrated']['correct']}/{s['calibrated']['of']} "
+        f"right, {s['calibrated']['harmful_passed']} harmful passed; uncalibrated "
+        f"{s['uncalibrated']['correct']}/{s['uncalibrated']['of']} right, "
+        f"{s['uncalibrated']['harmful_passed']} harmful passed.",
+        "",
+        "| preset | seed | candidate | true gain | est. gain | calibrated | uncalibrated |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for g in a["gate"]:
+        est = "-" if g["estimated_gain"] is None else f"{g['estimated_gain']:+.3f}"
+        lines.append(
+            f"| {g['preset']} | {g['seed']} | `{g['candidate']}` | {g['gain']:+.3f} | {est} | "
+            f"{g['calibrated']} | {g['uncalibrated']} |"
+        )
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_docs(block: str) -> None:
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n## Label-free selection\n\n" + block + "\n"
+    DOCS.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--presets", nargs="+", default=["wild-mild", "prior-shift"])
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"methods {' '.join(QUICK_METHODS)}, seed 0, 3000 source / 1000 target images",
+    )
+    p.add_argument("--n-source", type=int, default=None, help="vendor training images")
+    p.add_argument("--n-target", type=int, default=None, help="target images per preset")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--no-docs", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    methods = list(args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS))
+    seeds = list(args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2]))
+    n_source, n_val, n_target = (3000, 1000, 1000) if args.quick else (5000, 2000, 2000)
+    n_source = args.n_source or n_source
+    n_target = args.n_target or n_target
+    payload: dict[str, Any] = {
+        "benchmark": "selection",
+        "argv": " ".join(sys.argv[1:] if argv is None else argv) or "(defaults)",
+        "methods": methods,
+        "presets": args.presets,
+        "seeds": seeds,
+        "n_source": n_source,
+        "n_val": n_val,
+        "n_target": n_target,
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+        },
+        "rows": [],
+    }
+    t_all = time.perf_counter()
+    cands = _candidates(methods)
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            path, secs = _source(seed, Path(tmp), n_source, n_val)
+            pkg = load_package(path)
+            stats = pkg.manifest.source_stats
+            cal: Calibration | None = None if stats is None else stats.calibration
+            print(f"seed {seed}: source trained and calibrated in {secs:.0f} s ({cal})", flush=True)
+            for preset in args.presets:
+                target = generate(preset, n_target, SIZE, seed=2000 + seed)
+                truth = torch.from_numpy(target.labels.astype(np.int64))
+                data = TargetData(images=target.images, spec=pkg.manifest.input, fingerprint=preset)
+                source = sel.model_outputs(
+                    load_classifier(pkg.manifest.architecture, pkg.weights_bytes), data
+                )
+                done: dict[str, tuple[sel.Outputs, float]] = {}
+                todo: list[tuple[str, sel.Candidate]] = [("source-only", sel.Candidate("-", {}))]
+                todo += [(c.label, c) for c in cands]
+                for label, cand in todo:
+                    key = "source"
+                    if label == "source-only":
+                        outputs, secs = source, 0.0
+                    else:
+                        key = _config_key(cand)
+                        if key not in done:
+                            done[key] = _run(cand, pkg, data, seed)
+                        outputs, secs = done[key]
+                    scores = sel.score_outputs(outputs, source, cal)
+                    row = {
+                        "preset": preset,
+                        "seed": seed,
+                        "candidate": label,
+                        "method": cand.method,
+                        "is_default": label != "source-only" and not cand.overrides,
+                        "in_grid": bool(cand.overrides),
+                        "config_key": key,
+                        "scores": scores.to_dict(),
+                        "value": sel.selection_value(scores),
+                        "accuracy": round(float((outputs.predictions == truth).double().mean()), 4),
+                        "seconds": round(secs, 1),
+                    }
+                    payload["rows"].append(row)
+                    print(
+                        f"{preset} seed {seed} {label}: acc {row['accuracy']:.4f} "
+                        f"value {row['value']:.4f} ({row['seconds']} s)",
+                        flush=True,
+                    )
+                payload["wall_seconds"] = round(time.perf_counter() - t_all, 1)
+                payload["analysis"] = analyse(payload["rows"], methods)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    block = markdown(payload)
+    if not args.no_docs:
+        write_docs(block)
+    print(block)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
