@@ -396,6 +396,7 @@ def _gate(
             "verdict": "source",
             "forced": False,
             "reason": "no candidate finished within the budget; the source model is exported",
+            "note": "no adaptation candidate finished within the budget; source model kept",
             "scores": None,
         }
     if not gate or adapted is None:
@@ -412,6 +413,10 @@ def _gate(
     result = selection.gate_decision(src, ada, method=method)
     decision = "adapted" if force else result.decision
     reason = result.reason
+    gain = "" if result.estimated_gain is None else f", estimated gain {result.estimated_gain:+.3f}"
+    # Provenance note: short (audit flags free text over 200 characters), no image data.
+    note = f"do-no-harm gate kept the source model: {method[:40]} estimated worse"
+    note += f" ({result.criterion}{gain})"
     if force and result.decision == "source":
         reason += "; exported anyway (--force)"
     return {
@@ -422,6 +427,7 @@ def _gate(
         "criterion": result.criterion,
         "estimated_gain": result.to_dict()["estimated_gain"],
         "reason": reason,
+        "note": note,
         "reference_source": ref,
         "calibrated": calibration is not None,
         "scores": {"source": src.to_dict(), "adapted": ada.to_dict()},
@@ -873,7 +879,7 @@ def _adapt(
                 num_target_images=len(target_data),
                 architecture=architecture,
                 out=stage / PACKAGE_DIR,
-                note=verdict["reason"][:256] if keep_source else None,
+                note=verdict["note"] if keep_source else None,
             )
             t_exported = time.perf_counter()
             report["export"] = {
