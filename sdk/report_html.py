@@ -435,6 +435,49 @@ def _evaluation(report: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
+def _selection(report: Mapping[str, Any]) -> str:
+    """The do-no-harm gate and the candidates of --select auto / -m auto."""
+    parts: list[str] = []
+    sel = report.get("selection")
+    if isinstance(sel, Mapping):
+        parts.append(f"<h2>Candidates (ranked by {_e(sel.get('criterion'))})</h2>")
+        if sel.get("note"):
+            parts.append(f'<p class="note">{_e(sel["note"])}</p>')
+        parts.append(
+            "<table><tr><th>candidate</th><th>status</th><th>seconds</th><th>score</th>"
+            "<th>accuracy</th><th>chosen</th></tr>"
+        )
+        for row in sel.get("candidates", []):
+            parts.append(
+                f"<tr><td>{_e(row.get('candidate'))}</td><td>{_e(row.get('status'))}</td>"
+                f"<td class='n'>{_num(row.get('seconds'), 1)}</td>"
+                f"<td class='n'>{_num(row.get('value'))}</td>"
+                f"<td class='n'>{_num(row.get('accuracy'))}</td>"
+                f"<td>{'yes' if row.get('chosen') else ''}</td></tr>"
+            )
+        parts.append("</table>")
+    gate = report.get("gate")
+    if isinstance(gate, Mapping):
+        parts.append(f"<h2>Do-no-harm gate: exported the {_e(gate.get('decision'))} model</h2>")
+        parts.append(f'<p class="note">{_e(gate.get("reason", ""))}</p>')
+        scores = gate.get("scores")
+        if isinstance(scores, Mapping):
+            src, ada = scores.get("source", {}), scores.get("adapted", {})
+            parts.append("<table><tr><th>score</th><th>source</th><th>adapted</th></tr>")
+            for key in src:
+                parts.append(
+                    f"<tr><th>{_e(key)}</th><td class='n'>{_num(src.get(key))}</td>"
+                    f"<td class='n'>{_num(ada.get(key))}</td></tr>"
+                )
+            parts.append("</table>")
+        acc = gate.get("accuracy")
+        if isinstance(acc, Mapping):
+            parts.append(
+                _table([("source accuracy", acc.get("source")), ("adapted", acc.get("adapted"))])
+            )
+    return "".join(parts)
+
+
 def render_report(report: Mapping[str, Any], labels: Sequence[str] = ()) -> str:
     """The HTML page of an adaptation report (``report.json`` content; class names)."""
     body = [
@@ -443,6 +486,7 @@ def render_report(report: Mapping[str, Any], labels: Sequence[str] = ()) -> str:
         _summary(report),
         _phases(report),
         _method(report, labels),
+        _selection(report),
         _evaluation(report),
     ]
     return (

@@ -212,6 +212,8 @@ def test_gate_keeps_the_source_when_the_head_is_scrambled(
     assert result.report["method"] == "scramble-test"
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert on_disk["gate"]["decision"] == "source"
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "Do-no-harm gate: exported the source model" in html
 
 
 def test_gate_lets_an_estimated_better_model_through(
@@ -324,6 +326,8 @@ def test_select_auto_keeps_the_best_label_free_score(
     assert result.report["config"]["scale"] == [0.5, 1.0, 2.0][best]
     # True accuracy of each candidate, computed after the choice (same predictions here).
     assert len({r["accuracy"] for r in rows}) == 1 and "after the decisions" in sel["note"]
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "scramble-test:scale=2.0" in html and "Candidates (ranked by im)" in html
     assert result.report["gate"]["enabled"]
 
 
