@@ -757,14 +757,19 @@ def _adapt(
                 wd.write_identity(identity)
         calibrations = [p.manifest.source_stats for p in pkgs]
         sources_out: list[selection.Outputs] = []
-        if gate or multi:
+
+        def score_sources() -> tuple[int, Any]:
             # Fresh copies: methods may train context.sources[i].model in place.
-            sources_out = [
+            sources_out[:] = [
                 selection.model_outputs(_fresh(p, dev), target_data, device=dev) for p in pkgs
             ]
-        ref = _reference_source(sources_out, pkgs)
-        ref_stats = calibrations[ref]
-        ref_cal = ref_stats.calibration if ref_stats is not None else None
+            ref = _reference_source(sources_out, pkgs)
+            stats = calibrations[ref]
+            return ref, stats.calibration if stats is not None else None
+
+        ref, ref_cal = 0, None
+        if multi:  # candidates are scored against the source as they finish
+            ref, ref_cal = score_sources()
         seed_everything(seed)
         instance: Method | None = None
         result: TrainResult | None = None
@@ -813,6 +818,8 @@ def _adapt(
             result = trainer.run(resume=resume)
         t_trained = time.perf_counter()
         model = None if instance is None else instance.export_model()
+        if gate and not multi:  # after training: under torchrun the other ranks are done
+            ref, ref_cal = score_sources()
         if model is not None and adapted_out is None and gate:
             adapted_out = selection.model_outputs(model, target_data, device=dev)
         verdict = _gate(
