@@ -248,6 +248,7 @@ def methods_command(as_json: bool) -> None:
                 "name": name,
                 "description": cls.description,
                 "sources": [cls.min_sources, cls.max_sources],
+                "selection_grid": [dict(entry) for entry in cls.selection_grid],
                 "options": [
                     {"key": k, "default": d, "help": h} for k, d, h in describe(cls.config_class)
                 ],
@@ -260,6 +261,11 @@ def methods_command(as_json: bool) -> None:
         click.echo(f"{row['name']:<10} {row['description']}")
         for opt in row["options"]:
             click.echo(f"    --set {opt['key']}={opt['default']:<10}  {opt['help']}")
+        if row["selection_grid"]:
+            grid = " | ".join(
+                ",".join(f"{k}={v}" for k, v in entry.items()) for entry in row["selection_grid"]
+            )
+            click.echo(f"    --select auto tries: {grid}")
         click.echo("")
 
 

@@ -308,3 +308,19 @@ def test_auto_methods_cheapest_first() -> None:
     costs = [get_method(n).relative_cost for n in names]
     assert costs == sorted(costs)
     assert sel.auto_methods(2) == ["la-cmfer"]
+
+
+def test_methods_command_lists_the_grids() -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from sourcefree.commands_adapt import methods_command
+
+    out = CliRunner().invoke(methods_command, [])
+    assert "--select auto tries: epochs=2 | epochs=5 | epochs=10" in out.output
+    rows = {
+        r["name"]: r for r in json.loads(CliRunner().invoke(methods_command, ["--json"]).output)
+    }
+    assert rows["shot"]["selection_grid"] == [{"epochs": 2}, {"epochs": 5}, {"epochs": 10}]
+    assert rows["adabn"]["selection_grid"] == []
