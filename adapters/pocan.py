@@ -680,6 +680,13 @@ class Pocan(Method):
         info = meta.get("round", {})
         self.round_meta = dict(info) if isinstance(info, Mapping) else {}
 
+    def pseudo_label_selection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The last labelling's trusted set (eq. 14) and its labels: what the CE terms used."""
+        if self.labels.numel() == 0:
+            return None
+        idx = torch.nonzero(self.trusted.cpu()).flatten().to(torch.int64)
+        return idx, self.labels.detach().cpu().to(torch.int64)[idx]
+
     def report(self) -> dict[str, JSON]:
         """The last labelling pass in aggregate (counts, thresholds, weights; no per-sample)."""
         return {"last_round": dict(self.round_meta)}

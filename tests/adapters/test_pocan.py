@@ -190,6 +190,7 @@ def test_prototypes_start_at_normalised_source_head(source_pkg: Path) -> None:
 def test_labelling_follows_target_prototypes_and_eq14(source_pkg: Path) -> None:
     data = _data()
     method = _method(source_pkg, data)
+    assert method.pseudo_label_selection() is None  # nothing labelled yet
     method.label(0)
     model = method.model.eval()
     with torch.no_grad():
@@ -203,6 +204,10 @@ def test_labelling_follows_target_prototypes_and_eq14(source_pkg: Path) -> None:
     counts = torch.bincount(labels, minlength=3)
     torch.testing.assert_close(method.weights, class_weights(counts, smoothing=1.0))
     torch.testing.assert_close(method.features, z)
+    chosen = method.pseudo_label_selection()
+    assert chosen is not None
+    assert torch.equal(chosen[0], torch.nonzero(method.trusted).flatten())
+    assert torch.equal(chosen[1], labels[method.trusted])
     meta = method.state_meta()["round"]
     assert isinstance(meta, dict) and sum(meta["pseudo_label_counts"]) == len(data)
 
