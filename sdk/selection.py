@@ -423,6 +423,8 @@ class Scores:
     """None without a vendor calibration."""
     anchored: float | None
     """None without a vendor calibration."""
+    images: int
+    """How many target images were scored."""
 
     def to_dict(self) -> dict[str, float | None]:
         return {
@@ -434,6 +436,7 @@ class Scores:
             "stability": _round(self.stability),
             "atc": _round(self.atc),
             "anchored": _round(self.anchored),
+            "images": self.images,
         }
 
 
@@ -461,6 +464,7 @@ def score_outputs(
         anchored=(
             None if calibration is None else anchored_accuracy(outputs, source, calibration, score)
         ),
+        images=int(outputs.logits.shape[0]),
     )
 
 
@@ -468,8 +472,9 @@ def score_outputs(
 
 #: ``adapt -m auto``: try the registered methods.
 AUTO_METHOD = "auto"
-#: The adapted model must be estimated better than the source by more than this.
-GATE_MARGIN = 0.0
+#: The adapted model passes the calibrated gate when its estimated gain exceeds this
+#: many standard errors of the per-image changes (a one-sided test at about 97.7 %).
+GATE_Z = 2.0
 
 
 def criterion_name(calibrated: bool) -> str:
@@ -607,24 +612,32 @@ def gate_decision(
     adapted: Scores,
     *,
     method: str = "the adapted model",
-    margin: float = GATE_MARGIN,
+    z: float = GATE_Z,
 ) -> GateResult:
     """Keep the adapted model only when it is estimated better than the source.
 
-    With a vendor calibration (``anchored`` scores): the adapted model passes when
-    its anchored accuracy estimate exceeds the source's ATC estimate by more than
-    ``margin``. Without one, no accuracy can be estimated; the adapted model passes
-    when it is at least as confident-and-diverse as the source (``im``) and agrees
+    With a vendor calibration (``anchored`` scores): the estimated gain is the
+    adapted model's anchored accuracy minus the source's ATC estimate, i.e. the
+    mean over images of +1 (it overrules a source prediction ATC counts as
+    wrong), -1 (it changes one ATC counts as right) or 0. The adapted model
+    passes when that mean exceeds ``z`` standard errors (``sqrt((d - gain^2) / N)``
+    with ``d = 1 - agreement``, the share of changed predictions): a few changed
+    images on a small target set are no evidence. Without one, no accuracy can be
+    estimated; the adapted model passes when it is at least as confident-and-diverse
+    as the source (``im``) and agrees
     with the source at least as often as chance (``kappa >= 0``): this catches
     collapsed or class-scrambled models, not a harmful shift of the class prior.
     """
     if source.anchored is not None and adapted.anchored is not None:
         gain = adapted.anchored - source.anchored
+        changed = 1.0 - adapted.agreement
+        se = math.sqrt(max(0.0, changed - gain * gain) / max(1, adapted.images))
         numbers = (
             f"anchored accuracy estimate {adapted.anchored:.3f} vs the source's ATC "
-            f"estimate {source.anchored:.3f} ({gain:+.3f})"
+            f"estimate {source.anchored:.3f} ({gain:+.3f}, {z:g} standard errors: "
+            f"{z * se:.3f})"
         )
-        if gain > margin:
+        if gain > 0 and gain > z * se:
             return GateResult(
                 "adapted", "anchored", f"{method} is estimated better: {numbers}", gain
             )

@@ -217,8 +217,8 @@ def test_anchored_accuracy_by_hand() -> None:
     assert sel.anchored_accuracy(adapted, source, cal) == pytest.approx(5 / 8)
 
 
-def _scores(**kw: float | None) -> sel.Scores:
-    base: dict[str, float | None] = {
+def _scores(**kw: float | int | None) -> sel.Scores:
+    base: dict[str, float | int | None] = {
         "entropy": 0.5,
         "im": 1.0,
         "snd": 4.0,
@@ -227,6 +227,7 @@ def _scores(**kw: float | None) -> sel.Scores:
         "stability": 0.9,
         "atc": None,
         "anchored": None,
+        "images": 1000,
     }
     base.update(kw)
     return sel.Scores(**base)  # type: ignore[arg-type]
@@ -242,6 +243,11 @@ def test_gate_rule_calibrated() -> None:
     assert worse.decision == "source" and "source model is kept" in worse.reason
     tie = sel.gate_decision(src, _scores(atc=0.6, anchored=0.6))
     assert tie.decision == "source"
+    # +0.004 from 3 % changed predictions on 1000 images: within noise (2 SE = 0.011).
+    noise = sel.gate_decision(src, _scores(agreement=0.97, anchored=0.604))
+    assert noise.decision == "source" and "2 standard errors: 0.011" in noise.reason
+    many = sel.gate_decision(src, _scores(agreement=0.97, anchored=0.604, images=100_000))
+    assert many.decision == "adapted"
 
 
 def test_gate_rule_uncalibrated() -> None:
