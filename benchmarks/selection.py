@@ -142,11 +142,12 @@ def _oriented(row: dict[str, Any], score: str) -> float | None:
     return float(v) if sel.HIGHER_IS_BETTER[score] else -float(v)
 
 
-def _gate_scores(d: dict[str, Any]) -> sel.Scores:
-    return sel.Scores(**{k: d[k] for k in sel.Scores.__dataclass_fields__})
+def _gate_scores(d: dict[str, Any], images: int) -> sel.Scores:
+    """Scores from a row (rows written before ``Scores.images`` existed get ``images``)."""
+    return sel.Scores(**{"images": images, **{k: d[k] for k in d if k != "images"}})
 
 
-def analyse(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+def analyse(rows: list[dict[str, Any]], methods: list[str], images: int) -> dict[str, Any]:
     """Spearman, regrets, -m auto and gate decisions per (preset, seed), and their means."""
     groups = sorted({(r["preset"], r["seed"]) for r in rows})
     spear: dict[str, list[float]] = {s: [] for s in (*SCORES, "value")}
@@ -187,7 +188,7 @@ def analyse(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
         if defaults:
             chosen = max(defaults, key=lambda r: r["value"])
             verdict = sel.gate_decision(
-                _gate_scores(src["scores"]), _gate_scores(chosen["scores"])
+                _gate_scores(src["scores"], images), _gate_scores(chosen["scores"], images)
             ).decision
             exported = chosen["accuracy"] if verdict == "adapted" else src["accuracy"]
             best_single = max(r["accuracy"] for r in defaults)
@@ -207,10 +208,12 @@ def analyse(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
         uncal_src = {**src["scores"], "atc": None, "anchored": None}
         for r in unique:
             better = r["accuracy"] > src["accuracy"]
-            cal = sel.gate_decision(_gate_scores(src["scores"]), _gate_scores(r["scores"]))
+            cal = sel.gate_decision(
+                _gate_scores(src["scores"], images), _gate_scores(r["scores"], images)
+            )
             unc = sel.gate_decision(
-                _gate_scores(uncal_src),
-                _gate_scores({**r["scores"], "atc": None, "anchored": None}),
+                _gate_scores(uncal_src, images),
+                _gate_scores({**r["scores"], "atc": None, "anchored": None}, images),
             )
             gate_rows.append(
                 {
@@ -343,7 +346,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-docs", action="store_true")
+    p.add_argument(
+        "--analyse-only",
+        action="store_true",
+        help="recompute the analysis (and docs) from the rows in --out with the current rules",
+    )
     args = p.parse_args(argv)
+    if args.analyse_only:
+        old: dict[str, Any] = json.loads(args.out.read_text())
+        old["analysis"] = analyse(old["rows"], old["methods"], old["n_target"])
+        old["analysed_with"] = "--analyse-only (rules of the current sourcefree.selection)"
+        args.out.write_text(json.dumps(old, indent=2) + "\n")
+        if not args.no_docs:
+            write_docs(markdown(old))
+        print(markdown(old))
+        return 0
     torch.set_num_threads(args.threads)
     methods = list(args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS))
     seeds = list(args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2]))
@@ -415,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                 payload["wall_seconds"] = round(time.perf_counter() - t_all, 1)
-                payload["analysis"] = analyse(payload["rows"], methods)
+                payload["analysis"] = analyse(payload["rows"], methods, n_target)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(payload, indent=2) + "\n")
     block = markdown(payload)
