@@ -9,7 +9,14 @@ evaluation only: never to choose K, Q, an epoch or a checkpoint.
 
 A variant is ``NAME`` or ``NAME:key=value,key=value`` (config overrides, as with
 ``--set``), e.g. ``clup:ssl.method=deepclusterv2,score=confidence``; ``source-only`` is
-the vendor's model unchanged. For methods that select pseudo-labels (CluP), the
+the vendor's model unchanged.
+
+Multi-source variants (``la-cmfer``, and ``source-avg``: the mean of the vendors'
+softmax outputs without adaptation) take one package per ``--vendors`` preset
+(default ``studio nir``): a ``smallcnn`` trained per preset and seed like the studio
+one, exported with ``source_stats`` (class counts and class feature means, as a
+vendor would ship them). Their rows also carry ``source_avg_accuracy`` of the same
+seed. For methods that select pseudo-labels (CluP), the
 precision and coverage of the selection are reported against the labels too.
 
 Writes ``benchmarks/results/accuracy.json`` after every run (rows are merged with
@@ -44,7 +51,13 @@ from sourcefree.models import Classifier, load_classifier
 from sourcefree.package import load_package
 from sourcefree.registry import get_method
 from sourcefree.trainer import Trainer, seed_everything
-from sourcefree.training import TrainConfig, predict_logits, to_tensor, train_classifier
+from sourcefree.training import (
+    TrainConfig,
+    class_feature_means,
+    predict_logits,
+    to_tensor,
+    train_classifier,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "accuracy.json"
@@ -78,19 +91,35 @@ def _split(variant: str) -> tuple[str, list[str]]:
     return name, [kv for kv in rest.split(",") if kv]
 
 
-def _source(seed: int, workdir: Path) -> tuple[Path, float]:
+MULTI_SOURCE = ("la-cmfer", "source-avg")
+"""Variants that adapt (or average) one package per ``--vendors`` preset."""
+
+
+def _source(
+    seed: int, workdir: Path, preset: str = "studio", stats: bool = False
+) -> tuple[Path, float]:
+    """Train a vendor's smallcnn on ``preset`` and export it (``stats``: with source_stats)."""
     spec = InputSpec(size=(SIZE, SIZE))
     t0 = time.perf_counter()
-    train = generate("studio", N_SOURCE, SIZE, seed=1000 + seed)
+    train = generate(preset, N_SOURCE, SIZE, seed=1000 + seed)
     model = train_classifier(train.images, train.labels, len(CLASSES), spec, TrainConfig(seed=seed))
     seconds = time.perf_counter() - t0
-    out = workdir / f"source-{seed}"
+    source_stats = None
+    if stats:
+        source_stats = {
+            "class_counts": np.bincount(train.labels, minlength=len(CLASSES)).tolist(),
+            "class_feature_means": class_feature_means(
+                model, to_tensor(train.images, spec), train.labels, len(CLASSES)
+            ),
+        }
+    out = workdir / (f"source-{seed}" if preset == "studio" and not stats else f"{preset}-{seed}")
     source_package(
         model.eval(),
         architecture="smallcnn",
         labels=list(CLASSES),
         input_spec=spec,
         out=out,
+        source_stats=source_stats,
     )
     return out, seconds
 
@@ -101,17 +130,42 @@ def _predict(model: Classifier, images: np.ndarray, spec: InputSpec) -> np.ndarr
 
 
 def run_variant(
-    variant: str, pkg_path: Path, preset: str, seed: int, extra: tuple[str, ...]
+    variant: str,
+    pkg_path: Path | list[Path],
+    preset: str,
+    seed: int,
+    extra: tuple[str, ...],
 ) -> dict[str, Any]:
-    """Adapt (or not) and evaluate one variant on one preset and seed."""
-    pkg = load_package(pkg_path)
+    """Adapt (or not) and evaluate one variant on one preset and seed.
+
+    ``pkg_path`` is a list of packages for the multi-source variants.
+    """
+    paths = pkg_path if isinstance(pkg_path, list) else [pkg_path]
+    pkgs = [load_package(p) for p in paths]
+    pkg = pkgs[0]
     spec = pkg.manifest.input
     target = generate(preset, N_TARGET, SIZE, seed=2000 + seed)
     truth = target.labels.astype(np.int64)
-    model = load_classifier(pkg.manifest.architecture, pkg.weights_bytes)
+    models = [load_classifier(p.manifest.architecture, p.weights_bytes) for p in pkgs]
+    model = models[0]
     name, overrides = _split(variant)
     row: dict[str, Any] = {"variant": variant, "preset": preset, "seed": seed}
     t0 = time.perf_counter()
+    if len(pkgs) > 1:
+        row["vendors"] = [p.manifest.name for p in pkgs]
+        probs = [
+            torch.softmax(predict_logits(m.eval(), to_tensor(target.images, spec)), 1)
+            for m in models
+        ]
+        row["source_accuracy_by_vendor"] = [
+            round(_metrics(p.argmax(1).numpy(), truth)["accuracy"], 4) for p in probs
+        ]
+        avg = _metrics(torch.stack(probs).mean(0).argmax(1).numpy(), truth)
+        row["source_avg_accuracy"] = avg["accuracy"]
+        if name == "source-avg":
+            row.update(avg)
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            return row
     if name == "source-only":
         row.update(_metrics(_predict(model, target.images, spec), truth))
         row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -121,7 +175,9 @@ def run_variant(
     data = TargetData(images=target.images, spec=spec, fingerprint=f"{preset}-{seed}")
     device = torch.device("cpu")
     seed_everything(seed)
-    ctx = MethodContext((SourceModel(pkg, model),), data, device, seed)
+    ctx = MethodContext(
+        tuple(SourceModel(p, m) for p, m in zip(pkgs, models, strict=True)), data, device, seed
+    )
     method = cls(cfg, ctx)
     result = Trainer(method, data, device=device, seed=seed).run()
     row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -243,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     p.add_argument("--presets", nargs="+", default=["wild-mild"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument(
+        "--vendors",
+        nargs="+",
+        default=["studio", "nir"],
+        help=f"presets of the vendors' packages for {', '.join(MULTI_SOURCE)}",
+    )
     p.add_argument("--quick", action="store_true", help=f"short runs: {', '.join(QUICK)}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -265,18 +327,33 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     t_all = time.perf_counter()
+    multi = any(_split(v)[0] in MULTI_SOURCE for v in args.methods)
+    single = any(_split(v)[0] not in MULTI_SOURCE for v in args.methods)
     with tempfile.TemporaryDirectory() as tmp:
         sources: dict[int, Path] = {}
+        vendors: dict[int, list[Path]] = {}
         train_seconds: dict[str, float] = {}
         for seed in args.seeds:
-            sources[seed], secs = _source(seed, Path(tmp))
-            train_seconds[str(seed)] = round(secs, 1)
-            print(f"seed {seed}: source trained in {secs:.0f} s", flush=True)
+            if single:
+                sources[seed], secs = _source(seed, Path(tmp))
+                train_seconds[str(seed)] = round(secs, 1)
+                print(f"seed {seed}: source trained in {secs:.0f} s", flush=True)
+            if multi:
+                vendors[seed] = []
+                for vendor in args.vendors:
+                    path, secs = _source(seed, Path(tmp), vendor, stats=True)
+                    vendors[seed].append(path)
+                    train_seconds[f"{vendor}-{seed}"] = round(secs, 1)
+                    print(f"seed {seed}: {vendor} vendor trained in {secs:.0f} s", flush=True)
         payload["source_train_seconds"] = train_seconds
+        if multi:
+            payload["vendors"] = args.vendors
         for variant in args.methods:
             for preset in args.presets:
                 for seed in args.seeds:
-                    row = run_variant(variant, sources[seed], preset, seed, extra)
+                    many = _split(variant)[0] in MULTI_SOURCE
+                    pkgs = vendors[seed] if many else sources[seed]
+                    row = run_variant(variant, pkgs, preset, seed, extra)
                     rows.append(row)
                     prec = row.get("pseudo_label_precision")
                     print(
