@@ -94,7 +94,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from sourcefree.adapters.shot import AugmentConfig, augment_flip_shift
+from sourcefree.augment import FlipShiftConfig, augment_flip_shift
+from sourcefree.config import refuse_invalid
 from sourcefree.errors import ConfigError, PackageError
 from sourcefree.kernels import gaussian_mmd, margin_ce_im
 from sourcefree.kernels.reference import mmd_bandwidths
@@ -104,10 +105,8 @@ from sourcefree.method import (
     Batch,
     Method,
     MethodContext,
-    OptimizerSpec,
     ParamGroup,
     Phase,
-    ScheduleSpec,
     StepOutput,
     bn_statistics_phase,
 )
@@ -117,6 +116,7 @@ from sourcefree.models import (
     feature_map_split,
     register_architecture_family,
 )
+from sourcefree.optim import SgdInvConfig
 from sourcefree.registry import register_method
 
 __all__ = [
@@ -144,44 +144,19 @@ _OMEGA_FLOOR = 1e-8
 """Added to eq. 3 so a set of one-hot predictions still has weights that sum above 0."""
 
 
-def _refuse(cfg: object, bad: list[str]) -> None:
-    if bad:
-        raise ConfigError(
-            f"{type(cfg).__name__}: " + "; ".join(bad),
-            "the values are outside their valid ranges",
-            "fix the values (see `sourcefree methods` for the defaults)",
-        )
-
-
 # --- config ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class LaCmferOptimConfig:
+class LaCmferOptimConfig(SgdInvConfig):
     """SGD with the inverse-decay schedule ``lr_t = lr (1 + gamma t/T)^-power``."""
 
     lr: float = 0.01
     """Base learning rate (paper: 0.01)."""
     backbone_lr_scale: float = 0.1
     """Learning-rate multiplier of the source backbones (pretrained layers)."""
-    momentum: float = 0.9
-    """SGD momentum (Nesterov)."""
     weight_decay: float = 5e-4
     """SGD weight decay."""
-    gamma: float = 10.0
-    """Schedule gamma."""
-    power: float = 0.75
-    """Schedule power."""
-
-    def __post_init__(self) -> None:
-        bad = []
-        if not self.lr > 0 or not self.backbone_lr_scale > 0:
-            bad.append(f"lr={self.lr}, backbone_lr_scale={self.backbone_lr_scale} (must be > 0)")
-        if not 0 <= self.momentum < 1 or not self.weight_decay >= 0:
-            bad.append(f"momentum={self.momentum}, weight_decay={self.weight_decay}")
-        if not self.gamma >= 0 or not self.power >= 0:
-            bad.append(f"gamma={self.gamma}, power={self.power} (must be >= 0)")
-        _refuse(self, bad)
 
 
 @dataclass(frozen=True)
@@ -216,7 +191,7 @@ class LaCmferConfig:
     """Images per forward pass of whole-set passes (BN statistics, the final vote)."""
     optim: LaCmferOptimConfig = field(default_factory=LaCmferOptimConfig)
     """Optimiser and schedule."""
-    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(enabled=False))
+    augment: FlipShiftConfig = field(default_factory=lambda: FlipShiftConfig(enabled=False))
     """Flip + shift of training batches (SHOT's helper); off: the paper names none."""
 
     def __post_init__(self) -> None:
@@ -240,7 +215,7 @@ class LaCmferConfig:
                 f"epochs={self.epochs}, batch_size={self.batch_size}, "
                 f"label_batch_size={self.label_batch_size}"
             )
-        _refuse(self, bad)
+        refuse_invalid(self, bad)
 
 
 # --- the equations -----------------------------------------------------------------------
@@ -752,14 +727,8 @@ class LaCmfer(Method):
                 step=self._step,
                 batch_size=cfg.batch_size,
                 parameters=self._parameters,
-                optimizer=OptimizerSpec(
-                    name="sgd",
-                    lr=opt.lr,
-                    momentum=opt.momentum,
-                    nesterov=True,
-                    weight_decay=opt.weight_decay,
-                ),
-                schedule=ScheduleSpec(name="inv", gamma=opt.gamma, power=opt.power),
+                optimizer=opt.optimizer(),
+                schedule=opt.schedule(),
                 on_enter=self._train_mode,
                 on_phase_end=self._leave,
             ),

@@ -72,6 +72,7 @@ import torch
 from torch import nn
 
 from sourcefree.augment import from_unit, random_view, to_unit
+from sourcefree.config import refuse_invalid
 from sourcefree.errors import ConfigError, InputError, TrainingError
 from sourcefree.method import (
     JSON,
@@ -101,15 +102,6 @@ __all__ = [
     "lambda_schedule",
     "trusted_mask",
 ]
-
-
-def _refuse(cfg: object, bad: list[str]) -> None:
-    if bad:
-        raise ConfigError(
-            f"{type(cfg).__name__}: " + "; ".join(bad),
-            "the values are outside their valid ranges",
-            "fix the values (see `sourcefree methods` for the defaults)",
-        )
 
 
 def _positive(v: object) -> bool:
@@ -150,7 +142,7 @@ class PocanOptimConfig:
             bad.append(f"prototype_lr_drop_epoch={drop!r} (must be an integer >= 0 or None)")
         if not 0 <= self.momentum < 1 or not self.weight_decay >= 0:
             bad.append(f"momentum={self.momentum}, weight_decay={self.weight_decay}")
-        _refuse(self, bad)
+        refuse_invalid(self, bad)
 
 
 @dataclass(frozen=True)
@@ -180,7 +172,7 @@ class PocanViewConfig:
                 f"jitter_prob={self.jitter_prob}, grayscale_prob={self.grayscale_prob} "
                 "(probabilities in [0, 1])"
             )
-        _refuse(self, bad)
+        refuse_invalid(self, bad)
 
 
 @dataclass(frozen=True)
@@ -247,7 +239,7 @@ class PocanConfig:
             self.views, PocanViewConfig
         ):
             bad.append("optim/views sections have the wrong types")
-        _refuse(self, bad)
+        refuse_invalid(self, bad)
 
     def drop_epoch(self) -> int:
         """Round from which the prototype lr is multiplied by ``optim.prototype_lr_drop``."""

@@ -58,13 +58,14 @@ Departures (docs/methods.md has the measurements behind them):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
 
-from sourcefree.errors import ConfigError
+from sourcefree.augment import FlipShiftConfig, augment_flip_shift
+from sourcefree.config import refuse_invalid
 from sourcefree.kernels import IMTerms, margin_ce_im
 from sourcefree.method import (
     JSON,
@@ -72,78 +73,24 @@ from sourcefree.method import (
     EpochInfo,
     Method,
     MethodContext,
-    OptimizerSpec,
     ParamGroup,
     Phase,
-    ScheduleSpec,
     StepOutput,
     bn_statistics_phase,
 )
 from sourcefree.models import Classifier
+from sourcefree.optim import SgdInvConfig
 from sourcefree.pseudo_labels import CentroidPseudoLabels, centroid_pseudo_labels
 from sourcefree.registry import register_method
 
 __all__ = [
-    "AugmentConfig",
-    "SgdInvConfig",
     "Shot",
     "ShotConfig",
     "ShotFamilyConfig",
     "ShotIM",
     "ShotIMConfig",
-    "augment_flip_shift",
     "check_common",
 ]
-
-
-def _refuse(cfg: object, bad: list[str]) -> None:
-    if bad:
-        raise ConfigError(
-            f"{type(cfg).__name__}: " + "; ".join(bad),
-            "the values are outside their valid ranges",
-            "fix the values (see `sourcefree methods` for the defaults)",
-        )
-
-
-@dataclass(frozen=True)
-class SgdInvConfig:
-    """SGD with SHOT's inverse-decay schedule ``lr_t = lr0 (1 + gamma t/T)^-power``."""
-
-    lr: float = 1e-2
-    """Base learning rate lr0."""
-    backbone_lr_scale: float = 1.0
-    """Backbone lr multiplier: the backbone's lr relative to the head's in source training."""
-    momentum: float = 0.9
-    """SGD momentum (Nesterov)."""
-    weight_decay: float = 1e-3
-    """SGD weight decay."""
-    gamma: float = 10.0
-    """Schedule gamma."""
-    power: float = 0.75
-    """Schedule power."""
-
-    def __post_init__(self) -> None:
-        bad = []
-        if not self.lr > 0 or not self.backbone_lr_scale > 0:
-            bad.append(f"lr={self.lr}, backbone_lr_scale={self.backbone_lr_scale} (must be > 0)")
-        if not 0 <= self.momentum < 1 or not self.weight_decay >= 0:
-            bad.append(f"momentum={self.momentum}, weight_decay={self.weight_decay}")
-        if not self.gamma >= 0 or not self.power >= 0:
-            bad.append(f"gamma={self.gamma}, power={self.power} (must be >= 0)")
-        _refuse(self, bad)
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Augmentation of training batches (pseudo-labels always use the plain images)."""
-
-    enabled: bool = False
-    """Random horizontal flip per image and a random shift per batch (match source training)."""
-    shift: int = 2
-    """Largest shift in pixels (replicate padding)."""
-
-    def __post_init__(self) -> None:
-        _refuse(self, [f"shift={self.shift} (must be >= 0)"] if self.shift < 0 else [])
 
 
 class ShotFamilyConfig(Protocol):
@@ -166,7 +113,7 @@ class ShotFamilyConfig(Protocol):
     @property
     def optim(self) -> SgdInvConfig: ...
     @property
-    def augment(self) -> AugmentConfig: ...
+    def augment(self) -> FlipShiftConfig: ...
     @property
     def target_bn_init(self) -> bool: ...
 
@@ -187,7 +134,7 @@ def check_common(cfg: ShotFamilyConfig) -> None:
             f"epochs={cfg.epochs}, batch_size={cfg.batch_size}, "
             f"label_batch_size={cfg.label_batch_size}"
         )
-    _refuse(cfg, bad)
+    refuse_invalid(cfg, bad)
 
 
 @dataclass(frozen=True)
@@ -208,9 +155,9 @@ class ShotConfig:
     """Images per step."""
     label_batch_size: int = 256
     """Images per forward pass of the pseudo-labelling pass."""
-    optim: SgdInvConfig = SgdInvConfig()
+    optim: SgdInvConfig = field(default_factory=SgdInvConfig)
     """Optimiser and schedule."""
-    augment: AugmentConfig = AugmentConfig()
+    augment: FlipShiftConfig = field(default_factory=FlipShiftConfig)
     """Training-batch augmentation."""
     target_bn_init: bool = True
     """Re-estimate BatchNorm statistics on the target (AdaBN) before the first labelling."""
@@ -225,20 +172,6 @@ class ShotIMConfig(ShotConfig):
 
     beta: float = 0.0
     """Weight of the pseudo-label cross-entropy (0: information maximisation only)."""
-
-
-def augment_flip_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip per image and one random shift of up to ``shift`` px per batch.
-
-    Random numbers come from the step's CPU ``generator`` (resume-safe).
-    """
-    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-    if shift > 0:
-        padded = nn.functional.pad(x, (shift, shift, shift, shift), mode="replicate")
-        dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=generator).tolist()
-        x = padded[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
-    return x
 
 
 @register_method("shot")
@@ -372,14 +305,8 @@ class Shot(Method):
                 step=self._step,
                 batch_size=cfg.batch_size,
                 parameters=self._parameters,
-                optimizer=OptimizerSpec(
-                    name="sgd",
-                    lr=opt.lr,
-                    momentum=opt.momentum,
-                    nesterov=True,
-                    weight_decay=opt.weight_decay,
-                ),
-                schedule=ScheduleSpec(name="inv", gamma=opt.gamma, power=opt.power),
+                optimizer=opt.optimizer(),
+                schedule=opt.schedule(),
                 on_enter=self._train_mode,
                 on_epoch_start=self._epoch_start,
                 on_phase_end=self._leave,

@@ -16,12 +16,17 @@ code) and POCAN (two contrastive views per image for the instance contrastive lo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from sourcefree.config import refuse_invalid
+
 __all__ = [
+    "FlipShiftConfig",
     "affine_sample",
+    "augment_flip_shift",
     "color_jitter",
     "from_unit",
     "grey",
@@ -155,3 +160,30 @@ def random_view(
     v = color_jitter(v, gen, jitter, hue, prob=jitter_prob)
     make_grey = (torch.rand(n, generator=gen) < grayscale_prob).to(v.device).view(-1, 1, 1, 1)
     return torch.where(make_grey, grey(v), v)
+
+
+@dataclass(frozen=True)
+class FlipShiftConfig:
+    """Augmentation of training batches (pseudo-labels always use the plain images)."""
+
+    enabled: bool = False
+    """Random horizontal flip per image and a random shift per batch (match source training)."""
+    shift: int = 2
+    """Largest shift in pixels (replicate padding)."""
+
+    def __post_init__(self) -> None:
+        refuse_invalid(self, [f"shift={self.shift} (must be >= 0)"] if self.shift < 0 else [])
+
+
+def augment_flip_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip per image and one random shift of up to ``shift`` px per batch.
+
+    Random numbers come from the step's CPU ``generator`` (resume-safe).
+    """
+    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    if shift > 0:
+        padded = nn.functional.pad(x, (shift, shift, shift, shift), mode="replicate")
+        dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=generator).tolist()
+        x = padded[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
+    return x

@@ -415,3 +415,16 @@ def describe(cls: type[Any], prefix: str = "") -> list[tuple[str, str, str]]:
         text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
         rows.append((prefix + name, text, docs.get(name, "")))
     return rows
+
+
+def refuse_invalid(cfg: object, bad: list[str]) -> None:
+    """Raise one :class:`ConfigError` listing every invalid field of ``cfg`` (no-op if none).
+
+    Config dataclasses call it from ``__post_init__`` with one text per bad value.
+    """
+    if bad:
+        raise ConfigError(
+            f"{type(cfg).__name__}: " + "; ".join(bad),
+            "the values are outside their valid ranges",
+            "fix the values (see `sourcefree methods` for the defaults)",
+        )

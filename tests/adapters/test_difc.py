@@ -15,7 +15,7 @@ from sourcefree.adapters.difc import (
     confusion_scores,
     imbalance_margins,
 )
-from sourcefree.adapters.shot import AugmentConfig
+from sourcefree.augment import FlipShiftConfig
 from sourcefree.data.synthetic import generate
 from sourcefree.errors import ConfigError
 from sourcefree.manifest import InputSpec
@@ -120,7 +120,7 @@ def test_margins_recomputed_per_epoch_after_di_stage(source_pkg: Path) -> None:
 
 def test_loss_is_margin_ce_on_pseudo_labels_plus_im(source_pkg: Path) -> None:
     data = _data()
-    cfg = DifcConfig(di_epochs=0, augment=AugmentConfig(enabled=False))
+    cfg = DifcConfig(di_epochs=0, augment=FlipShiftConfig(enabled=False))
     method = Difc(cfg, _ctx(source_pkg, data))
     _epoch(method, data, 0)
     phase = method.phases()[-1]

@@ -9,19 +9,18 @@ import pytest
 import torch
 
 from sourcefree.adapters.shot import (
-    AugmentConfig,
-    SgdInvConfig,
     Shot,
     ShotConfig,
     ShotIM,
     ShotIMConfig,
-    augment_flip_shift,
 )
+from sourcefree.augment import FlipShiftConfig
 from sourcefree.data.synthetic import generate
 from sourcefree.errors import ConfigError
 from sourcefree.manifest import InputSpec
 from sourcefree.method import Batch, EpochInfo, MethodContext, SourceModel, TargetData
 from sourcefree.models import load_classifier
+from sourcefree.optim import SgdInvConfig
 from sourcefree.package import load_package
 from sourcefree.pseudo_labels import centroid_pseudo_labels
 from sourcefree.registry import get_method
@@ -110,7 +109,7 @@ def test_target_batchnorm_is_estimated_before_the_first_labelling(source_pkg: Pa
 @pytest.mark.parametrize("beta", [0.3, 0.0])
 def test_loss_matches_hand_computation(source_pkg: Path, beta: float) -> None:
     data = _data()
-    cfg = ShotConfig(beta=beta, augment=AugmentConfig(enabled=False))
+    cfg = ShotConfig(beta=beta, augment=FlipShiftConfig(enabled=False))
     method = Shot(cfg, _ctx(source_pkg, data))
     phase = method.phases()[-1]
     assert phase.on_enter is not None and phase.on_epoch_start is not None
@@ -197,11 +196,3 @@ def test_state_round_trip_restores_pseudo_labels(source_pkg: Path) -> None:
     assert a.pseudo_labels is not None and b.pseudo_labels is not None
     assert torch.equal(a.pseudo_labels, b.pseudo_labels)
     assert ShotIM(ShotIMConfig(), _ctx(source_pkg, data)).state_tensors() == {}
-
-
-def test_augmentation_is_flip_and_shift() -> None:
-    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
-    same = augment_flip_shift(x, 0, torch.Generator().manual_seed(0))
-    assert all(torch.equal(same[i], x[i]) or torch.equal(same[i], x[i].flip(2)) for i in range(2))
-    moved = augment_flip_shift(x, 1, torch.Generator().manual_seed(0))
-    assert moved.shape == x.shape
