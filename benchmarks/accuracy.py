@@ -45,6 +45,7 @@ import torch
 from sourcefree import config as cfgmod
 from sourcefree.data.synthetic import CLASSES, generate
 from sourcefree.export import source_package
+from sourcefree.fsutil import replace_marked_block
 from sourcefree.manifest import InputSpec
 from sourcefree.method import MethodContext, SourceModel, TargetData
 from sourcefree.models import Classifier, load_classifier
@@ -254,7 +255,6 @@ def _fmt(s: dict[str, Any], key: str) -> str:
 def markdown(payload: dict[str, Any]) -> str:
     """The table of the "## Accuracy" section."""
     lines = [
-        START,
         f"`python benchmarks/accuracy.py` ({payload['argv']}); studio -> target, {SIZE} px, "
         f"{N_TARGET} target images, smallcnn source trained on {N_SOURCE} studio images "
         f"per seed, CPU ({payload['machine']['threads']} threads), seeds "
@@ -276,22 +276,12 @@ def markdown(payload: dict[str, Any]) -> str:
             f"{_fmt(s, 'mean_class_recall')} | {gain} | "
             f"{_fmt(s, 'pseudo_label_precision')} | {secs} |"
         )
-    lines.append(END)
     return "\n".join(lines)
 
 
 def write_docs(block: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    elif "## Accuracy" in text:
-        head, rest = text.split("## Accuracy", 1)
-        text = head + "## Accuracy\n\n" + block + "\n" + rest.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n## Accuracy\n\n" + block + "\n"
-    DOCS.write_text(text)
+    """Replace this benchmark's block in docs/benchmarks.md, leaving other sections alone."""
+    replace_marked_block(DOCS, START, END, block, "Accuracy")
 
 
 def main(argv: list[str] | None = None) -> int:

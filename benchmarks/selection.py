@@ -45,6 +45,7 @@ from sourcefree import config as cfgmod
 from sourcefree import selection as sel
 from sourcefree.data.synthetic import CLASSES, generate
 from sourcefree.export import source_package
+from sourcefree.fsutil import replace_marked_block
 from sourcefree.manifest import Calibration, InputSpec
 from sourcefree.method import MethodContext, SourceModel, TargetData
 from sourcefree.models import load_classifier
@@ -259,7 +260,6 @@ def _mean(values: list[float]) -> float | None:
 def markdown(payload: dict[str, Any]) -> str:
     a = payload["analysis"]
     lines = [
-        START,
         f"`python benchmarks/selection.py {payload['argv']}`: studio -> target, {SIZE} px, "
         f"{payload['n_target']} target images, smallcnn source trained on "
         f"{payload['n_source']} studio images and calibrated on {payload['n_val']} held-out "
@@ -316,19 +316,12 @@ def markdown(payload: dict[str, Any]) -> str:
             f"| {g['preset']} | {g['seed']} | `{g['candidate']}` | {g['gain']:+.3f} | {est} | "
             f"{g['calibrated']} | {g['uncalibrated']} |"
         )
-    lines.append(END)
     return "\n".join(lines)
 
 
 def write_docs(block: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n## Label-free selection\n\n" + block + "\n"
-    DOCS.write_text(text)
+    """Replace this benchmark's block in docs/benchmarks.md, leaving other sections alone."""
+    replace_marked_block(DOCS, START, END, block, "Label-free selection")
 
 
 def main(argv: list[str] | None = None) -> int:

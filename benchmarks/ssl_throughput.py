@@ -39,6 +39,7 @@ import torch
 from sourcefree.adapters.clup import CluP, CluPConfig, multi_crop
 from sourcefree.data.synthetic import CLASSES, generate
 from sourcefree.export import source_package
+from sourcefree.fsutil import replace_marked_block
 from sourcefree.kernels import swav_loss
 from sourcefree.manifest import InputSpec
 from sourcefree.method import MethodContext, SourceModel, TargetData
@@ -154,7 +155,6 @@ def measure(
 def markdown(payload: dict[str, Any]) -> str:
     """The table of the "## SwAV step throughput" section."""
     lines = [
-        START,
         f"`python benchmarks/ssl_throughput.py {payload['argv']}`: one CluP SwAV warm-up "
         f"step of the demo's `smallcnn` ({SIZE} px), median over "
         f"{payload['rows'][0]['steps']} steps after warm-up, torch {payload['torch']}, "
@@ -173,20 +173,12 @@ def markdown(payload: dict[str, Any]) -> str:
         )
     if not any(r["device"] == "cuda" for r in payload["rows"]):
         lines.append("| GPU | - | - | - | - | - | - | - | no GPU was available in this run |")
-    lines.append(END)
     return "\n".join(lines)
 
 
 def write_docs(block: str) -> None:
-    """Replace (or append) the section in docs/benchmarks.md."""
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n## SwAV step throughput\n\n" + block + "\n"
-    DOCS.write_text(text)
+    """Replace this benchmark's block in docs/benchmarks.md, leaving other sections alone."""
+    replace_marked_block(DOCS, START, END, block, "SwAV step throughput")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from sourcefree.data.synthetic import CLASSES, PRESETS, generate
+from sourcefree.fsutil import replace_marked_block
 from sourcefree.manifest import InputSpec
 from sourcefree.training import (
     TrainConfig,
@@ -231,15 +232,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def update_docs(table: str) -> None:
     """Replace this benchmark's block in docs/benchmarks.md, leaving other sections alone."""
-    block = f"{START}\n{table}\n{END}"
-    text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n## Synthetic baselines\n\n" + block + "\n"
-    DOCS.write_text(text, encoding="utf-8")
+    replace_marked_block(DOCS, START, END, table, "Synthetic baselines")
 
 
 def render_grid(path: Path, size: int = 64, zoom: int = 2, seed: int = 7) -> None:

@@ -94,3 +94,21 @@ def staged_directory(out: str | os.PathLike[str], *, overwrite: bool = False) ->
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def replace_marked_block(path: Path, start: str, end: str, body: str, heading: str) -> None:
+    """Put ``body`` between the marker lines ``start`` and ``end`` of a text file, atomically.
+
+    The text outside the markers is kept. A file without both markers gets a new
+    ``## heading`` section with the marked block at its end (a missing file is
+    created with a title), so benchmarks can rewrite their own table in a shared
+    document without touching the other sections.
+    """
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body.strip(chr(10))}\n{end}"
+    if start in text and end in text.split(start, 1)[1]:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = f"{text.rstrip(chr(10))}\n\n## {heading}\n\n{block}\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
