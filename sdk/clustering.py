@@ -252,36 +252,6 @@ def kmeans_plusplus(
     return centers
 
 
-def _lloyd(
-    x: torch.Tensor,
-    centroids: torch.Tensor,
-    max_iter: int,
-    tol_abs: float,
-    chunk_size: int,
-) -> tuple[torch.Tensor, int, bool]:
-    """Lloyd iterations from ``centroids``; returns (centroids, n_iter, converged)."""
-    k, d = centroids.shape
-    c = centroids.clone()
-    sums = torch.empty((k, d), dtype=x.dtype, device=x.device)
-    n_iter = 0
-    converged = False
-    for _ in range(max_iter):
-        labels, dist = kmeans_assign(x, c, chunk_size=chunk_size)
-        counts = torch.bincount(labels, minlength=k)
-        sums.zero_().index_add_(0, labels, x)
-        new_c = sums / counts.clamp_min(1).unsqueeze(1).to(x.dtype)
-        empty = counts == 0
-        if bool(empty.any()):
-            _repair_empty(x, c, new_c, empty, dist)
-        shift = float(((new_c - c) ** 2).sum(dtype=torch.float64).item())
-        c = new_c
-        n_iter += 1
-        if shift <= tol_abs:
-            converged = True
-            break
-    return c, n_iter, converged
-
-
 def _repair_empty(
     x: torch.Tensor,
     old_c: torch.Tensor,
@@ -453,7 +423,9 @@ def _kmeans_sharded(
             if gathered is not None:  # rank 0 seeds, exactly as one process would
                 start.copy_(kmeans_plusplus(gathered, k, generator))
             _dist.broadcast(start)
-        c, n_iter, converged = _lloyd_sharded(xt, start, cfg.max_iter, tol_abs, cfg.chunk_size)
+        c, n_iter, converged = _lloyd(
+            xt, start, cfg.max_iter, tol_abs, cfg.chunk_size, sharded=True
+        )
         labels, dist_t = kmeans_assign(xt, c, chunk_size=cfg.chunk_size)
         inertia_t = dist_t.sum(dtype=torch.float64).reshape(1).cpu()
         inertia = float(_dist.all_reduce_sum(inertia_t).item())
@@ -477,28 +449,40 @@ def _kmeans_sharded(
     )
 
 
-def _lloyd_sharded(
+def _lloyd(
     x: torch.Tensor,
     centroids: torch.Tensor,
     max_iter: int,
     tol_abs: float,
     chunk_size: int,
+    *,
+    sharded: bool = False,
 ) -> tuple[torch.Tensor, int, bool]:
-    """:func:`_lloyd` with all-reduced sums and counts (identical centroids on every rank)."""
+    """Lloyd iterations from ``centroids``; returns (centroids, n_iter, converged).
+
+    ``sharded``: ``x`` is this rank's shard; per-cluster sums and counts are
+    all-reduced (identical centroids on every rank) and empty clusters are repaired
+    from the farthest points of all ranks, in global order (exact gathers).
+    """
     k, d = centroids.shape
     c = centroids.clone()
     sums = torch.empty((k, d), dtype=x.dtype, device=x.device)
     n_iter = 0
     converged = False
     for _ in range(max_iter):
-        labels, dist_t = kmeans_assign(x, c, chunk_size=chunk_size)
-        counts = _dist.all_reduce_sum(torch.bincount(labels, minlength=k))
-        _dist.all_reduce_sum(sums.zero_().index_add_(0, labels, x))
+        labels, dist = kmeans_assign(x, c, chunk_size=chunk_size)
+        counts = torch.bincount(labels, minlength=k)
+        sums.zero_().index_add_(0, labels, x)
+        if sharded:
+            _dist.all_reduce_sum(counts)
+            _dist.all_reduce_sum(sums)
         new_c = sums / counts.clamp_min(1).unsqueeze(1).to(x.dtype)
         empty = counts == 0
         if bool(empty.any()):
-            # The farthest points of all ranks, in global order (exact gathers).
-            _repair_empty(_dist.all_gather_cat(x), c, new_c, empty, _dist.all_gather_cat(dist_t))
+            if sharded:
+                _repair_empty(_dist.all_gather_cat(x), c, new_c, empty, _dist.all_gather_cat(dist))
+            else:
+                _repair_empty(x, c, new_c, empty, dist)
         shift = float(((new_c - c) ** 2).sum(dtype=torch.float64).item())
         c = new_c
         n_iter += 1
