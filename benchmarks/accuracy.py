@@ -76,7 +76,17 @@ DEFAULT_METHODS = (
     "clup:ssl.method=deepclusterv2",
     "clup:ssl.method=deepclusterv2,score=confidence",
 )
-QUICK = ("ssl.epochs=2", "finetune.epochs=6")
+#: ``--quick``: shorter training per method (methods not listed run their defaults).
+QUICK: dict[str, tuple[str, ...]] = {
+    "clup": ("ssl.epochs=2", "finetune.epochs=6"),
+    "shot": ("epochs=3",),
+    "shot-im": ("epochs=3",),
+    "difc": ("epochs=3",),
+    "pocan": ("epochs=2",),
+    "la-cmfer": ("epochs=3",),
+    "adafer": ("epochs=3",),
+}
+QUICK_TAG = "(quick)"
 
 
 def _metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -213,6 +223,25 @@ def _merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[st
     return list(out.values())
 
 
+def merge_files(paths: list[Path], out: Path, *, docs: bool) -> int:
+    """Fold the rows of ``paths`` into ``out`` (later files win on the same key)."""
+    rows = _previous_rows(out)
+    payload: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    for path in paths:
+        other = json.loads(path.read_text())
+        rows = _merge(rows, _previous_rows(path))
+        payload = {**payload, **{k: v for k, v in other.items() if k not in ("rows", "summary")}}
+    payload["rows"] = rows
+    payload["summary"] = summarise(rows)
+    payload["argv"] = "--merge " + " ".join(p.name for p in paths)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    if docs:
+        write_docs(markdown(payload))
+    print(markdown(payload))
+    return 0
+
+
 def _mean_std(values: list[float]) -> dict[str, float]:
     return {
         "mean": round(statistics.fmean(values), 4),
@@ -228,6 +257,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for variant, preset in keys:
         group = [r for r in rows if r["variant"] == variant and r["preset"] == preset]
         s: dict[str, Any] = {"variant": variant, "preset": preset}
+        s["seeds"] = sorted(r["seed"] for r in group)
         for k in ("accuracy", "mean_class_recall", "pseudo_label_precision", "seconds"):
             vals = [float(r[k]) for r in group if k in r]
             if vals:
@@ -255,15 +285,20 @@ def _fmt(s: dict[str, Any], key: str) -> str:
 def markdown(payload: dict[str, Any]) -> str:
     """The table of the "## Accuracy" section."""
     lines = [
-        f"`python benchmarks/accuracy.py` ({payload['argv']}); studio -> target, {SIZE} px, "
+        f"`python benchmarks/accuracy.py`: studio -> target, {SIZE} px, "
         f"{N_TARGET} target images, smallcnn source trained on {N_SOURCE} studio images "
-        f"per seed, CPU ({payload['machine']['threads']} threads), seeds "
-        f"{payload['seeds']}. Mean ± std over seeds; `gain` = adapted - source-only "
-        "accuracy of the same seed (min over seeds in brackets); `PL prec.` = precision "
-        "of the selected pseudo-labels (labels used for evaluation only).",
+        "per seed, CPU. Rows accumulate over runs (last run: "
+        f"`{payload['argv']}`, {payload['machine']['threads']} threads). Mean ± std over "
+        "the seeds listed; `gain` = adapted - source-only accuracy of the same seed (min "
+        f"over seeds in brackets); `PL prec.` = precision of the selected pseudo-labels "
+        "(labels used for evaluation only); "
+        f"{QUICK_TAG} = `--quick`, shorter training: "
+        + "; ".join(f"{m} {', '.join(o)}" for m, o in QUICK.items())
+        + ".",
         "",
-        "| preset | method | accuracy | mean class recall | gain (min) | PL prec. | s/run |",
-        "|---|---|---|---|---|---|---|",
+        "| preset | method | seeds | accuracy | mean class recall | gain (min) | PL prec. "
+        "| s/run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in payload["summary"]:
         gain = "-"
@@ -272,7 +307,8 @@ def markdown(payload: dict[str, Any]) -> str:
             gain = f"{g['mean']:+.3f} ({s['min_gain_over_source']:+.3f})"
         secs = f"{s['seconds']['mean']:.0f}" if "seconds" in s else "-"
         lines.append(
-            f"| {s['preset']} | `{s['variant']}` | {_fmt(s, 'accuracy')} | "
+            f"| {s['preset']} | `{s['variant']}` | {','.join(map(str, s['seeds']))} | "
+            f"{_fmt(s, 'accuracy')} | "
             f"{_fmt(s, 'mean_class_recall')} | {gain} | "
             f"{_fmt(s, 'pseudo_label_precision')} | {secs} |"
         )
@@ -295,13 +331,22 @@ def main(argv: list[str] | None = None) -> int:
         default=["studio", "nir"],
         help=f"presets of the vendors' packages for {', '.join(MULTI_SOURCE)}",
     )
-    p.add_argument("--quick", action="store_true", help=f"short runs: {', '.join(QUICK)}")
+    p.add_argument("--quick", action="store_true", help="shorter training per method (see QUICK)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-docs", action="store_true")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="run nothing: fold the rows of these result files (e.g. from parallel "
+        "runs with --out) into --out and rewrite the docs table",
+    )
     args = p.parse_args(argv)
+    if args.merge:
+        return merge_files(args.merge, args.out, docs=not args.no_docs)
     torch.set_num_threads(args.threads)
-    extra = QUICK if args.quick else ()
     rows: list[dict[str, Any]] = []
     payload: dict[str, Any] = {
         "benchmark": "accuracy",
@@ -343,7 +388,11 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in args.seeds:
                     many = _split(variant)[0] in MULTI_SOURCE
                     pkgs = vendors[seed] if many else sources[seed]
+                    extra = QUICK.get(_split(variant)[0], ()) if args.quick else ()
                     row = run_variant(variant, pkgs, preset, seed, extra)
+                    if args.quick:
+                        # Short runs are their own rows: never merged with full-length ones.
+                        row["variant"] = f"{variant} {QUICK_TAG}"
                     rows.append(row)
                     prec = row.get("pseudo_label_precision")
                     print(
