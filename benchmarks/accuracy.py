@@ -2,7 +2,8 @@
 
 For every seed: the vendor's ``smallcnn`` is trained on ``studio`` (5000 images,
 32 px, :func:`sourcefree.training.train_classifier`) and exported as a source
-package; the target set is 2000 images of each preset. Every method variant then
+package with the aggregate ``source_stats`` a vendor may ship (class counts, class
+feature means); the target set is 2000 images of each preset. Every method variant then
 adapts a fresh copy of the source model in-process (``Method`` + ``Trainer``, CPU)
 and is evaluated on the same target images with their labels. Labels are used for
 evaluation only: never to choose K, Q, an epoch or a checkpoint.
@@ -14,10 +15,10 @@ the vendor's model unchanged.
 Multi-source variants (``la-cmfer``, and ``source-avg``: the mean of the vendors'
 softmax outputs without adaptation) take one package per ``--vendors`` preset
 (default ``studio nir``): a ``smallcnn`` trained per preset and seed like the studio
-one, exported with ``source_stats`` (class counts and class feature means, as a
-vendor would ship them). Their rows also carry ``source_avg_accuracy`` of the same
-seed. For methods that select pseudo-labels (CluP), the
-precision and coverage of the selection are reported against the labels too.
+one (the studio package is shared with the single-source variants). Their rows
+also carry ``source_avg_accuracy`` of the same seed. For methods that select
+pseudo-labels (CluP), the precision and coverage of the selection are reported
+against the labels too.
 
 Writes ``benchmarks/results/accuracy.json`` after every run (rows are merged with
 those already there by (variant, preset, seed), so runs of other methods accumulate
@@ -106,24 +107,24 @@ MULTI_SOURCE = ("la-cmfer", "source-avg")
 """Variants that adapt (or average) one package per ``--vendors`` preset."""
 
 
-def _source(
-    seed: int, workdir: Path, preset: str = "studio", stats: bool = False
-) -> tuple[Path, float]:
-    """Train a vendor's smallcnn on ``preset`` and export it (``stats``: with source_stats)."""
+def _source(seed: int, workdir: Path, preset: str = "studio") -> tuple[Path, float]:
+    """Train a vendor's smallcnn on ``preset`` and export it with its source_stats.
+
+    The package carries what a vendor may ship (DESIGN.md section 3): class counts
+    (DIFC margins) and class feature means (LA-CMFER alignment).
+    """
     spec = InputSpec(size=(SIZE, SIZE))
     t0 = time.perf_counter()
     train = generate(preset, N_SOURCE, SIZE, seed=1000 + seed)
     model = train_classifier(train.images, train.labels, len(CLASSES), spec, TrainConfig(seed=seed))
     seconds = time.perf_counter() - t0
-    source_stats = None
-    if stats:
-        source_stats = {
-            "class_counts": np.bincount(train.labels, minlength=len(CLASSES)).tolist(),
-            "class_feature_means": class_feature_means(
-                model, to_tensor(train.images, spec), train.labels, len(CLASSES)
-            ),
-        }
-    out = workdir / (f"source-{seed}" if preset == "studio" and not stats else f"{preset}-{seed}")
+    source_stats = {
+        "class_counts": np.bincount(train.labels, minlength=len(CLASSES)).tolist(),
+        "class_feature_means": class_feature_means(
+            model, to_tensor(train.images, spec), train.labels, len(CLASSES)
+        ),
+    }
+    out = workdir / f"{preset}-{seed}"
     source_package(
         model.eval(),
         architecture="smallcnn",
@@ -365,21 +366,16 @@ def main(argv: list[str] | None = None) -> int:
     multi = any(_split(v)[0] in MULTI_SOURCE for v in args.methods)
     single = any(_split(v)[0] not in MULTI_SOURCE for v in args.methods)
     with tempfile.TemporaryDirectory() as tmp:
-        sources: dict[int, Path] = {}
-        vendors: dict[int, list[Path]] = {}
+        trained: dict[tuple[str, int], Path] = {}
         train_seconds: dict[str, float] = {}
         for seed in args.seeds:
-            if single:
-                sources[seed], secs = _source(seed, Path(tmp))
-                train_seconds[str(seed)] = round(secs, 1)
-                print(f"seed {seed}: source trained in {secs:.0f} s", flush=True)
-            if multi:
-                vendors[seed] = []
-                for vendor in args.vendors:
-                    path, secs = _source(seed, Path(tmp), vendor, stats=True)
-                    vendors[seed].append(path)
+            for vendor in [*(["studio"] if single else []), *(args.vendors if multi else [])]:
+                if (vendor, seed) not in trained:
+                    trained[vendor, seed], secs = _source(seed, Path(tmp), vendor)
                     train_seconds[f"{vendor}-{seed}"] = round(secs, 1)
                     print(f"seed {seed}: {vendor} vendor trained in {secs:.0f} s", flush=True)
+        sources = {seed: trained["studio", seed] for seed in args.seeds if single}
+        vendors = {seed: [trained[v, seed] for v in args.vendors] for seed in args.seeds if multi}
         payload["source_train_seconds"] = train_seconds
         if multi:
             payload["vendors"] = args.vendors
@@ -390,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                     pkgs = vendors[seed] if many else sources[seed]
                     extra = QUICK.get(_split(variant)[0], ()) if args.quick else ()
                     row = run_variant(variant, pkgs, preset, seed, extra)
+                    row["threads"] = args.threads
                     if args.quick:
                         # Short runs are their own rows: never merged with full-length ones.
                         row["variant"] = f"{variant} {QUICK_TAG}"
