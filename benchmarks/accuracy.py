@@ -113,6 +113,10 @@ def _source(seed: int, workdir: Path, preset: str = "studio") -> tuple[Path, flo
     The package carries what a vendor may ship (DESIGN.md section 3): class counts
     (DIFC margins) and class feature means (LA-CMFER alignment).
     """
+    out = workdir / f"{preset}-{seed}"
+    if (out / "manifest.json").exists():
+        load_package(out)  # a package from an earlier run (--cache): verified, not retrained
+        return out, 0.0
     spec = InputSpec(size=(SIZE, SIZE))
     t0 = time.perf_counter()
     train = generate(preset, N_SOURCE, SIZE, seed=1000 + seed)
@@ -124,7 +128,6 @@ def _source(seed: int, workdir: Path, preset: str = "studio") -> tuple[Path, flo
             model, to_tensor(train.images, spec), train.labels, len(CLASSES)
         ),
     }
-    out = workdir / f"{preset}-{seed}"
     source_package(
         model.eval(),
         architecture="smallcnn",
@@ -337,6 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-docs", action="store_true")
     p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="keep the vendors' packages here and reuse them in later runs (same recipe "
+        "and seed; parallel runs can share one source model per seed this way)",
+    )
+    p.add_argument(
         "--merge",
         nargs="+",
         type=Path,
@@ -365,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     multi = any(_split(v)[0] in MULTI_SOURCE for v in args.methods)
     single = any(_split(v)[0] not in MULTI_SOURCE for v in args.methods)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = str(args.cache) if args.cache else tmp_dir
         trained: dict[tuple[str, int], Path] = {}
         train_seconds: dict[str, float] = {}
         for seed in args.seeds:
