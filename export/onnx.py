@@ -19,7 +19,7 @@ import torch
 
 from sourcefree import strictjson
 from sourcefree.errors import ExportError
-from sourcefree.manifest import ONNX_MANIFEST_KEY, InputSpec, OnnxSpec
+from sourcefree.manifest import ONNX_MANIFEST_KEY, AUDetectorSpec, InputSpec, OnnxSpec
 
 OPSET = 20
 IR_VERSION = 10
@@ -89,8 +89,25 @@ def to_onnx(
     embedded_manifest: dict[str, Any],
 ) -> bytes:
     """Export ``model`` (returning logits, features) to a sanitised ONNX byte string."""
-    import onnx
+    proto = _export_proto(model, spec, onnx_spec.input, [onnx_spec.logits, onnx_spec.features])
+    if onnx_spec.precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
 
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            proto = convert_float_to_float16(proto, keep_io_types=True)
+        _toposort(proto.graph)
+        _sanitize(proto)
+    entry = proto.metadata_props.add()
+    entry.key = ONNX_MANIFEST_KEY
+    entry.value = strictjson.dumps(embedded_manifest).decode("utf-8")
+    return _checked_bytes(proto)
+
+
+def _export_proto(
+    model: torch.nn.Module, spec: InputSpec, input_name: str, output_names: list[str]
+) -> Any:
+    """Dynamo export with a dynamic batch, pinned opset and IR version, sanitised."""
     model = model.eval().to("cpu", torch.float32)
     height, width = spec.size
     example = torch.zeros(2, spec.channels, height, width)
@@ -103,8 +120,8 @@ def to_onnx(
                 None,
                 dynamo=True,
                 opset_version=OPSET,
-                input_names=[onnx_spec.input],
-                output_names=[onnx_spec.logits, onnx_spec.features],
+                input_names=[input_name],
+                output_names=output_names,
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},),
                 external_data=False,
                 verbose=False,
@@ -120,17 +137,12 @@ def to_onnx(
     proto = program.model_proto
     proto.ir_version = IR_VERSION
     _sanitize(proto)
-    if onnx_spec.precision == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+    return proto
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            proto = convert_float_to_float16(proto, keep_io_types=True)
-        _toposort(proto.graph)
-        _sanitize(proto)
-    entry = proto.metadata_props.add()
-    entry.key = ONNX_MANIFEST_KEY
-    entry.value = strictjson.dumps(embedded_manifest).decode("utf-8")
+
+def _checked_bytes(proto: Any) -> bytes:
+    import onnx
+
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
@@ -139,6 +151,84 @@ def to_onnx(
         ) from exc
     data: bytes = proto.SerializeToString()
     return data
+
+
+def au_detector_to_onnx(model: torch.nn.Module, spec: InputSpec, detector: AUDetectorSpec) -> bytes:
+    """Export an action-unit detector (input -> ``(N, num AUs)`` in [0, 1]) to plain ONNX.
+
+    Same exporter, opset, IR version and sanitising as the classifier graph; no
+    metadata (the manifest's ``auxiliary.au_detector`` describes it). Always fp32.
+    """
+    proto = _export_proto(model, spec, detector.input, [detector.output])
+    return _checked_bytes(proto)
+
+
+def check_au_detector_parity(
+    model: torch.nn.Module,
+    onnx_bytes: bytes,
+    spec: InputSpec,
+    detector: AUDetectorSpec,
+    *,
+    samples: int = 16,
+    seed: int = 0,
+) -> float:
+    """Compare torch and onnxruntime on random inputs; return the max abs difference.
+
+    Raises:
+        ExportError: the outputs differ by more than 1e-4, have the wrong width, or
+            leave [0, 1] (the detector must end in a sigmoid or a clip).
+    """
+    import onnxruntime as ort
+
+    height, width = spec.size
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, spec.channels, height, width, generator=gen)
+    want = au_detector_outputs(model, x, detector)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    parts = [
+        session.run([detector.output], {detector.input: batch.numpy()})[0]
+        for batch in (x[:1], x[1:])  # the batch axis is dynamic
+    ]
+    worst = float(np.abs(np.concatenate(parts) - want).max())
+    if not worst <= FP32_ATOL:
+        raise ExportError(
+            f"onnxruntime disagrees with torch on the AU detector by {worst:.2e} "
+            f"(limit {FP32_ATOL:.0e})",
+            "the exported graph does not compute what the detector computes",
+            "nothing was written; check for non-deterministic or custom layers",
+        )
+    return worst
+
+
+def au_detector_outputs(
+    model: torch.nn.Module, x: torch.Tensor, detector: AUDetectorSpec
+) -> np.ndarray:
+    """The detector's eval-mode outputs on ``x``, checked: one (N, num AUs) tensor in [0, 1].
+
+    Raises:
+        ExportError: another type or shape, or values outside [0, 1] or not finite.
+    """
+    samples = x.shape[0]
+    model = model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    if not isinstance(ref, torch.Tensor) or ref.shape != (samples, len(detector.au_names)):
+        got = tuple(ref.shape) if isinstance(ref, torch.Tensor) else type(ref).__name__
+        raise ExportError(
+            f"the action-unit detector returns {got}",
+            f"one (N, {len(detector.au_names)}) tensor is expected: a column per AU name",
+            "return sigmoid probabilities, one column per entry of au_names",
+        )
+    want: np.ndarray = ref.float().numpy()
+    if not bool(np.isfinite(want).all()) or want.min() < 0.0 or want.max() > 1.0:
+        raise ExportError(
+            "the action-unit detector returns values outside [0, 1]",
+            "AU outputs are probabilities or intensities",
+            "end the detector with a sigmoid (or clamp to [0, 1])",
+        )
+    return want
 
 
 def check_parity(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +11,14 @@ import torch
 from torch import nn
 
 from sourcefree.errors import ExportError
-from sourcefree.export.onnx import Parity
+from sourcefree.export.onnx import (
+    Parity,
+    au_detector_outputs,
+    au_detector_to_onnx,
+    check_au_detector_parity,
+)
 from sourcefree.export.writer import write_package
-from sourcefree.manifest import InputSpec, SourceStats
+from sourcefree.manifest import AUDetectorSpec, Auxiliary, InputSpec, SourceStats
 from sourcefree.models import Classifier, from_vendor_state, get_architecture
 from sourcefree.package import Package
 
@@ -26,6 +31,9 @@ def source_package(
     input_spec: InputSpec,
     out: str | os.PathLike[str],
     source_stats: SourceStats | dict[str, Any] | None = None,
+    au_detector: nn.Module | None = None,
+    au_names: Sequence[str] | None = None,
+    au_threshold: float = 0.5,
     name: str | None = None,
     version: str = "1.0.0",
     overwrite: bool = False,
@@ -43,6 +51,17 @@ def source_package(
         out: package directory to create (must not exist or be empty).
         source_stats: optional aggregate statistics (class counts, per-class
             feature means, AU frequencies); never per-image data.
+        au_detector: optional action-unit detector shipped with the model (AdaFER):
+            a torch module taking the classifier's input and returning one
+            ``(N, len(au_names))`` tensor of AU probabilities in [0, 1] (e.g.
+            :func:`sourcefree.training.train_au_detector`). Exported to plain fp32
+            ONNX as ``au_detector.onnx``, parity-checked against onnxruntime and
+            described in the manifest's ``auxiliary.au_detector``.
+        au_names: action-unit names in the detector's output order (required with
+            ``au_detector``; ``source_stats.au_frequencies`` uses the same order).
+        au_threshold: an AU counts as active at or above this output; the
+            ``au_frequencies`` must have been counted with the same threshold
+            (:func:`sourcefree.training.au_frequencies`).
         name: package name; defaults to the output directory's name.
         version: package version string.
         overwrite: replace a non-empty ``out``.
@@ -63,6 +82,32 @@ def source_package(
         else source_stats
     )
     pkg_name = name or Path(out).name or "model"
+    auxiliary = None
+    aux_files: dict[str, bytes] = {}
+    if au_detector is not None:
+        detector = _au_spec(au_names, au_threshold)
+        freqs = stats.au_frequencies if stats is not None else None
+        if freqs is not None and len(freqs[0]) != len(detector.au_names):
+            raise ExportError(
+                f"source_stats.au_frequencies rows have {len(freqs[0])} values but "
+                f"{len(detector.au_names)} au_names were given",
+                "the frequencies are counted over the detector's action units",
+                "compute them over the detector's outputs, in au_names order",
+            )
+        height, width = input_spec.size
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randn(4, input_spec.channels, height, width, generator=gen)
+        au_detector_outputs(au_detector, probe, detector)  # before the slow export
+        onnx_bytes = au_detector_to_onnx(au_detector, input_spec, detector)
+        check_au_detector_parity(au_detector, onnx_bytes, input_spec, detector)
+        auxiliary = Auxiliary(au_detector=detector)
+        aux_files[detector.file] = onnx_bytes
+    elif au_names is not None:
+        raise ExportError(
+            "au_names were given without an au_detector",
+            "the names describe the detector's outputs",
+            "pass au_detector= as well, or leave au_names out",
+        )
     pkg, _ = export_classifier(
         classifier,
         architecture=architecture,
@@ -74,8 +119,23 @@ def source_package(
         version=version,
         overwrite=overwrite,
         fp16=fp16,
+        auxiliary=auxiliary,
+        auxiliary_files=aux_files,
     )
     return pkg
+
+
+def _au_spec(au_names: Sequence[str] | None, threshold: float) -> AUDetectorSpec:
+    if au_names is None or isinstance(au_names, str) or len(au_names) == 0:
+        raise ExportError(
+            "an au_detector was given without au_names",
+            "the manifest names every output column of the detector",
+            "pass au_names=[...] in the detector's output order "
+            "(synthetic data: sourcefree.data.synthetic.AU_NAMES)",
+        )
+    spec = AUDetectorSpec(au_names=tuple(au_names), threshold=float(threshold))
+    # Field checks (names, threshold range) by the reader's own parser.
+    return AUDetectorSpec.from_dict(spec.to_dict())
 
 
 def export_classifier(
@@ -90,8 +150,10 @@ def export_classifier(
     version: str,
     overwrite: bool,
     fp16: bool,
+    auxiliary: Auxiliary | None = None,
+    auxiliary_files: Mapping[str, bytes] | None = None,
 ) -> tuple[Package, Parity]:
-    """Write a ``kind=source`` package from a Classifier."""
+    """Write a ``kind=source`` package from a Classifier (and its auxiliary graphs)."""
     if len(set(labels)) != len(labels):
         raise ExportError("labels are not unique", f"got {list(labels)}", "name each class once")
     with torch.no_grad():
@@ -105,6 +167,8 @@ def export_classifier(
             architecture=architecture,
             out=out,
             source_stats=source_stats,
+            auxiliary=auxiliary,
+            auxiliary_files=auxiliary_files,
             overwrite=overwrite,
             fp16=fp16,
         )

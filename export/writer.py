@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from sourcefree.manifest import (
     ONNX_NAME,
     WEIGHTS_NAME,
     ArchitectureSpec,
+    Auxiliary,
     FileEntry,
     InputSpec,
     Manifest,
@@ -56,10 +58,16 @@ def write_package(
     out: str | os.PathLike[str],
     provenance: dict[str, Any] | None = None,
     source_stats: SourceStats | None = None,
+    auxiliary: Auxiliary | None = None,
+    auxiliary_files: Mapping[str, bytes] | None = None,
     overwrite: bool = False,
     fp16: bool = False,
 ) -> tuple[Package, Parity]:
     """Export ``model`` as a package at ``out``; verify it before it appears there.
+
+    ``auxiliary`` describes auxiliary models (an action-unit detector) whose
+    already exported graphs are ``auxiliary_files`` (file name -> bytes); they are
+    listed in ``files`` with size and sha256 like the model files.
 
     Raises:
         ExportError: export, checker or parity failure, non-finite weights.
@@ -102,13 +110,24 @@ def write_package(
         onnx=onnx_spec,
         provenance=prov,
         source_stats=source_stats,
+        auxiliary=auxiliary,
     )
+    extra = dict(auxiliary_files or {})
+    wanted = set(auxiliary.files()) if auxiliary is not None else set()
+    if set(extra) != wanted:
+        raise ExportError(
+            f"auxiliary files {sorted(extra)} do not match the manifest's {sorted(wanted)}",
+            "every auxiliary model needs exactly its own file",
+            "report a bug",
+        )
     # Validate every field through the same parser that readers use.
-    Manifest.from_dict({**manifest.to_dict(with_files=False), "files": _placeholder_files()})
+    Manifest.from_dict(
+        {**manifest.to_dict(with_files=False), "files": _placeholder_files(*sorted(extra))}
+    )
     weights = _weights_bytes(model)
     onnx_bytes = to_onnx(model, input_spec, onnx_spec, manifest.to_dict(with_files=False))
     parity = check_parity(model, onnx_bytes, input_spec, onnx_spec, samples=64 if fp16 else 16)
-    blobs = {WEIGHTS_NAME: weights, ONNX_NAME: onnx_bytes}
+    blobs = {WEIGHTS_NAME: weights, ONNX_NAME: onnx_bytes, **extra}
     files = {
         k: FileEntry(size=len(v), sha256=hashlib.sha256(v).hexdigest()) for k, v in blobs.items()
     }
@@ -121,5 +140,5 @@ def write_package(
     return load_package(Path(out)), parity
 
 
-def _placeholder_files() -> dict[str, dict[str, Any]]:
-    return {n: {"size": 0, "sha256": "0" * 64} for n in (WEIGHTS_NAME, ONNX_NAME)}
+def _placeholder_files(*extra: str) -> dict[str, dict[str, Any]]:
+    return {n: {"size": 0, "sha256": "0" * 64} for n in (WEIGHTS_NAME, ONNX_NAME, *extra)}

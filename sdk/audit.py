@@ -1,8 +1,9 @@
 """Privacy scan of a package (``sourcefree audit``): what it holds, what looks private.
 
 The audit lists every file (size, sha256 prefix, listed or not), the manifest
-fields and provenance keys, a summary of the ONNX graph and of the safetensors
-weights, and flags strings that look private:
+fields and provenance keys, a summary of the ONNX graph, of any auxiliary graph
+(an action-unit detector, listed in the manifest like the model files) and of the
+safetensors weights, and flags strings that look private:
 
 - file-system paths: any ``/`` or ``\\`` between characters in free strings
   (manifest values, metadata, doc strings); in graph and tensor names only
@@ -12,7 +13,8 @@ weights, and flags strings that look private:
 - the auditing user's home directory and user name (from ``$HOME``);
 - free text longer than :data:`MAX_FREE_TEXT` characters;
 - files the manifest does not list, manifest fields outside the schema,
-  ONNX metadata other than the embedded manifest, doc strings, node metadata,
+  ONNX metadata other than the embedded manifest (none at all in an auxiliary
+  graph), doc strings, node metadata,
   and safetensors ``__metadata__`` other than ``format=pt``.
 
 A package that fails verification is still audited (whatever can be read is
@@ -44,7 +46,7 @@ from sourcefree.manifest import (
     WEIGHTS_NAME,
     Manifest,
 )
-from sourcefree.onnx_check import GraphSummary, summarize
+from sourcefree.onnx_check import GraphSummary, summarize, summarize_auxiliary
 from sourcefree.package import Package, _list_dir, _open_regular, load_package
 from sourcefree.weights import TensorInfo, read_header_with_metadata
 
@@ -97,6 +99,8 @@ class AuditReport:
     manifest: dict[str, Any] = field(default_factory=dict)
     onnx: dict[str, Any] | None = None
     safetensors: dict[str, Any] | None = None
+    auxiliary: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Graph summaries of auxiliary models by file name (an action-unit detector)."""
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -113,6 +117,7 @@ class AuditReport:
             "manifest": self.manifest,
             "onnx": self.onnx,
             "safetensors": self.safetensors,
+            "auxiliary": self.auxiliary,
             "max_free_text": MAX_FREE_TEXT,
             "findings": [f.to_dict() for f in self.findings],
         }
@@ -196,6 +201,11 @@ def _manifest_summary(raw: dict[str, Any], manifest: Manifest | None) -> dict[st
     }
     if m.source_stats is not None:
         out["source_stats_keys"] = sorted(m.source_stats.to_dict())
+    if m.auxiliary is not None and m.auxiliary.au_detector is not None:
+        det = m.auxiliary.au_detector
+        out["au_detector"] = (
+            f"{det.file}: {len(det.au_names)} action units, threshold {det.threshold:g}"
+        )
     return out
 
 
@@ -284,6 +294,12 @@ class _Audit:
             report.onnx = self.onnx(blobs[ONNX_NAME], raw)
         if WEIGHTS_NAME in blobs:
             report.safetensors = self.weights(blobs[WEIGHTS_NAME])
+        aux = manifest.auxiliary if manifest is not None else None
+        for name in aux.files() if aux is not None else ():
+            if name in blobs:
+                summary = self.auxiliary_graph(name, blobs[name])
+                if summary is not None:
+                    report.auxiliary[name] = summary
         report.findings = self.findings
         return report
 
@@ -380,6 +396,27 @@ class _Audit:
             self.text(text, f"{ONNX_NAME} {where}", free=free)
         return _graph_summary(graph)
 
+    def auxiliary_graph(self, name: str, data: bytes) -> dict[str, Any] | None:
+        """An auxiliary ONNX graph: no metadata belongs there; free strings are scanned."""
+        try:
+            graph = summarize_auxiliary(data, name)
+        except SourcefreeError as exc:
+            self.flag(name, "unreadable", str(exc))
+            return None
+        for key, value in sorted(graph.metadata.items()):
+            where = f"{name} metadata {key!r}"
+            self.flag(where, "onnx-metadata", "an auxiliary graph carries no metadata")
+            self.text(key, where + " (key)")
+            self.text(value, where)
+        if graph.doc_strings:
+            self.flag(name, "doc-string", f"{graph.doc_strings} doc string(s) in the graph")
+        if graph.node_metadata:
+            self.flag(name, "node-metadata", f"{graph.node_metadata} metadata entries")
+        for where, text in graph.texts:
+            free = "doc string" in where or "metadata" in where or where == "domain"
+            self.text(text, f"{name} {where}", free=free)
+        return _graph_summary(graph)
+
     def embedded(self, value: str, raw: dict[str, Any] | None, where: str) -> None:
         try:
             parsed = strictjson.loads(value.encode(), what=where, max_bytes=MAX_MANIFEST_BYTES)
@@ -456,6 +493,17 @@ def format_report(report: AuditReport) -> str:
             f"  {'metadata keys':<18} {', '.join(g['metadata_keys']) or '-'}",
             f"  {'doc strings':<18} {g['doc_strings']}",
             f"  {'node metadata':<18} {g['node_metadata']}",
+        ]
+    for fname, g in report.auxiliary.items():
+        lines += [
+            "",
+            f"auxiliary graph {fname}",
+            f"  {'graph':<18} IR {g['ir_version']}, opsets "
+            + ", ".join(f"{k} {v}" for k, v in g["opsets"].items())
+            + f", {g['nodes']} nodes, producer {g['producer']!r}",
+            f"  {'outputs':<18} " + ", ".join(f"{k} {v}" for k, v in g["outputs"].items()),
+            f"  {'metadata keys':<18} {', '.join(g['metadata_keys']) or '-'}",
+            f"  {'doc strings':<18} {g['doc_strings']}",
         ]
     if report.safetensors is not None:
         w = report.safetensors

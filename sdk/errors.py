@@ -38,6 +38,11 @@ class SignatureError(PackageError):
     """A signature is missing, malformed, or was made by another key."""
 
 
+class RequirementError(SourcefreeError):
+    """A method or tool needs something the package does not carry (an auxiliary
+    model such as an action-unit detector, or a source statistic)."""
+
+
 class ExportError(SourcefreeError):
     """A model could not be exported; nothing was written."""
 

@@ -62,4 +62,13 @@ def summarize_package(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
     if m.source_stats is not None:
         out["source_stats"] = ", ".join(sorted(m.source_stats.to_dict()))
+    det = pkg.au_detector
+    if det is not None:
+        aux_graph = summarize(pkg.read(det.file))
+        out["auxiliary"] = {
+            "au_detector": f"{det.file} ({_size(m.files[det.file].size)}, "
+            f"{sum(aux_graph.ops.values())} nodes)",
+            "action_units": ", ".join(det.au_names),
+            "au_threshold": det.threshold,
+        }
     return out

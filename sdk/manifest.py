@@ -58,6 +58,7 @@ TOP_LEVEL = {
     "files",
     "provenance",
     "source_stats",
+    "auxiliary",
 }
 PROVENANCE_KEYS = {
     "sdk_version",
@@ -71,6 +72,12 @@ PROVENANCE_KEYS = {
     "note",
 }
 SOURCE_STATS_KEYS = {"class_counts", "class_feature_means", "au_frequencies", "calibration"}
+#: Roles of auxiliary models a package may carry (manifest ``auxiliary``).
+AUXILIARY_ROLES = ("au_detector",)
+AU_DETECTOR_KEYS = {"file", "input", "output", "au_names", "threshold"}
+#: Default file name of the action-unit detector graph.
+AU_DETECTOR_NAME = "au_detector.onnx"
+MAX_AUS = 256
 CALIBRATION_KEYS = {
     "validation_accuracy",
     "validation_images",
@@ -384,10 +391,15 @@ class SourceStats:
             counts = tuple(
                 _int(v, f"{path}.class_counts[{i}]", 0, 1 << 40) for i, v in enumerate(raw)
             )
+        au = _matrix(obj, "au_frequencies", num_classes, path)
+        for i, row in enumerate(au or ()):
+            for j, v in enumerate(row):
+                if not 0.0 <= v <= 1.0:
+                    raise _err(f"{path}.au_frequencies[{i}][{j}]", f"{v} is outside [0, 1]")
         return cls(
             class_counts=counts,
             class_feature_means=_matrix(obj, "class_feature_means", num_classes, path),
-            au_frequencies=_matrix(obj, "au_frequencies", num_classes, path),
+            au_frequencies=au,
             calibration=(
                 Calibration.from_dict(obj["calibration"], f"{path}.calibration")
                 if "calibration" in obj
@@ -411,6 +423,91 @@ def _matrix(
         width = len(r)
         out.append(tuple(_float(v, f"{path}.{key}[{i}][{j}]") for j, v in enumerate(r)))
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class AUDetectorSpec:
+    """An action-unit detector shipped in the package (``auxiliary.au_detector``).
+
+    A plain ONNX graph with the classifier's input contract (same ``input`` spec:
+    size, colour, mean, std) and one output of shape ``[batch, len(au_names)]``
+    holding action-unit probabilities (or intensities) in [0, 1]. It is verified
+    like ``model.onnx`` (hash, op allowlist, no external data, no metadata) and
+    run with onnxruntime; it is never unpickled.
+    """
+
+    au_names: tuple[str, ...]
+    """Action-unit names in output order (e.g. ``AU1``, ``AU12``)."""
+    file: str = AU_DETECTOR_NAME
+    """File name inside the package (listed in ``files``)."""
+    threshold: float = 0.5
+    """An AU counts as active when its output is ``>= threshold``; the vendor's
+    ``source_stats.au_frequencies`` were counted with the same threshold."""
+    input: str = "input"
+    """Input tensor name."""
+    output: str = "au_probabilities"
+    """Output tensor name."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "input": self.input,
+            "output": self.output,
+            "au_names": list(self.au_names),
+            "threshold": self.threshold,
+        }
+
+    @classmethod
+    def from_dict(cls, value: Any, path: str = "auxiliary.au_detector") -> AUDetectorSpec:
+        obj = _obj(value, path, AU_DETECTOR_KEYS, AU_DETECTOR_KEYS)
+        file = _str(obj["file"], f"{path}.file", FILE_NAME_RE)
+        if not file.endswith(".onnx") or file in (MANIFEST_NAME, WEIGHTS_NAME, ONNX_NAME):
+            raise _err(
+                f"{path}.file",
+                f"{file!r} must be a .onnx file other than {ONNX_NAME}",
+            )
+        raw = _list(obj["au_names"], f"{path}.au_names", 1, MAX_AUS)
+        names = tuple(_str(v, f"{path}.au_names[{i}]", NAME_RE) for i, v in enumerate(raw))
+        if len(set(names)) != len(names):
+            raise _err(f"{path}.au_names", "action-unit names must be unique")
+        threshold = _float(obj["threshold"], f"{path}.threshold")
+        if not 0.0 < threshold < 1.0:
+            raise _err(f"{path}.threshold", f"{threshold} is outside (0, 1)")
+        return cls(
+            au_names=names,
+            file=file,
+            threshold=threshold,
+            input=_str(obj["input"], f"{path}.input", NAME_RE),
+            output=_str(obj["output"], f"{path}.output", NAME_RE),
+        )
+
+
+@dataclass(frozen=True)
+class Auxiliary:
+    """Auxiliary models a package may carry besides its classifier (``auxiliary``)."""
+
+    au_detector: AUDetectorSpec | None = None
+    """Action-unit detector (AdaFER)."""
+
+    def files(self) -> tuple[str, ...]:
+        """The package files the auxiliary models live in."""
+        return tuple(spec.file for spec in (self.au_detector,) if spec is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.au_detector is not None:
+            out["au_detector"] = self.au_detector.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, value: Any, path: str = "auxiliary") -> Auxiliary:
+        obj = _obj(value, path, set(AUXILIARY_ROLES), set())
+        if not obj:
+            raise _err(path, "it names no model; leave the field out when there is none")
+        detector = None
+        if "au_detector" in obj:
+            detector = AUDetectorSpec.from_dict(obj["au_detector"], f"{path}.au_detector")
+        return cls(au_detector=detector)
 
 
 def _json_value(value: Any, path: str, depth: int = 0) -> Any:
@@ -449,6 +546,8 @@ class Manifest:
     files: Mapping[str, FileEntry] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
     source_stats: SourceStats | None = None
+    auxiliary: Auxiliary | None = None
+    """Auxiliary models (an action-unit detector), each in its own listed file."""
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self, *, with_files: bool = True) -> dict[str, Any]:
@@ -466,6 +565,8 @@ class Manifest:
         }
         if self.source_stats is not None:
             out["source_stats"] = self.source_stats.to_dict()
+        if self.auxiliary is not None:
+            out["auxiliary"] = self.auxiliary.to_dict()
         if with_files:
             out["files"] = {
                 k: {"size": v.size, "sha256": v.sha256} for k, v in sorted(self.files.items())
@@ -490,7 +591,7 @@ class Manifest:
                 f"this SDK reads schema version {SCHEMA_VERSION} only",
                 "upgrade sourcefree, or ask the vendor for a version-1 package",
             )
-        required = TOP_LEVEL - {"source_stats"}
+        required = TOP_LEVEL - {"source_stats", "auxiliary"}
         obj = _obj(value, "", TOP_LEVEL, required)
         labels_raw = _list(obj["labels"], "labels", 2, MAX_CLASSES)
         labels = tuple(_str(v, f"labels[{i}]", LABEL_RE) for i, v in enumerate(labels_raw))
@@ -537,6 +638,10 @@ class Manifest:
         stats = None
         if "source_stats" in obj:
             stats = SourceStats.from_dict(obj["source_stats"], arch.num_classes)
+        auxiliary = None
+        if "auxiliary" in obj:
+            auxiliary = Auxiliary.from_dict(obj["auxiliary"])
+            _check_auxiliary(auxiliary, files, stats)
         return cls(
             kind=_choice(obj["kind"], "kind", KINDS),
             name=_str(obj["name"], "name", NAME_RE),
@@ -548,4 +653,27 @@ class Manifest:
             files=files,
             provenance=provenance,
             source_stats=stats,
+            auxiliary=auxiliary,
+        )
+
+
+def _check_auxiliary(
+    auxiliary: Auxiliary, files: Mapping[str, FileEntry], stats: SourceStats | None
+) -> None:
+    """Cross-field rules: auxiliary files are listed; AU widths agree with the statistics."""
+    for role, spec in (("au_detector", auxiliary.au_detector),):
+        if spec is not None and spec.file not in files:
+            raise PackageError(
+                f"manifest field 'files.{spec.file}' is missing",
+                f"auxiliary.{role} lives in that file, and every file is listed with its hash",
+                "re-export the package with the SDK",
+            )
+    det = auxiliary.au_detector
+    freqs = stats.au_frequencies if stats is not None else None
+    if det is not None and freqs is not None and len(freqs[0]) != len(det.au_names):
+        raise _err(
+            "source_stats.au_frequencies",
+            f"rows have {len(freqs[0])} values but auxiliary.au_detector names "
+            f"{len(det.au_names)} action units",
+            "export the frequencies over the detector's action units, in its output order",
         )

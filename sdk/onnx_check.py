@@ -16,7 +16,13 @@ from typing import Any
 
 from sourcefree import strictjson
 from sourcefree.errors import PackageError
-from sourcefree.manifest import MAX_MANIFEST_BYTES, ONNX_MANIFEST_KEY, ONNX_NAME, Manifest
+from sourcefree.manifest import (
+    MAX_MANIFEST_BYTES,
+    ONNX_MANIFEST_KEY,
+    ONNX_NAME,
+    AUDetectorSpec,
+    Manifest,
+)
 
 #: Highest IR version this SDK writes and accepts (onnxruntime 1.2x-1.3x load it).
 MAX_IR_VERSION = 10
@@ -399,5 +405,83 @@ def check_model(data: bytes, manifest: Manifest) -> GraphSummary:
             f"{ONNX_NAME} carries unexpected metadata key {extra[0]!r}",
             "graph metadata is allowlisted so nothing private travels in it",
             "re-export the package with the SDK",
+        )
+    return summary
+
+
+def _renamed(exc: PackageError, name: str) -> PackageError:
+    """``exc`` with the file it names changed from model.onnx to ``name``."""
+    return type(exc)(exc.what.replace(ONNX_NAME, name), exc.why, exc.fix)
+
+
+def summarize_auxiliary(data: bytes, name: str) -> GraphSummary:
+    """:func:`summarize` for an auxiliary graph: the same refusals, errors naming ``name``."""
+    try:
+        return summarize(data)
+    except PackageError as exc:
+        raise _renamed(exc, name) from None
+
+
+def check_au_detector(data: bytes, spec: AUDetectorSpec, manifest: Manifest) -> GraphSummary:
+    """Validate the action-unit detector graph (``auxiliary.au_detector``).
+
+    The same static checks as the classifier graph (op allowlist, standard domains,
+    no functions, training info or external data, IR version and opset of the
+    package), the classifier's input contract, exactly one output of shape
+    ``[batch, len(au_names)]``, and no metadata at all (the manifest describes it).
+    """
+    name = spec.file
+    summary = summarize_auxiliary(data, name)
+    onnx = manifest.onnx
+
+    def refuse(what: str, why: str) -> PackageError:
+        return PackageError(f"{name} {what}", why, "re-export the package with the SDK")
+
+    if summary.ir_version > MAX_IR_VERSION or summary.ir_version != onnx.ir_version:
+        raise refuse(
+            f"has IR version {summary.ir_version}",
+            f"the package's graphs use {onnx.ir_version} and this SDK reads up to {MAX_IR_VERSION}",
+        )
+    for domain, version in summary.opsets.items():
+        if domain not in STANDARD_DOMAINS:
+            raise refuse(
+                f"imports the custom op domain {domain!r}",
+                "custom domains need native code that a package must never bring",
+            )
+        if version != onnx.opset:
+            raise refuse(f"uses opset {version}", f"the manifest says {onnx.opset}")
+    if list(summary.inputs) != [spec.input]:
+        raise refuse(
+            f"has inputs {list(summary.inputs)}",
+            f"the manifest expects exactly one input named {spec.input!r}",
+        )
+    height, width = manifest.input.size
+    dims = summary.inputs[spec.input]
+    if len(dims) != 4 or dims[1:] != [manifest.input.channels, height, width]:
+        raise refuse(
+            f"input has shape {dims}",
+            f"it takes the classifier's input, [batch, {manifest.input.channels}, "
+            f"{height}, {width}]",
+        )
+    if summary.input_types[spec.input] != _FLOAT:
+        raise refuse("input is not float32", "the runtime feeds float32")
+    if list(summary.outputs) != [spec.output]:
+        raise refuse(
+            f"has outputs {list(summary.outputs)}",
+            f"the manifest expects exactly one output named {spec.output!r}",
+        )
+    out_dims = summary.outputs[spec.output]
+    if len(out_dims) != 2 or out_dims[1] != len(spec.au_names):
+        raise refuse(
+            f"output has shape {out_dims}",
+            f"the manifest names {len(spec.au_names)} action units: "
+            f"[batch, {len(spec.au_names)}] is expected",
+        )
+    if summary.input_types.get(f"output:{spec.output}") != _FLOAT:
+        raise refuse("output is not float32", "action-unit probabilities are float32")
+    if summary.metadata:
+        raise refuse(
+            f"carries metadata key {sorted(summary.metadata)[0]!r}",
+            "an auxiliary graph carries no metadata; the manifest describes it",
         )
     return summary

@@ -3,8 +3,8 @@
 Order of checks (docs/package-format.md): the directory itself, the manifest
 (strict JSON, schema), the file set (nothing missing, nothing unlisted, regular
 files only, one link, real path inside), sizes and sha256 of every file, the
-signature, and only then the contents (safetensors header and values, ONNX
-graph). No torch import, no pickle.
+signature, and only then the contents (safetensors header and values, the ONNX
+graphs: the classifier and any auxiliary model). No torch import, no pickle.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from sourcefree.manifest import (
     ONNX_NAME,
     SIGNATURE_NAME,
     WEIGHTS_NAME,
+    AUDetectorSpec,
     Manifest,
 )
 
@@ -67,6 +68,12 @@ class Package:
     @property
     def weights_bytes(self) -> bytes:
         return self.read(WEIGHTS_NAME)
+
+    @property
+    def au_detector(self) -> AUDetectorSpec | None:
+        """The action-unit detector the package carries (``auxiliary.au_detector``), if any."""
+        aux = self.manifest.auxiliary
+        return aux.au_detector if aux is not None else None
 
 
 def _open_regular(root: Path, name: str, max_bytes: int | None = None) -> bytes:
@@ -227,6 +234,9 @@ def load_package(
 
     weights.check_safetensors(blobs[WEIGHTS_NAME], manifest)
     onnx_check.check_model(blobs[ONNX_NAME], manifest)
+    aux = manifest.auxiliary
+    if aux is not None and aux.au_detector is not None:
+        onnx_check.check_au_detector(blobs[aux.au_detector.file], aux.au_detector, manifest)
     return Package(
         path=root,
         manifest=manifest,

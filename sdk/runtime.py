@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sourcefree.errors import DeviceError, InputError
+from sourcefree.errors import DeviceError, InputError, PackageError, RequirementError
 from sourcefree.imaging import decode_image, preprocess
+from sourcefree.manifest import InputSpec
 from sourcefree.package import Package, load_package
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
@@ -59,6 +60,63 @@ def _providers(ort: Any, device: str) -> list[Any]:
     if device == "tensorrt":
         return [wanted, "CUDAExecutionProvider", "CPUExecutionProvider"]
     return [wanted, "CPUExecutionProvider"]
+
+
+def _session(model: bytes, device: str, threads: int) -> tuple[Any, str]:
+    """An onnxruntime session over verified graph bytes, and the device it runs on."""
+    ort = import_onnxruntime()
+    providers = _providers(ort, device)
+    opts = ort.SessionOptions()
+    # "auto" tries CUDA and quietly settles on CPU when the CUDA libraries are
+    # missing (the wheel lists CUDA either way); the returned device says what runs.
+    opts.log_severity_level = 4 if device == "auto" else 3
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if device == "auto":
+        # Provider start-up failures are logged by the process-wide logger.
+        ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(model, opts, providers=providers)
+    finally:
+        ort.set_default_logger_severity(3)
+    active = session.get_providers()
+    if device in ("cuda", "tensorrt") and active[0] != _PROVIDER_OF[device]:
+        raise DeviceError(
+            f"device {device!r} was requested but onnxruntime runs on {active[0]}",
+            "the GPU provider failed to start (CUDA or cuDNN libraries missing or mismatched)",
+            "run `sourcefree doctor`, or use --device cpu",
+        )
+    return session, {v: k for k, v in _PROVIDER_OF.items()}.get(active[0], active[0])
+
+
+def check_input_array(x: np.ndarray, spec: InputSpec) -> None:
+    """Refuse an array that is not a finite float32 (N, C, H, W) batch for ``spec``."""
+    c = spec.channels
+    h, w = spec.size
+    if not isinstance(x, np.ndarray):
+        raise InputError(
+            f"expected a numpy array, got {type(x).__name__}",
+            "predict_array takes preprocessed arrays",
+            "use predict() for images or paths",
+        )
+    if x.dtype != np.float32:
+        raise InputError(
+            f"input dtype is {x.dtype}",
+            "the model takes float32",
+            "convert with x.astype(np.float32)",
+        )
+    if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w) or x.shape[0] == 0:
+        raise InputError(
+            f"input shape is {tuple(x.shape)}",
+            f"the model takes (N, {c}, {h}, {w}) with N >= 1",
+            "preprocess with the package's input spec (or use predict())",
+        )
+    if not bool(np.isfinite(x).all()):
+        raise InputError(
+            "input contains NaN or Inf",
+            "the model's output would be meaningless",
+            "check the preprocessing",
+        )
 
 
 @dataclass(frozen=True)
@@ -105,30 +163,8 @@ class Predictor:
             if isinstance(package, Package)
             else load_package(package, public_key=public_key, require_signature=require_signature)
         )
-        ort = import_onnxruntime()
-        providers = _providers(ort, device)
-        opts = ort.SessionOptions()
-        # "auto" tries CUDA and quietly settles on CPU when the CUDA libraries are
-        # missing (the wheel lists CUDA either way); self.device says what runs.
-        opts.log_severity_level = 4 if device == "auto" else 3
-        opts.intra_op_num_threads = threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if device == "auto":
-            # Provider start-up failures are logged by the process-wide logger.
-            ort.set_default_logger_severity(4)
-        try:
-            self.session = ort.InferenceSession(self.package.onnx_bytes, opts, providers=providers)
-        finally:
-            ort.set_default_logger_severity(3)
-        active = self.session.get_providers()
-        if device in ("cuda", "tensorrt") and active[0] != _PROVIDER_OF[device]:
-            raise DeviceError(
-                f"device {device!r} was requested but onnxruntime runs on {active[0]}",
-                "the GPU provider failed to start (CUDA or cuDNN libraries missing or mismatched)",
-                "run `sourcefree doctor`, or use --device cpu",
-            )
-        self.providers: list[str] = list(active)
-        self.device = {v: k for k, v in _PROVIDER_OF.items()}.get(active[0], active[0])
+        self.session, self.device = _session(self.package.onnx_bytes, device, threads)
+        self.providers: list[str] = list(self.session.get_providers())
         self.batch_size = batch_size
         manifest = self.package.manifest
         self.labels = manifest.labels
@@ -140,32 +176,7 @@ class Predictor:
 
     def predict_array(self, x: np.ndarray, *, features: bool = False) -> Prediction:
         """Predict an already preprocessed float32 (N, C, H, W) array."""
-        c = self.spec.channels
-        h, w = self.spec.size
-        if not isinstance(x, np.ndarray):
-            raise InputError(
-                f"expected a numpy array, got {type(x).__name__}",
-                "predict_array takes preprocessed arrays",
-                "use predict() for images or paths",
-            )
-        if x.dtype != np.float32:
-            raise InputError(
-                f"input dtype is {x.dtype}",
-                "the model takes float32",
-                "convert with x.astype(np.float32)",
-            )
-        if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w) or x.shape[0] == 0:
-            raise InputError(
-                f"input shape is {tuple(x.shape)}",
-                f"the model takes (N, {c}, {h}, {w}) with N >= 1",
-                "preprocess with the package's input spec (or use predict())",
-            )
-        if not bool(np.isfinite(x).all()):
-            raise InputError(
-                "input contains NaN or Inf",
-                "the model's output would be meaningless",
-                "check the preprocessing",
-            )
+        check_input_array(x, self.spec)
         names = [self._onnx.logits] + ([self._onnx.features] if features else [])
         logit_parts: list[np.ndarray] = []
         feat_parts: list[np.ndarray] = []
@@ -247,3 +258,77 @@ class Predictor:
                 flush()
         flush()
         return done, failed
+
+
+class AUDetector:
+    """Serve a package's action-unit detector (manifest ``auxiliary.au_detector``).
+
+    The graph takes the classifier's input (the same preprocessing) and returns
+    per-image action-unit probabilities in [0, 1], one column per name in
+    :attr:`au_names`. onnxruntime receives the verified bytes.
+
+    Args:
+        package: a package directory or an already verified :class:`Package`.
+        device: as for :class:`Predictor` (default ``cpu``).
+        batch_size: images per onnxruntime call.
+        threads: intra-op threads (0 lets onnxruntime choose).
+
+    Raises:
+        RequirementError: the package carries no action-unit detector.
+    """
+
+    def __init__(
+        self,
+        package: str | os.PathLike[str] | Package,
+        device: str = "cpu",
+        *,
+        batch_size: int = 256,
+        threads: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise InputError(f"batch_size is {batch_size}", "it must be at least 1", "pass 1+")
+        self.package = package if isinstance(package, Package) else load_package(package)
+        spec = self.package.au_detector
+        if spec is None:
+            raise RequirementError(
+                f"package {self.package.manifest.name!r} carries no action-unit detector",
+                "its manifest has no auxiliary.au_detector",
+                "ask the vendor for a package exported with "
+                "sourcefree.export.source_package(..., au_detector=...)",
+            )
+        self.spec = spec
+        self.input_spec = self.package.manifest.input
+        self.session, self.device = _session(self.package.read(spec.file), device, threads)
+        self.batch_size = batch_size
+
+    @property
+    def au_names(self) -> tuple[str, ...]:
+        """Action-unit names in output order."""
+        return self.spec.au_names
+
+    @property
+    def threshold(self) -> float:
+        """Outputs at or above it count as an active AU (as in the vendor's frequencies)."""
+        return self.spec.threshold
+
+    def detect_array(self, x: np.ndarray) -> np.ndarray:
+        """Action-unit probabilities (N, num AUs) of a preprocessed float32 (N, C, H, W) array.
+
+        Raises:
+            InputError: the array does not fit the input spec.
+            PackageError: the graph returned values outside [0, 1] or not finite.
+        """
+        check_input_array(x, self.input_spec)
+        parts = []
+        for start in range(0, x.shape[0], self.batch_size):
+            chunk = np.ascontiguousarray(x[start : start + self.batch_size])
+            out = self.session.run([self.spec.output], {self.spec.input: chunk})
+            parts.append(np.asarray(out[0], dtype=np.float32))
+        probs = np.concatenate(parts)
+        if not bool(np.isfinite(probs).all()) or probs.min() < 0.0 or probs.max() > 1.0:
+            raise PackageError(
+                f"{self.spec.file} returned values outside [0, 1]",
+                "an action-unit detector outputs probabilities or intensities in [0, 1]",
+                "ask the vendor to export the detector with a sigmoid (or clipped) output",
+            )
+        return probs

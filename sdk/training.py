@@ -15,6 +15,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from sourcefree.augment import (
+    affine_sample,
+    color_jitter,
+    from_unit,
+    grey,
+    resized_crop_theta,
+    to_unit,
+)
 from sourcefree.errors import ConfigError
 from sourcefree.manifest import InputSpec
 from sourcefree.models import Classifier, build_classifier
@@ -40,6 +48,9 @@ class TrainConfig:
     """Random horizontal flips (faces are left-right symmetric)."""
     shift: int = 0
     """Random translation by up to this many pixels."""
+    robust: bool = False
+    """Generic photometric robustness augmentation (:func:`robust_augment`): crop,
+    colour jitter, grey, noise, blur. :func:`train_au_detector` turns it on."""
 
 
 def to_tensor(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
@@ -55,7 +66,35 @@ def to_tensor(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
     return ((x - mean) / std).contiguous()
 
 
-def _augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+def robust_augment(x: torch.Tensor, spec: InputSpec, gen: torch.Generator) -> torch.Tensor:
+    """Generic robustness augmentation of normalised images (a batch at once).
+
+    Random resized crop (area 0.7-1, with flips), colour jitter 0.4 / hue 0.1 with
+    probability 0.8, grey-scale with probability 0.5, Gaussian pixel noise with a
+    per-image sigma in [0, 0.08], and a 3x3 box blur with probability 0.5. These are
+    the usual augmentations of detectors meant to work on photos from unknown
+    cameras; none is tuned to a particular target domain.
+    """
+    mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype).view(1, -1, 1, 1)
+    n = x.shape[0]
+    unit = affine_sample(to_unit(x, mean, std), resized_crop_theta(n, (0.7, 1.0), gen), x.shape[-1])
+    unit = color_jitter(unit, gen, 0.4, 0.1, 0.8)
+    to_grey = (torch.rand(n, generator=gen) < 0.5).view(-1, 1, 1, 1)
+    unit = torch.where(to_grey, grey(unit), unit)
+    sigma = 0.08 * torch.rand(n, 1, 1, 1, generator=gen)
+    unit = (unit + sigma * torch.randn(unit.shape, generator=gen)).clamp(0.0, 1.0)
+    blur = (torch.rand(n, generator=gen) < 0.5).view(-1, 1, 1, 1)
+    padded = nn.functional.pad(unit, (1, 1, 1, 1), mode="replicate")
+    unit = torch.where(blur, nn.functional.avg_pool2d(padded, 3, 1), unit)
+    return from_unit(unit, mean, std)
+
+
+def _augment(
+    x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, spec: InputSpec
+) -> torch.Tensor:
+    if cfg.robust:
+        x = robust_augment(x, spec, gen)
     if cfg.flip:
         flip = torch.rand(x.shape[0], generator=gen) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
@@ -117,28 +156,134 @@ def train_classifier(
             "pass matching arrays",
         )
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    x = to_tensor(images, spec)
     y = torch.from_numpy(labels.astype(np.int64))
     model = build_classifier(cfg.arch, num_classes, spec.channels)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    _fit(model, to_tensor(images, spec), y, loss_fn, spec, cfg)
+    return model.eval()
+
+
+def _fit(
+    model: Classifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: nn.Module,
+    spec: InputSpec,
+    cfg: TrainConfig,
+) -> None:
+    """AdamW + one-cycle over ``cfg.epochs`` shuffled passes, then precise BN."""
+    gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, x.shape[0] // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     model.train()
     for _ in range(cfg.epochs):
         order = torch.randperm(x.shape[0], generator=gen)
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            logits, _ = model(_augment(x[idx], cfg, gen))
+            logits, _ = model(_augment(x[idx], cfg, gen, spec))
             loss = loss_fn(logits, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
     recalibrate_batchnorm(model, x)
-    return model.eval()
+    model.eval()
+
+
+class AUDetectorNet(nn.Module):
+    """An action-unit detector: a registered architecture with one logit per AU, then a sigmoid.
+
+    ``forward`` returns AU probabilities in [0, 1], shape (N, num AUs): what
+    :func:`sourcefree.export.source_package` (``au_detector=``) exports to ONNX.
+    """
+
+    def __init__(self, net: Classifier) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.net(x)
+        return torch.sigmoid(logits)
+
+
+def train_au_detector(
+    images: np.ndarray,
+    aus: np.ndarray,
+    spec: InputSpec,
+    cfg: TrainConfig = TrainConfig(robust=True),
+) -> AUDetectorNet:
+    """Train an action-unit detector from scratch on AU annotations; return it in eval mode.
+
+    Binary cross-entropy of one sigmoid per AU against the annotated intensities
+    in [0, 1] (soft targets), with the classifier's optimiser and schedule. The
+    default turns on :func:`robust_augment`: the detector is meant to work on the
+    customer's photos, whatever their camera (the AdaFER paper's detector was
+    pre-trained on a large in-the-wild AU dataset).
+
+    Args:
+        images: uint8 (N, H, W, 3) RGB at the spec's size.
+        aus: float (N, num AUs) AU intensities or 0/1 occurrences in [0, 1].
+        spec: the input spec the package will declare (shared with the classifier).
+        cfg: training settings (``arch``, epochs, lr, ``robust``, ...).
+    """
+    a = np.asarray(aus, dtype=np.float32)
+    if images.ndim != 4 or a.ndim != 2 or images.shape[0] != a.shape[0] or a.shape[0] == 0:
+        raise ConfigError(
+            f"training images of shape {images.shape} and AU annotations of shape {a.shape}",
+            "expected (N, H, W, 3) images with one row of AU values each",
+            "pass matching arrays",
+        )
+    if not bool(np.isfinite(a).all()) or a.min() < 0.0 or a.max() > 1.0:
+        raise ConfigError(
+            "AU annotations outside [0, 1]",
+            "they are the detector's sigmoid targets",
+            "scale intensities to [0, 1] (FACS A-E intensities: divide by 5)",
+        )
+    torch.manual_seed(cfg.seed)
+    net = build_classifier(cfg.arch, a.shape[1], spec.channels)
+    _fit(net, to_tensor(images, spec), torch.from_numpy(a), nn.BCEWithLogitsLoss(), spec, cfg)
+    return AUDetectorNet(net).eval()
+
+
+@torch.no_grad()
+def detect_aus(detector: nn.Module, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    """Eval-mode AU probabilities (N, num AUs) of normalised images ``x``, in batches."""
+    detector.eval()
+    parts = [detector(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    return torch.cat(parts).float().numpy()
+
+
+def au_frequencies(
+    aus: np.ndarray, labels: np.ndarray, num_classes: int, threshold: float = 0.5
+) -> list[list[float]]:
+    """Per-class AU frequencies for ``source_stats.au_frequencies`` (an aggregate).
+
+    ``F[c][a]`` is the fraction of the class-``c`` images whose AU ``a`` is active,
+    i.e. ``aus[i, a] >= threshold`` (the detector's ``au_threshold`` in the
+    package). A class without images gets zeros. As in the AdaFER paper (Sec. 3.2)
+    the AUs should come from the same detector that runs on the customer's images
+    (:func:`detect_aus` on the training images), so both sides share its biases.
+    """
+    a = np.asarray(aus)
+    y = np.asarray(labels).astype(np.int64)
+    if a.ndim != 2 or y.shape != (a.shape[0],) or not 0.0 < threshold < 1.0:
+        raise ConfigError(
+            f"AU values of shape {a.shape}, labels of shape {y.shape}, threshold {threshold}",
+            "expected (N, num AUs) values, N labels and a threshold in (0, 1)",
+            "pass matching arrays",
+        )
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ConfigError(
+            f"labels outside [0, {num_classes})", "they index the classes", "fix the labels"
+        )
+    active = (a >= threshold).astype(np.float64)
+    sums = np.zeros((num_classes, a.shape[1]))
+    np.add.at(sums, y, active)
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    freqs = sums / np.maximum(counts, 1.0)[:, None]
+    return [[float(v) for v in row] for row in freqs]
 
 
 @torch.no_grad()
