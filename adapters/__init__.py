@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sourcefree.adapters import adabn as adabn
+from sourcefree.adapters import adafer as adafer
 from sourcefree.adapters import clup as clup
 from sourcefree.adapters import difc as difc
 from sourcefree.adapters import la_cmfer as la_cmfer
@@ -10,4 +11,4 @@ from sourcefree.adapters import pocan as pocan
 from sourcefree.adapters import shot as shot
 from sourcefree.adapters import tent as tent
 
-__all__ = ["adabn", "difc", "la_cmfer", "pocan", "shot", "tent"]
+__all__ = ["adabn", "adafer", "difc", "la_cmfer", "pocan", "shot", "tent"]

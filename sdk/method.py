@@ -164,15 +164,17 @@ class ScheduleSpec:
     """Learning-rate schedule over the phase's steps: ``lr(t) = lr * factor(t / T)``.
 
     ``constant``: 1. ``cosine``: ``0.5 (1 + cos(pi p))``, after linear warm-up.
-    ``inv``: ``(1 + gamma p) ^ -power`` (SHOT, DANN).
+    ``inv``: ``(1 + gamma p) ^ -power`` (SHOT, DANN). ``exp``: ``final ^ p``, an
+    exponential decay reaching ``final`` at the end (per-epoch decay ``d`` over
+    ``E`` epochs: ``final = d ^ E``, applied continuously).
     """
 
-    name: Literal["constant", "cosine", "inv"] = "constant"
+    name: Literal["constant", "cosine", "inv", "exp"] = "constant"
     warmup_steps: int = 0
     gamma: float = 10.0
     power: float = 0.75
     final: float = 0.0
-    """Cosine: final factor."""
+    """Cosine and exp: final factor."""
 
     def factor(self, step: int, total: int) -> float:
         """Multiplier of the base learning rate at ``step`` of ``total``."""
@@ -183,6 +185,8 @@ class ScheduleSpec:
             return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * p))
         if self.name == "inv":
             return float((1 + self.gamma * p) ** (-self.power))
+        if self.name == "exp":
+            return float(self.final**p)
         return 1.0
 
 

@@ -15,16 +15,51 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 LABELS = ["surprise", "fear", "happiness"]
 
 
-def make_source_package(out: Path, arch: str = "smallcnn", size: int = 32) -> Path:
-    """Export a randomly initialised model with non-trivial BatchNorm statistics."""
+def make_au_detector(size: int = 32, num_aus: int = 14, seed: int = 1) -> Any:
+    """A random smallcnn AU detector with saturated outputs (codes repeat across images)."""
     import torch
 
+    from sourcefree.models import build_classifier
+    from sourcefree.training import AUDetectorNet
+
+    torch.manual_seed(seed)
+    net = build_classifier("smallcnn", num_aus)
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(16, 3, size, size) * 2 + 0.3)
+        net.head.weight.mul_(20.0)
+    return AUDetectorNet(net).eval()
+
+
+def au_frequencies_for(labels: list[str]) -> list[list[float]]:
+    """Per-class AU frequencies of the synthetic ground truth for ``labels`` (aggregates)."""
+    from sourcefree.data.synthetic import CLASSES, generate
+    from sourcefree.training import au_frequencies
+
+    s = generate("studio", 140, 32, seed=0)
+    freqs = au_frequencies(s.aus, s.labels, len(CLASSES))
+    return [freqs[CLASSES.index(name)] for name in labels]
+
+
+def make_source_package(
+    out: Path, arch: str = "smallcnn", size: int = 32, *, au_detector: bool = False
+) -> Path:
+    """Export a randomly initialised model with non-trivial BatchNorm statistics.
+
+    ``au_detector``: also ship a (random) action-unit detector and the per-class AU
+    frequencies of the synthetic ground truth, as AdaFER needs.
+    """
+    import torch
+
+    from sourcefree.data.synthetic import AU_NAMES
     from sourcefree.export import source_package
     from sourcefree.manifest import InputSpec
     from sourcefree.models import build_classifier
@@ -35,13 +70,19 @@ def make_source_package(out: Path, arch: str = "smallcnn", size: int = 32) -> Pa
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(16, 3, size, size) * 2 + 0.3)
+    stats: dict[str, Any] = {"class_counts": [10, 20, 30]}
+    extra: dict[str, Any] = {}
+    if au_detector:
+        stats["au_frequencies"] = au_frequencies_for(LABELS)
+        extra = {"au_detector": make_au_detector(size), "au_names": AU_NAMES}
     source_package(
         model.eval(),
         architecture=arch,
         labels=LABELS,
         input_spec=InputSpec(size=(size, size)),
         out=out,
-        source_stats={"class_counts": [10, 20, 30]},
+        source_stats=stats,
+        **extra,
     )
     return out
 
@@ -50,6 +91,18 @@ def make_source_package(out: Path, arch: str = "smallcnn", size: int = 32) -> Pa
 def source_pkg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A verified smallcnn source package, exported once per session. Do not modify."""
     return make_source_package(tmp_path_factory.mktemp("pkg") / "fer-small")
+
+
+@pytest.fixture(scope="session")
+def au_source_pkg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A source package that also ships an AU detector and AU frequencies. Do not modify."""
+    return make_source_package(tmp_path_factory.mktemp("pkg") / "fer-au", au_detector=True)
+
+
+@pytest.fixture
+def au_detector_factory() -> Callable[..., Any]:
+    """``make_au_detector``: the (random, seeded) detector that ``au_source_pkg`` ships."""
+    return make_au_detector
 
 
 @pytest.fixture
