@@ -30,6 +30,29 @@ def test_vendor_then_application(tmp_path: Path) -> None:
     assert labels[0] in {"surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral"}
 
 
+def test_vendor_ships_an_au_detector_and_adafer_uses_it(tmp_path: Path) -> None:
+    from sourcefree.data.synthetic import AU_NAMES, write_domain
+    from sourcefree.package import load_package
+
+    package = _load("vendor_export").main(tmp_path, n=300, epochs=1)
+    pkg = load_package(package, public_key=tmp_path / "vendor.pub")
+    assert pkg.au_detector is not None and pkg.au_detector.au_names == AU_NAMES
+    stats = pkg.manifest.source_stats
+    assert stats is not None and stats.au_frequencies is not None
+    assert len(stats.au_frequencies) == 7 and len(stats.au_frequencies[0]) == len(AU_NAMES)
+    faces = write_domain(tmp_path / "faces", "wild-mild", 96, seed=3)
+    (faces / "labels.csv").unlink()
+    report = _load("customer_adapt").main(
+        str(package),
+        str(tmp_path / "vendor.pub"),
+        str(faces),
+        str(tmp_path / "adapted"),
+        "adafer",
+        ("epochs=1",),
+    )
+    assert report["method"] == "adafer" and report["target"]["images"] == 96
+
+
 def test_vendor_then_customer_then_application(tmp_path: Path) -> None:
     from sourcefree.data.synthetic import write_domain
 
