@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from sourcefree import config as cfgmod
-from sourcefree.data.synthetic import CLASSES, generate
+from sourcefree.data.synthetic import AU_NAMES, CLASSES, generate
 from sourcefree.export import source_package
 from sourcefree.fsutil import replace_marked_block
 from sourcefree.manifest import InputSpec
@@ -55,9 +55,12 @@ from sourcefree.registry import get_method
 from sourcefree.trainer import Trainer, seed_everything
 from sourcefree.training import (
     TrainConfig,
+    au_frequencies,
     class_feature_means,
+    detect_aus,
     predict_logits,
     to_tensor,
+    train_au_detector,
     train_classifier,
 )
 
@@ -107,15 +110,23 @@ MULTI_SOURCE = ("la-cmfer", "source-avg")
 """Variants that adapt (or average) one package per ``--vendors`` preset."""
 
 
-def _source(seed: int, workdir: Path, preset: str = "studio") -> tuple[Path, float]:
+def _source(
+    seed: int, workdir: Path, preset: str = "studio", au: bool = False
+) -> tuple[Path, float]:
     """Train a vendor's smallcnn on ``preset`` and export it with its source_stats.
 
     The package carries what a vendor may ship (DESIGN.md section 3): class counts
-    (DIFC margins) and class feature means (LA-CMFER alignment).
+    (DIFC margins) and class feature means (LA-CMFER alignment). With ``au`` (runs
+    that include ``adafer``) it also ships an action-unit detector trained on the same
+    images' ground-truth AU intensities (``train_au_detector``: smallcnn, robust
+    augmentation) and the per-class frequencies of the AUs that detector finds on
+    them (threshold 0.5). The returned seconds are the classifier's training time.
     """
     out = workdir / f"{preset}-{seed}"
-    if (out / "manifest.json").exists():
-        load_package(out)  # a package from an earlier run (--cache): verified, not retrained
+    # A package from an earlier run (--cache) is verified and reused, not retrained;
+    # one without the AU detector that adafer needs is retrained with it.
+    cached = load_package(out) if (out / "manifest.json").exists() else None
+    if cached is not None and (not au or cached.au_detector is not None):
         return out, 0.0
     spec = InputSpec(size=(SIZE, SIZE))
     t0 = time.perf_counter()
@@ -128,6 +139,15 @@ def _source(seed: int, workdir: Path, preset: str = "studio") -> tuple[Path, flo
             model, to_tensor(train.images, spec), train.labels, len(CLASSES)
         ),
     }
+    detector = None
+    if au:
+        t_au = time.perf_counter()
+        detector = train_au_detector(
+            train.images, train.aus, spec, TrainConfig(seed=seed, robust=True)
+        )
+        found = detect_aus(detector, to_tensor(train.images, spec))
+        source_stats["au_frequencies"] = au_frequencies(found, train.labels, len(CLASSES))
+        print(f"seed {seed}: AU detector trained in {time.perf_counter() - t_au:.0f} s")
     source_package(
         model.eval(),
         architecture="smallcnn",
@@ -135,6 +155,9 @@ def _source(seed: int, workdir: Path, preset: str = "studio") -> tuple[Path, flo
         input_spec=spec,
         out=out,
         source_stats=source_stats,
+        au_detector=detector,
+        au_names=AU_NAMES if detector is not None else None,
+        overwrite=True,
     )
     return out, seconds
 
@@ -200,8 +223,8 @@ def run_variant(
     row.update(_metrics(_predict(method.export_model(), target.images, spec), truth))
     row["config"] = cfgmod.to_dict(cfg)
     # Pseudo-label quality, for reporting only (the run is over; nothing feeds back).
-    idx = getattr(method, "selected_indices", None)
-    labels = getattr(method, "selected_labels", None)
+    selection = method.pseudo_label_selection()
+    idx, labels = selection if selection is not None else (None, None)
     if isinstance(idx, torch.Tensor) and isinstance(labels, torch.Tensor) and idx.numel():
         correct = truth[idx.numpy()] == labels.numpy()
         row["pseudo_label_precision"] = float(correct.mean())
@@ -382,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             for vendor in [*(["studio"] if single else []), *(args.vendors if multi else [])]:
                 if (vendor, seed) not in trained:
-                    trained[vendor, seed], secs = _source(seed, Path(tmp), vendor)
+                    au = vendor == "studio" and any(_split(v)[0] == "adafer" for v in args.methods)
+                    trained[vendor, seed], secs = _source(seed, Path(tmp), vendor, au)
                     train_seconds[f"{vendor}-{seed}"] = round(secs, 1)
                     print(f"seed {seed}: {vendor} vendor trained in {secs:.0f} s", flush=True)
         sources = {seed: trained["studio", seed] for seed in args.seeds if single}
