@@ -172,6 +172,8 @@ class ShotIMConfig(ShotConfig):
 
     beta: float = 0.0
     """Weight of the pseudo-label cross-entropy (0: information maximisation only)."""
+    optim: SgdInvConfig = field(default_factory=lambda: SgdInvConfig(backbone_lr_scale=0.1))
+    """Optimiser and schedule (backbone lr x 0.1 as the reference code; docs/methods.md)."""
 
 
 @register_method("shot")

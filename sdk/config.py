@@ -399,17 +399,23 @@ def _own_field_docs(cls: type[Any]) -> dict[str, str]:
     return docs
 
 
-def describe(cls: type[Any], prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default as text, one-line doc) for every leaf field."""
+def describe(cls: type[Any], prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
+    """(dotted key, default as text, one-line doc) for every leaf field.
+
+    ``defaults``: the instance whose values are shown (default ``cls()``); nested
+    sections show the values of the parent's default, which may differ from the
+    nested class's own defaults (e.g. SHOT-IM's optimiser).
+    """
     _check_class(cls)
     docs = field_docs(cls)
     hints = _hints(cls)
-    defaults = cls()
+    if defaults is None:
+        defaults = cls()
     rows: list[tuple[str, str, str]] = []
     for name in _fields(cls):
         tp = hints[name]
         if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-            rows.extend(describe(tp, f"{prefix}{name}."))
+            rows.extend(describe(tp, f"{prefix}{name}.", getattr(defaults, name)))
             continue
         value = _plain(getattr(defaults, name))
         text = ",".join(map(str, value)) if isinstance(value, list) else str(value)

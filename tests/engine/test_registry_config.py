@@ -142,3 +142,13 @@ def test_describe_and_diff() -> None:
     old = cfgmod.to_dict(Demo())
     new = cfgmod.to_dict(Demo(lr=0.5))
     assert cfgmod.diff(old, new) == ["lr: 0.01 -> 0.5"]
+
+
+def test_describe_shows_the_parents_nested_defaults() -> None:
+    @dataclass(frozen=True)
+    class Outer:
+        ssl: SSL = field(default_factory=lambda: SSL(init="scratch"))
+        """SSL section with a changed default."""
+
+    rows = {k: d for k, d, _ in cfgmod.describe(Outer)}
+    assert rows["ssl.init"] == "scratch"
