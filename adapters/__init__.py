@@ -11,4 +11,4 @@ from sourcefree.adapters import pocan as pocan
 from sourcefree.adapters import shot as shot
 from sourcefree.adapters import tent as tent
 
-__all__ = ["adabn", "adafer", "difc", "la_cmfer", "pocan", "shot", "tent"]
+__all__ = ["adabn", "adafer", "clup", "difc", "la_cmfer", "pocan", "shot", "tent"]

@@ -313,7 +313,7 @@ def _run_candidates(
     """
     from sourcefree import config as cfgmod
     from sourcefree import selection
-    from sourcefree.errors import RunInterruptedError, SourcefreeError
+    from sourcefree.errors import RequirementError, RunInterruptedError, SourcefreeError
     from sourcefree.method import MethodContext, SourceModel
     from sourcefree.registry import get_method
     from sourcefree.trainer import Trainer, seed_everything
@@ -354,6 +354,12 @@ def _run_candidates(
                 raise  # a signal: stop everything
             run.status = "stopped"
             run.detail = f"the {budget_s:g} s budget was spent during training"
+            run.seconds = time.perf_counter() - t
+            continue
+        except RequirementError as exc:
+            # e.g. adafer on a package without an AU detector: not a failure of the run.
+            run.status = "skipped"
+            run.detail = f"the package lacks what it needs: {exc.what}"
             run.seconds = time.perf_counter() - t
             continue
         except SourcefreeError as exc:

@@ -406,3 +406,18 @@ def test_auto_method_with_a_tiny_budget_exports_the_source(
     assert gate["decision"] == "source" and "no candidate finished" in gate["reason"]
     assert result.package.manifest.provenance["method"] == "source"
     assert result.report["method"] == "auto"
+
+
+def test_auto_method_skips_a_method_the_package_cannot_serve(
+    plain_pkg: Path,
+    target_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # adafer needs the vendor's AU detector, which this package does not carry.
+    monkeypatch.setattr(selection, "auto_methods", lambda n: ["adafer", "sharpen-test"])
+    result = adapt(plain_pkg, target_dir, method="auto", out=tmp_path / "run", device="cpu")
+    rows = {r["candidate"]: r for r in result.report["selection"]["candidates"]}
+    assert rows["adafer"]["status"] == "skipped"
+    assert "carries no action-unit detector" in rows["adafer"]["detail"]
+    assert rows["sharpen-test"]["chosen"] and result.report["method"] == "sharpen-test"
