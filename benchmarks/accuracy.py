@@ -422,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
                     extra = QUICK.get(_split(variant)[0], ()) if args.quick else ()
                     row = run_variant(variant, pkgs, preset, seed, extra)
                     row["threads"] = args.threads
-                    if args.quick:
-                        # Short runs are their own rows: never merged with full-length ones.
+                    if extra:
+                        # Short runs are their own rows: never merged with full-length ones
+                        # (a variant --quick does not shorten keeps its plain name).
                         row["variant"] = f"{variant} {QUICK_TAG}"
                     rows.append(row)
                     prec = row.get("pseudo_label_precision")
