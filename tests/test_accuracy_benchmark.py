@@ -1,0 +1,59 @@
+"""benchmarks/accuracy.py: merging parallel result files and the gains it derives."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("accuracy", ROOT / "benchmarks/accuracy.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["accuracy"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(variant: str, seed: int, acc: float) -> dict[str, Any]:
+    return {"variant": variant, "preset": "wild-mild", "seed": seed, "accuracy": acc,
+            "mean_class_recall": acc, "seconds": 1.0}  # fmt: skip
+
+
+def test_merge_folds_files_and_gains_use_the_same_seed(tmp_path: Path) -> None:
+    acc = _load()
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "out.json"
+    a.write_text(json.dumps({"rows": [_row("source-only", 0, 0.4), _row("shot", 0, 0.5)]}))
+    rows_b = [_row("source-only", 1, 0.6), _row("shot", 1, 0.9), _row("shot", 0, 0.7)]
+    b.write_text(json.dumps({"rows": rows_b, "machine": {"threads": 1}}))
+    assert acc.merge_files([a, b], out, docs=False) == 0
+    payload = json.loads(out.read_text())
+    shot = next(s for s in payload["summary"] if s["variant"] == "shot")
+    # The later file's seed-0 row replaced the earlier one: gains 0.3 and 0.3.
+    assert shot["seeds"] == [0, 1] and shot["accuracy"]["mean"] == 0.8
+    assert shot["gain_over_source"]["mean"] == 0.3 and shot["min_gain_over_source"] == 0.3
+    table = acc.markdown(payload)
+    assert "| wild-mild | `shot` | 0,1 | 0.800 ± 0.141 |" in table
+
+
+def test_quick_rows_are_their_own_variant() -> None:
+    acc = _load()
+    rows = [_row("source-only", 0, 0.4), _row("clup", 0, 0.6), _row("clup (quick)", 0, 0.45)]
+    summary = {s["variant"]: s for s in acc.summarise(rows)}
+    assert summary["clup"]["gain_over_source"]["mean"] == 0.2
+    assert summary["clup (quick)"]["gain_over_source"]["mean"] == 0.05
+
+
+def test_quick_overrides_name_registered_methods_and_real_keys() -> None:
+    from sourcefree import config as cfgmod
+    from sourcefree.registry import get_method
+
+    acc = _load()
+    for name, overrides in acc.QUICK.items():
+        cfgmod.load_config(get_method(name).config_class, overrides=list(overrides))
