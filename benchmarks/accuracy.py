@@ -233,14 +233,24 @@ def run_variant(
     return row
 
 
+def _read(path: Path) -> dict[str, Any]:
+    """A results file as a dict ({} when missing or unreadable)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The well-formed rows of a results payload."""
+    rows = payload.get("rows", [])
+    return [r for r in rows if isinstance(r, dict) and {"variant", "preset", "seed"} <= set(r)]
+
+
 def _previous_rows(path: Path) -> list[dict[str, Any]]:
     """Rows already in the results file (other methods' runs), or none."""
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    rows = old.get("rows", []) if isinstance(old, dict) else []
-    return [r for r in rows if isinstance(r, dict) and {"variant", "preset", "seed"} <= set(r)]
+    return _rows(_read(path))
 
 
 def _merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -252,11 +262,13 @@ def _merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[st
 
 def merge_files(paths: list[Path], out: Path, *, docs: bool) -> int:
     """Fold the rows of ``paths`` into ``out`` (later files win on the same key)."""
-    rows = _previous_rows(out)
-    payload: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    payload = _read(out)
+    rows = _rows(payload)
     for path in paths:
-        other = json.loads(path.read_text())
-        rows = _merge(rows, _previous_rows(path))
+        other = _read(path)
+        if not other:
+            raise SystemExit(f"--merge: {path} is missing or not a results file")
+        rows = _merge(rows, _rows(other))
         payload = {**payload, **{k: v for k, v in other.items() if k not in ("rows", "summary")}}
     payload["rows"] = rows
     payload["summary"] = summarise(rows)

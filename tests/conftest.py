@@ -12,9 +12,12 @@ os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hashlib
+import importlib.util
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -125,3 +128,20 @@ def rehash(pkg: Path, name: str, data: bytes) -> None:
 def forge() -> Callable[[Path, str, bytes], None]:
     """``forge(pkg, name, data)``: replace a file and re-hash it in the manifest."""
     return rehash
+
+
+def _load_benchmark(name: str) -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def load_benchmark() -> Callable[[str], ModuleType]:
+    """``load_benchmark("accuracy")``: import a script of benchmarks/ as a module."""
+    return _load_benchmark

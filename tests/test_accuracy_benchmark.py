@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("accuracy", ROOT / "benchmarks/accuracy.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["accuracy"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _row(variant: str, seed: int, acc: float) -> dict[str, Any]:
@@ -26,8 +14,10 @@ def _row(variant: str, seed: int, acc: float) -> dict[str, Any]:
             "mean_class_recall": acc, "seconds": 1.0}  # fmt: skip
 
 
-def test_merge_folds_files_and_gains_use_the_same_seed(tmp_path: Path) -> None:
-    acc = _load()
+def test_merge_folds_files_and_gains_use_the_same_seed(
+    tmp_path: Path, load_benchmark: Callable[[str], ModuleType]
+) -> None:
+    acc = load_benchmark("accuracy")
     a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "out.json"
     a.write_text(json.dumps({"rows": [_row("source-only", 0, 0.4), _row("shot", 0, 0.5)]}))
     rows_b = [_row("source-only", 1, 0.6), _row("shot", 1, 0.9), _row("shot", 0, 0.7)]
@@ -42,18 +32,20 @@ def test_merge_folds_files_and_gains_use_the_same_seed(tmp_path: Path) -> None:
     assert "| wild-mild | `shot` | 0,1 | 0.800 ± 0.141 |" in table
 
 
-def test_quick_rows_are_their_own_variant() -> None:
-    acc = _load()
+def test_quick_rows_are_their_own_variant(load_benchmark: Callable[[str], ModuleType]) -> None:
+    acc = load_benchmark("accuracy")
     rows = [_row("source-only", 0, 0.4), _row("clup", 0, 0.6), _row("clup (quick)", 0, 0.45)]
     summary = {s["variant"]: s for s in acc.summarise(rows)}
     assert summary["clup"]["gain_over_source"]["mean"] == 0.2
     assert summary["clup (quick)"]["gain_over_source"]["mean"] == 0.05
 
 
-def test_quick_overrides_name_registered_methods_and_real_keys() -> None:
+def test_quick_overrides_name_registered_methods_and_real_keys(
+    load_benchmark: Callable[[str], ModuleType],
+) -> None:
     from sourcefree import config as cfgmod
     from sourcefree.registry import get_method
 
-    acc = _load()
+    acc = load_benchmark("accuracy")
     for name, overrides in acc.QUICK.items():
         cfgmod.load_config(get_method(name).config_class, overrides=list(overrides))

@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("scaling", ROOT / "benchmarks/scaling.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scaling"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _row(run: str, processes: int, images: int, train_s: float, acc: float) -> dict[str, Any]:
@@ -33,8 +20,8 @@ def _row(run: str, processes: int, images: int, train_s: float, acc: float) -> d
     }
 
 
-def test_table_and_ratios() -> None:
-    bench = _load()
+def test_table_and_ratios(load_benchmark: Callable[[str], ModuleType]) -> None:
+    bench = load_benchmark("scaling")
     payload = {
         "date": "d",
         "machine": "m",
