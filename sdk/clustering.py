@@ -89,7 +89,7 @@ class KMeansConfig:
     tol: float = 1e-4
     max_points_per_centroid: int | None = 256
     seed: int = 0
-    chunk_size: int = 16384
+    chunk_size: int = 4096
 
     def __post_init__(self) -> None:
         _check_positive_int("n_init", self.n_init)

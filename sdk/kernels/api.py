@@ -57,9 +57,7 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 # ------------------------------------------------------------------------- K-means
 
 
-def kmeans_assign(
-    x: Tensor, centroids: Tensor, *, chunk_size: int = 65536
-) -> tuple[Tensor, Tensor]:
+def kmeans_assign(x: Tensor, centroids: Tensor, *, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
     """Nearest centroid by squared Euclidean distance, without an N x K matrix.
 
     Args:
@@ -94,6 +92,9 @@ def kmeans_assign(
 
         labels, dist = kmeans_assign_op(x, centroids)
         return labels, dist
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or centroids.requires_grad)
+    if not (needs_grad or exporting() or torch.compiler.is_compiling()):
+        return ref.kmeans_assign_nograd(x, centroids, chunk_size=chunk_size)
     fn = reference_impl("kmeans_assign", ref.kmeans_assign, x.device, x.numel())
     return fn(x, centroids, chunk_size=chunk_size)
 

@@ -43,6 +43,30 @@ def test_kmeans_reference_matches_brute_force() -> None:
     torch.testing.assert_close(dist, full.min(1).values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_kmeans_nograd_path_is_bitwise_the_reference(dtype: torch.dtype, chunk: int) -> None:
+    g = _gen(3)
+    x = torch.randn(203, 17, dtype=dtype, generator=g)
+    c = torch.cat([x[:5], torch.randn(6, 17, dtype=dtype, generator=g)])  # exact hits: dist 0
+    got = ref.kmeans_assign_nograd(x, c, chunk_size=chunk)
+    expected = ref.kmeans_assign(x, c, chunk_size=chunk)
+    assert torch.equal(got[0], expected[0])
+    assert torch.equal(got[1], expected[1])
+    assert torch.equal(kmeans_assign(x, c, chunk_size=chunk)[0], expected[0])
+
+
+def test_kmeans_dispatcher_keeps_gradients() -> None:
+    g = _gen(4)
+    x = torch.randn(30, 5, dtype=D64, generator=g)
+    c = torch.randn(4, 5, dtype=D64, generator=g, requires_grad=True)
+    _, dist = kmeans_assign(x, c, chunk_size=8)
+    dist.sum().backward()  # type: ignore[no-untyped-call]
+    assert c.grad is not None and bool(c.grad.abs().sum() > 0)
+    with torch.no_grad():
+        assert not kmeans_assign(x, c)[1].requires_grad
+
+
 def test_kmeans_rejects_bad_inputs() -> None:
     x = torch.randn(4, 3)
     with pytest.raises(InputError):
