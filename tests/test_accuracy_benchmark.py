@@ -49,3 +49,24 @@ def test_quick_overrides_name_registered_methods_and_real_keys(
     acc = load_benchmark("accuracy")
     for name, overrides in acc.QUICK.items():
         cfgmod.load_config(get_method(name).config_class, overrides=list(overrides))
+
+
+def test_cached_vendor_keeps_its_classifier_when_the_au_detector_is_added(
+    tmp_path: Path, load_benchmark: Callable[[str], ModuleType], monkeypatch: Any
+) -> None:
+    acc = load_benchmark("accuracy")
+    real = acc.TrainConfig
+    monkeypatch.setattr(acc, "N_SOURCE", 96)
+    monkeypatch.setattr(acc, "TrainConfig", lambda **kw: real(epochs=1, batch_size=32, **kw))
+    path, seconds = acc._source(0, tmp_path)
+    first = acc.load_package(path)
+    assert seconds > 0 and first.au_detector is None
+    again, seconds = acc._source(0, tmp_path, au=True)
+    second = acc.load_package(again)
+    assert again == path and seconds == 0.0
+    assert second.au_detector is not None
+    assert second.weights_bytes == first.weights_bytes
+    stats = second.manifest.source_stats
+    assert stats is not None and stats.au_frequencies is not None
+    assert stats.class_feature_means == first.manifest.source_stats.class_feature_means
+    assert acc._source(0, tmp_path, au=True)[1] == 0.0  # now complete: reused as is
