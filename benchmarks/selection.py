@@ -152,6 +152,7 @@ def analyse(rows: list[dict[str, Any]], methods: list[str], images: int) -> dict
     """Spearman, regrets, -m auto and gate decisions per (preset, seed), and their means."""
     groups = sorted({(r["preset"], r["seed"]) for r in rows})
     spear: dict[str, list[float]] = {s: [] for s in (*SCORES, "value")}
+    pooled: list[dict[str, Any]] = []
     per_group: list[dict[str, Any]] = []
     regrets: dict[str, list[float]] = {}
     auto_rows: list[dict[str, Any]] = []
@@ -162,6 +163,7 @@ def analyse(rows: list[dict[str, Any]], methods: list[str], images: int) -> dict
         adapted = [r for r in group if r["candidate"] != "source-only"]
         unique = list({r["config_key"]: r for r in adapted}.values())  # a default may be in a grid
         acc = [r["accuracy"] for r in unique]
+        pooled.extend(unique)
         g: dict[str, Any] = {"preset": preset, "seed": seed, "spearman": {}}
         for score in (*SCORES, "value"):
             vals = [r["value"] if score == "value" else _oriented(r, score) for r in unique]
@@ -241,6 +243,7 @@ def analyse(rows: list[dict[str, Any]], methods: list[str], images: int) -> dict
         "spearman_mean": {
             k: round(statistics.fmean(v), 4) if v else None for k, v in spear.items()
         },
+        "spearman_pooled": _pooled_spearman(pooled),
         "spearman_groups": {k: len(v) for k, v in spear.items()},
         "select_auto_regret_mean": {
             k: round(statistics.fmean(v), 4) for k, v in sorted(regrets.items())
@@ -251,6 +254,26 @@ def analyse(rows: list[dict[str, Any]], methods: list[str], images: int) -> dict
         "gate_summary": {"calibrated": right("calibrated"), "uncalibrated": right("uncalibrated")},
         "groups": per_group,
     }
+
+
+def _pooled_spearman(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Spearman of each score with true accuracy over every adapted candidate of the grid.
+
+    One ranking across presets and seeds: it asks whether a score tracks accuracy
+    as an estimate (a harmful candidate on ``prior-shift`` should score above a
+    helpful one on ``wild-mild`` only if it is more accurate), not whether it orders
+    the candidates of one target, which the per-group mean measures.
+    """
+    acc = [float(r["accuracy"]) for r in rows]
+    out: dict[str, float | None] = {}
+    for score in (*SCORES, "value"):
+        vals = [r["value"] if score == "value" else _oriented(r, score) for r in rows]
+        if not rows or any(v is None for v in vals):
+            out[score] = None
+            continue
+        rho = spearman([float(v) for v in vals if v is not None], acc)
+        out[score] = None if rho is None else round(rho, 4)
+    return out
 
 
 def _mean(values: list[float]) -> float | None:
@@ -276,6 +299,16 @@ def markdown(payload: dict[str, Any]) -> str:
         "|" + "---|" * len(a["spearman_mean"]),
         "| "
         + " | ".join("-" if v is None else f"{v:+.2f}" for v in a["spearman_mean"].values())
+        + " |",
+        "",
+        "The same scores ranked over every adapted candidate of the grid at once "
+        "(all presets and seeds: how well a score tracks accuracy as an estimate, "
+        "which includes telling the presets apart):",
+        "",
+        "| " + " | ".join(a["spearman_pooled"]) + " |",
+        "|" + "---|" * len(a["spearman_pooled"]),
+        "| "
+        + " | ".join("-" if v is None else f"{v:+.2f}" for v in a["spearman_pooled"].values())
         + " |",
         "",
         "`--select auto` regret (best candidate by labels minus the chosen one), mean "
