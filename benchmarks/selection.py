@@ -280,6 +280,12 @@ def _mean(values: list[float]) -> float | None:
     return round(statistics.fmean(values), 4) if values else None
 
 
+def _score_table(rho: dict[str, float | None]) -> list[str]:
+    """A one-row markdown table: a column per score, its Spearman correlation."""
+    cells = ["-" if v is None else f"{v:+.2f}" for v in rho.values()]
+    return ["| " + " | ".join(rho) + " |", "|" + "---|" * len(rho), "| " + " | ".join(cells) + " |"]
+
+
 def markdown(payload: dict[str, Any]) -> str:
     a = payload["analysis"]
     lines = [
@@ -295,21 +301,13 @@ def markdown(payload: dict[str, Any]) -> str:
         "adapted candidates of one (preset, seed), mean over groups (`value` = the "
         "selection value: `anchored` with a calibration):",
         "",
-        "| " + " | ".join(a["spearman_mean"]) + " |",
-        "|" + "---|" * len(a["spearman_mean"]),
-        "| "
-        + " | ".join("-" if v is None else f"{v:+.2f}" for v in a["spearman_mean"].values())
-        + " |",
+        *_score_table(a["spearman_mean"]),
         "",
         "The same scores ranked over every adapted candidate of the grid at once "
         "(all presets and seeds: how well a score tracks accuracy as an estimate, "
         "which includes telling the presets apart):",
         "",
-        "| " + " | ".join(a["spearman_pooled"]) + " |",
-        "|" + "---|" * len(a["spearman_pooled"]),
-        "| "
-        + " | ".join("-" if v is None else f"{v:+.2f}" for v in a["spearman_pooled"].values())
-        + " |",
+        *_score_table(a["spearman_pooled"]),
         "",
         "`--select auto` regret (best candidate by labels minus the chosen one), mean "
         "over groups: "
