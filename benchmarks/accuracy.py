@@ -25,7 +25,9 @@ those already there by (variant, preset, seed), so runs of other methods accumul
 and a partial run keeps its rows) and the "## Accuracy" section of ``docs/benchmarks.md``
 (the table over all rows in the file).
 
-    python benchmarks/accuracy.py [--methods V ...] [--presets wild-mild] [--seeds 0 1 2] [--quick]
+    python benchmarks/accuracy.py [--quick]   # whole table: every method, 5 presets, 3 seeds
+    python benchmarks/accuracy.py --methods clup-grid --presets wild-mild   # CluP's 2 x 2 grid
+    python benchmarks/accuracy.py --methods shot clup --presets wild-mild --seeds 0
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from sourcefree.manifest import InputSpec
 from sourcefree.method import MethodContext, SourceModel, TargetData
 from sourcefree.models import Classifier, load_classifier
 from sourcefree.package import load_package
-from sourcefree.registry import get_method
+from sourcefree.registry import get_method, list_methods
 from sourcefree.trainer import Trainer, seed_everything
 from sourcefree.training import (
     TrainConfig,
@@ -73,8 +75,11 @@ END = "<!-- accuracy:end -->"
 SIZE = 32
 N_SOURCE = 5000
 N_TARGET = 2000
-DEFAULT_METHODS = (
-    "source-only",
+DEFAULT_METHODS = ("source-only", *list_methods(), "source-avg")
+"""The whole table: every registered method, plus the two references without adaptation."""
+DEFAULT_PRESETS = ("wild-mild", "nir", "fer-like", "wild-mild-imbalanced", "prior-shift")
+#: CluP's warm-up x score grid (issue 4): ``--methods`` these, ``--presets wild-mild``.
+CLUP_GRID = (
     "clup",
     "clup:score=confidence",
     "clup:ssl.method=deepclusterv2",
@@ -91,6 +96,16 @@ QUICK: dict[str, tuple[str, ...]] = {
     "adafer": ("epochs=3",),
 }
 QUICK_TAG = "(quick)"
+
+
+def expand_methods(methods: list[str]) -> list[str]:
+    """``clup-grid`` -> the four CluP variants; other names stay; duplicates drop."""
+    out: list[str] = []
+    for m in methods:
+        for v in CLUP_GRID if m == "clup-grid" else (m,):
+            if v not in out:
+                out.append(v)
+    return out
 
 
 def _metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -369,8 +384,14 @@ def write_docs(block: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
-    p.add_argument("--presets", nargs="+", default=["wild-mild"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        help="variants (default: every method and source-avg); 'clup-grid' expands to "
+        "CluP's warm-up x score grid",
+    )
+    p.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument(
         "--vendors",
@@ -398,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs with --out) into --out and rewrite the docs table",
     )
     args = p.parse_args(argv)
+    args.methods = expand_methods(args.methods)
     if args.merge:
         return merge_files(args.merge, args.out, docs=not args.no_docs)
     torch.set_num_threads(args.threads)

@@ -8,6 +8,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from sourcefree.registry import list_methods
+
 
 def _row(variant: str, seed: int, acc: float) -> dict[str, Any]:
     return {"variant": variant, "preset": "wild-mild", "seed": seed, "accuracy": acc,
@@ -70,3 +72,14 @@ def test_cached_vendor_keeps_its_classifier_when_the_au_detector_is_added(
     assert stats is not None and stats.au_frequencies is not None
     assert stats.class_feature_means == first.manifest.source_stats.class_feature_means
     assert acc._source(0, tmp_path, au=True)[1] == 0.0  # now complete: reused as is
+
+
+def test_defaults_cover_every_registered_method_and_clup_grid_expands(
+    load_benchmark: Callable[[str], ModuleType],
+) -> None:
+    acc = load_benchmark("accuracy")
+    assert set(list_methods()) | {"source-only", "source-avg"} == set(acc.DEFAULT_METHODS)
+    assert len(acc.DEFAULT_PRESETS) == 5 and "prior-shift" in acc.DEFAULT_PRESETS
+    grid = acc.expand_methods(["source-only", "clup-grid", "clup"])
+    assert grid[:2] == ["source-only", "clup"] and len(grid) == 5
+    assert "clup:ssl.method=deepclusterv2,score=confidence" in grid
