@@ -162,14 +162,9 @@ def analyse(rows: list[dict[str, Any]], methods: list[str], images: int) -> dict
         src = next(r for r in group if r["candidate"] == "source-only")
         adapted = [r for r in group if r["candidate"] != "source-only"]
         unique = list({r["config_key"]: r for r in adapted}.values())  # a default may be in a grid
-        acc = [r["accuracy"] for r in unique]
         pooled.extend(unique)
         g: dict[str, Any] = {"preset": preset, "seed": seed, "spearman": {}}
-        for score in (*SCORES, "value"):
-            vals = [r["value"] if score == "value" else _oriented(r, score) for r in unique]
-            if any(v is None for v in vals):
-                continue
-            rho = spearman([float(v) for v in vals if v is not None], acc)
+        for score, rho in _spearman_by_score(unique).items():
             g["spearman"][score] = None if rho is None else round(rho, 4)
             if rho is not None:
                 spear[score].append(rho)
@@ -256,6 +251,21 @@ def analyse(rows: list[dict[str, Any]], methods: list[str], images: int) -> dict
     }
 
 
+def _spearman_by_score(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Spearman of each score (and the selection value) with true accuracy over ``rows``.
+
+    Scores some row lacks are left out; None where the correlation is undefined.
+    """
+    acc = [float(r["accuracy"]) for r in rows]
+    out: dict[str, float | None] = {}
+    for score in (*SCORES, "value"):
+        vals = [r["value"] if score == "value" else _oriented(r, score) for r in rows]
+        if any(v is None for v in vals):
+            continue
+        out[score] = spearman([float(v) for v in vals if v is not None], acc)
+    return out
+
+
 def _pooled_spearman(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     """Spearman of each score with true accuracy over every adapted candidate of the grid.
 
@@ -264,15 +274,11 @@ def _pooled_spearman(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     helpful one on ``wild-mild`` only if it is more accurate), not whether it orders
     the candidates of one target, which the per-group mean measures.
     """
-    acc = [float(r["accuracy"]) for r in rows]
+    rho = _spearman_by_score(rows)
     out: dict[str, float | None] = {}
     for score in (*SCORES, "value"):
-        vals = [r["value"] if score == "value" else _oriented(r, score) for r in rows]
-        if not rows or any(v is None for v in vals):
-            out[score] = None
-            continue
-        rho = spearman([float(v) for v in vals if v is not None], acc)
-        out[score] = None if rho is None else round(rho, 4)
+        r = rho.get(score)
+        out[score] = None if r is None else round(r, 4)
     return out
 
 
