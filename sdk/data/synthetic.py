@@ -105,7 +105,7 @@ class DomainSpec:
     blur: float = 0.0
     """Gaussian blur, sigma ``0.9 s`` pixels at 64 px."""
     noise: float = 0.0
-    """Gaussian pixel noise on the output image, sigma ``0.02 + 0.06 s``."""
+    """Gaussian pixel noise on the drawing canvas (before the resize), sigma ``0.02 + 0.06 s``."""
     light: float = 0.0
     """Directional illumination gradient of amplitude up to ``0.6 s``."""
     tone: float = 0.0
