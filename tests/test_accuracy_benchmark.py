@@ -8,6 +8,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pytest
+
 from sourcefree.registry import list_methods
 
 
@@ -34,23 +36,64 @@ def test_merge_folds_files_and_gains_use_the_same_seed(
     assert "| wild-mild | `shot` | 0,1 | 0.800 ± 0.141 |" in table
 
 
-def test_quick_rows_are_their_own_variant(load_benchmark: Callable[[str], ModuleType]) -> None:
+def test_short_rows_are_their_own_variant(load_benchmark: Callable[[str], ModuleType]) -> None:
     acc = load_benchmark("accuracy")
-    rows = [_row("source-only", 0, 0.4), _row("clup", 0, 0.6), _row("clup (quick)", 0, 0.45)]
+    rows = [_row("source-only", 0, 0.4), _row("clup", 0, 0.6), _row("clup (short)", 0, 0.45)]
     summary = {s["variant"]: s for s in acc.summarise(rows)}
     assert summary["clup"]["gain_over_source"]["mean"] == 0.2
-    assert summary["clup (quick)"]["gain_over_source"]["mean"] == 0.05
+    assert summary["clup (short)"]["gain_over_source"]["mean"] == 0.05
 
 
-def test_quick_overrides_name_registered_methods_and_real_keys(
+def test_short_overrides_name_registered_methods_and_real_keys(
     load_benchmark: Callable[[str], ModuleType],
 ) -> None:
     from sourcefree import config as cfgmod
     from sourcefree.registry import get_method
 
     acc = load_benchmark("accuracy")
-    for name, overrides in acc.QUICK.items():
+    for name, overrides in acc.SHORT.items():
         cfgmod.load_config(get_method(name).config_class, overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("flags", "seeds", "shot_variant", "shot_extra"),
+    [
+        ([], [0, 1, 2], "shot (short)", ("epochs=3",)),
+        (["--quick"], [0], "shot (short)", ("epochs=3",)),
+        (["--quick", "--seeds", "4"], [4], "shot (short)", ("epochs=3",)),
+        (["--full"], [0, 1, 2], "shot", ()),
+    ],
+)
+def test_schedule_flags_pick_lengths_seeds_and_row_names(
+    tmp_path: Path,
+    load_benchmark: Callable[[str], ModuleType],
+    monkeypatch: Any,
+    flags: list[str],
+    seeds: list[int],
+    shot_variant: str,
+    shot_extra: tuple[str, ...],
+) -> None:
+    acc = load_benchmark("accuracy")
+    calls: list[tuple[str, int, tuple[str, ...]]] = []
+
+    def fake_source(seed: int, tmp: Path, preset: str = "studio", au: bool = False) -> Any:
+        return tmp / f"{preset}-{seed}", 0.0
+
+    def fake_run(variant: str, pkgs: Any, preset: str, seed: int, extra: Any) -> dict[str, Any]:
+        calls.append((variant, seed, tuple(extra)))
+        return {**_row(variant, seed, 0.5), "preset": preset}
+
+    monkeypatch.setattr(acc, "_source", fake_source)
+    monkeypatch.setattr(acc, "run_variant", fake_run)
+    out = tmp_path / "acc.json"
+    args = ["--methods", "adabn", "shot", "--presets", "wild-mild", "--out", str(out)]
+    assert acc.main([*args, "--no-docs", *flags]) == 0
+    assert sorted({seed for _, seed, _ in calls}) == seeds
+    assert {extra for v, _, extra in calls if v == "shot"} == {shot_extra}
+    assert {extra for v, _, extra in calls if v == "adabn"} == {()}
+    payload = json.loads(out.read_text())
+    assert {r["variant"] for r in payload["rows"]} == {"adabn", shot_variant}
+    assert payload["schedule"] == ("full" if "--full" in flags else "short")
 
 
 def test_cached_vendor_keeps_its_classifier_when_the_au_detector_is_added(
