@@ -26,7 +26,7 @@ from sourcefree.adapters.la_cmfer import (
     multi_view_vote,
     multiview_consistency_loss,
 )
-from sourcefree.data.synthetic import generate
+from sourcefree.data.synthetic import CLASSES, generate
 from sourcefree.errors import ConfigError, PackageError
 from sourcefree.export import source_package
 from sourcefree.kernels import gaussian_mmd
@@ -37,7 +37,7 @@ from sourcefree.models import build_classifier, load_classifier
 from sourcefree.package import load_package
 from sourcefree.runtime import Predictor
 from sourcefree.trainer import build_optimizer, seed_everything
-from sourcefree.training import class_feature_means
+from sourcefree.training import TrainConfig, class_feature_means, to_tensor, train_classifier
 
 LABELS = ["surprise", "fear", "happiness"]
 
@@ -234,10 +234,34 @@ def test_branches_start_as_the_source_model(vendors: tuple[Path, Path]) -> None:
     assert torch.allclose(feats, want_f, atol=1e-6)
 
 
-def test_losses_finite_and_gradients_reach_trainable_params(vendors: tuple[Path, Path]) -> None:
+@pytest.fixture(scope="module")
+def trained_vendor(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A vendor briefly trained on studio faces of LABELS: its predictions on target
+    images differ between images, which the cluster-level term (eq. 7) needs (an
+    untrained model gives every image the same class)."""
+    s = generate("studio", 700, 32, seed=5)
+    keep = np.isin(s.labels, [CLASSES.index(c) for c in LABELS])
+    y = np.searchsorted([CLASSES.index(c) for c in LABELS], s.labels[keep])
+    model = train_classifier(
+        s.images[keep], y, len(LABELS), InputSpec(size=(32, 32)), TrainConfig(epochs=2, seed=0)
+    )
+    x = to_tensor(s.images[keep][:48], InputSpec(size=(32, 32)))
+    out = tmp_path_factory.mktemp("lacmfer-trained") / "vendor"
+    source_package(
+        model,
+        architecture="smallcnn",
+        labels=LABELS,
+        input_spec=InputSpec(size=(32, 32)),
+        out=out,
+        source_stats={"class_feature_means": class_feature_means(model, x, y[:48], len(LABELS))},
+    )
+    return out
+
+
+def test_losses_finite_and_gradients_reach_trainable_params(trained_vendor: Path) -> None:
     data = _data()
-    # epsilon 0 and tau low so that every term is active on a random model
-    method = _method([vendors[0]], data, epsilon=0.0, tau=0.34)
+    # epsilon 0 and tau low so that every term is active
+    method = _method([trained_vendor], data, epsilon=0.0, tau=0.34)
     phase = method.phases()[-1]
     assert phase.name == "adapt" and phase.on_enter is not None
     phase.on_enter()
