@@ -56,6 +56,10 @@ def _vendor(out: Path, seed: int, means: bool = True) -> Path:
     stats: dict[str, object] = {"class_counts": [10, 20, 30]}
     if means:
         stats["class_feature_means"] = class_feature_means(model, x, y, len(LABELS))
+    return _export(model, out, stats)
+
+
+def _export(model: torch.nn.Module, out: Path, stats: dict[str, object]) -> Path:
     source_package(
         model,
         architecture="smallcnn",
@@ -246,16 +250,10 @@ def trained_vendor(tmp_path_factory: pytest.TempPathFactory) -> Path:
         s.images[keep], y, len(LABELS), InputSpec(size=(32, 32)), TrainConfig(epochs=2, seed=0)
     )
     x = to_tensor(s.images[keep][:48], InputSpec(size=(32, 32)))
-    out = tmp_path_factory.mktemp("lacmfer-trained") / "vendor"
-    source_package(
-        model,
-        architecture="smallcnn",
-        labels=LABELS,
-        input_spec=InputSpec(size=(32, 32)),
-        out=out,
-        source_stats={"class_feature_means": class_feature_means(model, x, y[:48], len(LABELS))},
+    means = class_feature_means(model, x, y[:48], len(LABELS))
+    return _export(
+        model, tmp_path_factory.mktemp("lacmfer-trained") / "vendor", {"class_feature_means": means}
     )
-    return out
 
 
 def test_losses_finite_and_gradients_reach_trainable_params(trained_vendor: Path) -> None:
