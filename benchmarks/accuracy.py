@@ -129,6 +129,8 @@ def _split(variant: str) -> tuple[str, list[str]]:
 
 
 MULTI_SOURCE = ("la-cmfer", "source-avg")
+#: Vendors' presets of the multi-source rows; other ``--vendors`` sets name their rows.
+DEFAULT_VENDORS = ("studio", "nir")
 """Variants that adapt (or average) one package per ``--vendors`` preset."""
 
 
@@ -404,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--vendors",
         nargs="+",
-        default=["studio", "nir"],
+        default=list(DEFAULT_VENDORS),
         help=f"presets of the vendors' packages for {', '.join(MULTI_SOURCE)}",
     )
     p.add_argument(
@@ -485,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
                         # Short runs are their own rows: never merged with full-length ones
                         # (a variant SHORT does not shorten keeps its plain name).
                         row["variant"] = f"{variant} {SHORT_TAG}"
+                    if many and tuple(args.vendors) != DEFAULT_VENDORS:
+                        # Another set of vendors is another row (e.g. "la-cmfer [studio]").
+                        row["variant"] += f" [{'+'.join(args.vendors)}]"
                     rows.append(row)
                     prec = row.get("pseudo_label_precision")
                     print(

@@ -55,6 +55,25 @@ def test_short_overrides_name_registered_methods_and_real_keys(
         cfgmod.load_config(get_method(name).config_class, overrides=list(overrides))
 
 
+def _run_main_faked(
+    acc: ModuleType, monkeypatch: Any, out: Path, args: list[str]
+) -> tuple[list[tuple[str, int, tuple[str, ...]]], dict[str, Any]]:
+    """``main(args)`` with vendor training and adaptation replaced by recorders."""
+    calls: list[tuple[str, int, tuple[str, ...]]] = []
+
+    def fake_source(seed: int, tmp: Path, preset: str = "studio", au: bool = False) -> Any:
+        return tmp / f"{preset}-{seed}", 0.0
+
+    def fake_run(variant: str, pkgs: Any, preset: str, seed: int, extra: Any) -> dict[str, Any]:
+        calls.append((variant, seed, tuple(extra)))
+        return {**_row(variant, seed, 0.5), "preset": preset}
+
+    monkeypatch.setattr(acc, "_source", fake_source)
+    monkeypatch.setattr(acc, "run_variant", fake_run)
+    assert acc.main([*args, "--presets", "wild-mild", "--out", str(out), "--no-docs"]) == 0
+    return calls, json.loads(out.read_text())
+
+
 @pytest.mark.parametrize(
     ("flags", "seeds", "shot_variant", "shot_extra"),
     [
@@ -74,26 +93,30 @@ def test_schedule_flags_pick_lengths_seeds_and_row_names(
     shot_extra: tuple[str, ...],
 ) -> None:
     acc = load_benchmark("accuracy")
-    calls: list[tuple[str, int, tuple[str, ...]]] = []
-
-    def fake_source(seed: int, tmp: Path, preset: str = "studio", au: bool = False) -> Any:
-        return tmp / f"{preset}-{seed}", 0.0
-
-    def fake_run(variant: str, pkgs: Any, preset: str, seed: int, extra: Any) -> dict[str, Any]:
-        calls.append((variant, seed, tuple(extra)))
-        return {**_row(variant, seed, 0.5), "preset": preset}
-
-    monkeypatch.setattr(acc, "_source", fake_source)
-    monkeypatch.setattr(acc, "run_variant", fake_run)
-    out = tmp_path / "acc.json"
-    args = ["--methods", "adabn", "shot", "--presets", "wild-mild", "--out", str(out)]
-    assert acc.main([*args, "--no-docs", *flags]) == 0
+    args = ["--methods", "adabn", "shot", *flags]
+    calls, payload = _run_main_faked(acc, monkeypatch, tmp_path / "acc.json", args)
     assert sorted({seed for _, seed, _ in calls}) == seeds
     assert {extra for v, _, extra in calls if v == "shot"} == {shot_extra}
     assert {extra for v, _, extra in calls if v == "adabn"} == {()}
-    payload = json.loads(out.read_text())
     assert {r["variant"] for r in payload["rows"]} == {"adabn", shot_variant}
     assert payload["schedule"] == ("full" if "--full" in flags else "short")
+
+
+@pytest.mark.parametrize(
+    ("vendors", "name"),
+    [([], "la-cmfer"), (["--vendors", "studio"], "la-cmfer [studio]")],
+)
+def test_other_vendor_sets_are_other_rows(
+    tmp_path: Path,
+    load_benchmark: Callable[[str], ModuleType],
+    monkeypatch: Any,
+    vendors: list[str],
+    name: str,
+) -> None:
+    acc = load_benchmark("accuracy")
+    args = ["--methods", "la-cmfer", "shot", "--full", "--seeds", "0", *vendors]
+    _, payload = _run_main_faked(acc, monkeypatch, tmp_path / "acc.json", args)
+    assert {r["variant"] for r in payload["rows"]} == {name, "shot"}
 
 
 def test_cached_vendor_keeps_its_classifier_when_the_au_detector_is_added(
