@@ -16,7 +16,9 @@ Multi-source variants (``la-cmfer``, and ``source-avg``: the mean of the vendors
 softmax outputs without adaptation) take one package per ``--vendors`` preset
 (default ``studio nir``): a ``smallcnn`` trained per preset and seed like the studio
 one (the studio package is shared with the single-source variants). Their rows
-also carry ``source_avg_accuracy`` of the same seed. For methods that select
+also carry ``source_avg_accuracy`` of the same seed; another ``--vendors`` set names
+its rows (``la-cmfer [studio]``: LA-CMFER with the studio package alone). For methods
+that select
 pseudo-labels (CluP), the precision and coverage of the selection are reported
 against the labels too.
 
