@@ -18,9 +18,8 @@ softmax outputs without adaptation) take one package per ``--vendors`` preset
 one (the studio package is shared with the single-source variants). Their rows
 also carry ``source_avg_accuracy`` of the same seed; another ``--vendors`` set names
 its rows (``la-cmfer [studio]``: LA-CMFER with the studio package alone). For methods
-that select
-pseudo-labels (CluP), the precision and coverage of the selection are reported
-against the labels too.
+that select pseudo-labels (CluP), the precision and coverage of the selection are
+reported against the labels too.
 
 Writes ``benchmarks/results/accuracy.json`` after every run (rows are merged with
 those already there by (variant, preset, seed), so runs of other methods accumulate
