@@ -244,8 +244,9 @@ def trained_vendor(tmp_path_factory: pytest.TempPathFactory) -> Path:
     images differ between images, which the cluster-level term (eq. 7) needs (an
     untrained model gives every image the same class)."""
     s = generate("studio", 700, 32, seed=5)
-    keep = np.isin(s.labels, [CLASSES.index(c) for c in LABELS])
-    y = np.searchsorted([CLASSES.index(c) for c in LABELS], s.labels[keep])
+    ids = [CLASSES.index(c) for c in LABELS]
+    keep = np.isin(s.labels, ids)
+    y = np.searchsorted(ids, s.labels[keep])
     model = train_classifier(
         s.images[keep], y, len(LABELS), InputSpec(size=(32, 32)), TrainConfig(epochs=2, seed=0)
     )
