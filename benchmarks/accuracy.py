@@ -130,9 +130,12 @@ def _split(variant: str) -> tuple[str, list[str]]:
 
 
 MULTI_SOURCE = ("la-cmfer", "source-avg")
-#: Vendors' presets of the multi-source rows; other ``--vendors`` sets name their rows.
-DEFAULT_VENDORS = ("studio", "nir")
 """Variants that adapt (or average) one package per ``--vendors`` preset."""
+DEFAULT_VENDORS = ("studio", "nir")
+"""Vendors' presets of the multi-source rows; another ``--vendors`` set names its rows."""
+#: Keys of a results file that describe one run, not the rows: a merge keeps them per file.
+RUN_KEYS = ("argv", "seeds", "presets", "methods", "vendors", "schedule", "quick", "wall_seconds",
+            "source_train_seconds")  # fmt: skip
 
 
 def _source(
@@ -297,12 +300,18 @@ def merge_files(paths: list[Path], out: Path, *, docs: bool) -> int:
     """Fold the rows of ``paths`` into ``out`` (later files win on the same key)."""
     payload = _read(out)
     rows = _rows(payload)
+    runs: dict[str, Any] = dict(payload.get("runs", {}))
     for path in paths:
         other = _read(path)
         if not other:
             raise SystemExit(f"--merge: {path} is missing or not a results file")
         rows = _merge(rows, _rows(other))
-        payload = {**payload, **{k: v for k, v in other.items() if k not in ("rows", "summary")}}
+        runs.update(other.get("runs", {}))  # a merged file brings the runs it came from
+        runs[path.name] = {k: other[k] for k in RUN_KEYS if k in other}
+        payload.update({k: v for k, v in other.items() if k not in (*RUN_KEYS, "rows", "summary")})
+    for key in RUN_KEYS:  # the merged file describes its runs in "runs", not the last one's
+        payload.pop(key, None)
+    payload["runs"] = runs
     payload["rows"] = rows
     payload["summary"] = summarise(rows)
     payload["argv"] = "--merge " + " ".join(p.name for p in paths)

@@ -36,6 +36,27 @@ def test_merge_folds_files_and_gains_use_the_same_seed(
     assert "| wild-mild | `shot` | 0,1 | 0.800 ± 0.141 |" in table
 
 
+def test_merge_keeps_each_files_run_description_and_no_stale_top_level(
+    tmp_path: Path, load_benchmark: Callable[[str], ModuleType]
+) -> None:
+    acc = load_benchmark("accuracy")
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "out.json"
+    a.write_text(json.dumps({"argv": "--full", "vendors": ["studio", "nir"], "wall_seconds": 9.0,
+                             "rows": [_row("source-only", 0, 0.4)]}))  # fmt: skip
+    b.write_text(json.dumps({"argv": "--vendors studio", "vendors": ["studio"],
+                             "machine": {"threads": 2},
+                             "rows": [_row("la-cmfer [studio]", 0, 0.7)]}))  # fmt: skip
+    assert acc.merge_files([a, b], out, docs=False) == 0
+    payload = json.loads(out.read_text())
+    assert "vendors" not in payload and "wall_seconds" not in payload
+    assert payload["runs"]["a.json"] == {"argv": "--full", "vendors": ["studio", "nir"],
+                                         "wall_seconds": 9.0}  # fmt: skip
+    assert payload["runs"]["b.json"]["vendors"] == ["studio"]
+    again = tmp_path / "again.json"
+    assert acc.merge_files([out], again, docs=False) == 0
+    assert set(json.loads(again.read_text())["runs"]) == {"a.json", "b.json", "out.json"}
+
+
 def test_short_rows_are_their_own_variant(load_benchmark: Callable[[str], ModuleType]) -> None:
     acc = load_benchmark("accuracy")
     rows = [_row("source-only", 0, 0.4), _row("clup", 0, 0.6), _row("clup (short)", 0, 0.45)]
