@@ -210,7 +210,7 @@ class SSLConfig:
 class FineTuneConfig:
     """Fine-tune of backbone + new head on the selected subset (paper Sec. 3.3, eq. 4)."""
 
-    epochs: int = 30
+    epochs: int = 50
     """Passes over the selected subset (paper and reference code: 50)."""
     lr: float = 0.05
     """SGD learning rate (reference code 0.1 at batch 32)."""
