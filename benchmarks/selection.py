@@ -63,6 +63,8 @@ END = "<!-- selection:end -->"
 SIZE = 32
 DEFAULT_METHODS = ("adabn", "tent", "shot", "shot-im", "difc")
 QUICK_METHODS = ("adabn", "tent", "shot", "shot-im")
+#: Row keys of the pool values (see :func:`rank_pools`) and of the rule each pool used.
+POOL_KEYS = {"value": "rule", "grid_value": "grid_rule", "default_value": "default_rule"}
 SCORES = ("entropy", "im", "snd", "agreement", "kappa", "stability", "atc", "anchored")
 
 
@@ -116,6 +118,38 @@ def _run(
     return outputs, time.perf_counter() - t0
 
 
+def rank_pools(
+    group: list[dict[str, Any]], outputs_of: dict[str, sel.Outputs], source: sel.Scores
+) -> None:
+    """Label-free values of one (preset, seed), ranked pool by pool as ``adapt`` ranks them.
+
+    ``value``: among every distinct adapted candidate (the Spearman pool);
+    ``grid_value``: among a method's grid entries (``--select auto``);
+    ``default_value``: among the method defaults (``-m auto``). Each pool's rule is
+    stored with its values (``*_rule``). Rows outside a pool get None.
+    """
+    adapted = [r for r in group if r["candidate"] != "source-only"]
+    unique = list({r["config_key"]: r for r in adapted}.values())
+    pools: list[tuple[str, list[dict[str, Any]]]] = [("value", unique)]
+    for name in dict.fromkeys(r["method"] for r in adapted):
+        pools.append(("grid_value", [r for r in adapted if r["method"] == name and r["in_grid"]]))
+    pools.append(("default_value", [r for r in adapted if r["is_default"]]))
+    for r in group:
+        for key, rule in POOL_KEYS.items():
+            r[key] = r[rule] = None
+    for key, rows in pools:
+        if not rows:
+            continue
+        ranking = sel.rank_candidates(
+            [(_gate_scores(r["scores"], r["scores"]["images"]), outputs_of[r["config_key"]])
+             for r in rows],
+            source,
+        )  # fmt: skip
+        for r, v in zip(rows, ranking.values, strict=True):
+            r[key] = v
+            r[POOL_KEYS[key]] = ranking.rule
+
+
 def _ranks(x: np.ndarray) -> np.ndarray:
     order = np.argsort(x, kind="stable")
     ranks = np.empty(len(x))
@@ -163,7 +197,12 @@ def analyse(rows: list[dict[str, Any]], methods: list[str], images: int) -> dict
         adapted = [r for r in group if r["candidate"] != "source-only"]
         unique = list({r["config_key"]: r for r in adapted}.values())  # a default may be in a grid
         pooled.extend(unique)
-        g: dict[str, Any] = {"preset": preset, "seed": seed, "spearman": {}}
+        g: dict[str, Any] = {
+            "preset": preset,
+            "seed": seed,
+            "rule": next((r.get("rule") for r in unique if r.get("rule")), None),
+            "spearman": {},
+        }
         for score, rho in _spearman_by_score(unique).items():
             g["spearman"][score] = None if rho is None else round(rho, 4)
             if rho is not None:
@@ -172,7 +211,7 @@ def analyse(rows: list[dict[str, Any]], methods: list[str], images: int) -> dict
             grid = [r for r in unique if r["method"] == name and r["in_grid"]]
             if len(grid) < 2:
                 continue
-            chosen = max(grid, key=lambda r: r["value"])
+            chosen = max(grid, key=lambda r: r["grid_value"])
             best = max(r["accuracy"] for r in grid)
             regret = best - chosen["accuracy"]
             regrets.setdefault(name, []).append(regret)
@@ -184,7 +223,7 @@ def analyse(rows: list[dict[str, Any]], methods: list[str], images: int) -> dict
             }
         defaults = [r for r in adapted if r["is_default"]]
         if defaults:
-            chosen = max(defaults, key=lambda r: r["value"])
+            chosen = max(defaults, key=lambda r: r["default_value"])
             verdict = sel.gate_decision(
                 _gate_scores(src["scores"], images), _gate_scores(chosen["scores"], images)
             ).decision
@@ -286,6 +325,14 @@ def _mean(values: list[float]) -> float | None:
     return round(statistics.fmean(values), 4) if values else None
 
 
+#: Scores whose per-group Spearman the docs table shows.
+SPEARMAN_SHOWN = ("value", "anchored", "snd", "agreement")
+
+
+def _signed(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.2f}"
+
+
 def _score_table(rho: dict[str, float | None]) -> list[str]:
     """A one-row markdown table: a column per score, its Spearman correlation."""
     cells = ["-" if v is None else f"{v:+.2f}" for v in rho.values()]
@@ -305,9 +352,19 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         "Spearman correlation of each label-free score with true accuracy over the "
         "adapted candidates of one (preset, seed), mean over groups (`value` = the "
-        "selection value: `anchored` with a calibration):",
+        "selection value: `sourcefree.selection.rank_candidates` over those candidates, "
+        "by agreement with their consensus or with the source, as the gate finds):",
         "",
         *_score_table(a["spearman_mean"]),
+        "",
+        "| preset | seed | rule of `value` | `value` | `anchored` | `snd` | `agreement` |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {g['preset']} | {g['seed']} | {g.get('rule') or '-'} | "
+            + " | ".join(_signed(g["spearman"].get(k)) for k in SPEARMAN_SHOWN)
+            + " |"
+            for g in a["groups"]
+        ),
         "",
         "The same scores ranked over every adapted candidate of the grid at once "
         "(all presets and seeds: how well a score tracks accuracy as an estimate, "
@@ -379,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--analyse-only",
         action="store_true",
-        help="recompute the analysis (and docs) from the rows in --out with the current rules",
+        help="recompute the analysis (and docs) from the rows in --out (their stored values)",
     )
     args = p.parse_args(argv)
     if args.analyse_only:
@@ -451,16 +508,18 @@ def main(argv: list[str] | None = None) -> int:
                         "in_grid": bool(cand.overrides),
                         "config_key": key,
                         "scores": scores.to_dict(),
-                        "value": sel.selection_value(scores),
                         "accuracy": round(float((outputs.predictions == truth).double().mean()), 4),
                         "seconds": round(secs, 1),
                     }
                     payload["rows"].append(row)
                     print(
                         f"{preset} seed {seed} {label}: acc {row['accuracy']:.4f} "
-                        f"value {row['value']:.4f} ({row['seconds']} s)",
+                        f"({row['seconds']} s)",
                         flush=True,
                     )
+                group = [r for r in payload["rows"] if r["preset"] == preset and r["seed"] == seed]
+                outputs_of = {k: o for k, (o, _) in done.items()} | {"source": source}
+                rank_pools(group, outputs_of, sel.score_outputs(source, source, cal))
                 payload["wall_seconds"] = round(time.perf_counter() - t_all, 1)
                 payload["analysis"] = analyse(payload["rows"], methods, n_target)
                 args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -305,11 +305,14 @@ def _run_candidates(
     source: selection.Outputs,
     calibration: Any,
     runs: list[_Run],
-) -> tuple[Method, TrainResult, selection.Outputs, Any] | None:
+) -> tuple[Method, TrainResult, selection.Outputs, Any, selection.Ranking] | None:
     """Train every candidate in turn (no checkpoints); keep the best by label-free value.
 
+    Every finished candidate stays in memory until all are done, since the values
+    of :func:`sourcefree.selection.rank_candidates` depend on the whole pool.
     ``runs`` receives one record per candidate. Returns the chosen candidate's
-    method instance, train result, outputs and config, or None when none finished.
+    method instance, train result, outputs and config, and the ranking, or None
+    when none finished.
     """
     from sourcefree import config as cfgmod
     from sourcefree import selection
@@ -319,7 +322,7 @@ def _run_candidates(
     from sourcefree.trainer import Trainer, seed_everything
 
     start = time.perf_counter()
-    best: tuple[float, int, Method, TrainResult, selection.Outputs, Any] | None = None
+    done: list[tuple[_Run, Method, TrainResult, selection.Outputs, Any]] = []
     for cand in plan:
         run = _Run(cand)
         runs.append(run)
@@ -370,15 +373,19 @@ def _run_candidates(
         run.seconds = time.perf_counter() - t
         run.status = "done"
         run.scores = selection.score_outputs(outputs, source, calibration)
-        run.value = selection.selection_value(run.scores)
         run.predictions = outputs.predictions.numpy()
-        if best is None or run.value > best[0]:
-            best = (run.value, len(runs) - 1, instance, result, outputs, cfg)
-        del instance, outputs
-    if best is None:
+        done.append((run, instance, result, outputs, cfg))
+    if not done:
         return None
-    runs[best[1]].chosen = True
-    return best[2], best[3], best[4], best[5]
+    src_scores = selection.score_outputs(source, source, calibration)
+    ranking = selection.rank_candidates(
+        [(r.scores, o) for r, _, _, o, _ in done if r.scores is not None], src_scores
+    )
+    for (r, *_), value in zip(done, ranking.values, strict=True):
+        r.value = value
+    run, instance, result, outputs, cfg = done[ranking.best()]
+    run.chosen = True
+    return instance, result, outputs, cfg, ranking
 
 
 def _gate(
@@ -781,6 +788,7 @@ def _adapt(
         result: TrainResult | None = None
         runs: list[_Run] = []
         adapted_out: selection.Outputs | None = None
+        ranking: selection.Ranking | None = None
         if multi:
             chosen = _run_candidates(
                 plan,
@@ -799,7 +807,7 @@ def _adapt(
                 runs=runs,
             )
             if chosen is not None:
-                instance, result, adapted_out, cfg = chosen
+                instance, result, adapted_out, cfg, ranking = chosen
                 method = instance.name
                 config_dict = cfgmod.to_dict(cfg)
         else:
@@ -878,7 +886,8 @@ def _adapt(
             report["selection"] = {
                 "mode": "auto-method" if auto else "grid",
                 "select": select,
-                "criterion": selection.criterion_name(ref_cal is not None),
+                "criterion": None if ranking is None else ranking.rule,
+                "criterion_reason": None if ranking is None else ranking.reason,
                 "budget_s": budget_s,
                 "chosen": next((r.candidate.label for r in runs if r.chosen), None),
                 "candidates": [r.to_dict() for r in runs],

@@ -212,7 +212,10 @@ def _echo_selection(report: dict[str, Any]) -> None:
     """Candidates of -m auto / --select auto, then the gate's decision."""
     sel = report.get("selection")
     if sel is not None:
-        click.echo(f"candidates (ranked by {sel['criterion']}, higher is better):")
+        rule = sel["criterion"] or "nothing: no candidate finished"
+        click.echo(f"candidates (ranked by {rule}, higher is better):")
+        if sel.get("criterion_reason"):
+            click.echo(f"  {sel['criterion_reason']}")
         for row in sel["candidates"]:
             mark = "*" if row["chosen"] else " "
             acc = f"  accuracy {_fmt(row['accuracy'])}" if "accuracy" in row else ""

@@ -440,7 +440,10 @@ def _selection(report: Mapping[str, Any]) -> str:
     parts: list[str] = []
     sel = report.get("selection")
     if isinstance(sel, Mapping):
-        parts.append(f"<h2>Candidates (ranked by {_e(sel.get('criterion'))})</h2>")
+        rule = sel.get("criterion") or "nothing: no candidate finished"
+        parts.append(f"<h2>Candidates (ranked by {_e(rule)})</h2>")
+        if sel.get("criterion_reason"):
+            parts.append(f"<p>{_e(sel['criterion_reason'])}</p>")
         if sel.get("note"):
             parts.append(f'<p class="note">{_e(sel["note"])}</p>')
         parts.append(

@@ -37,6 +37,11 @@ images without labels:
   over-confidence; it is optimistic where the adapted model overrules the
   source (it counts all of those as right).
 
+Candidates (of ``--select auto`` or ``-m auto``) are ranked as a pool by
+:func:`rank_candidates`: with a calibration, by agreement with the pool's soft
+consensus when some candidate passes the do-no-harm gate, else by agreement
+with the source; without one, by ``im``.
+
 Without a vendor calibration ``atc`` and ``anchored`` are unavailable
 (``None``): no threshold is ever fitted on the target data, which would need
 labels. Target labels never enter anything here.
@@ -477,21 +482,87 @@ AUTO_METHOD = "auto"
 GATE_Z = 2.0
 
 
-def criterion_name(calibrated: bool) -> str:
-    """The score :func:`selection_value` ranks by: ``anchored`` or ``im``."""
-    return "anchored" if calibrated else "im"
+def consensus_agreement(pool: Sequence[ArrayLike]) -> list[float]:
+    """Each model's agreement with the pool's soft consensus.
 
-
-def selection_value(scores: Scores) -> float:
-    """The label-free value that ranks candidates (higher is better).
-
-    With a vendor calibration: the anchored accuracy estimate. Without: the
-    information-maximisation score (see docs/selection.md for the measurements
-    behind this choice).
+    The consensus label of an image is the argmax of the summed softmax outputs of
+    every model in ``pool``; a model's value is the share of images on which its
+    top-1 equals it. Agreement with an ensemble of similar models tracks accuracy
+    (Jiang et al., ICLR 2022, "Assessing generalization of SGD via disagreement"):
+    a model that drifts away from what the others agree on is more often wrong.
     """
-    if scores.anchored is not None:
-        return scores.anchored
-    return scores.im
+    if not pool:
+        raise ConfigError("no candidates to rank", "the pool is empty", "pass at least one")
+    logits = [_logits(o) for o in pool]
+    if len({tuple(t.shape) for t in logits}) != 1:
+        raise ConfigError(
+            "candidates of different output shapes",
+            "the consensus compares models on the same images and classes",
+            "score every candidate on the same target set",
+        )
+    vote = torch.stack([torch.softmax(t.double(), 1) for t in logits]).sum(0).argmax(1)
+    return [float((t.argmax(1) == vote).double().mean()) for t in logits]
+
+
+#: How :func:`rank_candidates` ranked a pool.
+RankRule = Literal["consensus", "agreement", "im"]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Label-free values of a pool of adapted candidates (higher is better)."""
+
+    values: tuple[float, ...]
+    """One per candidate, in the pool's order."""
+    rule: RankRule
+    """``consensus``, ``agreement`` (with the source) or ``im``."""
+    reason: str
+    """Why that rule (for the report)."""
+
+    def best(self) -> int:
+        """Index of the highest value (the first on ties)."""
+        return max(range(len(self.values)), key=lambda i: (self.values[i], -i))
+
+
+def rank_candidates(pool: Sequence[tuple[Scores, ArrayLike]], source: Scores) -> Ranking:
+    """Rank adapted candidates of one target set without labels.
+
+    ``pool`` holds each candidate's scores and outputs; ``source`` the source model's
+    scores. With a vendor calibration the do-no-harm gate first asks whether
+    adaptation helps on this target at all:
+
+    - some candidate passes the gate (the shift is large enough for adaptation to
+      be estimated better than the source): rank by agreement with the pool's soft
+      consensus (:func:`consensus_agreement`);
+    - none passes (adaptation only moves the source, as under a pure class-prior
+      shift): rank by agreement with the source model, so the candidate that
+      changes least wins.
+
+    Without a calibration: the information-maximisation score. docs/selection.md
+    has the development-seed measurements behind these rules.
+    """
+    if not pool:
+        raise ConfigError("no candidates to rank", "the pool is empty", "pass at least one")
+    scores = [s for s, _ in pool]
+    if source.anchored is None or any(s.anchored is None for s in scores):
+        return Ranking(
+            tuple(s.im for s in scores),
+            "im",
+            "no vendor calibration: information maximisation (confident and diverse)",
+        )
+    passing = sum(gate_decision(source, s).decision == "adapted" for s in scores)
+    if passing:
+        return Ranking(
+            tuple(consensus_agreement([o for _, o in pool])),
+            "consensus",
+            f"{passing} of {len(scores)} candidates pass the gate: agreement with the "
+            "candidates' soft consensus",
+        )
+    return Ranking(
+        tuple(s.agreement for s in scores),
+        "agreement",
+        "no candidate passes the gate: agreement with the source model (least change)",
+    )
 
 
 @dataclass(frozen=True)

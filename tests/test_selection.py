@@ -260,10 +260,48 @@ def test_gate_rule_uncalibrated() -> None:
     assert scrambled.criterion == "uncalibrated" and scrambled.estimated_gain is None
 
 
-def test_selection_value_and_criterion() -> None:
-    assert sel.selection_value(_scores(anchored=0.42)) == 0.42
-    assert sel.selection_value(_scores(im=1.3)) == 1.3
-    assert sel.criterion_name(True) == "anchored" and sel.criterion_name(False) == "im"
+def test_consensus_agreement_is_agreement_with_the_summed_softmax() -> None:
+    # Image 0: two models vote class 0 mildly, one votes class 1 strongly -> 1 wins.
+    a = torch.tensor([[0.6, 0.4], [1.0, 1e-6], [1e-6, 1.0]]).log()
+    b = torch.tensor([[0.6, 0.4], [1.0, 1e-6], [1.0, 1e-6]]).log()
+    c = torch.tensor([[0.01, 0.99], [1.0, 1e-6], [1e-6, 1.0]]).log()
+    # Summed softmax per image: [1.21, 1.79] -> 1; [3, 0] -> 0; [1, 2] -> 1.
+    assert sel.consensus_agreement([a, b, c]) == pytest.approx([2 / 3, 1 / 3, 1.0])
+    assert sel.consensus_agreement([a]) == [1.0]
+    with pytest.raises(ConfigError, match="pool is empty"):
+        sel.consensus_agreement([])
+    with pytest.raises(ConfigError, match="different output shapes"):
+        sel.consensus_agreement([a, a[:2]])
+
+
+def test_rank_candidates_rule_follows_the_gate() -> None:
+    logits = [torch.randn(50, 3) for _ in range(3)]
+    # Uncalibrated: information maximisation.
+    plain = [(_scores(im=v), o) for v, o in zip((0.2, 0.9, 0.5), logits, strict=True)]
+    ranking = sel.rank_candidates(plain, _scores())
+    assert ranking.rule == "im" and ranking.values == (0.2, 0.9, 0.5) and ranking.best() == 1
+    # Calibrated, one candidate estimated better than the source: consensus.
+    src = _scores(atc=0.5, anchored=0.5)
+    helps = [
+        (_scores(atc=0.6, anchored=0.45, agreement=0.9), logits[0]),
+        (_scores(atc=0.9, anchored=0.8, agreement=0.6), logits[1]),
+        (_scores(atc=0.6, anchored=0.5, agreement=0.95), logits[2]),
+    ]
+    ranking = sel.rank_candidates(helps, src)
+    assert ranking.rule == "consensus" and "1 of 3" in ranking.reason
+    assert list(ranking.values) == sel.consensus_agreement(logits)
+    # Calibrated, nobody passes: the one that changes the source least.
+    worse = [(_scores(atc=0.6, anchored=0.45, agreement=a), o) for a, o in zip(
+        (0.9, 0.97, 0.8), logits, strict=True)]  # fmt: skip
+    ranking = sel.rank_candidates(worse, src)
+    assert ranking.rule == "agreement" and ranking.best() == 1
+    with pytest.raises(ConfigError, match="pool is empty"):
+        sel.rank_candidates([], src)
+
+
+def test_ranking_ties_go_to_the_first() -> None:
+    ranking = sel.Ranking((0.5, 0.7, 0.7), "im", "")
+    assert ranking.best() == 1
 
 
 def test_candidates_from_method_grids() -> None:

@@ -13,7 +13,7 @@ def _row(preset: str, candidate: str, accuracy: float, anchored: float) -> dict[
               "images": 100}  # fmt: skip
     return {"preset": preset, "seed": 0, "candidate": candidate, "method": candidate,
             "is_default": True, "in_grid": False, "config_key": candidate, "scores": scores,
-            "value": anchored, "accuracy": accuracy}  # fmt: skip
+            "value": anchored, "default_value": anchored, "accuracy": accuracy}  # fmt: skip
 
 
 def test_pooled_spearman_ranks_across_groups_where_per_group_does_not(
@@ -36,3 +36,46 @@ def test_pooled_spearman_ranks_across_groups_where_per_group_does_not(
                "machine": {"threads": 1}, "methods": ["x"], "presets": ["a", "b"],
                "seeds": [0], "rows": rows, "wall_seconds": 1.0}  # fmt: skip
     assert "over every adapted candidate of the grid" in sel.markdown(payload)
+
+
+def test_rank_pools_ranks_each_pool_on_its_own(
+    load_benchmark: Callable[[str], ModuleType],
+) -> None:
+    import torch
+
+    from sourcefree import selection
+
+    bench = load_benchmark("selection")
+    # Calibration makes every candidate pass the gate: consensus rule in every pool.
+    src_scores = {"entropy": 0.5, "im": 0.5, "snd": 4.0, "agreement": 1.0, "kappa": 1.0,
+                  "stability": 1.0, "atc": 0.2, "anchored": 0.2, "images": 4}  # fmt: skip
+    cand_scores = {**src_scores, "agreement": 0.0, "kappa": 0.0, "anchored": 1.0}
+    one_hot = torch.eye(3) * 20
+    # Different confidences so that no summed softmax ties.
+    logits = {
+        "source": one_hot[[0, 0, 0, 0]],
+        "m": one_hot[[1, 1, 1, 1]],
+        "m:a": one_hot[[1, 1, 2, 2]],
+        "m:b": one_hot[[1, 2, 2, 2]] / 20,  # top-1 probability 0.58
+        "n": one_hot[[2, 2, 2, 2]] / 2,
+    }
+    group = [{"candidate": "source-only", "method": "-", "is_default": False, "in_grid": False,
+              "config_key": "source", "scores": src_scores}]  # fmt: skip
+    for key, default in (("m", True), ("m:a", False), ("m:b", False), ("n", True)):
+        row = {"candidate": key, "method": key.split(":")[0], "is_default": default,
+               "in_grid": not default, "config_key": key, "scores": cand_scores}  # fmt: skip
+        group.append(row)
+    outputs = {k: selection.Outputs(v) for k, v in logits.items()}
+    src = bench._gate_scores(src_scores, 4)
+    bench.rank_pools(group, outputs, src)
+    by = {r["candidate"]: r for r in group}
+    assert by["source-only"]["value"] is None and by["source-only"]["rule"] is None
+    # All four adapted: the summed softmax picks 1, 1, 2, 2.
+    assert [by[k]["value"] for k in ("m", "m:a", "m:b", "n")] == [0.5, 1.0, 0.75, 0.5]
+    assert {by[k]["rule"] for k in ("m", "m:a", "m:b", "n")} == {"consensus"}
+    # m's grid alone (m:a, m:b): the confident m:a outvotes m:b where they differ.
+    assert by["m:a"]["grid_value"] == 1.0 and by["m:b"]["grid_value"] == 0.75
+    assert by["m"]["grid_value"] is None and by["m"]["default_value"] is not None
+    # Defaults m and n: m is the more confident on every image: m 1.0, n 0.0.
+    assert (by["m"]["default_value"], by["n"]["default_value"]) == (1.0, 0.0)
+    assert by["m:a"]["default_value"] is None and by["m:a"]["default_rule"] is None

@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from html import escape as html_escape
 from pathlib import Path
 from typing import Any
 
@@ -331,6 +332,40 @@ def test_select_auto_keeps_the_best_label_free_score(
     assert result.report["gate"]["enabled"]
 
 
+@pytest.mark.parametrize(
+    ("pkg", "shift", "rule"),
+    [("confident_pkg", 0, "agreement"), ("unsure_pkg", 1, "consensus")],
+)
+def test_select_auto_with_a_calibration_ranks_by_the_gates_rule(
+    pkg: str,
+    shift: int,
+    rule: str,
+    request: pytest.FixtureRequest,
+    target_dir: Path,
+    tmp_path: Path,
+) -> None:
+    # confident: nothing changes a prediction ATC counts as right, no candidate passes
+    # the gate -> agreement with the source; unsure: every candidate overrules
+    # predictions ATC counts as wrong, all pass -> agreement with the consensus.
+    result = adapt(
+        request.getfixturevalue(pkg),
+        target_dir,
+        method="scramble-test",
+        out=tmp_path / "run",
+        overrides=[f"shift={shift}"],
+        select="auto",
+        device="cpu",
+    )
+    sel = result.report["selection"]
+    assert sel["criterion"] == rule
+    assert ("3 of 3 candidates pass" in sel["criterion_reason"]) == (rule == "consensus")
+    rows = sel["candidates"]
+    assert [r["value"] for r in rows] == [1.0, 1.0, 1.0]  # same predictions everywhere
+    assert [r["chosen"] for r in rows] == [True, False, False]  # ties: the first
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert html_escape(sel["criterion_reason"]) in html
+
+
 def test_select_auto_refuses_a_set_grid_key(
     plain_pkg: Path, target_dir: Path, tmp_path: Path
 ) -> None:
@@ -406,6 +441,9 @@ def test_auto_method_with_a_tiny_budget_exports_the_source(
     assert gate["decision"] == "source" and "no candidate finished" in gate["reason"]
     assert result.package.manifest.provenance["method"] == "source"
     assert result.report["method"] == "auto"
+    assert result.report["selection"]["criterion"] is None  # nothing was ranked
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "ranked by nothing: no candidate finished" in html
 
 
 def test_auto_method_skips_a_method_the_package_cannot_serve(
