@@ -118,16 +118,19 @@ def _run(
     return outputs, time.perf_counter() - t0
 
 
-def rank_pools(
-    group: list[dict[str, Any]], outputs_of: dict[str, sel.Outputs], source: sel.Scores
-) -> None:
+def rank_pools(group: list[dict[str, Any]], outputs_of: dict[str, sel.Outputs]) -> None:
     """Label-free values of one (preset, seed), ranked pool by pool as ``adapt`` ranks them.
+
+    ``group`` holds the source-only row and every candidate's row; ``outputs_of``
+    the candidates' outputs by ``config_key``.
 
     ``value``: among every distinct adapted candidate (the Spearman pool);
     ``grid_value``: among a method's grid entries (``--select auto``);
     ``default_value``: among the method defaults (``-m auto``). Each pool's rule is
     stored with its values (``*_rule``). Rows outside a pool get None.
     """
+    src = next(r for r in group if r["candidate"] == "source-only")
+    source = _gate_scores(src["scores"], src["scores"]["images"])
     adapted = [r for r in group if r["candidate"] != "source-only"]
     unique = list({r["config_key"]: r for r in adapted}.values())
     pools: list[tuple[str, list[dict[str, Any]]]] = [("value", unique)]
@@ -335,7 +338,7 @@ def _signed(v: float | None) -> str:
 
 def _score_table(rho: dict[str, float | None]) -> list[str]:
     """A one-row markdown table: a column per score, its Spearman correlation."""
-    cells = ["-" if v is None else f"{v:+.2f}" for v in rho.values()]
+    cells = [_signed(v) for v in rho.values()]
     return ["| " + " | ".join(rho) + " |", "|" + "---|" * len(rho), "| " + " | ".join(cells) + " |"]
 
 
@@ -518,8 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                 group = [r for r in payload["rows"] if r["preset"] == preset and r["seed"] == seed]
-                outputs_of = {k: o for k, (o, _) in done.items()} | {"source": source}
-                rank_pools(group, outputs_of, sel.score_outputs(source, source, cal))
+                rank_pools(group, {k: o for k, (o, _) in done.items()})
                 payload["wall_seconds"] = round(time.perf_counter() - t_all, 1)
                 payload["analysis"] = analyse(payload["rows"], methods, n_target)
                 args.out.parent.mkdir(parents=True, exist_ok=True)

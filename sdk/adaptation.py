@@ -303,6 +303,7 @@ def _run_candidates(
     progress: bool,
     on_step: Callable[[StepInfo], None] | None,
     source: selection.Outputs,
+    source_scores: selection.Scores,
     calibration: Any,
     runs: list[_Run],
 ) -> tuple[Method, TrainResult, selection.Outputs, Any, selection.Ranking] | None:
@@ -377,9 +378,8 @@ def _run_candidates(
         done.append((run, instance, result, outputs, cfg))
     if not done:
         return None
-    src_scores = selection.score_outputs(source, source, calibration)
     ranking = selection.rank_candidates(
-        [(r.scores, o) for r, _, _, o, _ in done if r.scores is not None], src_scores
+        [(r.scores, o) for r, _, _, o, _ in done if r.scores is not None], source_scores
     )
     for (r, *_), value in zip(done, ranking.values, strict=True):
         r.value = value
@@ -398,8 +398,12 @@ def _gate(
     calibration: Any,
     method: str,
     trained: bool,
+    source_scores: selection.Scores | None = None,
 ) -> dict[str, Any]:
-    """The do-no-harm verdict for ``report["gate"]`` (decision: what is exported)."""
+    """The do-no-harm verdict for ``report["gate"]`` (decision: what is exported).
+
+    ``source_scores``: the reference source's scores when already computed.
+    """
     from sourcefree import selection
 
     if not trained:
@@ -421,7 +425,7 @@ def _gate(
             "reason": "the gate was switched off (--no-gate)",
             "scores": None,
         }
-    src = selection.score_outputs(sources[ref], sources[ref], calibration)
+    src = source_scores or selection.score_outputs(sources[ref], sources[ref], calibration)
     ada = selection.score_outputs(adapted, sources[ref], calibration)
     result = selection.gate_decision(src, ada, method=method)
     decision = "adapted" if force else result.decision
@@ -781,6 +785,7 @@ def _adapt(
             return ref, stats.calibration if stats is not None else None
 
         ref, ref_cal = 0, None
+        src_scores: selection.Scores | None = None
         if multi:  # candidates are scored against the source as they finish
             ref, ref_cal = score_sources()
         seed_everything(seed)
@@ -790,6 +795,7 @@ def _adapt(
         adapted_out: selection.Outputs | None = None
         ranking: selection.Ranking | None = None
         if multi:
+            src_scores = selection.score_outputs(sources_out[ref], sources_out[ref], ref_cal)
             chosen = _run_candidates(
                 plan,
                 base=base,
@@ -803,6 +809,7 @@ def _adapt(
                 progress=progress,
                 on_step=on_step,
                 source=sources_out[ref],
+                source_scores=src_scores,
                 calibration=ref_cal,
                 runs=runs,
             )
@@ -845,6 +852,7 @@ def _adapt(
             calibration=ref_cal,
             method=method,
             trained=instance is not None,
+            source_scores=src_scores,
         )
         keep_source = verdict["decision"] == "source"
         if keep_source:

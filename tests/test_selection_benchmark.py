@@ -53,7 +53,6 @@ def test_rank_pools_ranks_each_pool_on_its_own(
     one_hot = torch.eye(3) * 20
     # Different confidences so that no summed softmax ties.
     logits = {
-        "source": one_hot[[0, 0, 0, 0]],
         "m": one_hot[[1, 1, 1, 1]],
         "m:a": one_hot[[1, 1, 2, 2]],
         "m:b": one_hot[[1, 2, 2, 2]] / 20,  # top-1 probability 0.58
@@ -66,8 +65,7 @@ def test_rank_pools_ranks_each_pool_on_its_own(
                "in_grid": not default, "config_key": key, "scores": cand_scores}  # fmt: skip
         group.append(row)
     outputs = {k: selection.Outputs(v) for k, v in logits.items()}
-    src = bench._gate_scores(src_scores, 4)
-    bench.rank_pools(group, outputs, src)
+    bench.rank_pools(group, outputs)
     by = {r["candidate"]: r for r in group}
     assert by["source-only"]["value"] is None and by["source-only"]["rule"] is None
     # All four adapted: the summed softmax picks 1, 1, 2, 2.
