@@ -14,7 +14,7 @@ safetensors weights, and flags strings that look private:
 - free text longer than :data:`MAX_FREE_TEXT` characters;
 - files the manifest does not list, manifest fields outside the schema,
   ONNX metadata other than the embedded manifest (none at all in an auxiliary
-  graph), doc strings, node metadata,
+  graph) or repeated keys, doc strings, node metadata, sparse tensors,
   and safetensors ``__metadata__`` other than ``format=pt``.
 
 A package that fails verification is still audited (whatever can be read is
@@ -69,6 +69,11 @@ _ROOT_RE = re.compile(
     r"private|workspace|content)/|[A-Za-z]:[\\/]|\\\\[A-Za-z0-9]|~[/\\])",
     re.IGNORECASE,
 )
+#: Graph strings that are names: only strong signs of a path count there.
+_NAME_TEXTS = frozenset(
+    {"producer name", "graph name", "node name", "value name", "tensor name", "attribute name"}
+    | {"dim param", "opset domain"}
+)
 _SEPARATOR_RE = re.compile(r"(?:^|[\s\"'(=:,])(?:~|\.{1,2})?[/\\](?=\S)|[^\s/\\][/\\][^\s/\\]")
 
 
@@ -81,7 +86,7 @@ class Finding:
     kind: str
     """``unverified``, ``unreadable``, ``extra-file``, ``unknown-field``, ``home-directory``,
     ``user-name``, ``file-name``, ``path``, ``free-text``, ``onnx-metadata``, ``doc-string``,
-    ``node-metadata`` or ``safetensors-metadata``."""
+    ``node-metadata``, ``sparse-tensor`` or ``safetensors-metadata``."""
     detail: str
 
     def to_dict(self) -> dict[str, str]:
@@ -221,6 +226,8 @@ def _graph_summary(g: GraphSummary) -> dict[str, Any]:
         "doc_strings": g.doc_strings,
         "node_metadata": g.node_metadata,
         "producer": g.producer,
+        "sparse_tensors": g.sparse_tensors,
+        "elements": g.elements,
     }
 
 
@@ -387,13 +394,7 @@ class _Audit:
                 self.text(value, where)
                 continue
             self.embedded(value, raw, where)
-        if graph.doc_strings:
-            self.flag(ONNX_NAME, "doc-string", f"{graph.doc_strings} doc string(s) in the graph")
-        if graph.node_metadata:
-            self.flag(ONNX_NAME, "node-metadata", f"{graph.node_metadata} metadata entries")
-        for where, text in graph.texts:
-            free = "doc string" in where or "metadata" in where or where == "domain"
-            self.text(text, f"{ONNX_NAME} {where}", free=free)
+        self.graph_strings(ONNX_NAME, graph)
         return _graph_summary(graph)
 
     def auxiliary_graph(self, name: str, data: bytes) -> dict[str, Any] | None:
@@ -408,14 +409,27 @@ class _Audit:
             self.flag(where, "onnx-metadata", "an auxiliary graph carries no metadata")
             self.text(key, where + " (key)")
             self.text(value, where)
+        self.graph_strings(name, graph)
+        return _graph_summary(graph)
+
+    def graph_strings(self, name: str, graph: GraphSummary) -> None:
+        """Flags shared by every graph, and a scan of every string it carries."""
+        for key in graph.duplicate_metadata:
+            self.flag(
+                f"{name} metadata {_excerpt(key)}",
+                "onnx-metadata",
+                "the key appears more than once; readers keep only one of the values",
+            )
         if graph.doc_strings:
             self.flag(name, "doc-string", f"{graph.doc_strings} doc string(s) in the graph")
         if graph.node_metadata:
             self.flag(name, "node-metadata", f"{graph.node_metadata} metadata entries")
+        if graph.sparse_tensors:
+            self.flag(
+                name, "sparse-tensor", f"{graph.sparse_tensors} sparse tensor(s): never exported"
+            )
         for where, text in graph.texts:
-            free = "doc string" in where or "metadata" in where or where == "domain"
-            self.text(text, f"{name} {where}", free=free)
-        return _graph_summary(graph)
+            self.text(text, f"{name} {where}", free=where not in _NAME_TEXTS)
 
     def embedded(self, value: str, raw: dict[str, Any] | None, where: str) -> None:
         try:

@@ -8,12 +8,14 @@ No torch import.
 from __future__ import annotations
 
 import math
+import os
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sourcefree.errors import PackageError
+from sourcefree.errors import ConfigError, PackageError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -24,15 +26,32 @@ MAX_MANIFEST_BYTES = 8 * 1024 * 1024
 #: Key in the ONNX graph's metadata_props holding the manifest without ``files``.
 ONNX_MANIFEST_KEY = "sourcefree.manifest"
 
-FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-LABEL_RE = re.compile(r"^[^\x00-\x1f\x7f/\\]{1,64}$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# ``\Z``, not ``$``: ``$`` also matches before a trailing newline ("name\n").
+FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
+MAX_LABEL_CHARS = 64
+#: Unicode categories refused in labels: controls, format characters (bidi
+#: overrides, zero-width joiners, BOM), line and paragraph separators,
+#: unassigned, surrogate and private-use code points.
+LABEL_BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"})
 KINDS = ("source", "adapted")
 COLORS = ("rgb", "gray")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 PRECISIONS = ("fp32", "fp16")
+#: IR versions a package may declare (the SDK writes 10; onnxruntime 1.20 and later load 7..10).
+MIN_IR_VERSION = 7
+MAX_IR_VERSION = 10
+#: Default-domain opsets a package may declare (the SDK writes 20; onnxruntime 1.20
+#: implements up to 21).
+MIN_OPSET = 17
+MAX_OPSET = 21
 MAX_INPUT_SIDE = 4096
+#: Most values in one input image (channels x height x width): 3 x 1024 x 1024,
+#: 12 MiB as float32. Covers FER models up to 1024 px; 512 px RGB is a quarter.
+MAX_INPUT_ELEMENTS = 3 * 1024 * 1024
+#: Most bytes of float32 input one batch may take (batch_size x image bytes).
+MAX_BATCH_BYTES = 4 << 30
 MAX_CLASSES = 100_000
 #: Architectures of the registry in sourcefree.models (kept here for torch-free help).
 ARCHITECTURE_NAMES = (
@@ -114,9 +133,32 @@ def _obj(value: Any, path: str, allowed: set[str], required: set[str]) -> Mappin
 def _str(value: Any, path: str, pattern: re.Pattern[str] | None = None) -> str:
     if not isinstance(value, str):
         raise _err(path, f"expected a string, got {type(value).__name__}")
-    if pattern is not None and not pattern.match(value):
+    if pattern is not None and not pattern.fullmatch(value):
         raise _err(path, f"{value[:80]!r} does not match {pattern.pattern}")
     return value
+
+
+def _label(value: Any, path: str) -> str:
+    """A class name: printable text, no markup, control or invisible characters."""
+    text = _str(value, path)
+    shown = repr(text[:40]) + ("..." if len(text) > 40 else "")
+    fix = "use plain names such as 'happy' or 'angry face', then re-export"
+    if not 1 <= len(text) <= MAX_LABEL_CHARS:
+        why = f"{shown} has {len(text)} characters, expected 1 to {MAX_LABEL_CHARS}"
+        raise _err(path, why, fix)
+    if text != text.strip():
+        raise _err(path, f"{shown} starts or ends with whitespace", fix)
+    for i, char in enumerate(text):
+        category = unicodedata.category(char)
+        if category in LABEL_BAD_CATEGORIES or char in "/\\":
+            raise _err(
+                path,
+                f"{shown} holds {char!r} (U+{ord(char):04X}, {category}) at position {i}; "
+                "labels may not carry control, invisible, bidi, separator, unassigned "
+                "or private-use characters, '/' or '\\'",
+                fix,
+            )
+    return text
 
 
 def _choice(value: Any, path: str, choices: Sequence[str]) -> str:
@@ -182,6 +224,14 @@ class InputSpec:
         _int(self.channels, f"{path}.channels", 1, 3)
         if self.channels == 2:
             raise _err(f"{path}.channels", "must be 1 or 3")
+        elements = self.channels * self.size[0] * self.size[1]
+        if elements > MAX_INPUT_ELEMENTS:
+            raise _err(
+                f"{path}.size",
+                f"{self.channels} x {self.size[0]} x {self.size[1]} = {elements} values per "
+                f"image exceeds the cap of {MAX_INPUT_ELEMENTS} (3 x 1024 x 1024, 12 MiB)",
+                "export the model with a smaller input size",
+            )
         _choice(self.color, f"{path}.color", COLORS)
         if self.color == "rgb" and self.channels != 3:
             raise _err(f"{path}.channels", "colour input needs 3 channels")
@@ -196,6 +246,11 @@ class InputSpec:
         for i, v in enumerate(self.std):
             if v <= 0:
                 raise _err(f"{path}.std[{i}]", "must be positive")
+
+    @property
+    def image_bytes(self) -> int:
+        """Bytes of one preprocessed image (float32, channels x height x width)."""
+        return 4 * self.channels * self.size[0] * self.size[1]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -228,6 +283,29 @@ class InputSpec:
             interpolation=_choice(obj["interpolation"], f"{path}.interpolation", INTERPOLATIONS),
             layout=_str(obj["layout"], f"{path}.layout"),
             dtype=_str(obj["dtype"], f"{path}.dtype"),
+        )
+
+
+def batch_budget_bytes() -> int:
+    """Bytes one input batch may take: MAX_BATCH_BYTES, or a quarter of the RAM if less."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return MAX_BATCH_BYTES
+    return min(MAX_BATCH_BYTES, ram // 4) if ram > 0 else MAX_BATCH_BYTES
+
+
+def check_batch_bytes(spec: InputSpec, batch_size: int, option: str = "batch_size") -> None:
+    """Refuse a batch whose float32 input would exceed :func:`batch_budget_bytes`."""
+    budget = batch_budget_bytes()
+    need = batch_size * spec.image_bytes
+    if need > budget:
+        most = max(1, budget // spec.image_bytes)
+        raise ConfigError(
+            f"{option} {batch_size} is too large for {spec.size[0]}x{spec.size[1]} inputs",
+            f"one batch would take {need >> 20} MiB of input; the cap is {budget >> 20} MiB "
+            f"(min of {MAX_BATCH_BYTES >> 30} GiB and a quarter of the RAM)",
+            f"pass {option} {most} or less",
         )
 
 
@@ -288,8 +366,10 @@ class OnnxSpec:
         keys = {"opset", "ir_version", "precision", "input", "logits", "features"}
         obj = _obj(value, path, keys, keys)
         return cls(
-            opset=_int(obj["opset"], f"{path}.opset", 7, 30),
-            ir_version=_int(obj["ir_version"], f"{path}.ir_version", 3, 20),
+            opset=_int(obj["opset"], f"{path}.opset", MIN_OPSET, MAX_OPSET),
+            ir_version=_int(
+                obj["ir_version"], f"{path}.ir_version", MIN_IR_VERSION, MAX_IR_VERSION
+            ),
             precision=_choice(obj["precision"], f"{path}.precision", PRECISIONS),
             input=_str(obj["input"], f"{path}.input", NAME_RE),
             logits=_str(obj["logits"], f"{path}.logits", NAME_RE),
@@ -594,7 +674,7 @@ class Manifest:
         required = TOP_LEVEL - {"source_stats", "auxiliary"}
         obj = _obj(value, "", TOP_LEVEL, required)
         labels_raw = _list(obj["labels"], "labels", 2, MAX_CLASSES)
-        labels = tuple(_str(v, f"labels[{i}]", LABEL_RE) for i, v in enumerate(labels_raw))
+        labels = tuple(_label(v, f"labels[{i}]") for i, v in enumerate(labels_raw))
         if len(set(labels)) != len(labels):
             raise _err("labels", "label names must be unique")
         arch = ArchitectureSpec.from_dict(obj["architecture"])
@@ -642,6 +722,7 @@ class Manifest:
         if "auxiliary" in obj:
             auxiliary = Auxiliary.from_dict(obj["auxiliary"])
             _check_auxiliary(auxiliary, files, stats)
+        _check_file_set(files, auxiliary)
         return cls(
             kind=_choice(obj["kind"], "kind", KINDS),
             name=_str(obj["name"], "name", NAME_RE),
@@ -654,6 +735,18 @@ class Manifest:
             provenance=provenance,
             source_stats=stats,
             auxiliary=auxiliary,
+        )
+
+
+def _check_file_set(files: Mapping[str, FileEntry], auxiliary: Auxiliary | None) -> None:
+    """``files`` lists the model files and the auxiliary graphs, nothing else."""
+    allowed = {WEIGHTS_NAME, ONNX_NAME, *(auxiliary.files() if auxiliary is not None else ())}
+    for name in sorted(set(files) - allowed):
+        raise _err(
+            f"files.{name}",
+            f"a package holds {', '.join(sorted(allowed))} only (besides manifest.json "
+            "and signature); the format defines no other file",
+            "remove the file and its entry, or re-export the package with the SDK",
         )
 
 

@@ -250,14 +250,14 @@ def test_linked_package_file_is_refused(
 ) -> None:
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"private bytes outside the package")
-    forge(pkg_copy, "data.bin", secret.read_bytes())
-    (pkg_copy / "data.bin").unlink()
+    forge(pkg_copy, WEIGHTS_NAME, secret.read_bytes())  # a file the format defines
+    (pkg_copy / WEIGHTS_NAME).unlink()
     if kind == "symlink":
-        os.symlink(secret, pkg_copy / "data.bin")
-        match = "'data.bin' is a symbolic link"
+        os.symlink(secret, pkg_copy / WEIGHTS_NAME)
+        match = f"'{WEIGHTS_NAME}' is a symbolic link"
     else:
-        os.link(secret, pkg_copy / "data.bin")
-        match = "'data.bin' has 2 hard links"
+        os.link(secret, pkg_copy / WEIGHTS_NAME)
+        match = f"'{WEIGHTS_NAME}' has 2 hard links"
     with pytest.raises(PackageError, match=match):
         load_package(pkg_copy)
 
