@@ -16,7 +16,9 @@ from sourcefree import strictjson
 from sourcefree.errors import PackageError
 from sourcefree.manifest import WEIGHTS_NAME, Manifest
 
-MAX_HEADER_BYTES = 100_000_000
+#: Largest header read. The registry's biggest architecture needs about 30 kB; parsed
+#: JSON can take ~30x its text in memory, so this also bounds what a header costs.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
 PREFIXES = ("backbone.", "head.")
 _DTYPES: dict[str, tuple[int, str | None]] = {
     "F64": (8, "<f8"),
@@ -44,6 +46,23 @@ class TensorInfo:
 
 def _bad(why: str, fix: str = "re-export the package with the SDK") -> PackageError:
     return PackageError(f"{WEIGHTS_NAME} is not a valid safetensors file", why, fix)
+
+
+def _quote(name: str) -> str:
+    """A short, escaped prefix of an attacker-chosen name, for error messages."""
+    return repr(name[:64])
+
+
+def _elements(shape: list[int], limit: int) -> int:
+    """Product of ``shape``, or ``limit + 1`` once it passes ``limit`` (no huge products)."""
+    if 0 in shape:
+        return 0
+    count = 1
+    for d in shape:
+        count *= d
+        if count > limit:
+            return limit + 1
+    return count
 
 
 def sniff_container(data: bytes, name: str) -> None:
@@ -92,26 +111,25 @@ def read_header_with_metadata(
     infos: list[TensorInfo] = []
     for tname, entry in header.items():
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise _bad(f"tensor {tname!r} has a malformed entry")
+            raise _bad(f"tensor {_quote(tname)} has a malformed entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in _DTYPES:
-            raise _bad(f"tensor {tname!r} has unsupported dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            shown = _quote(dtype) if isinstance(dtype, str) else type(dtype).__name__
+            raise _bad(f"tensor {_quote(tname)} has unsupported dtype {shown}")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d < (1 << 40) for d in shape
         ):
-            raise _bad(f"tensor {tname!r} has an invalid shape")
+            raise _bad(f"tensor {_quote(tname)} has an invalid shape")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         ):
-            raise _bad(f"tensor {tname!r} has invalid data_offsets")
-        count = 1
-        for d in shape:
-            count *= d
+            raise _bad(f"tensor {_quote(tname)} has invalid data_offsets")
+        count = _elements(shape, body)
         start, end = offsets
         if not 0 <= start <= end <= body or end - start != count * _DTYPES[dtype][0]:
-            raise _bad(f"tensor {tname!r} has offsets that do not match its shape and dtype")
+            raise _bad(f"tensor {_quote(tname)} has offsets that do not match its shape and dtype")
         infos.append(TensorInfo(tname, dtype, tuple(shape), start, end))
     infos.sort(key=lambda t: (t.start, t.end))
     cursor = 0
@@ -131,7 +149,7 @@ def _finite(data: bytes, base: int, info: TensorInfo) -> bool:
         return not bool(np.any((bits & 0x7F80) == 0x7F80))
     fmt = _DTYPES[info.dtype][1]
     if fmt is None:
-        raise _bad(f"tensor {info.name!r} has a dtype without a numeric reading")
+        raise _bad(f"tensor {_quote(info.name)} has a dtype without a numeric reading")
     return bool(np.isfinite(np.frombuffer(buf, dtype=fmt)).all())
 
 
@@ -148,13 +166,13 @@ def check_safetensors(data: bytes, manifest: Manifest) -> dict[str, TensorInfo]:
     for name, info in infos.items():
         if not name.startswith(PREFIXES):
             raise PackageError(
-                f"{WEIGHTS_NAME} holds a tensor named {name!r}",
+                f"{WEIGHTS_NAME} holds a tensor named {_quote(name)}",
                 "package weights are named backbone.* or head.*",
                 "re-export the package with the SDK",
             )
         if info.dtype in _FLOATS and not _finite(data, base, info):
             raise PackageError(
-                f"{WEIGHTS_NAME} tensor {name!r} contains NaN or Inf",
+                f"{WEIGHTS_NAME} tensor {_quote(name)} contains NaN or Inf",
                 "a model with non-finite weights predicts garbage",
                 "retrain or re-export a finite model",
             )
