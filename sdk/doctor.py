@@ -17,11 +17,17 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _usable_providers(ort: Any) -> str:
-    """Open a one-node session per provider: listed providers can still fail to start."""
+def _usable_providers(ort: Any) -> tuple[str, list[str]]:
+    """Open a one-node session per provider: listed providers can still fail to start.
+
+    Returns the usable providers and, for each one that fails, its name and
+    onnxruntime's reason (only onnxruntime's own errors count as a finding).
+    """
     if importlib.util.find_spec("onnx") is None:
-        return "not probed (install onnx to probe)"
+        return "not probed (install onnx to probe)", []
     from onnx import TensorProto, helper
+
+    from sourcefree.runtime import ort_errors, ort_reason
 
     node = helper.make_node("Identity", ["x"], ["y"])
     graph = helper.make_graph(
@@ -33,7 +39,8 @@ def _usable_providers(ort: Any) -> str:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     data = model.SerializeToString()
-    usable = []
+    usable: list[str] = []
+    failed: list[str] = []
     for provider in ort.get_available_providers():
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
@@ -41,11 +48,12 @@ def _usable_providers(ort: Any) -> str:
             # onnxruntime prints provider failures to stdout; keep JSON output clean.
             with contextlib.redirect_stdout(io.StringIO()):
                 session = ort.InferenceSession(data, opts, providers=[provider])
-        except Exception:  # noqa: S112 (a provider that cannot start is the finding)
+        except ort_errors() as exc:
+            failed.append(f"{provider} ({ort_reason(exc)})")
             continue
         if session.get_providers()[0] == provider:
             usable.append(provider)
-    return ", ".join(usable) or "none"
+    return ", ".join(usable) or "none", failed
 
 
 def diagnose() -> dict[str, Any]:
@@ -71,7 +79,10 @@ def diagnose() -> dict[str, Any]:
 
         ort = import_onnxruntime()
         report["onnxruntime providers (listed)"] = ", ".join(ort.get_available_providers())
-        report["onnxruntime providers (usable)"] = _usable_providers(ort)
+        usable, failed = _usable_providers(ort)
+        report["onnxruntime providers (usable)"] = usable
+        if failed:
+            report["onnxruntime providers (failed)"] = "; ".join(failed)
     except ImportError as exc:
         report["onnxruntime providers"] = f"unavailable ({exc})"
     if importlib.util.find_spec("torch") is None:

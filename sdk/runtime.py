@@ -6,8 +6,9 @@ sha256 was verified, so a file swapped after verification is never run.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sourcefree.audit import _excerpt
 from sourcefree.errors import DeviceError, InputError, PackageError, RequirementError
 from sourcefree.imaging import decode_image, preprocess
-from sourcefree.manifest import InputSpec
+from sourcefree.manifest import ONNX_NAME, InputSpec, check_batch_bytes
 from sourcefree.package import Package, load_package
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
@@ -62,21 +64,51 @@ def _providers(ort: Any, device: str) -> list[Any]:
     return [wanted, "CPUExecutionProvider"]
 
 
-def _session(model: bytes, device: str, threads: int) -> tuple[Any, str]:
-    """An onnxruntime session over verified graph bytes, and the device it runs on."""
+@functools.cache
+def ort_errors() -> tuple[type[BaseException], ...]:
+    """What onnxruntime raises: its own types (not RuntimeError subclasses) and pybind's."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    own = [v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception)]
+    return (*own, RuntimeError, ValueError, MemoryError)
+
+
+def ort_reason(exc: BaseException) -> str:
+    """The first line of an onnxruntime message, at most 200 characters, escaped."""
+    lines = str(exc).strip().splitlines()
+    return _excerpt(lines[0] if lines else type(exc).__name__, 200)
+
+
+def open_session(
+    model: bytes, device: str, threads: int, *, package: str, file: str = ONNX_NAME
+) -> tuple[Any, str]:
+    """An onnxruntime session over verified graph bytes, and the device it runs on.
+
+    Raises:
+        PackageError: onnxruntime refuses the graph of ``file`` in ``package``.
+        DeviceError: the requested provider is missing or does not start.
+    """
     ort = import_onnxruntime()
     providers = _providers(ort, device)
     opts = ort.SessionOptions()
-    # "auto" tries CUDA and quietly settles on CPU when the CUDA libraries are
-    # missing (the wheel lists CUDA either way); the returned device says what runs.
-    opts.log_severity_level = 4 if device == "auto" else 3
+    # onnxruntime's own log lines quote node names of the (untrusted) graph raw, so
+    # they stay off: its errors become typed errors with an escaped excerpt. "auto"
+    # tries CUDA and quietly settles on CPU when the CUDA libraries are missing (the
+    # wheel lists CUDA either way); the returned device says what runs.
+    opts.log_severity_level = 4
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if device == "auto":
-        # Provider start-up failures are logged by the process-wide logger.
-        ort.set_default_logger_severity(4)
+    # Load and provider start-up failures are logged by the process-wide logger.
+    ort.set_default_logger_severity(4)
     try:
         session = ort.InferenceSession(model, opts, providers=providers)
+    except ort_errors() as exc:
+        raise PackageError(
+            f"package {package!r}'s {file} cannot be loaded by onnxruntime: {ort_reason(exc)}",
+            "the graph passed the static checks but onnxruntime refuses it "
+            "(a type, shape or operator error); nothing was run",
+            "ask the vendor to re-export the package with the SDK (report this message to them)",
+        ) from None
     finally:
         ort.set_default_logger_severity(3)
     active = session.get_providers()
@@ -87,6 +119,46 @@ def _session(model: bytes, device: str, threads: int) -> tuple[Any, str]:
             "run `sourcefree doctor`, or use --device cpu",
         )
     return session, {v: k for k, v in _PROVIDER_OF.items()}.get(active[0], active[0])
+
+
+def run_session(
+    session: Any, names: Sequence[str], feed: Mapping[str, np.ndarray], *, package: str, file: str
+) -> list[Any]:
+    """``session.run``, with onnxruntime's failures as a typed PackageError.
+
+    The inputs were checked against the input spec before, so a failure here is
+    the graph's (or, for an out-of-memory message, the batch size's).
+    """
+    try:
+        out: list[Any] = session.run(list(names), dict(feed))
+    except ort_errors() as exc:
+        raise PackageError(
+            f"package {package!r}'s {file} failed in onnxruntime: {ort_reason(exc)}",
+            "the graph loads but cannot compute on valid input (a shape, type or memory error)",
+            "if the message is about memory, lower the batch size; otherwise ask the vendor "
+            "to re-export the package with the SDK",
+        ) from None
+    return out
+
+
+def graph_output(value: Any, shape: tuple[int, int], what: str, *, package: str) -> np.ndarray:
+    """A graph output checked to be a real-valued array of ``shape``, as float32.
+
+    Raises:
+        PackageError: another type, dtype or shape (the graph lies about its outputs).
+    """
+    if isinstance(value, np.ndarray) and value.dtype.kind in "fiu" and value.shape == shape:
+        return value.astype(np.float32, copy=False)
+    got = (
+        f"{value.dtype} array of shape {value.shape}"[:120]
+        if isinstance(value, np.ndarray)
+        else type(value).__name__
+    )
+    raise PackageError(
+        f"package {package!r} returned {got} as {what}",
+        f"a real-valued array of shape {shape} is expected",
+        "ask the vendor to re-export the package with the SDK",
+    )
 
 
 def check_input_array(x: np.ndarray, spec: InputSpec) -> None:
@@ -163,30 +235,59 @@ class Predictor:
             if isinstance(package, Package)
             else load_package(package, public_key=public_key, require_signature=require_signature)
         )
-        self.session, self.device = _session(self.package.onnx_bytes, device, threads)
+        manifest = self.package.manifest
+        check_batch_bytes(manifest.input, batch_size)
+        self.session, self.device = open_session(
+            self.package.onnx_bytes, device, threads, package=manifest.name
+        )
         self.providers: list[str] = list(self.session.get_providers())
         self.batch_size = batch_size
-        manifest = self.package.manifest
         self.labels = manifest.labels
         self.spec = manifest.input
         self._onnx = manifest.onnx
+        self._feature_dim = manifest.architecture.feature_dim
 
     def __repr__(self) -> str:
         return f"Predictor({self.package.manifest.name!r}, device={self.device!r})"
 
     def predict_array(self, x: np.ndarray, *, features: bool = False) -> Prediction:
-        """Predict an already preprocessed float32 (N, C, H, W) array."""
+        """Predict an already preprocessed float32 (N, C, H, W) array.
+
+        Raises:
+            InputError: the array does not fit the input spec.
+            PackageError: onnxruntime fails on the graph, or the graph returns
+                outputs of the wrong shape or NaN/Inf logits or features.
+        """
         check_input_array(x, self.spec)
         names = [self._onnx.logits] + ([self._onnx.features] if features else [])
+        name = self.package.manifest.name
         logit_parts: list[np.ndarray] = []
         feat_parts: list[np.ndarray] = []
         for start in range(0, x.shape[0], self.batch_size):
             chunk = np.ascontiguousarray(x[start : start + self.batch_size])
-            out = self.session.run(names, {self._onnx.input: chunk})
-            logit_parts.append(np.asarray(out[0], dtype=np.float32))
+            out = run_session(
+                self.session, names, {self._onnx.input: chunk}, package=name, file=ONNX_NAME
+            )
+            n = chunk.shape[0]
+            logit_parts.append(graph_output(out[0], (n, len(self.labels)), "logits", package=name))
             if features:
-                feat_parts.append(np.asarray(out[1], dtype=np.float32))
+                shape = (n, self._feature_dim)
+                feat_parts.append(graph_output(out[1], shape, "features", package=name))
         logits = np.concatenate(logit_parts)
+        feats = np.concatenate(feat_parts) if features else None
+        broken = ~np.isfinite(logits).all(axis=1)
+        if feats is not None:
+            broken |= ~np.isfinite(feats).all(axis=1)
+        if broken.any():
+            raise PackageError(
+                f"package {name!r} returned NaN or Inf logits or features for "
+                f"{int(broken.sum())} of {x.shape[0]} image(s)",
+                "the inputs were finite, so the graph is broken (or an array passed to "
+                "predict_array is far outside the preprocessed range); a label with "
+                "probability nan would be meaningless",
+                "ask the vendor to re-export the package with the SDK; with predict_array, "
+                "preprocess with the package's input spec",
+            )
         shifted = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(shifted)
         probs /= probs.sum(axis=1, keepdims=True)
@@ -195,7 +296,7 @@ class Predictor:
             labels=[self.labels[i] for i in idx],
             indices=idx,
             probabilities=probs,
-            features=np.concatenate(feat_parts) if features else None,
+            features=feats,
         )
 
     def preprocess(self, image: str | os.PathLike[str] | Image.Image) -> np.ndarray:
@@ -298,7 +399,13 @@ class AUDetector:
             )
         self.spec = spec
         self.input_spec = self.package.manifest.input
-        self.session, self.device = _session(self.package.read(spec.file), device, threads)
+        self.session, self.device = open_session(
+            self.package.read(spec.file),
+            device,
+            threads,
+            package=self.package.manifest.name,
+            file=spec.file,
+        )
         self.batch_size = batch_size
 
     @property
@@ -316,14 +423,19 @@ class AUDetector:
 
         Raises:
             InputError: the array does not fit the input spec.
-            PackageError: the graph returned values outside [0, 1] or not finite.
+            PackageError: onnxruntime fails on the graph, or it returned another
+                shape, or values outside [0, 1] or not finite.
         """
         check_input_array(x, self.input_spec)
+        name, file = self.package.manifest.name, self.spec.file
         parts = []
         for start in range(0, x.shape[0], self.batch_size):
             chunk = np.ascontiguousarray(x[start : start + self.batch_size])
-            out = self.session.run([self.spec.output], {self.spec.input: chunk})
-            parts.append(np.asarray(out[0], dtype=np.float32))
+            out = run_session(
+                self.session, [self.spec.output], {self.spec.input: chunk}, package=name, file=file
+            )
+            shape = (chunk.shape[0], len(self.spec.au_names))
+            parts.append(graph_output(out[0], shape, f"{file} output", package=name))
         probs = np.concatenate(parts)
         if not bool(np.isfinite(probs).all()) or probs.min() < 0.0 or probs.max() > 1.0:
             raise PackageError(
