@@ -157,7 +157,7 @@ def iter_lines(path: Path, what: str, max_bytes: int = 1 << 30) -> Iterator[tupl
         raise DatasetError(
             f"the {what} is too large", f"{size} bytes exceeds {max_bytes}", "split it"
         )
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         for number, line in enumerate(fh, start=1):
             text = line.strip()
             if text:

@@ -67,7 +67,7 @@ def _usage(split: str | None) -> str | None:
 
 def _csv_rows(path: Path, what: str) -> Iterator[tuple[int, dict[str, str]]]:
     """Rows of a CSV with a header, keys stripped (``icml_face_data.csv`` has ' pixels')."""
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.reader(fh)
         try:
             header = [h.strip() for h in next(reader)]
@@ -260,7 +260,7 @@ def _ferplus_folder(folder: Path, lmap: LabelMap) -> ImageDataset:
     label_csv = annotation_file(base / "label.csv", "FERPlus label.csv")
     samples: list[Sample] = []
     dropped = 0
-    with open(label_csv, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+    with open(label_csv, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         for number, row in enumerate(csv.reader(fh), start=1):
             if not row:
                 continue

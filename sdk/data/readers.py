@@ -85,10 +85,14 @@ def read_labeled_folder(
 
 
 def _csv_records(path: Path, what: str) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) of every non-blank CSV record; quoted newlines allowed."""
+    """(line number, fields) of every non-blank CSV record; quoted newlines allowed.
+
+    ``utf-8-sig``: a leading byte-order mark (Excel's "CSV UTF-8") is dropped, not
+    read as part of the first header or path.
+    """
     if path.stat().st_size > MAX_CSV_BYTES:
         raise DatasetError(f"the {what} is too large", f"it exceeds {MAX_CSV_BYTES} bytes", "")
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.reader(fh, strict=True)
         line = 1
         try:

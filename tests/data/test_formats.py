@@ -52,6 +52,18 @@ def test_fer2013_labels_and_splits(tmp_path: Path) -> None:
         read_fer2013(csv, split="dev")
 
 
+def test_format_csvs_with_a_bom_read_the_same(tmp_path: Path) -> None:
+    """Spreadsheet tools save CSVs with a UTF-8 byte-order mark; the header must still match."""
+    rows = [(0, 10, "Training"), (3, 20, "PublicTest")]
+    plain = _fer2013(tmp_path / "plain.csv", rows)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    want = read_fer2013(plain)
+    got = read_fer2013(bom)
+    assert got.targets.tolist() == want.targets.tolist() == [5, 3]
+    assert read_fer2013(bom, split="train").targets.tolist() == [5]
+
+
 def test_fer2013_variants_and_bad_rows(tmp_path: Path) -> None:
     icml = tmp_path / "icml_face_data.csv"
     icml.write_text(
