@@ -16,7 +16,7 @@ from safetensors.torch import save as save_safetensors
 from sourcefree import __version__, strictjson
 from sourcefree.errors import ExportError
 from sourcefree.export.onnx import IR_VERSION, OPSET, Parity, check_parity, to_onnx
-from sourcefree.fsutil import staged_directory
+from sourcefree.fsutil import staged_directory, write_errors
 from sourcefree.manifest import (
     MANIFEST_NAME,
     NAME_RE,
@@ -71,6 +71,8 @@ def write_package(
 
     Raises:
         ExportError: export, checker or parity failure, non-finite weights.
+        WriteError: ``out`` cannot be written (full disk, read-only folder).
+        Interrupted: SIGINT/SIGTERM while writing; nothing is left at ``out``.
         SourcefreeError: ``out`` exists and is not empty (without ``overwrite``).
         PackageError: an invalid field (names the field).
     """
@@ -132,10 +134,11 @@ def write_package(
         k: FileEntry(size=len(v), sha256=hashlib.sha256(v).hexdigest()) for k, v in blobs.items()
     }
     final = dataclasses.replace(manifest, files=files)
+    blobs[MANIFEST_NAME] = strictjson.dumps(final.to_dict())
     with staged_directory(out, overwrite=overwrite) as stage:
         for fname, data in blobs.items():
-            (stage / fname).write_bytes(data)
-        (stage / MANIFEST_NAME).write_bytes(strictjson.dumps(final.to_dict()))
+            with write_errors(Path(out) / fname):
+                (stage / fname).write_bytes(data)
         load_package(stage)  # the package must read back before it is published
     return load_package(Path(out)), parity
 

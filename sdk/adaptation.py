@@ -8,7 +8,11 @@ The output directory holds the adapted package and an aggregate report::
                      read counts; source vs adapted metrics with --eval-labels
       report.html    the same as one self-contained page with inline SVG plots
 
-OUT appears atomically (staged beside it, renamed at the end). Evaluation
+OUT appears atomically (staged beside it, renamed at the end) and is claimed
+for the whole run (an fcntl lock on ``.OUT.lock`` beside it): a second run
+into the same OUT is refused while this one lives. A signal after training
+(export, evaluation, report) removes the staging folder and keeps the run
+directory, so ``--resume`` exports again without training again. Evaluation
 labels are read only after adaptation finished, to report; they never enter a
 decision. Importing this module does not import torch.
 
@@ -21,6 +25,7 @@ returns the same result on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -30,8 +35,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sourcefree import __version__, strictjson
-from sourcefree.errors import ConfigError, ResumeError, WorkdirError
-from sourcefree.fsutil import check_output_dir, staged_directory
+from sourcefree.errors import (
+    ConfigError,
+    Interrupted,
+    ResumeError,
+    RunInterruptedError,
+    WorkdirError,
+)
+from sourcefree.fsutil import (
+    check_output_dir,
+    claimed_output,
+    shown,
+    staged_directory,
+    write_errors,
+)
 from sourcefree.package import Package, load_package
 
 if TYPE_CHECKING:
@@ -238,11 +255,19 @@ def _check_multi(
         )
 
 
-def _fresh(pkg: Package, dev: Any) -> Classifier:
-    """A fresh copy of a package's model on ``dev`` (methods may train theirs in place)."""
+def _fresh(pkg: Package, dev: Any, *, check: bool = False) -> Classifier:
+    """A fresh copy of a package's model on ``dev`` (methods may train theirs in place).
+
+    ``check``: first refuse a package whose model.onnx computes another function
+    (done once per package, at its first load; later copies reuse the same bytes).
+    """
+    from sourcefree.export.onnx import check_package_agreement
     from sourcefree.models import load_classifier
 
-    return load_classifier(pkg.manifest.architecture, pkg.weights_bytes).to(dev).eval()
+    model = load_classifier(pkg.manifest.architecture, pkg.weights_bytes)
+    if check:
+        check_package_agreement(pkg, model)
+    return model.to(dev).eval()
 
 
 def _reference_source(outputs: Sequence[selection.Outputs], pkgs: Sequence[Package]) -> int:
@@ -523,6 +548,7 @@ def adapt(
     gate: bool = True,
     force: bool = False,
     budget_s: float | None = None,
+    amp: str = "auto",
 ) -> AdaptResult:
     """Adapt source package(s) to the images under ``data`` and write ``out``.
 
@@ -553,6 +579,8 @@ def adapt(
         force: export the adapted model even when the gate estimates it worse.
         budget_s: wall-clock budget of ``-m auto`` / ``--select auto`` candidates
             (checked before each candidate and after every training step).
+        amp: bf16 autocast of the training steps: ``auto`` (on for CUDA GPUs with
+            bf16, off on the CPU), ``bf16`` or ``off``; losses stay fp32 (``report["amp"]``).
 
     ``method="auto"`` tries every registered method that takes this many
     packages, cheapest first, and keeps the best by label-free score.
@@ -560,13 +588,22 @@ def adapt(
     Raises:
         SourcefreeError subclasses: ConfigError, PackageError, DatasetError,
         ResumeError, WorkdirError, CheckpointError, TrainingError, ExportError;
-        RunInterruptedError (exit code 75) after SIGINT/SIGTERM and a checkpoint.
+        RunInterruptedError (exit code 75) after SIGINT/SIGTERM and a checkpoint;
+        Interrupted (KeyboardInterrupt, 128 + signal) after a signal before any
+        checkpoint; WriteError (full disk, read-only folder); SourcefreeError
+        when another run holds ``out`` (:func:`sourcefree.fsutil.claimed_output`).
     """
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     from sourcefree import distributed
 
     started_group = distributed.init_from_env(device)
+    claim = contextlib.ExitStack()
     try:
+        from sourcefree.trainer import amp_policy
+
+        claim.enter_context(amp_policy(amp, device))  # checked before anything is written
+        if distributed.is_main():  # rank 0 alone writes OUT
+            claim.enter_context(claimed_output(out))
         return _adapt(
             packages,
             data,
@@ -593,6 +630,7 @@ def adapt(
             budget_s=budget_s,
         )
     finally:
+        claim.close()
         if started_group:
             distributed.shutdown()
 
@@ -672,7 +710,6 @@ def _adapt(
     from sourcefree.errors import TrainingError
     from sourcefree.export.adapted import adapted_package
     from sourcefree.method import MethodContext, SourceModel
-    from sourcefree.models import load_classifier
     from sourcefree.registry import get_method
     from sourcefree.report_html import REPORT_HTML_NAME, render_report
     from sourcefree.trainer import Trainer, resolve_device, seed_everything
@@ -724,7 +761,7 @@ def _adapt(
                 selection.apply_overrides(cls.config_class, config_dict, cand.overrides)
     spec = pkgs[0].manifest.input
     dev = distributed.device_for_rank(resolve_device(device))
-    models = [load_classifier(p.manifest.architecture, p.weights_bytes).to(dev) for p in pkgs]
+    models = [_fresh(p, dev, check=True) for p in pkgs]
     target_data, target_keys = _read_target(
         data, spec, max_bad_fraction=max_bad_fraction, strict=strict
     )
@@ -877,6 +914,7 @@ def _adapt(
             "seed": seed,
             "device": result.device if result is not None else str(dev),
             "amp": result.amp if result is not None else "off",
+            "memory_format": result.memory_format if result is not None else "contiguous",
             "sources": [
                 {"name": p.manifest.name, "version": p.manifest.version, "sha256": p.sha256}
                 for p in pkgs
@@ -954,11 +992,20 @@ def _adapt(
                 "evaluate": round(t_end - t_exported, 3),
                 "total": round(t_end - t0, 3),
             }
-            (stage / REPORT_NAME).write_bytes(strictjson.dumps(report))
+            with write_errors(target / REPORT_NAME):
+                (stage / REPORT_NAME).write_bytes(strictjson.dumps(report))
             html = render_report(report, labels=pkgs[0].manifest.labels)
-            (stage / REPORT_HTML_NAME).write_text(html, encoding="utf-8")
-    except BaseException:
+            with write_errors(target / REPORT_HTML_NAME):
+                (stage / REPORT_HTML_NAME).write_text(html, encoding="utf-8")
+    except BaseException as exc:
         wd.close()
+        if isinstance(exc, Interrupted) and not multi and wd.has_checkpoints():
+            raise RunInterruptedError(
+                f"the run stopped ({exc.signal_name}) before finishing {shown(target)}",
+                "a partial output is never left there; the run directory keeps the last checkpoint",
+                "run the same command again with --resume: it continues from that "
+                "checkpoint (after training: only the export and the report are redone)",
+            ) from None
         raise
     if keep_workdir:
         wd.close()

@@ -16,22 +16,29 @@ from typing import Any
 import click
 
 from sourcefree import __version__
-from sourcefree.errors import SourcefreeError
+from sourcefree.errors import Interrupted, SourcefreeError
 from sourcefree.manifest import ARCHITECTURE_NAMES
 
 #: Exit codes (also in docs/cli.md).
 EXIT_OK = 0
 EXIT_ERROR = 2  # a typed SourcefreeError: bad input, refused package, ...
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # SIGINT; SIGTERM exits with 143 (128 + signal number)
 
 
 class _Group(click.Group):
-    """Turns typed SDK errors into one clear line on stderr and exit code 2."""
+    """Turns typed SDK errors into one clear line on stderr and exit code 2.
+
+    SIGINT/SIGTERM raise :class:`~sourcefree.errors.Interrupted` (exit code 130 or
+    143) so that partial outputs are removed before the process exits.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
+        from sourcefree.fsutil import interruptible
+
         try:
-            return super().invoke(ctx)
-        except SourcefreeError as exc:
+            with interruptible():
+                return super().invoke(ctx)
+        except (SourcefreeError, Interrupted) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
@@ -169,9 +176,17 @@ def keygen(out: Path, overwrite: bool) -> None:
 
     Keep OUT.key secret; give OUT.pub to your customers so they can verify.
     """
+    from sourcefree.fsutil import check_output_file
     from sourcefree.signing import fingerprint, load_public_key
     from sourcefree.signing import keygen as make_keys
 
+    if out.name in ("", ".", ".."):
+        raise SourcefreeError(
+            f"key name {str(out)[:80]!r} names a folder",
+            "the keys are written as NAME.key and NAME.pub",
+            "pass a name, e.g. keys/vendor",
+        )
+    check_output_file(out.with_name(out.name + ".key"))  # its folder is not created
     priv, pub = make_keys(out, overwrite=overwrite)
     click.echo(f"private key: {priv} (keep secret)")
     click.echo(f"public key:  {pub} ({fingerprint(load_public_key(pub))})")
@@ -193,11 +208,27 @@ def sign(package: Path, key: Path) -> None:
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--key", type=click.Path(path_type=Path), help="Vendor public key (OUT.pub).")
 @click.option("--require-signature", is_flag=True, help="Fail on unsigned packages.")
-def verify(package: Path, key: Path | None, require_signature: bool) -> None:
-    """Check hashes, layout, schema, graph and (with --key) the signature."""
+@click.option(
+    "--sha256",
+    "expected_sha256",
+    metavar="HEX",
+    help="Pin the package: fail unless its identity (sha256 of manifest.json) is HEX.",
+)
+def verify(
+    package: Path, key: Path | None, require_signature: bool, expected_sha256: str | None
+) -> None:
+    """Check hashes, layout, schema, graph and (with --key) the signature.
+
+    Example: sourcefree verify fer-pkg --key vendor.pub --sha256 3f5a...e1
+    """
     from sourcefree.package import load_package
 
-    pkg = load_package(package, public_key=key, require_signature=require_signature)
+    pkg = load_package(
+        package,
+        public_key=key,
+        require_signature=require_signature,
+        expected_sha256=expected_sha256,
+    )
     state = (
         f"signature valid ({pkg.signer})"
         if pkg.signature_verified
@@ -207,7 +238,7 @@ def verify(package: Path, key: Path | None, require_signature: bool) -> None:
     )
     click.echo(
         f"OK {pkg.manifest.name} {pkg.manifest.version}: {len(pkg.manifest.files)} files "
-        f"verified, {state}"
+        f"verified, {state}, sha256 {pkg.sha256}"
     )
 
 
@@ -296,16 +327,22 @@ def predict(
 
     Unreadable images are reported and skipped; the rest are predicted.
     """
-    from sourcefree.fsutil import atomic_write_bytes
+    from sourcefree.fsutil import atomic_write_bytes, check_output_file
+    from sourcefree.manifest import check_batch_bytes
+    from sourcefree.package import load_package
     from sourcefree.runtime import Predictor
 
-    predictor = Predictor(package, device=device, batch_size=batch_size, public_key=key)
+    if output is not None:
+        check_output_file(output)  # before any work; its folder is not created
+    pkg = load_package(package, public_key=key)
+    check_batch_bytes(pkg.manifest.input, batch_size, "--batch-size")
+    predictor = Predictor(pkg, device=device, batch_size=batch_size)
     click.echo(f"running on {predictor.device} ({predictor.providers[0]})", err=True)
     done, failed = predictor.predict_paths(_expand(paths))
     for path, reason in failed:
         click.echo(f"skipped {path}: {reason}", err=True)
     rows = ["path,label,probability"] + [
-        f"{_csv(str(p))},{_csv(lbl)},{prob:.6f}" for p, lbl, prob in done
+        ",".join(csv_cell(c) for c in (str(p), lbl, f"{prob:.6f}")) for p, lbl, prob in done
     ]
     if output is not None:
         atomic_write_bytes(output, ("\n".join(rows) + "\n").encode("utf-8"))
@@ -317,10 +354,31 @@ def predict(
         sys.exit(EXIT_ERROR)
 
 
-def _csv(text: str) -> str:
+#: First characters that make a spreadsheet read a cell as a formula (OWASP).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """One CSV cell that is safe to open in a spreadsheet (``predict``'s CSV uses it).
+
+    Bytes of a file name that are not UTF-8 (surrogate escapes) become ``\\xNN``;
+    a cell starting with ``= + - @``, tab or CR gets a leading ``'`` (no formula
+    runs); cells with ``,``, ``"`` or line breaks are quoted.
+    """
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        text = "".join(_escape_surrogate(c) for c in text)
+    if text.startswith(FORMULA_STARTS):
+        text = "'" + text
     if any(c in text for c in ',"\n\r'):
         return '"' + text.replace('"', '""') + '"'
     return text
+
+
+def _escape_surrogate(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, as os.fsdecode keeps it
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}" if 0xD800 <= code <= 0xDFFF else char
 
 
 @main.command()

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
-from sourcefree.errors import SourcefreeError
+from sourcefree.errors import Interrupted, SourcefreeError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,9 +25,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _typed_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from sourcefree.fsutil import interruptible
+
         try:
-            return func(*args, **kwargs)
-        except SourcefreeError as exc:
+            with interruptible():  # SIGINT/SIGTERM: exit code 130/143, partial output removed
+                return func(*args, **kwargs)
+        except (SourcefreeError, Interrupted) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
 
@@ -103,6 +106,14 @@ def _typed_errors(func: F) -> F:
     is_flag=True,
     help="Skip the do-no-harm gate (no label-free comparison with the source model).",
 )
+@click.option(
+    "--amp",
+    type=click.Choice(["auto", "bf16", "off"]),
+    default="auto",
+    show_default=True,
+    help="bf16 autocast of training steps (auto: on for CUDA GPUs, off on the CPU); "
+    "losses stay fp32. Recorded in report.json.",
+)
 @_typed_errors
 def adapt_command(
     paths: tuple[Path, ...],
@@ -124,6 +135,7 @@ def adapt_command(
     budget_s: float | None,
     force: bool,
     no_gate: bool,
+    amp: str,
 ) -> None:
     """Adapt source package(s) PKG [PKG2 ...] to the unlabelled images in DATA.
 
@@ -169,6 +181,7 @@ def adapt_command(
         gate=not no_gate,
         force=force,
         budget_s=budget_s,
+        amp=amp,
     )
     if result.rank != 0:
         return  # under torchrun only rank 0 reports

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class SourcefreeError(Exception):
     """Base class of every error the SDK raises on purpose.
@@ -18,12 +20,17 @@ class SourcefreeError(Exception):
         self.what = what
         self.why = why
         self.fix = fix
-        parts = [what]
-        if why:
-            parts.append(why[:1].upper() + why[1:])
-        if fix:
-            parts.append(f"Fix: {fix}")
-        super().__init__(" ".join(p if p.endswith((".", "?", "!")) else p + "." for p in parts))
+        super().__init__(_message(what, why, fix))
+
+
+def _message(what: str, why: str, fix: str) -> str:
+    """``What. Why. Fix: fix.`` (empty parts left out)."""
+    parts = [what]
+    if why:
+        parts.append(why[:1].upper() + why[1:])
+    if fix:
+        parts.append(f"Fix: {fix}")
+    return " ".join(p if p.endswith((".", "?", "!")) else p + "." for p in parts)
 
 
 class PackageError(SourcefreeError):
@@ -92,3 +99,29 @@ class RunInterruptedError(SourcefreeError):
     """A signal stopped the run after a checkpoint; ``--resume`` continues it."""
 
     exit_code = EXIT_RESUMABLE
+
+
+class WriteError(SourcefreeError):
+    """An output could not be written (full disk, read-only or missing folder).
+
+    Nothing half-written is left: temporary files and staging folders are removed.
+    """
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a command; what it was writing was removed.
+
+    A ``KeyboardInterrupt`` (not a :class:`SourcefreeError`), so that no
+    ``except SourcefreeError`` takes it for a failure and carries on; ``except
+    BaseException`` cleanups run. Exit code: 128 + the signal number (130 for
+    SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        self.what = f"interrupted by {self.signal_name}"
+        self.why = "nothing half-written was left: temporary files and staging folders were removed"
+        self.fix = "run the command again"
+        super().__init__(_message(self.what, self.why, self.fix))
