@@ -9,6 +9,7 @@ to the model's colour. No torch import.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import stat
@@ -26,6 +27,7 @@ from sourcefree.manifest import InputSpec
 MAX_PIXELS = 64 * 1024 * 1024
 #: Largest file accepted, in bytes.
 MAX_FILE_BYTES = 256 * 1024 * 1024
+_CHUNK = 256 * 1024
 #: File suffixes treated as images.
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -44,37 +46,76 @@ class ImageDecodeError(InputError):
     """An image file cannot be decoded safely."""
 
 
+def _too_large(why: str) -> ImageDecodeError:
+    return ImageDecodeError("an image file is too large", why, "downscale the image first")
+
+
 def _read_regular_file(path: Path) -> bytes:
-    """Read a regular file without following a final symlink or blocking on a FIFO."""
+    """Read a regular file without following a final symlink or blocking on a FIFO.
+
+    The size comes from ``fstat`` of the opened file and is checked against
+    :data:`MAX_FILE_BYTES` before any byte is read; the buffer is that size.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        st = os.lstat(path)
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _not_regular() from None
+        raise ImageDecodeError(
+            "an image could not be read", exc.strerror or str(exc), "check the file's permissions"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular()
+        if st.st_size == 0:
+            raise ImageDecodeError("an image file is empty", "it has zero bytes", "re-copy it")
+        if st.st_size > MAX_FILE_BYTES:
+            raise _too_large(f"{st.st_size} bytes exceeds {MAX_FILE_BYTES}")
+        parts: list[bytes] = []
+        got = 0
+        while got < st.st_size:
+            chunk = os.read(fd, st.st_size - got)
+            if not chunk:
+                break  # shrank while read: decoding reports it as truncated
+            parts.append(chunk)
+            got += len(chunk)
+        if os.read(fd, 1):
+            raise ImageDecodeError(
+                "an image file grew while it was read",
+                "another process is writing it",
+                "wait until the copy is complete",
+            )
     except OSError as exc:
         raise ImageDecodeError(
             "an image could not be read", exc.strerror or str(exc), "check the file"
         ) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageDecodeError(
-            "an image path is not a regular file",
-            "symlinks, FIFOs, devices and directories are never followed",
-            "pass the image file itself",
-        )
-    if st.st_size == 0:
-        raise ImageDecodeError("an image file is empty", "it has zero bytes", "re-copy the file")
-    if st.st_size > MAX_FILE_BYTES:
-        raise ImageDecodeError(
-            "an image file is too large",
-            f"{st.st_size} bytes exceeds {MAX_FILE_BYTES}",
-            "downscale the image first",
-        )
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags)
-        with os.fdopen(fd, "rb") as fh:
-            return fh.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ImageDecodeError(
-            "an image could not be read", exc.strerror or str(exc), "check the file's permissions"
-        ) from None
+    finally:
+        os.close(fd)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _not_regular() -> ImageDecodeError:
+    return ImageDecodeError(
+        "an image path is not a regular file",
+        "symlinks, FIFOs, devices and directories are never followed",
+        "pass the image file itself",
+    )
+
+
+def _read_stream(source: BinaryIO) -> io.BytesIO:
+    """Copy an open binary file in 256 KiB chunks, refusing more than :data:`MAX_FILE_BYTES`."""
+    out = io.BytesIO()
+    while True:
+        chunk = source.read(min(_CHUNK, MAX_FILE_BYTES + 1 - out.tell()))
+        if not chunk:
+            break
+        out.write(chunk)
+        if out.tell() > MAX_FILE_BYTES:
+            raise _too_large(f"the stream holds more than {MAX_FILE_BYTES} bytes")
+    out.seek(0)
+    return out
 
 
 def decode_image(
@@ -94,14 +135,14 @@ def decode_image(
         img = source
     else:
         data = (
-            _read_regular_file(Path(source))
+            io.BytesIO(_read_regular_file(Path(source)))  # shares the bytes, no copy
             if isinstance(source, (str, os.PathLike))
-            else source.read(MAX_FILE_BYTES + 1)
+            else _read_stream(source)
         )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+                img = Image.open(data, formats=sorted(ALLOWED_FORMATS))
                 if img.width * img.height > MAX_PIXELS:
                     raise ImageDecodeError(
                         "an image is too large to decode",

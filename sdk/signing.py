@@ -10,18 +10,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import stat
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sourcefree.errors import SignatureError
-from sourcefree.fsutil import atomic_write_bytes
+from sourcefree.fsutil import atomic_write_bytes, atomic_write_files
 
 MAX_SIGNATURE_BYTES = 4096
 _PREFIX = b"sourcefree-ed25519-v1:"
 MAX_KEY_BYTES = 16384
+_KEY_FIX = "pass the key file written by `sourcefree keygen`"
 
 
 def fingerprint(key: Ed25519PublicKey) -> str:
@@ -49,36 +51,83 @@ def keygen(out: str | os.PathLike[str], *, overwrite: bool = False) -> tuple[Pat
     pub = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    atomic_write_bytes(priv_path, priv, mode=0o600)
-    atomic_write_bytes(pub_path, pub, mode=0o644)
+    atomic_write_files({priv_path: (priv, 0o600), pub_path: (pub, 0o644)})  # both or neither
     return priv_path, pub_path
 
 
 def _read_key_bytes(source: str | os.PathLike[str] | bytes, what: str) -> bytes:
+    """A key file's bytes, read without blocking and never past :data:`MAX_KEY_BYTES`.
+
+    The file is opened with ``O_NONBLOCK`` (a FIFO with no writer does not
+    hang), must be a regular file (not a device such as ``/dev/zero``, a FIFO
+    or a directory), and is read with a bound.
+    """
     if isinstance(source, bytes):
-        return source
-    path = Path(source)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise SignatureError(
-            f"the {what} key {str(path)!r} cannot be read",
-            exc.strerror or str(exc),
-            "check the path",
-        ) from None
+        data = source
+        shown = "given as bytes"
+    else:
+        shown = f"{str(source)[:120]!r}"
+        data = _read_bounded(Path(source), f"the {what} key {shown}")
+    if not data.strip():
+        raise SignatureError(f"the {what} key {shown} is empty", "it holds no PEM data", _KEY_FIX)
     if len(data) > MAX_KEY_BYTES:
-        raise SignatureError(f"{str(path)!r} is too large for a key", "", "check the path")
+        raise SignatureError(
+            f"the {what} key {shown} is too large",
+            f"a key file holds at most {MAX_KEY_BYTES} bytes",
+            _KEY_FIX,
+        )
     return data
 
 
+def _read_bounded(path: Path, label: str) -> bytes:
+    """Read a regular file of at most ``MAX_KEY_BYTES`` (+1 to detect growth)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise SignatureError(
+            f"{label} cannot be read", exc.strerror or str(exc), "check the path"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SignatureError(
+                f"{label} is not a regular file",
+                "a device, FIFO or directory could feed endless or blocking input",
+                "pass the key file itself",
+            )
+        if st.st_size > MAX_KEY_BYTES:
+            raise SignatureError(
+                f"{label} is too large ({st.st_size} bytes)",
+                f"a key file holds at most {MAX_KEY_BYTES} bytes",
+                _KEY_FIX,
+            )
+        chunks: list[bytes] = []
+        left = MAX_KEY_BYTES + 1
+        while left > 0:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise SignatureError(
+            f"{label} cannot be read", exc.strerror or str(exc), "check the path"
+        ) from None
+    finally:
+        os.close(fd)
+
+
 def load_private_key(source: str | os.PathLike[str] | bytes) -> Ed25519PrivateKey:
+    """An unencrypted Ed25519 PKCS#8 PEM private key (a path or the PEM bytes)."""
     data = _read_key_bytes(source, "private")
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise SignatureError(
             "the private key is not an unencrypted PEM key",
-            str(exc).split("\n")[0],
+            str(exc).split("\n")[0][:200],
             "pass the .key file written by `sourcefree keygen`",
         ) from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -91,13 +140,14 @@ def load_private_key(source: str | os.PathLike[str] | bytes) -> Ed25519PrivateKe
 
 
 def load_public_key(source: str | os.PathLike[str] | bytes) -> Ed25519PublicKey:
+    """An Ed25519 SubjectPublicKeyInfo PEM public key (a path or the PEM bytes)."""
     data = _read_key_bytes(source, "public")
     try:
         key = serialization.load_pem_public_key(data)
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise SignatureError(
             "the public key is not a PEM public key",
-            str(exc).split("\n")[0],
+            str(exc).split("\n")[0][:200],
             "pass the .pub file written by `sourcefree keygen`",
         ) from None
     if not isinstance(key, Ed25519PublicKey):

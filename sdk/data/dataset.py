@@ -208,6 +208,7 @@ class _LogFile:
 
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
         self._fh = None
+        self.path = path
         if path is not None:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             self._fh = os.fdopen(fd, "a", encoding="utf-8")
@@ -219,6 +220,15 @@ class _LogFile:
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
+
+    def hint(self, them: str = "them") -> str:
+        """Where the skipped files are named: this log, or how to get one (never a path)."""
+        if self.path is None:
+            return (
+                "no log was kept (the CLI writes none); ImageDataset.load() or preflight() "
+                f"with log_path= writes a local log that names {them}"
+            )
+        return f"the local log given as log_path names {them}"
 
 
 class ImageDataset:
@@ -556,7 +566,7 @@ class _Reader:
             raise DatasetError(
                 f"unreadable image {ident} ({REASONS.get(reason, reason)})",
                 "strict mode stops at the first unreadable file",
-                "remove or re-copy it (the local log names it), or run without --strict",
+                f"remove or re-copy it ({self.log.hint('it')}), or run without --strict",
             )
 
     def report(self) -> ReadReport:
@@ -578,14 +588,14 @@ class _Reader:
             raise DatasetError(
                 f"none of the {report.total} images could be read",
                 report.summary(),
-                "check the dataset (pass a log file to see which files failed)",
+                f"check the dataset ({self.log.hint()})",
             )
         if report.bad_fraction > self.max_bad_fraction:
             raise DatasetError(
                 f"{report.bad} of {report.total} images are unreadable "
                 f"({report.bad_fraction:.1%} > max_bad_fraction {self.max_bad_fraction:.1%})",
                 report.summary(),
-                "fix or remove the bad files (a log file names them), or raise --max-bad-fraction",
+                f"fix or remove the bad files ({self.log.hint()}), or raise --max-bad-fraction",
             )
         return report
 
