@@ -131,6 +131,25 @@ def _open_regular(root: Path, name: str, max_bytes: int | None = None) -> bytes:
         return fh.read(limit)
 
 
+def _check_pin(manifest_bytes: bytes, expected: str) -> None:
+    """Refuse a package whose identity is not the pinned sha256."""
+    want = expected.strip().lower()
+    if len(want) != 64 or any(c not in "0123456789abcdef" for c in want):
+        raise PackageError(
+            f"the pinned sha256 {expected[:70]!r} is not a sha256 hex digest",
+            "a pin is the 64 hex digits printed by `sourcefree verify`",
+            "copy the sha256 from the verify output of the package you approved",
+        )
+    got = hashlib.sha256(manifest_bytes).hexdigest()
+    if got != want:
+        raise IntegrityError(
+            f"package identity {got} is not the pinned {want}",
+            "this is another package (an older or newer release, or a different one), "
+            "even if its signature is valid",
+            "use the package you pinned, or pin the new one after reviewing it",
+        )
+
+
 def _list_dir(root: Path) -> set[str]:
     try:
         st = os.lstat(root)
@@ -153,6 +172,7 @@ def load_package(
     path: str | os.PathLike[str],
     public_key: str | os.PathLike[str] | bytes | None = None,
     require_signature: bool = False,
+    expected_sha256: str | None = None,
 ) -> Package:
     """Verify a package and return it; nothing is parsed before it is verified.
 
@@ -161,6 +181,10 @@ def load_package(
         public_key: the vendor's Ed25519 public key (PEM path or bytes). When
             given, the package must carry a valid signature by that key.
         require_signature: refuse unsigned packages even without a key.
+        expected_sha256: pin the package: its identity (sha256 of the exact
+            manifest bytes) must be this hex digest. A signature proves who made a
+            package, not which of the vendor's packages it is; the pin refuses an
+            older (or any other) signed package replayed in its place.
 
     Raises:
         PackageError: schema, layout or content problems (names the field or file).
@@ -176,6 +200,8 @@ def load_package(
             "pass a directory written by `sourcefree export` or `sourcefree adapt`",
         )
     manifest_bytes = _open_regular(root, MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    if expected_sha256 is not None:
+        _check_pin(manifest_bytes, expected_sha256)
     manifest = Manifest.from_dict(
         strictjson.loads(manifest_bytes, what=MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES)
     )

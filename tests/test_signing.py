@@ -92,3 +92,39 @@ def test_non_ed25519_public_key_is_refused(pkg_copy: Path, keys: tuple[Path, Pat
     sign_package(pkg_copy, keys[0])
     with pytest.raises(SignatureError, match="not an Ed25519 key"):
         load_package(pkg_copy, public_key=pem)
+
+
+def test_replayed_older_signed_package_is_refused_by_the_pin(
+    pkg_copy: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A valid signature does not say which release it is: the sha256 pin does."""
+    import hashlib
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from sourcefree.cli import main
+    from sourcefree.errors import IntegrityError, PackageError
+
+    private, public = keys
+    older = tmp_path / "older"
+    shutil.copytree(pkg_copy, older)
+    raw = json.loads((pkg_copy / "manifest.json").read_text())
+    raw["version"] = "2.0.0"
+    (pkg_copy / "manifest.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    # pkg_copy now stands for the newer release the customer pinned (only its identity
+    # is used); `older` is the vendor's earlier, validly signed package.
+    sign_package(older, private)
+    pinned = hashlib.sha256((older / "manifest.json").read_bytes()).hexdigest()
+    assert load_package(older, public_key=public, expected_sha256=pinned).sha256 == pinned
+    other = hashlib.sha256((pkg_copy / "manifest.json").read_bytes()).hexdigest()
+    with pytest.raises(IntegrityError, match="is not the pinned"):
+        load_package(older, public_key=public, expected_sha256=other)
+    with pytest.raises(PackageError, match="not a sha256 hex digest"):
+        load_package(older, expected_sha256="abc")
+    ok = CliRunner().invoke(main, ["verify", str(older), "--key", str(public), "--sha256", pinned])
+    assert ok.exit_code == 0 and f"sha256 {pinned}" in ok.output
+    bad = CliRunner().invoke(main, ["verify", str(older), "--key", str(public), "--sha256", other])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert "is not the pinned" in bad.output
