@@ -10,10 +10,15 @@ Variants, through the public dispatchers:
 
 On CPU, timings use ``--threads`` threads (default 1; the research notes found
 2-thread timings on this shared machine unreliable) and report the median and
-best of ``--reps``. On GPU, CUDA events and the fraction of the H100 roofline floor.
-GPU rows are left empty when no GPU is present; they are never estimated.
+best of ``--reps``. On GPU, CUDA events. The roofline floor of each case is
+``max(FLOPs / matmul rate, bytes / copy bandwidth)`` with both ceilings measured
+in the same run (:func:`measure_ceilings`: a device-to-device copy, counting bytes
+read and written, and an fp32 matmul, TF32 on CUDA, where ``--matmul-precision
+high`` also lets the kernels' fp32 dots use TF32). GPU rows are left empty when no
+GPU is present; they are never estimated.
 
-Usage: ``python benchmarks/kernels.py [--quick] [--out benchmarks/results/kernels.json]``.
+Usage: ``python benchmarks/kernels.py [--quick | --tiny] [--no-compile] [--out FILE]``
+(``--tiny``: toy shapes for the GPU check's dry run, ``benchmarks/gpu_check.py``).
 """
 
 from __future__ import annotations
@@ -34,10 +39,6 @@ from typing import Any
 import torch
 
 from sourcefree.kernels import dispatch, gaussian_mmd, kmeans_assign, margin_ce_im, swav_loss
-
-# H100 SXM figures used for the floors (research/performance.md section 2).
-H100_HBM_BPS = 3.35e12
-H100_TF32_FLOPS = 495e12
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_START = "<!-- kernels-table:start -->"
@@ -110,9 +111,55 @@ def _once(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _cases(device: torch.device, quick: bool) -> list[Case]:
+def measure_ceilings(device: torch.device, tiny: bool = False) -> dict[str, float]:
+    """Copy bandwidth (bytes read + written per s) and fp32 / bf16 matmul rates (FLOP/s).
+
+    Random data (never zeros), warmed up, median of several timed runs; the fp32
+    rate uses TF32 on CUDA when ``torch.get_float32_matmul_precision()`` allows it.
+    """
+    gpu = device.type == "cuda"
+    n = (1 << 16) if tiny else (1 << 28 if gpu else 1 << 24)
+    m = 64 if tiny else (8192 if gpu else 1024)
+    gen = torch.Generator(device=device).manual_seed(0)
+    src = torch.rand(n, device=device, generator=gen)
+    dst = torch.empty_like(src)
+    a = torch.randn(m, m, device=device, generator=gen)
+    b = torch.randn(m, m, device=device, generator=gen)
+    ah, bh = a.bfloat16(), b.bfloat16()
+
+    def best(fn: Callable[[], object]) -> float:
+        for _ in range(2):
+            fn()
+        _sync(device)
+        return statistics.median(_once(fn, device) for _ in range(3 if tiny else 7)) / 1e3
+
+    out = {
+        "copy_bytes_per_s": 2.0 * 4 * n / best(lambda: dst.copy_(src)),
+        "fp32_matmul_flops": 2.0 * m**3 / best(lambda: torch.mm(a, b)),
+        "bf16_matmul_flops": 2.0 * m**3 / best(lambda: torch.mm(ah, bh)),
+    }
+    return {k: float(v) for k, v in out.items()}
+
+
+def _sizes(on_gpu: bool, quick: bool, tiny: bool) -> dict[str, int]:
+    if tiny:
+        return {"n": 512, "k": 16, "d": 32, "b": 64, "kp": 50, "bm": 256, "nm": 64, "dm": 32}
+    return {
+        "n": 1_000_000 if on_gpu else (8192 if quick else 65536),
+        "k": 1000,
+        "d": 512,
+        "b": 1024 if quick and not on_gpu else 4096,
+        "kp": 3000,
+        "bm": 4096,
+        "nm": 256 if quick and not on_gpu else 1024,
+        "dm": 512,
+    }
+
+
+def _cases(device: torch.device, quick: bool, tiny: bool = False) -> list[Case]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     on_gpu = device.type == "cuda"
+    size = _sizes(on_gpu, quick, tiny)
     cases: list[Case] = []
 
     def randn(*shape: int) -> torch.Tensor:
@@ -120,14 +167,13 @@ def _cases(device: torch.device, quick: bool) -> list[Case]:
 
     # K-means assignment: N=1M, K=1000, D=512 on GPU; N scaled down on CPU (compute-bound,
     # ~15 s per full pass here), which the note records.
-    n = 1_000_000 if on_gpu else (8192 if quick else 65536)
-    k, d = 1000, 512
+    n, k, d = size["n"], size["k"], size["d"]
     x, c = randn(n, d), randn(k, d)
     cases.append(
         Case(
             "kmeans_assign",
             f"N={n} K={k} D={d}",
-            "" if on_gpu else "N scaled down from 1M on CPU",
+            "" if on_gpu or tiny else "N scaled down from 1M on CPU",
             lambda: kmeans_assign(x, c),
             flops=2.0 * n * k * d,
             bytes_min=4.0 * (n * d + k * d + 2 * n),
@@ -135,8 +181,7 @@ def _cases(device: torch.device, quick: bool) -> list[Case]:
     )
 
     # SwAV: 2 high-resolution crops, fwd+bwd of Sinkhorn + swapped CE.
-    b = 1024 if quick and not on_gpu else 4096
-    kp = 3000
+    b, kp = size["b"], size["kp"]
     crops = [torch.nn.functional.normalize(randn(b, 128), dim=1) for _ in range(2)]
     protos = torch.nn.functional.normalize(randn(kp, 128), dim=1)
     scores = [(cr @ protos.t()).requires_grad_() for cr in crops]
@@ -183,8 +228,8 @@ def _cases(device: torch.device, quick: bool) -> list[Case]:
         )
 
     # Margin CE + IM (SHOT weights), fwd+bwd.
-    for classes in (7, 100, 1000):
-        bm = 4096
+    for classes in (7,) if tiny else (7, 1000) if on_gpu else (7, 100, 1000):
+        bm = size["bm"]
         logits = randn(bm, classes).requires_grad_()
         target = torch.randint(0, classes, (bm,), generator=gen).to(device)
         margins = torch.rand(classes, generator=gen).to(device) * 0.5
@@ -209,8 +254,8 @@ def _cases(device: torch.device, quick: bool) -> list[Case]:
         )
 
     # Multi-kernel MMD, n = m = 1024, d = 512, 5 kernels, per-sample weights, fwd+bwd.
-    nm = 256 if quick and not on_gpu else 1024
-    src, tgt = randn(nm, 512).requires_grad_(), randn(nm, 512).requires_grad_()
+    nm, dm = size["nm"], size["dm"]
+    src, tgt = randn(nm, dm).requires_grad_(), randn(nm, dm).requires_grad_()
     wts = torch.rand(nm, generator=gen).to(device)
 
     def mmd_step() -> object:
@@ -222,17 +267,23 @@ def _cases(device: torch.device, quick: bool) -> list[Case]:
     cases.append(
         Case(
             "gaussian_mmd",
-            f"n=m={nm} d=512 5 kernels",
+            f"n=m={nm} d={dm} 5 kernels",
             "fwd+bwd, weighted" + (", n scaled down" if nm != 1024 else ""),
             mmd_step,
-            flops=6.0 * pooled * pooled * 512,
-            bytes_min=4.0 * 3 * pooled * 512,
+            flops=6.0 * pooled * pooled * dm,
+            bytes_min=4.0 * 3 * pooled * dm,
         )
     )
     return cases
 
 
-def _measure(case: Case, device: torch.device, reps: int) -> Row:
+def _measure(
+    case: Case,
+    device: torch.device,
+    reps: int,
+    ceilings: dict[str, float],
+    compile_variant: bool = True,
+) -> Row:
     """Warm every variant up (compiling where needed), then time them round-robin."""
     row = Row(case.op, case.shape, device.type, case.note)
     off = {dispatch.DISABLE_TRITON_ENV: "1", dispatch.DISABLE_COMPILE_ENV: "1"}
@@ -240,11 +291,11 @@ def _measure(case: Case, device: torch.device, reps: int) -> Row:
         dispatch.DISABLE_TRITON_ENV: None,
         dispatch.DISABLE_COMPILE_ENV: None,
     }
-    compiled = torch.compile(case.run)
     variants: dict[str, tuple[dict[str, str | None], Callable[[], object]]] = {
         "eager": (dict(off), case.run),
-        "compiled": (dict(off), compiled),
     }
+    if compile_variant:
+        variants["compiled"] = (dict(off), torch.compile(case.run))
     if not case.baseline:
         dispatch.reset_compiled()
         variants["dispatch"] = (on, case.run)
@@ -263,13 +314,18 @@ def _measure(case: Case, device: torch.device, reps: int) -> Row:
                 samples[name].append(_once(fn, device))
     med = {name: statistics.median(v) for name, v in samples.items()}
     row.best_ms = {name: min(v) for name, v in samples.items()}
-    row.eager_ms, row.compiled_ms = med["eager"], med["compiled"]
-    row.compiled_speedup = row.best_ms["eager"] / row.best_ms["compiled"]
+    row.eager_ms = med["eager"]
+    if "compiled" in med:
+        row.compiled_ms = med["compiled"]
+        row.compiled_speedup = row.best_ms["eager"] / row.best_ms["compiled"]
     if "dispatch" in med:
         row.dispatch_ms = med["dispatch"]
         row.dispatch_speedup = row.best_ms["eager"] / row.best_ms["dispatch"]
-    if device.type == "cuda" and row.dispatch_ms is not None:
-        row.floor_ms = 1e3 * max(case.flops / H100_TF32_FLOPS, case.bytes_min / H100_HBM_BPS)
+    if row.dispatch_ms is not None:
+        row.floor_ms = 1e3 * max(
+            case.flops / ceilings["fp32_matmul_flops"],
+            case.bytes_min / ceilings["copy_bytes_per_s"],
+        )
         row.floor_fraction = row.floor_ms / row.best_ms["dispatch"]
     return row
 
@@ -286,6 +342,10 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         f"{meta['loadavg_start'][0]:.1f} -> {meta['loadavg_end'][0]:.1f}. Median of "
         f"{meta['reps']} round-robin runs in ms; speedups over eager from the best run "
         "of each variant.",
+        f"Ceilings measured in this run on {meta['ceiling_device']}: copy "
+        f"{meta['ceilings']['copy_bytes_per_s'] / 1e9:.0f} GB/s (read + write), fp32 matmul "
+        f"{meta['ceilings']['fp32_matmul_flops'] / 1e12:.1f} TFLOP/s (precision "
+        f"{meta['matmul_precision']}); floor = max(FLOPs / matmul, bytes / copy).",
         "",
         "| op | shape | device | eager | compiled | dispatcher | compiled x | dispatcher x "
         "| compile s | floor ms | % of floor | note |",
@@ -301,7 +361,10 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         )
     if not meta["gpu"]:
         for op in ("kmeans_assign", "swav_sinkhorn_ce", "margin_ce_im", "gaussian_mmd"):
-            lines.append(f"| {op} | | cuda (not measured: no GPU) | | | | | | | | | |")
+            lines.append(
+                f"| {op} | | cuda (not yet measured: no GPU lent ({meta['date']})) "
+                "| | | | | | | | | |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -317,9 +380,27 @@ def _update_docs(table: str) -> bool:
     return True
 
 
+def _write(out: Path, meta: dict[str, Any], rows: list[Row]) -> str:
+    """Write the JSON (after every case, so a run cut short keeps what it measured)."""
+    meta["loadavg_end"] = list(os.getloadavg())
+    table = markdown(rows, meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = {"meta": meta, "rows": [asdict(r) for r in rows], "markdown": table}
+    out.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="smaller CPU sizes, fewer reps")
+    parser.add_argument("--tiny", action="store_true", help="toy shapes (the GPU check's dry run)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument(
+        "--matmul-precision",
+        choices=["highest", "high", "medium"],
+        default="high",
+        help="torch.set_float32_matmul_precision for the run (high: TF32 on CUDA)",
+    )
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -332,27 +413,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    reps = args.reps or (3 if args.quick else 5)
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    reps = args.reps or (2 if args.tiny else 3 if args.quick else 5)
     meta: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "cpu": platform.processor() or platform.machine(),
         "threads": args.threads,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
-        "mode": "quick" if args.quick else "full",
+        "mode": "tiny" if args.tiny else "quick" if args.quick else "full",
         "reps": reps,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "gpu_note": None
         if device.type == "cuda"
         else "no GPU available: GPU rows left empty, never estimated",
         "compile_min_numel": dict(dispatch.COMPILE_MIN_NUMEL),
-        "floors": "H100: max(FLOPs / 495 TFLOP/s TF32, min bytes / 3.35 TB/s)",
+        "matmul_precision": args.matmul_precision,
+        "ceiling_device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.machine()} CPU, {args.threads} thread(s)",
+        "ceilings": measure_ceilings(device, args.tiny),
+        "floors": "max(FLOPs / measured fp32 matmul rate, min bytes / measured copy bandwidth)",
         "loadavg_start": list(os.getloadavg()),
     }
     rows = []
-    for case in _cases(device, args.quick):
+    for case in _cases(device, args.quick, args.tiny):
         t0 = time.perf_counter()
-        row = _measure(case, device, reps)
+        row = _measure(case, device, reps, meta["ceilings"], not args.no_compile)
         rows.append(row)
         print(
             f"{row.op:18s} {row.shape:26s} eager {_fmt(row.eager_ms):>9s} ms  compiled "
@@ -361,14 +448,8 @@ def main(argv: list[str] | None = None) -> int:
             f"[{time.perf_counter() - t0:.0f} s]",
             flush=True,
         )
-    meta["loadavg_end"] = list(os.getloadavg())
-    table = markdown(rows, meta)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"meta": meta, "rows": [asdict(r) for r in rows], "markdown": table}, indent=2)
-        + "\n",
-        encoding="utf-8",
-    )
+        _write(args.out, meta, rows)
+    table = _write(args.out, meta, rows)
     print()
     print(table)
     if args.update_docs:

@@ -51,20 +51,37 @@ class TargetData:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def tensor(self, index: np.ndarray | torch.Tensor | slice | None = None) -> torch.Tensor:
-        """Normalised float32 NCHW images (all, or the given indices) on the CPU."""
+    def tensor(
+        self,
+        index: np.ndarray | torch.Tensor | slice | None = None,
+        *,
+        device: torch.device | None = None,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> torch.Tensor:
+        """Normalised float32 NCHW images (all, or the given indices), on the CPU by default.
+
+        On a CUDA ``device`` the uint8 pixels travel (pinned, non-blocking: a quarter
+        of the float32 bytes) and are normalised on the GPU; ``memory_format`` is
+        the layout of the result (``torch.channels_last`` for NHWC convolutions).
+        """
         if index is None:
             raw = self.images
         elif isinstance(index, torch.Tensor):
             raw = self.images[index.cpu().numpy()]
         else:
             raw = self.images[index]
-        x = torch.from_numpy(np.ascontiguousarray(raw)).permute(0, 3, 1, 2).float() / 255.0
+        pixels = torch.from_numpy(np.ascontiguousarray(raw))
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        if dev.type == "cuda":
+            pixels = pixels.pin_memory().to(dev, non_blocking=True)
+        elif dev.type != "cpu":
+            pixels = pixels.to(dev)
+        x = pixels.permute(0, 3, 1, 2).float() / 255.0
         if x.shape[1] == 1 and self.spec.channels == 3:
             x = x.expand(-1, 3, -1, -1)
-        mean = torch.tensor(self.spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(self.spec.std, dtype=torch.float32).view(1, -1, 1, 1)
-        return ((x - mean) / std).contiguous()
+        mean = torch.tensor(self.spec.mean, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+        std = torch.tensor(self.spec.std, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+        return ((x - mean) / std).contiguous(memory_format=memory_format)
 
     def batches(self, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """(index, images) batches in dataset order (for whole-set passes in hooks)."""

@@ -32,6 +32,7 @@ Each rank's step generator is seeded from ``(seed, phase, epoch, step, rank)``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import math
 import random
@@ -41,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -51,15 +53,26 @@ from torch import nn
 from sourcefree import distributed as dist
 from sourcefree.errors import (
     CheckpointError,
+    ConfigError,
     DeviceError,
     DistributedError,
     RunInterruptedError,
+    SourcefreeError,
     TrainingError,
 )
 from sourcefree.method import Batch, EpochInfo, Method, ParamGroup, Phase, TargetData
-from sourcefree.workdir import Checkpoint, Workdir
+from sourcefree.workdir import (
+    Checkpoint,
+    Workdir,
+    check_optimizer_state,
+    check_trainer_checkpoint,
+    damaged_checkpoint,
+)
 
 DEVICES = ("auto", "cpu", "cuda")
+#: bf16 autocast: ``auto`` (on for CUDA GPUs with bf16, off on the CPU), ``bf16``, ``off``.
+AMP_MODES = ("auto", "bf16", "off")
+_AMP_DEFAULT: contextvars.ContextVar[str] = contextvars.ContextVar("amp", default="auto")
 #: Default wall-clock interval between timer checkpoints, in seconds.
 CHECKPOINT_EVERY_S = 600.0
 _MAX_CURVE = 400
@@ -86,6 +99,59 @@ def resolve_device(name: str) -> torch.device:
             "use --device cpu, or install a CUDA build of torch (run `sourcefree doctor`)",
         )
     return torch.device("cpu")
+
+
+def resolve_amp(mode: str, device: torch.device) -> bool:
+    """Whether training steps run under bf16 autocast on ``device`` (see :data:`AMP_MODES`).
+
+    Losses, Sinkhorn and the fused kernels compute in fp32 either way; on the CPU
+    ``auto`` is off, so CPU runs stay bitwise what they were.
+
+    Raises:
+        ConfigError: an unknown mode, or ``bf16`` where the device has no bf16 autocast.
+    """
+    if mode not in AMP_MODES:
+        raise ConfigError(
+            f"--amp {str(mode)[:20]!r} is not known",
+            f"choose one of {', '.join(AMP_MODES)}",
+            "use --amp auto",
+        )
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if mode == "bf16" and not supported:
+        raise ConfigError(
+            f"--amp bf16 was requested on {device.type}",
+            "bf16 autocast is used on CUDA GPUs with bf16 support only",
+            "use --amp auto (or off) on this device",
+        )
+    return supported and mode != "off"
+
+
+@contextlib.contextmanager
+def amp_policy(mode: str, device: str | None = None) -> Iterator[None]:
+    """Default ``amp`` of every :class:`Trainer` built inside (``adapt(amp=...)`` uses it).
+
+    With ``device`` (a :data:`DEVICES` name) the mode is checked against it on entry,
+    before any work, so ``--amp bf16 --device cpu`` fails at once.
+    """
+    if device is not None:
+        resolve_amp(mode, resolve_device(device))
+    elif mode not in AMP_MODES:
+        resolve_amp(mode, torch.device("cpu"))  # raises the typed error
+    token = _AMP_DEFAULT.set(mode)
+    try:
+        yield
+    finally:
+        _AMP_DEFAULT.reset(token)
+
+
+def _has_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+
+
+def _set_memory_format(modules: Sequence[nn.Module], fmt: torch.memory_format) -> None:
+    for module in modules:
+        if _has_conv(module):
+            module.to(memory_format=fmt)
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -227,6 +293,8 @@ class TrainResult:
     checkpoints: int
     device: str
     amp: str
+    memory_format: str = "contiguous"
+    """``channels_last`` when conv modules trained in that layout (CUDA)."""
 
 
 @dataclass
@@ -351,18 +419,28 @@ def unflatten_optimizer(
     tensors: Mapping[str, torch.Tensor],
     meta: Mapping[str, Any],
     prefix: str = "optim.",
+    run_dir: Path | None = None,
 ) -> None:
-    """Inverse of :func:`flatten_optimizer`, loaded into ``opt``."""
+    """Inverse of :func:`flatten_optimizer`, loaded into ``opt``, then checked.
+
+    Raises:
+        CheckpointError: the state is malformed or does not fit ``opt``'s parameters.
+    """
     state: dict[int, dict[str, Any]] = {}
-    for pid, entries in meta["state"].items():
-        restored: dict[str, Any] = {}
-        for key, value in entries.items():
-            if value == {"__tensor__": True}:
-                restored[key] = tensors[f"{prefix}{pid}.{key}"]
-            else:
-                restored[key] = _unjson(value)
-        state[int(pid)] = restored
-    opt.load_state_dict({"state": state, "param_groups": _unjson(meta["param_groups"])})
+    try:
+        for pid, entries in meta["state"].items():
+            restored: dict[str, Any] = {}
+            for key, value in entries.items():
+                if value == {"__tensor__": True}:
+                    restored[key] = tensors[f"{prefix}{pid}.{key}"]
+                else:
+                    restored[key] = _unjson(value)
+            state[int(pid)] = restored
+        opt.load_state_dict({"state": state, "param_groups": _unjson(meta["param_groups"])})
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        why = f"its optimizer state does not load ({type(exc).__name__})"
+        raise damaged_checkpoint(run_dir, why) from None
+    check_optimizer_state(opt, run_dir)
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -409,6 +487,8 @@ class Trainer:
         progress: show tqdm progress bars on stderr.
         on_step: callback after every step (progress hooks, tests).
         identity: JSON identity stored with each checkpoint.
+        amp: bf16 autocast mode (:data:`AMP_MODES`); None: the :func:`amp_policy`
+            in force, ``auto`` by default.
     """
 
     def __init__(
@@ -422,6 +502,7 @@ class Trainer:
         checkpoint_every_s: float = CHECKPOINT_EVERY_S,
         progress: bool = False,
         on_step: Callable[[StepInfo], None] | None = None,
+        amp: str | None = None,
     ) -> None:
         self.method = method
         self.data = data
@@ -452,7 +533,10 @@ class Trainer:
         self.checkpoints = 0
         self._epoch_sums: dict[str, list[float]] = {}
         self._last_checkpoint = time.monotonic()
-        self.bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.bf16 = resolve_amp(_AMP_DEFAULT.get() if amp is None else amp, device)
+        # CUDA: conv modules and batches in NHWC (channels_last) for the tensor cores;
+        # uint8 batches go to the GPU before normalisation. The CPU path is unchanged.
+        self.channels_last = device.type == "cuda"
         self.world = dist.world_size()
         self.rank = dist.rank()
         self._saves = workdir is not None
@@ -563,6 +647,34 @@ class Trainer:
                     "resume with the same method and source package, or start a fresh run",
                 ) from None
 
+    def _restore(
+        self, ckpt: Checkpoint
+    ) -> tuple[_Position, tuple[Mapping[str, torch.Tensor], Any] | None]:
+        """Check a checkpoint against this run, then restore it; returns position and optimizer."""
+        run_dir = None if self.workdir is None else self.workdir.path
+        plan = [(log.name, log.epochs, log.steps_per_epoch) for log in self.logs]
+        check_trainer_checkpoint(ckpt, run_dir, plan)
+        self._restore_modules(ckpt.tensors)
+        method_t = {
+            k[len("method.") :]: v for k, v in ckpt.tensors.items() if k.startswith("method.")
+        }
+        try:
+            self.method.load_state(method_t, _unjson(ckpt.meta.get("method", {})))
+            _set_rng_state(ckpt.tensors, ckpt.meta["rng"])
+        except SourcefreeError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+            why = f"its method or RNG state does not load ({type(exc).__name__})"
+            raise damaged_checkpoint(run_dir, why) from None
+        p = ckpt.meta["position"]
+        pos = _Position(p["phase"], p["epoch"], p["step"], p["global_step"])
+        self.logs = [PhaseLog.from_dict(d) for d in ckpt.meta["history"]]
+        self._epoch_sums = {
+            k: [float(x) for x in v] for k, v in ckpt.meta.get("epoch_sums", {}).items()
+        }
+        opt = ckpt.meta.get("optimizer")
+        return pos, None if opt is None else (ckpt.tensors, opt)
+
     # -- running -------------------------------------------------------------------------
 
     def run(self, *, resume: bool = False) -> TrainResult:
@@ -585,36 +697,29 @@ class Trainer:
             ckpt = self._latest_checkpoint()
             if ckpt is not None:
                 resumed_from = ckpt.sequence
-                self._restore_modules(ckpt.tensors)
-                method_t = {
-                    k[len("method.") :]: v
-                    for k, v in ckpt.tensors.items()
-                    if k.startswith("method.")
-                }
-                self.method.load_state(method_t, _unjson(ckpt.meta.get("method", {})))
-                p = ckpt.meta["position"]
-                pos = _Position(p["phase"], p["epoch"], p["step"], p["global_step"])
-                self.logs = [PhaseLog.from_dict(d) for d in ckpt.meta["history"]]
-                if ckpt.meta.get("optimizer") is not None:
-                    restored_opt = (ckpt.tensors, ckpt.meta["optimizer"])
-                _set_rng_state(ckpt.tensors, ckpt.meta["rng"])
-                self._epoch_sums = {
-                    k: [float(x) for x in v] for k, v in ckpt.meta.get("epoch_sums", {}).items()
-                }
+                pos, restored_opt = self._restore(ckpt)
         self._last_checkpoint = time.monotonic()
         dist.broadcast_module_state(self.method.modules().values())
-        with signal_handlers(self.stop), deterministic():
-            while pos.phase < len(self.phases):
-                self._run_phase(pos, restored_opt)
-                restored_opt = None
-                pos = _Position(pos.phase + 1)
-                self._checkpoint(pos, None)
+        modules = list(self.method.modules().values())
+        if self.channels_last:
+            _set_memory_format(modules, torch.channels_last)
+        try:
+            with signal_handlers(self.stop), deterministic():
+                while pos.phase < len(self.phases):
+                    self._run_phase(pos, restored_opt)
+                    restored_opt = None
+                    pos = _Position(pos.phase + 1)
+                    self._checkpoint(pos, None)
+        finally:
+            if self.channels_last:  # export and callers see the usual layout
+                _set_memory_format(modules, torch.contiguous_format)
         return TrainResult(
             phases=self.logs,
             resumed_from=resumed_from,
             checkpoints=self.checkpoints,
             device=str(self.device),
             amp="bf16" if self.bf16 else "off",
+            memory_format="channels_last" if self.channels_last else "contiguous",
         )
 
     def _run_phase(
@@ -632,7 +737,8 @@ class Trainer:
                 for param in group["params"]:
                     param.requires_grad_(True)
         if restored_opt is not None and opt is not None:
-            unflatten_optimizer(opt, restored_opt[0], restored_opt[1])
+            run_dir = None if self.workdir is None else self.workdir.path
+            unflatten_optimizer(opt, restored_opt[0], restored_opt[1], run_dir=run_dir)
         if phase.on_enter is not None:
             phase.on_enter()
         use_amp = self.bf16 and phase.amp
@@ -660,7 +766,7 @@ class Trainer:
                         where = (*where, f"rank{self.rank}")
                     gen = seed_everything(derive_seed(self.seed, *where))
                     batch = Batch(
-                        x=self.data.tensor(mine).to(self.device, non_blocking=True),
+                        x=self._batch_images(mine),
                         index=mine.to(self.device),
                         generator=gen,
                         epoch=pos.epoch,
@@ -725,6 +831,12 @@ class Trainer:
             if bar is not None:
                 bar.close()
         self._freeze_all()
+
+    def _batch_images(self, index: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return self.data.tensor(index)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return self.data.tensor(index, device=self.device, memory_format=fmt)
 
     def _end_epoch(self, log: PhaseLog) -> None:
         sums = self._epoch_sums

@@ -69,7 +69,9 @@ def kmeans_assign(x: Tensor, centroids: Tensor, *, chunk_size: int = 4096) -> tu
         labels (N,) int64 and min squared distances (N,) in ``x``'s dtype, clamped at
         zero; ties go to the lowest centroid index. On CUDA the distances use TF32
         when ``torch.get_float32_matmul_precision()`` is not "highest", as PyTorch's
-        own matmul does, so near-ties may resolve differently from the CPU.
+        own matmul does, so near-ties may resolve differently from the CPU. When
+        ``x`` or ``centroids`` requires grad, the differentiable reference runs on
+        every device (the kernel has no backward), so gradients flow the same way.
     """
     _check_matrix("x", x)
     _check_matrix("centroids", centroids)
@@ -87,12 +89,14 @@ def kmeans_assign(x: Tensor, centroids: Tensor, *, chunk_size: int = 4096) -> tu
         )
     if chunk_size < 1:
         raise InputError(f"chunk_size={chunk_size}", "it must be positive")
-    if use_triton(x):
+    # Gradients first: the Triton op has no autograd rule, so a call that needs them
+    # takes the differentiable reference on every device (CPU and CUDA alike).
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or centroids.requires_grad)
+    if not needs_grad and use_triton(x):
         from sourcefree.kernels.custom_ops import kmeans_assign_op
 
         labels, dist = kmeans_assign_op(x, centroids)
         return labels, dist
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or centroids.requires_grad)
     if not (needs_grad or exporting() or torch.compiler.is_compiling()):
         return ref.kmeans_assign_nograd(x, centroids, chunk_size=chunk_size)
     fn = reference_impl("kmeans_assign", ref.kmeans_assign, x.device, x.numel())

@@ -53,6 +53,23 @@ def _pow2(n: int, lo: int = 1, hi: int = 1 << 30) -> int:
     return max(lo, min(hi, int(triton.next_power_of_2(max(int(n), 1)))))
 
 
+def _warps(tile_elems: int, per_thread: int = 8) -> int:
+    """Warps for element-wise tiles: about ``per_thread`` elements a thread, 4 to 16 warps.
+
+    Each live tile costs ``tile_elems / (32 num_warps)`` registers a thread; the
+    margin-CE and swapped-CE kernels keep several tiles live, and with 4 warps the
+    widest ones spilled (seen in the sm_90 resource usage of ``compile_check``).
+    """
+    return max(4, min(16, tile_elems // (32 * per_thread)))
+
+
+@triton.jit
+def _offsets(idx, stride):
+    # ``idx * stride`` in int64: with int32 indices the product wraps once a tensor
+    # holds 2**31 elements (N x D), and the kernel reads or writes the wrong rows.
+    return idx.to(tl.int64) * stride
+
+
 # ------------------------------------------------------------------------ K-means
 
 
@@ -82,21 +99,23 @@ def _kmeans_assign_kernel(
     best = tl.full((BLOCK_N,), float("inf"), ACC)
     best_idx = tl.zeros((BLOCK_N,), tl.int32)
     x_sq = tl.zeros((BLOCK_N,), ACC)
+    x_rows = _offsets(rows, stride_xn)
     for k0 in range(0, n_clusters, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < n_clusters
+        c_rows = _offsets(cols, stride_cn)
         acc = tl.zeros((BLOCK_N, BLOCK_K), ACC)
         x_sq = tl.zeros((BLOCK_N,), ACC)
         for d0 in range(0, dim, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             d_ok = ds < dim
             xt = tl.load(
-                x_ptr + rows[:, None] * stride_xn + ds[None, :],
+                x_ptr + x_rows[:, None] + ds[None, :],
                 mask=row_ok[:, None] & d_ok[None, :],
                 other=0.0,
             ).to(ACC)
             ct = tl.load(
-                c_ptr + cols[:, None] * stride_cn + ds[None, :],
+                c_ptr + c_rows[:, None] + ds[None, :],
                 mask=col_ok[:, None] & d_ok[None, :],
                 other=0.0,
             ).to(ACC)
@@ -180,7 +199,7 @@ def _row_lse_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < n_cols
         s = tl.load(
-            s_ptr + rows[:, None] * stride_s + cols[None, :],
+            s_ptr + _offsets(rows, stride_s)[:, None] + cols[None, :],
             mask=row_ok[:, None] & col_ok[None, :],
             other=0.0,
         ).to(ACC)
@@ -215,7 +234,7 @@ def _col_lse_kernel(
         rows = r0 + tl.arange(0, BLOCK_R)
         row_ok = rows < n_rows
         s = tl.load(
-            s_ptr + rows[:, None] * stride_s + cols[None, :],
+            s_ptr + _offsets(rows, stride_s)[:, None] + cols[None, :],
             mask=row_ok[:, None] & col_ok[None, :],
             other=0.0,
         ).to(ACC)
@@ -276,6 +295,8 @@ def _swapped_ce_fwd_kernel(
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    z_rows = _offsets(rows, stride_z)
+    s_rows = _offsets(rows, stride_s)
     m = tl.full((BLOCK_R,), float("-inf"), ACC)
     acc = tl.zeros((BLOCK_R,), ACC)
     dot = tl.zeros((BLOCK_R,), ACC)
@@ -283,9 +304,9 @@ def _swapped_ce_fwd_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < n_cols
         ok = row_ok[:, None] & col_ok[None, :]
-        z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=ok, other=0.0)
+        z = tl.load(z_ptr + z_rows[:, None] + cols[None, :], mask=ok, other=0.0)
         z = z.to(ACC) * inv_t
-        s = tl.load(s_ptr + rows[:, None] * stride_s + cols[None, :], mask=ok, other=0.0)
+        s = tl.load(s_ptr + s_rows[:, None] + cols[None, :], mask=ok, other=0.0)
         f = tl.load(f_ptr + cols, mask=col_ok, other=0.0).to(ACC)
         q = tl.exp(s.to(ACC) * inv_eps + f[None, :] + g[:, None])
         q = tl.where(col_ok[None, :], q, 0.0)
@@ -324,8 +345,10 @@ def _swapped_ce_bwd_kernel(
     row_ok = rows < n_rows
     col_ok = cols < n_cols
     ok = row_ok[:, None] & col_ok[None, :]
-    z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=ok, other=0.0).to(ACC)
-    s = tl.load(s_ptr + rows[:, None] * stride_s + cols[None, :], mask=ok, other=0.0).to(ACC)
+    z_at = z_ptr + _offsets(rows, stride_z)[:, None] + cols[None, :]
+    s_at = s_ptr + _offsets(rows, stride_s)[:, None] + cols[None, :]
+    z = tl.load(z_at, mask=ok, other=0.0).to(ACC)
+    s = tl.load(s_at, mask=ok, other=0.0).to(ACC)
     f = tl.load(f_ptr + cols, mask=col_ok, other=0.0).to(ACC)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(ACC)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(ACC)
@@ -333,7 +356,7 @@ def _swapped_ce_bwd_kernel(
     p = tl.exp(z * inv_t - lse[:, None])
     q = tl.exp(s * inv_eps + f[None, :] + g[:, None])
     dz = (go * inv_t)[:, None] * (p - q)
-    tl.store(dz_ptr + rows[:, None] * n_cols + cols[None, :], dz, mask=ok)
+    tl.store(dz_ptr + _offsets(rows, n_cols)[:, None] + cols[None, :], dz, mask=ok)
 
 
 def swapped_ce_fwd(
@@ -371,6 +394,7 @@ def swapped_ce_fwd(
         ACC=_acc_dtype(z),
         BLOCK_R=br,
         BLOCK_C=bc,
+        num_warps=_warps(br * bc),
     )
     return loss, lse
 
@@ -412,6 +436,7 @@ def swapped_ce_bwd(
         ACC=_acc_dtype(z),
         BLOCK_R=br,
         BLOCK_C=bc,
+        num_warps=_warps(br * bc),
     )
     return dz
 
@@ -446,7 +471,7 @@ def _margin_ce_fwd_kernel(
     row_ok = rows < n_rows
     col_ok = cols < n_cols
     ok = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+    x = tl.load(x_ptr + _offsets(rows, stride_x)[:, None] + cols[None, :], mask=ok, other=0.0)
     u = tl.where(col_ok[None, :], x.to(ACC) * scale, float("-inf"))
     y = tl.load(y_ptr + rows, mask=row_ok, other=0)
     marg = tl.load(m_ptr + y, mask=row_ok, other=0.0).to(ACC)
@@ -469,7 +494,7 @@ def _margin_ce_fwd_kernel(
     tl.store(ce_ptr + rows, ce, mask=row_ok)
     tl.store(ent_ptr + rows, ent, mask=row_ok)
     p = tl.where(row_ok[:, None], p, 0.0)
-    tl.store(colsum_ptr + pid * n_cols + cols, tl.sum(p, axis=0), mask=col_ok)
+    tl.store(colsum_ptr + _offsets(pid, n_cols) + cols, tl.sum(p, axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -500,7 +525,7 @@ def _margin_ce_bwd_kernel(
     row_ok = rows < n_rows
     col_ok = cols < n_cols
     ok = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+    x = tl.load(x_ptr + _offsets(rows, stride_x)[:, None] + cols[None, :], mask=ok, other=0.0)
     u = tl.where(col_ok[None, :], x.to(ACC) * scale, float("-inf"))
     y = tl.load(y_ptr + rows, mask=row_ok, other=0)
     marg = tl.load(m_ptr + y, mask=row_ok, other=0.0).to(ACC)
@@ -526,7 +551,7 @@ def _margin_ce_bwd_kernel(
     a = tl.where(col_ok[None, :], a, 0.0)
     pa = tl.sum(p * a, axis=1)
     dx = g_ce[:, None] * (pz - target) + p * (a - pa[:, None])
-    tl.store(dx_ptr + rows[:, None] * n_cols + cols[None, :], dx * scale, mask=ok)
+    tl.store(dx_ptr + _offsets(rows, n_cols)[:, None] + cols[None, :], dx * scale, mask=ok)
 
 
 def _margin_blocks(c: int, block_elems: int) -> tuple[int, int]:
@@ -570,6 +595,7 @@ def margin_ce_fwd(
         HAS_EPS=entropy_eps > 0.0,
         BLOCK_R=br,
         BLOCK_C=bc,
+        num_warps=_warps(br * bc),
     )
     return ce, ent, colsum.sum(dim=0) / b
 
@@ -611,6 +637,7 @@ def margin_ce_bwd(
         HAS_EPS=entropy_eps > 0.0,
         BLOCK_R=br,
         BLOCK_C=bc,
+        num_warps=_warps(br * bc),
     )
     return dx
 
@@ -639,21 +666,23 @@ def _mmd_fwd_kernel(
     rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     row_ok = rows < n
     sq_i = tl.load(sq_ptr + rows, mask=row_ok, other=0.0)
+    i_rows = _offsets(rows, stride_t)
     r = tl.zeros((BLOCK_I,), ACC)
     for j0 in range(0, n, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         col_ok = cols < n
+        j_rows = _offsets(cols, stride_t)
         dot = tl.zeros((BLOCK_I, BLOCK_J), ACC)
         for d0 in range(0, dim, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             d_ok = ds < dim
             ti = tl.load(
-                t_ptr + rows[:, None] * stride_t + ds[None, :],
+                t_ptr + i_rows[:, None] + ds[None, :],
                 mask=row_ok[:, None] & d_ok[None, :],
                 other=0.0,
             ).to(ACC)
             tj = tl.load(
-                t_ptr + cols[:, None] * stride_t + ds[None, :],
+                t_ptr + j_rows[:, None] + ds[None, :],
                 mask=col_ok[:, None] & d_ok[None, :],
                 other=0.0,
             ).to(ACC)
@@ -685,32 +714,47 @@ def _mmd_bwd_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
 ) -> None:
     # For L = sum_i g_i r_i: dt_i = sum_j W_ij (t_i - t_j) with
     # W_ij = (g_i c_j + c_i g_j) sum_k (-2 / bw_k) exp(-d_ij / bw_k); tiles recomputed.
+    # Program (i, o) owns rows i and output features [o BLOCK_DO, (o + 1) BLOCK_DO):
+    # the distances take a BLOCK_D-tiled dot over all of d (recomputed once per
+    # output chunk), so no tile is wider than max(BLOCK_D, BLOCK_DO) for any d.
     rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
-    ds = tl.arange(0, BLOCK_D)
+    dso = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     row_ok = rows < n
-    d_ok = ds < dim
-    ti = tl.load(
-        t_ptr + rows[:, None] * stride_t + ds[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
+    do_ok = dso < dim
+    i_rows = _offsets(rows, stride_t)
+    ti_out = tl.load(
+        t_ptr + i_rows[:, None] + dso[None, :],
+        mask=row_ok[:, None] & do_ok[None, :],
         other=0.0,
     ).to(ACC)
     sq_i = tl.load(sq_ptr + rows, mask=row_ok, other=0.0)
     c_i = tl.load(c_ptr + rows, mask=row_ok, other=0.0)
     g_i = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-    acc = tl.zeros((BLOCK_I, BLOCK_D), ACC)
+    acc = tl.zeros((BLOCK_I, BLOCK_DO), ACC)
     w_sum = tl.zeros((BLOCK_I,), ACC)
     for j0 in range(0, n, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         col_ok = cols < n
-        tj = tl.load(
-            t_ptr + cols[:, None] * stride_t + ds[None, :],
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        ).to(ACC)
-        dot = tl.dot(ti, tl.trans(tj), input_precision=PRECISION, out_dtype=ACC)
+        j_rows = _offsets(cols, stride_t)
+        dot = tl.zeros((BLOCK_I, BLOCK_J), ACC)
+        for d0 in range(0, dim, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_ok = ds < dim
+            ti = tl.load(
+                t_ptr + i_rows[:, None] + ds[None, :],
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(ACC)
+            tj = tl.load(
+                t_ptr + j_rows[:, None] + ds[None, :],
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(ACC)
+            dot = tl.dot(ti, tl.trans(tj), dot, input_precision=PRECISION, out_dtype=ACC)
         sq_j = tl.load(sq_ptr + cols, mask=col_ok, other=0.0)
         dist = tl.maximum(sq_i[:, None] + sq_j[None, :] - 2.0 * dot, 0.0)
         dk = tl.zeros((BLOCK_I, BLOCK_J), ACC)
@@ -722,13 +766,21 @@ def _mmd_bwd_kernel(
         w = (g_i[:, None] * c_j[None, :] + c_i[:, None] * g_j[None, :]) * dk
         w = tl.where(row_ok[:, None] & col_ok[None, :], w, 0.0)
         w_sum += tl.sum(w, axis=1)
-        acc = tl.dot(w, tj, acc, input_precision=PRECISION, out_dtype=ACC)
-    dt = w_sum[:, None] * ti - acc
-    tl.store(dt_ptr + rows[:, None] * dim + ds[None, :], dt, mask=row_ok[:, None] & d_ok[None, :])
+        tj_out = tl.load(
+            t_ptr + j_rows[:, None] + dso[None, :],
+            mask=col_ok[:, None] & do_ok[None, :],
+            other=0.0,
+        ).to(ACC)
+        acc = tl.dot(w, tj_out, acc, input_precision=PRECISION, out_dtype=ACC)
+    dt = w_sum[:, None] * ti_out - acc
+    out = dt_ptr + _offsets(rows, dim)[:, None] + dso[None, :]
+    tl.store(out, dt, mask=row_ok[:, None] & do_ok[None, :])
 
 
 MMD_MAX_DIM = 1024
-"""The backward kernel keeps a BLOCK_I x d accumulator; wider features use the reference."""
+"""Widest features sent to the kernels (the dispatcher's limit; the kernels tile any d)."""
+MMD_BWD_BLOCK_DO = 128
+"""Output features per backward program: bounds the accumulator whatever d is."""
 
 
 def _mmd_prep(
@@ -754,6 +806,7 @@ def mmd_fwd(
     n, d = t.shape
     r = torch.empty(n, dtype=sq.dtype, device=t.device)
     bi = _pow2(n, 16, block_i)
+    bd = _pow2(d, 16, block_d)
     _mmd_fwd_kernel[(triton.cdiv(n, bi),)](
         t,
         sq,
@@ -768,7 +821,8 @@ def mmd_fwd(
         PRECISION=_dot_precision(t),
         BLOCK_I=bi,
         BLOCK_J=_pow2(n, 16, block_j),
-        BLOCK_D=_pow2(d, 16, block_d),
+        BLOCK_D=bd,
+        num_warps=8 if bd > 16 else 4,  # no spill stack either way (compile_check, sm_90)
     )
     return r.to(points.dtype)
 
@@ -779,22 +833,22 @@ def mmd_bwd(
     bandwidths: torch.Tensor,
     grad_rows: torch.Tensor,
     *,
-    block_i: int | None = None,
-    block_j: int | None = None,
+    block_i: int = 32,
+    block_j: int = 32,
+    block_d: int = 32,
+    block_do: int = MMD_BWD_BLOCK_DO,
 ) -> torch.Tensor:
     """Gradient of ``sum_i grad_rows_i r_i`` with respect to ``points``.
 
-    Full-width row tiles (``BLOCK_D >= d``) hold the ``W @ T`` accumulator, so the
-    row/column tiles shrink as d grows to bound registers and shared memory.
+    The grid is (row tiles, output-feature chunks of ``block_do``); every tile is
+    at most ``max(block_i, block_j) x max(block_d, block_do)`` for any d.
     """
     t, sq, c, inv_bw = _mmd_prep(points, coef, bandwidths)
     n, d = t.shape
     dt = torch.empty((n, d), dtype=sq.dtype, device=t.device)
-    default = 32 if d <= 256 else 16
-    block_i = default if block_i is None else block_i
-    block_j = default if block_j is None else block_j
     bi = _pow2(n, 16, block_i)
-    _mmd_bwd_kernel[(triton.cdiv(n, bi),)](
+    bdo = _pow2(d, 16, block_do)
+    _mmd_bwd_kernel[(triton.cdiv(n, bi), triton.cdiv(d, bdo))](
         t,
         sq,
         c,
@@ -809,7 +863,8 @@ def mmd_bwd(
         PRECISION=_dot_precision(t),
         BLOCK_I=bi,
         BLOCK_J=_pow2(n, 16, block_j),
-        BLOCK_D=_pow2(d, 16),
-        num_warps=4 if d <= 256 else 8,
+        BLOCK_D=_pow2(d, 16, block_d),
+        BLOCK_DO=bdo,
+        num_warps=8,
     )
     return dt.to(points.dtype)

@@ -234,3 +234,47 @@ def test_package_imports_and_runs_without_triton() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("grad_of", ["x", "centroids"])
+def test_kmeans_needing_gradients_skips_the_kernel(
+    force_triton: Callable[[bool], None], grad_of: str
+) -> None:
+    # The Triton op has no autograd rule: on CUDA a call that needs gradients must take
+    # the differentiable reference, as the CPU does, instead of failing in backward.
+    g = _gen(6)
+    x0, c0 = torch.randn(21, 5, generator=g), torch.randn(4, 5, generator=g)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        x = x0.clone().requires_grad_(grad_of == "x")
+        c = c0.clone().requires_grad_(grad_of == "centroids")
+        labels, dist = kmeans_assign(x, c)
+        leaf = x if grad_of == "x" else c
+        return (labels, dist.detach(), *torch.autograd.grad(dist.sum(), leaf))
+
+    got, expected = _both(force_triton, run)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_kmeans_without_gradients_still_takes_the_kernel(
+    force_triton: Callable[[bool], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sourcefree.kernels import custom_ops
+
+    calls: list[int] = []
+    real = custom_ops.kmeans_assign_op
+
+    def counting(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(x.shape[0])
+        out: tuple[torch.Tensor, torch.Tensor] = real(x, c)
+        return out
+
+    monkeypatch.setattr(custom_ops, "kmeans_assign_op", counting)
+    force_triton(True)
+    x = torch.randn(9, 3, generator=_gen(7), requires_grad=True)
+    with torch.no_grad():
+        kmeans_assign(x, x[:2].detach())
+    kmeans_assign(x.detach(), x[:2].detach())
+    kmeans_assign(x, x[:2].detach())  # needs gradients: the reference
+    assert calls == [9, 9]

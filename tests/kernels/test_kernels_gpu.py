@@ -127,3 +127,124 @@ def test_gpu_compile_fullgraph_with_custom_ops() -> None:
     (gc,) = torch.autograd.grad(compiled(x), x)
     (ge,) = torch.autograd.grad(step(x), x)
     torch.testing.assert_close(gc, ge)
+
+
+# -- issue 19: tile edges, bf16, gradients through k-means, offsets past 2**31 ------------
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.double().cpu(), b.double().cpu()
+    return float((a64 - b64).norm() / b64.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "d"), [(15, 16), (64, 127), (65, 128), (129, 129), (300, 1024)])
+def test_gpu_mmd_tile_edges(n: int, d: int, dtype: torch.dtype) -> None:
+    g = _gen(n * d)
+    s0 = torch.randn(n, d, generator=g).to(dtype)
+    t0 = (torch.randn(n + 1, d, generator=g) + 0.3).to(dtype)
+
+    def run(dev: str) -> tuple[torch.Tensor, ...]:
+        s, t = s0.to(dev).requires_grad_(), t0.to(dev).requires_grad_()
+        val = gaussian_mmd(s, t)
+        return (val.detach(), *torch.autograd.grad(val, (s, t)))
+
+    got = run("cuda")
+    expected = (t.float() for t in run("cpu")) if dtype == torch.bfloat16 else run("cpu")
+    for a, e in zip(got, expected, strict=True):
+        assert torch.isfinite(a).all()
+        assert _rel(a, e) < (2e-2 if dtype == torch.bfloat16 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("b", "c"), [(1, 2), (31, 8), (257, 1023), (64, 4097), (16, 8192)])
+def test_gpu_margin_ce_tile_edges(b: int, c: int, dtype: torch.dtype) -> None:
+    g = _gen(b + c)
+    x0 = torch.randn(b, c, generator=g).to(dtype)
+    y = torch.randint(0, c, (b,), generator=g)
+
+    def run(dev: str) -> tuple[torch.Tensor, ...]:
+        x = x0.to(dev).requires_grad_()
+        terms = margin_ce_im(x, y.to(dev), scale=2.0, label_smoothing=0.1, entropy_eps=1e-5)
+        return (*(t.detach() for t in terms), torch.autograd.grad(terms.loss(0.3), x)[0])
+
+    tol = 1e-4 if dtype == torch.float32 else 1e-2  # bf16 gradients: rounding flips
+    for a, e in zip(run("cuda"), run("cpu"), strict=True):
+        assert _rel(a, e) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("b", "k"), [(1, 1), (17, 129), (255, 3001)])
+def test_gpu_swav_tile_edges(b: int, k: int, dtype: torch.dtype) -> None:
+    g = _gen(b * k)
+    crops = [nnf.normalize(torch.randn(b, k, generator=g), dim=1).to(dtype) for _ in range(3)]
+
+    def run(dev: str) -> tuple[torch.Tensor, ...]:
+        leaves = [c.to(dev).requires_grad_() for c in crops]
+        loss = swav_loss(leaves[:2], leaves[2:])
+        return (loss.detach(), *torch.autograd.grad(loss, leaves))
+
+    tol = 1e-3 if dtype == torch.float32 else 1e-2  # bf16 gradients: rounding flips
+    for a, e in zip(run("cuda"), run("cpu"), strict=True):
+        assert _rel(a, e) < tol
+
+
+def test_gpu_kmeans_keeps_gradients_like_the_cpu() -> None:
+    g = _gen(11)
+    x0, c0 = torch.randn(200, 33, generator=g), torch.randn(7, 33, generator=g)
+
+    def run(dev: str) -> tuple[torch.Tensor, ...]:
+        x, c = x0.to(dev).requires_grad_(), c0.to(dev).requires_grad_()
+        labels, dist = kmeans_assign(x, c)
+        return (labels, dist.detach(), *torch.autograd.grad(dist.sum(), (x, c)))
+
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        got, expected = run("cuda"), run("cpu")
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    assert torch.equal(got[0].cpu(), expected[0])
+    for a, e in zip(got[1:], expected[1:], strict=True):
+        torch.testing.assert_close(a.cpu(), e, atol=1e-4, rtol=1e-4)
+
+
+def _free_gib() -> float:
+    free, _ = torch.cuda.mem_get_info()
+    return free / 2**30
+
+
+def test_gpu_kmeans_rows_past_2_31_elements() -> None:
+    # 4.2M x 512 fp32 points: row * 512 passes 2**31 in the last ~2k rows.
+    n, d = (2**31) // 512 + 4096, 512
+    if _free_gib() < 3 * n * d * 4 / 2**30:
+        pytest.skip("needs about 26 GiB of free GPU memory")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    c = torch.randn(16, d, device="cuda", generator=g)
+    x = c[torch.arange(n, device="cuda") % 16] + 0.01 * torch.randn(
+        n, d, device="cuda", generator=g
+    )
+    labels, _ = kmeans_assign(x, c)
+    tail = slice(n - 8192, n)
+    assert torch.equal(labels[tail], torch.arange(n, device="cuda")[tail] % 16)
+    del x
+
+
+def test_gpu_margin_ce_rows_past_2_31_elements() -> None:
+    from sourcefree.kernels import reference as ref
+    from sourcefree.kernels import triton_kernels as tk
+
+    b, c = (2**31) // 1024 + 512, 1024
+    if _free_gib() < 3 * b * c * 2 / 2**30:
+        pytest.skip("needs about 13 GiB of free GPU memory")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(b, c, device="cuda", generator=g, dtype=torch.bfloat16)
+    y = torch.randint(0, c, (b,), device="cuda", generator=g)
+    m = torch.zeros(c, device="cuda")
+    ones = torch.ones(b, device="cuda", dtype=torch.bfloat16)
+    dx = tk.margin_ce_bwd(x, y, m, 1.0, 0.0, 0.0, ones, ones, torch.zeros(c, device="cuda"))
+    tail = slice(b - 1024, b)
+    xt = x[tail].float().requires_grad_()
+    ce, ent, _ = ref.margin_ce_rows(xt, y[tail], m, 1.0, 0.0, 0.0)
+    (expected,) = torch.autograd.grad((ce + ent).sum(), xt)
+    assert _rel(dx[tail].float(), expected) < 2e-2

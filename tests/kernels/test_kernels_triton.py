@@ -191,3 +191,26 @@ def test_mmd_kernel_wide_features_default_blocks(tk: ModuleType) -> None:
     gr = torch.randn(19, dtype=D64, generator=gen)
     (exp_dt,) = torch.autograd.grad(expected, t, gr)
     torch.testing.assert_close(tk.mmd_bwd(t.detach(), c, bw, gr), exp_dt)
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "blocks"),
+    [
+        (23, 40, {"block_i": 16, "block_j": 16, "block_d": 16, "block_do": 16}),  # 3 chunks
+        (17, 33, {"block_i": 16, "block_j": 16, "block_d": 16, "block_do": 32}),  # 1 + edge
+        (9, 1024, {}),  # MMD_MAX_DIM with the default tiles: 8 output chunks
+    ],
+)
+def test_mmd_kernel_bwd_tiles_the_feature_dimension(
+    tk: ModuleType, n: int, d: int, blocks: dict[str, int]
+) -> None:
+    # The backward's accumulator spans block_do features, not d (issue 19): every chunk,
+    # the partial last one included, must equal the reference gradient.
+    gen = _gen(n * d)
+    t = torch.randn(n, d, dtype=D64, generator=gen).requires_grad_()
+    c = torch.randn(n, dtype=D64, generator=gen)
+    bw = ref.mmd_bandwidths(t, 2.0, 3)
+    gr = torch.randn(n, dtype=D64, generator=gen)
+    (exp_dt,) = torch.autograd.grad(ref.mmd_rowsums(t, c, bw), t, gr)
+    dt = tk.mmd_bwd(t.detach(), c, bw, gr, **blocks)
+    torch.testing.assert_close(dt, exp_dt)
