@@ -15,7 +15,7 @@ import hashlib
 import importlib.util
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -53,7 +53,12 @@ def au_frequencies_for(labels: list[str]) -> list[list[float]]:
 
 
 def make_source_package(
-    out: Path, arch: str = "smallcnn", size: int = 32, *, au_detector: bool = False
+    out: Path,
+    arch: str = "smallcnn",
+    size: int = 32,
+    *,
+    au_detector: bool = False,
+    labels: Sequence[str] = tuple(LABELS),
 ) -> Path:
     """Export a randomly initialised model with non-trivial BatchNorm statistics.
 
@@ -68,20 +73,20 @@ def make_source_package(
     from sourcefree.models import build_classifier
 
     torch.manual_seed(0)
-    model = build_classifier(arch, len(LABELS))
+    model = build_classifier(arch, len(labels))
     model.train()
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(16, 3, size, size) * 2 + 0.3)
-    stats: dict[str, Any] = {"class_counts": [10, 20, 30]}
+    stats: dict[str, Any] = {"class_counts": [10 * (i + 1) for i in range(len(labels))]}
     extra: dict[str, Any] = {}
     if au_detector:
-        stats["au_frequencies"] = au_frequencies_for(LABELS)
+        stats["au_frequencies"] = au_frequencies_for(list(labels))
         extra = {"au_detector": make_au_detector(size), "au_names": AU_NAMES}
     source_package(
         model.eval(),
         architecture=arch,
-        labels=LABELS,
+        labels=list(labels),
         input_spec=InputSpec(size=(size, size)),
         out=out,
         source_stats=stats,
@@ -106,6 +111,12 @@ def au_source_pkg(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def au_detector_factory() -> Callable[..., Any]:
     """``make_au_detector``: the (random, seeded) detector that ``au_source_pkg`` ships."""
     return make_au_detector
+
+
+@pytest.fixture(scope="session")
+def source_package_factory() -> Callable[..., Path]:
+    """``make_source_package``: export a fresh package (other labels, sizes, extras)."""
+    return make_source_package
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,25 +31,12 @@ def _rows(path: Path) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def hostile_pkg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def hostile_pkg(
+    tmp_path_factory: pytest.TempPathFactory, source_package_factory: Callable[..., Path]
+) -> Path:
     """A package whose every label starts with a formula character (allowed: printable)."""
-    import torch
-
-    from sourcefree.export import source_package
-    from sourcefree.manifest import InputSpec
-    from sourcefree.models import build_classifier
-
-    torch.manual_seed(0)
     out = tmp_path_factory.mktemp("pkg") / "hostile"
-    model = build_classifier("smallcnn", len(HOSTILE_LABELS)).eval()
-    source_package(
-        model,
-        architecture="smallcnn",
-        labels=HOSTILE_LABELS,
-        input_spec=InputSpec(size=(32, 32)),
-        out=out,
-    )
-    return out
+    return source_package_factory(out, labels=HOSTILE_LABELS)
 
 
 @pytest.mark.parametrize(

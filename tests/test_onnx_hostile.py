@@ -30,32 +30,9 @@ from sourcefree.onnx_check import (
     MAX_TOTAL_ELEMENTS,
     summarize,
 )
+from tests import protobuf_bytes as pb
 
 Forge = Callable[[Path, str, bytes], None]
-
-
-# -- protobuf by hand, for what onnx.helper cannot write ---------------------------
-
-
-def _vint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _key(number: int, wire: int) -> bytes:
-    return _vint(number << 3 | wire)
-
-
-def _ld(number: int, payload: bytes) -> bytes:
-    return _key(number, 2) + _vint(len(payload)) + payload
-
-
-def _varint_field(number: int, value: int) -> bytes:
-    return _key(number, 0) + _vint(value)
 
 
 # -- models ----------------------------------------------------------------------
@@ -186,19 +163,19 @@ def test_secret_file_in_current_directory_never_reaches_the_logits(
 _BIG = 1 << 33  # bytes(2**33) would allocate 8 GiB
 
 _WRONG_WIRE = {
-    "producer name as varint": _varint_field(2, _BIG),
-    "opset domain as varint": _ld(8, _varint_field(1, _BIG)),
-    "metadata key as varint": _ld(14, _varint_field(1, _BIG)),
-    "graph as varint": _varint_field(7, _BIG),
-    "graph doc string as varint": _ld(7, _varint_field(10, _BIG)),
-    "node as varint": _ld(7, _varint_field(1, _BIG)),
-    "node name as varint": _ld(7, _ld(1, _varint_field(3, _BIG))),
-    "attribute name as varint": _ld(7, _ld(1, _ld(5, _varint_field(1, _BIG)))),
-    "tensor name as varint": _ld(7, _ld(5, _varint_field(8, _BIG))),
-    "raw_data as varint": _ld(7, _ld(5, _varint_field(9, _BIG))),
-    "value name as varint": _ld(7, _ld(11, _varint_field(1, _BIG))),
-    "ir_version as bytes": _ld(1, b"\x0a"),
-    "dims as fixed64": _ld(7, _ld(5, _key(1, 1) + bytes(8))),
+    "producer name as varint": pb.varint_field(2, _BIG),
+    "opset domain as varint": pb.ld(8, pb.varint_field(1, _BIG)),
+    "metadata key as varint": pb.ld(14, pb.varint_field(1, _BIG)),
+    "graph as varint": pb.varint_field(7, _BIG),
+    "graph doc string as varint": pb.ld(7, pb.varint_field(10, _BIG)),
+    "node as varint": pb.ld(7, pb.varint_field(1, _BIG)),
+    "node name as varint": pb.ld(7, pb.ld(1, pb.varint_field(3, _BIG))),
+    "attribute name as varint": pb.ld(7, pb.ld(1, pb.ld(5, pb.varint_field(1, _BIG)))),
+    "tensor name as varint": pb.ld(7, pb.ld(5, pb.varint_field(8, _BIG))),
+    "raw_data as varint": pb.ld(7, pb.ld(5, pb.varint_field(9, _BIG))),
+    "value name as varint": pb.ld(7, pb.ld(11, pb.varint_field(1, _BIG))),
+    "ir_version as bytes": pb.ld(1, b"\x0a"),
+    "dims as fixed64": pb.ld(7, pb.ld(5, pb.key(1, 1) + bytes(8))),
 }
 
 
@@ -241,11 +218,17 @@ def test_wrong_wire_type_does_not_allocate(name: str) -> None:
     [
         (b"\x28" + b"\xff" * 10 + b"\x01", "longer than 10 bytes"),
         (b"\x28" + b"\xff" * 9 + b"\x7f", "exceeds 64 bits"),
-        (_key(7, 2) + _vint(1 << 40), "runs past the end"),
-        (_varint_field(99, 1), "field 99"),
-        (_ld(7, _ld(5, _ld(1, b"".join(_vint(1) for _ in range(1000))))), "more than 32 dim"),
-        (_ld(7, _ld(5, b"".join(_varint_field(1, 1) for _ in range(40)))), "more than 32 dim"),
-        (_ld(7, _ld(5, _ld(7, b"\x81")) + _ld(5, b"")), "ends inside a varint"),
+        (pb.key(7, 2) + pb.varint(1 << 40), "runs past the end"),
+        (pb.varint_field(99, 1), "field 99"),
+        (
+            pb.ld(7, pb.ld(5, pb.ld(1, b"".join(pb.varint(1) for _ in range(1000))))),
+            "more than 32 dim",
+        ),
+        (
+            pb.ld(7, pb.ld(5, b"".join(pb.varint_field(1, 1) for _ in range(40)))),
+            "more than 32 dim",
+        ),
+        (pb.ld(7, pb.ld(5, pb.ld(7, b"\x81")) + pb.ld(5, b"")), "ends inside a varint"),
     ],
     ids=[
         "11-byte varint",
@@ -266,14 +249,14 @@ def test_repeated_singular_field_is_refused(source_pkg: Path) -> None:
     """Protobuf would merge two graphs (or two tensors) into one the reader never saw."""
     data = (source_pkg / ONNX_NAME).read_bytes()
     with pytest.raises(PackageError, match="Field 7 of ModelProto appears twice"):
-        summarize(data + _ld(7, b""))
+        summarize(data + pb.ld(7, b""))
 
 
 def test_field_budget_bounds_the_reader(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(onnx_check, "MAX_FIELDS", 1000)
-    node = b"".join(_ld(1, b"x") for _ in range(2000))
+    node = b"".join(pb.ld(1, b"x") for _ in range(2000))
     with pytest.raises(PackageError, match="more than 1000 protobuf fields"):
-        summarize(b"\x08\x0a" + _ld(7, _ld(1, node)))
+        summarize(b"\x08\x0a" + pb.ld(7, pb.ld(1, node)))
 
 
 def test_error_messages_quote_a_short_prefix(source_pkg: Path) -> None:

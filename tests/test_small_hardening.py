@@ -66,18 +66,24 @@ _LOAD_IN_CHILD = textwrap.dedent(
 )
 
 
-def _load_in_child(kind: str, path: str) -> str:
-    """Load a key in a child process (memory-capped; a hang fails the test, not the run)."""
+def _run_child(argv: list[str], timeout: float, blocked: str) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` single-threaded; a hang fails the test with ``blocked``, not the run."""
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", _LOAD_IN_CHILD, kind, path],
+        return subprocess.run(
+            argv,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=timeout,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
     except subprocess.TimeoutExpired:
-        pytest.fail(f"loading a {kind} key from {path} blocked")
+        pytest.fail(blocked)
+
+
+def _load_in_child(kind: str, path: str) -> str:
+    """Load a key in a child process (memory-capped; a hang fails the test, not the run)."""
+    argv = [sys.executable, "-c", _LOAD_IN_CHILD, kind, path]
+    done = _run_child(argv, 120, f"loading a {kind} key from {path} blocked")
     return done.stdout + done.stderr
 
 
@@ -178,16 +184,8 @@ def test_cli_verify_and_sign_with_a_fifo_key_exit_2(pkg_copy: Path, tmp_path: Pa
     os.mkfifo(fifo)
     for command in (["verify", str(pkg_copy), "--key", str(fifo)], ["sign", str(pkg_copy)]):
         args = [*command, "--key", str(fifo)] if command[0] == "sign" else command
-        try:
-            done = subprocess.run(
-                [sys.executable, "-m", "sourcefree", *args],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-            )
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"`sourcefree {command[0]}` blocked on a FIFO key")
+        argv = [sys.executable, "-m", "sourcefree", *args]
+        done = _run_child(argv, 300, f"`sourcefree {command[0]}` blocked on a FIFO key")
         assert done.returncode == 2, done.stderr
         assert "is not a regular file" in done.stderr and "Traceback" not in done.stderr
 

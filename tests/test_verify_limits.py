@@ -23,6 +23,7 @@ import pytest
 
 from sourcefree.manifest import ONNX_NAME, WEIGHTS_NAME
 from sourcefree.weights import MAX_HEADER_BYTES
+from tests import protobuf_bytes as pb
 
 Forge = Callable[[Path, str, bytes], None]
 MEMORY_LIMIT = 1 << 30
@@ -122,23 +123,6 @@ def test_safetensors_header_past_the_size_limit(pkg_copy: Path, forge: Forge) ->
 # --- ONNX -------------------------------------------------------------------------------
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _key(number: int, wire: int) -> bytes:
-    return _varint(number << 3 | wire)
-
-
-def _bytes_field(number: int, payload: bytes) -> bytes:
-    return _key(number, 2) + _varint(len(payload)) + payload
-
-
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
@@ -163,7 +147,7 @@ def _with_graph_fields(model: bytes, extra: bytes) -> bytes:
             size, body = _read_varint(model, pos)
             pos = body + size
             if key >> 3 == 7:
-                out += _bytes_field(7, model[body:pos] + extra)
+                out += pb.ld(7, model[body:pos] + extra)
                 continue
         else:
             pos += 8 if wire == 1 else 4
@@ -185,20 +169,20 @@ _VARINT_2_33 = bytes([0x80, 0x80, 0x80, 0x80, 0xA0, 0x80, 0x80, 0x80, 0x00])
 
 def test_onnx_name_field_with_the_wrong_wire_type(pkg_copy: Path, forge: Forge) -> None:
     tensor = (
-        _key(1, 0) + _varint(1) + _key(2, 0) + _varint(_FLOAT)
-        + _key(8, 0) + _VARINT_2_33  # TensorProto.name as a varint: "8 GiB of name"
-        + _bytes_field(9, b"\0" * 4)
+        pb.key(1, 0) + pb.varint(1) + pb.key(2, 0) + pb.varint(_FLOAT)
+        + pb.key(8, 0) + _VARINT_2_33  # TensorProto.name as a varint: "8 GiB of name"
+        + pb.ld(9, b"\0" * 4)
     )  # fmt: skip
-    _forge_graph(pkg_copy, forge, _bytes_field(5, tensor))
+    _forge_graph(pkg_copy, forge, pb.ld(5, tensor))
     _assert_refused(pkg_copy, "model.onnx")
 
 
 def test_onnx_sparse_initializer_with_huge_dims(pkg_copy: Path, forge: Forge) -> None:
     values = (
-        _key(1, 0) + _varint(1) + _key(2, 0) + _varint(_FLOAT)
-        + _bytes_field(8, b"sparse") + _bytes_field(9, b"\0" * 4)
+        pb.key(1, 0) + pb.varint(1) + pb.key(2, 0) + pb.varint(_FLOAT)
+        + pb.ld(8, b"sparse") + pb.ld(9, b"\0" * 4)
     )  # fmt: skip
-    indices = _key(1, 0) + _varint(1) + _key(2, 0) + _varint(_INT64) + _bytes_field(9, b"\0" * 8)
-    sparse = _bytes_field(1, values) + _bytes_field(2, indices) + _key(3, 0) + _varint(2**40)
-    _forge_graph(pkg_copy, forge, _bytes_field(15, sparse))
+    indices = pb.key(1, 0) + pb.varint(1) + pb.key(2, 0) + pb.varint(_INT64) + pb.ld(9, b"\0" * 8)
+    sparse = pb.ld(1, values) + pb.ld(2, indices) + pb.key(3, 0) + pb.varint(2**40)
+    _forge_graph(pkg_copy, forge, pb.ld(15, sparse))
     _assert_refused(pkg_copy, "model.onnx")

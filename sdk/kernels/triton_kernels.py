@@ -646,6 +646,46 @@ def margin_ce_bwd(
 
 
 @triton.jit
+def _sq_dist_tile(
+    t_ptr,
+    sq_ptr,
+    rows,
+    cols,
+    n,
+    dim,
+    stride_t,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # The (rows, cols) tile of d_ij = |t_i|^2 + |t_j|^2 - 2 t_i.t_j, clamped at 0, for
+    # rows and cols < n. The dot is tiled over the features by BLOCK_D, so no operand
+    # tile is wider than BLOCK_D whatever d is.
+    row_ok = rows < n
+    col_ok = cols < n
+    i_rows = _offsets(rows, stride_t)
+    j_rows = _offsets(cols, stride_t)
+    dot = tl.zeros((rows.shape[0], cols.shape[0]), ACC)
+    for d0 in range(0, dim, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = ds < dim
+        ti = tl.load(
+            t_ptr + i_rows[:, None] + ds[None, :],
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(ACC)
+        tj = tl.load(
+            t_ptr + j_rows[:, None] + ds[None, :],
+            mask=col_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(ACC)
+        dot = tl.dot(ti, tl.trans(tj), dot, input_precision=PRECISION, out_dtype=ACC)
+    sq_i = tl.load(sq_ptr + rows, mask=row_ok, other=0.0)
+    sq_j = tl.load(sq_ptr + cols, mask=col_ok, other=0.0)
+    return tl.maximum(sq_i[:, None] + sq_j[None, :] - 2.0 * dot, 0.0)
+
+
+@triton.jit
 def _mmd_fwd_kernel(
     t_ptr,
     sq_ptr,
@@ -665,30 +705,11 @@ def _mmd_fwd_kernel(
     # r_i = sum_j sum_k exp(-d_ij / bw_k) c_j; d_ij from norms and a tiled dot product.
     rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     row_ok = rows < n
-    sq_i = tl.load(sq_ptr + rows, mask=row_ok, other=0.0)
-    i_rows = _offsets(rows, stride_t)
     r = tl.zeros((BLOCK_I,), ACC)
     for j0 in range(0, n, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         col_ok = cols < n
-        j_rows = _offsets(cols, stride_t)
-        dot = tl.zeros((BLOCK_I, BLOCK_J), ACC)
-        for d0 in range(0, dim, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_ok = ds < dim
-            ti = tl.load(
-                t_ptr + i_rows[:, None] + ds[None, :],
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(ACC)
-            tj = tl.load(
-                t_ptr + j_rows[:, None] + ds[None, :],
-                mask=col_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(ACC)
-            dot = tl.dot(ti, tl.trans(tj), dot, input_precision=PRECISION, out_dtype=ACC)
-        sq_j = tl.load(sq_ptr + cols, mask=col_ok, other=0.0)
-        dist = tl.maximum(sq_i[:, None] + sq_j[None, :] - 2.0 * dot, 0.0)
+        dist = _sq_dist_tile(t_ptr, sq_ptr, rows, cols, n, dim, stride_t, ACC, PRECISION, BLOCK_D)
         kern = tl.zeros((BLOCK_I, BLOCK_J), ACC)
         for k in tl.static_range(N_BW):
             kern += tl.exp(-dist * tl.load(inv_bw_ptr + k))
@@ -731,7 +752,6 @@ def _mmd_bwd_kernel(
         mask=row_ok[:, None] & do_ok[None, :],
         other=0.0,
     ).to(ACC)
-    sq_i = tl.load(sq_ptr + rows, mask=row_ok, other=0.0)
     c_i = tl.load(c_ptr + rows, mask=row_ok, other=0.0)
     g_i = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
     acc = tl.zeros((BLOCK_I, BLOCK_DO), ACC)
@@ -740,23 +760,7 @@ def _mmd_bwd_kernel(
         cols = j0 + tl.arange(0, BLOCK_J)
         col_ok = cols < n
         j_rows = _offsets(cols, stride_t)
-        dot = tl.zeros((BLOCK_I, BLOCK_J), ACC)
-        for d0 in range(0, dim, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_ok = ds < dim
-            ti = tl.load(
-                t_ptr + i_rows[:, None] + ds[None, :],
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(ACC)
-            tj = tl.load(
-                t_ptr + j_rows[:, None] + ds[None, :],
-                mask=col_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(ACC)
-            dot = tl.dot(ti, tl.trans(tj), dot, input_precision=PRECISION, out_dtype=ACC)
-        sq_j = tl.load(sq_ptr + cols, mask=col_ok, other=0.0)
-        dist = tl.maximum(sq_i[:, None] + sq_j[None, :] - 2.0 * dot, 0.0)
+        dist = _sq_dist_tile(t_ptr, sq_ptr, rows, cols, n, dim, stride_t, ACC, PRECISION, BLOCK_D)
         dk = tl.zeros((BLOCK_I, BLOCK_J), ACC)
         for k in tl.static_range(N_BW):
             inv_bw = tl.load(inv_bw_ptr + k)

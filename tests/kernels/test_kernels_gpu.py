@@ -7,6 +7,8 @@ that the kernels build, since the interpreter accepts shapes the compiler reject
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch.nn import functional as nnf
@@ -27,6 +29,18 @@ pytestmark = [
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def _on_cuda_and_cpu(
+    run: Callable[[str], tuple[torch.Tensor, ...]],
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """``run("cuda")`` and ``run("cpu")`` with full fp32 matmul precision (no TF32)."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return run("cuda"), run("cpu")
+    finally:
+        torch.set_float32_matmul_precision(prev)
 
 
 def test_gpu_takes_triton_path() -> None:
@@ -106,12 +120,7 @@ def test_gpu_mmd(n: int, d: int) -> None:
         val = gaussian_mmd(s, t, source_weight=w.to(dev))
         return (val.detach().cpu(), *(gr.cpu() for gr in torch.autograd.grad(val, (s, t))))
 
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        got, expected = run("cuda"), run("cpu")
-    finally:
-        torch.set_float32_matmul_precision(prev)
+    got, expected = _on_cuda_and_cpu(run)
     for a, e in zip(got, expected, strict=True):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-3)
 
@@ -198,12 +207,7 @@ def test_gpu_kmeans_keeps_gradients_like_the_cpu() -> None:
         labels, dist = kmeans_assign(x, c)
         return (labels, dist.detach(), *torch.autograd.grad(dist.sum(), (x, c)))
 
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        got, expected = run("cuda"), run("cpu")
-    finally:
-        torch.set_float32_matmul_precision(prev)
+    got, expected = _on_cuda_and_cpu(run)
     assert torch.equal(got[0].cpu(), expected[0])
     for a, e in zip(got[1:], expected[1:], strict=True):
         torch.testing.assert_close(a.cpu(), e, atol=1e-4, rtol=1e-4)
