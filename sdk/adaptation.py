@@ -331,6 +331,7 @@ def _run_candidates(
     source_scores: selection.Scores,
     calibration: Any,
     runs: list[_Run],
+    sample: Any = None,
 ) -> tuple[Method, TrainResult, selection.Outputs, Any, selection.Ranking] | None:
     """Train every candidate in turn (no checkpoints); keep the best by label-free value.
 
@@ -338,7 +339,8 @@ def _run_candidates(
     of :func:`sourcefree.selection.rank_candidates` depend on the whole pool.
     ``runs`` receives one record per candidate. Returns the chosen candidate's
     method instance, train result, outputs and config, and the ranking, or None
-    when none finished.
+    when none finished. ``sample``: the gate's subsample (indices, or None: all);
+    ``source`` holds the source's outputs on it, computed once for all candidates.
     """
     from sourcefree import config as cfgmod
     from sourcefree import selection
@@ -377,7 +379,9 @@ def _run_candidates(
             result = Trainer(
                 instance, target_data, device=dev, seed=seed, progress=progress, on_step=hook
             ).run()
-            outputs = selection.model_outputs(instance.export_model(), target_data, device=dev)
+            outputs = selection.model_outputs(
+                instance.export_model(), target_data, device=dev, indices=sample
+            )
         except RunInterruptedError:
             if not spent[0]:
                 raise  # a signal: stop everything
@@ -424,12 +428,16 @@ def _gate(
     method: str,
     trained: bool,
     source_scores: selection.Scores | None = None,
+    sample: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The do-no-harm verdict for ``report["gate"]`` (decision: what is exported).
 
-    ``source_scores``: the reference source's scores when already computed.
+    ``source_scores``: the reference source's scores when already computed;
+    ``sample``: ``sample_size`` and ``target_images`` of the images scored.
     """
     from sourcefree import selection
+
+    sampled = dict(sample or {})
 
     if not trained:
         return {
@@ -440,6 +448,7 @@ def _gate(
             "reason": "no candidate finished within the budget; the source model is exported",
             "note": "no adaptation candidate finished within the budget; source model kept",
             "scores": None,
+            **sampled,
         }
     if not gate or adapted is None:
         return {
@@ -449,6 +458,7 @@ def _gate(
             "forced": False,
             "reason": "the gate was switched off (--no-gate)",
             "scores": None,
+            **sampled,
         }
     src = source_scores or selection.score_outputs(sources[ref], sources[ref], calibration)
     ada = selection.score_outputs(adapted, sources[ref], calibration)
@@ -473,6 +483,12 @@ def _gate(
         "reference_source": ref,
         "calibrated": calibration is not None,
         "scores": {"source": src.to_dict(), "adapted": ada.to_dict()},
+        **sampled,
+        "standard_errors": {
+            "source": selection.standard_errors(sources[ref], sources[ref], calibration),
+            "adapted": selection.standard_errors(adapted, sources[ref], calibration),
+            "estimated_gain": result.to_dict()["standard_error"],
+        },
     }
 
 
@@ -507,9 +523,17 @@ def _judge_with_labels(
     source: selection.Outputs | None,
     *,
     truth: Any,
+    sample: Any = None,
 ) -> None:
-    """True accuracy of every candidate and of both sides of the gate, after the decisions."""
+    """True accuracy of every candidate and of both sides of the gate, after the decisions.
+
+    The outputs cover the gate's subsample (``sample``: indices, or None: every
+    image), so these accuracies are on it too.
+    """
     note = "labels were read after the decisions, to judge them; they chose nothing"
+    if sample is not None:
+        truth = truth[sample]
+        note += f"; on the gate's subsample of {len(truth)} images"
     gate = report["gate"]
     if gate.get("scores") is not None and adapted is not None and source is not None:
         gate["accuracy"] = {
@@ -549,6 +573,7 @@ def adapt(
     force: bool = False,
     budget_s: float | None = None,
     amp: str = "auto",
+    gate_sample: int | str | None = None,
 ) -> AdaptResult:
     """Adapt source package(s) to the images under ``data`` and write ``out``.
 
@@ -581,6 +606,10 @@ def adapt(
             (checked before each candidate and after every training step).
         amp: bf16 autocast of the training steps: ``auto`` (on for CUDA GPUs with
             bf16, off on the CPU), ``bf16`` or ``off``; losses stay fp32 (``report["amp"]``).
+        gate_sample: how many target images the gate and the label-free scores
+            look at (a seeded random subsample, the same for every model of the
+            run): a count, ``0`` or ``"all"`` (every image); None: 8,192
+            (``selection.GATE_SAMPLE``, docs/selection.md "Cost and subsample").
 
     ``method="auto"`` tries every registered method that takes this many
     packages, cheapest first, and keeps the best by label-free score.
@@ -594,7 +623,9 @@ def adapt(
         when another run holds ``out`` (:func:`sourcefree.fsutil.claimed_output`).
     """
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    from sourcefree import distributed
+    from sourcefree import distributed, selection
+
+    sample_size = selection.gate_sample_size(gate_sample)  # refused before anything starts
 
     started_group = distributed.init_from_env(device)
     claim = contextlib.ExitStack()
@@ -628,6 +659,7 @@ def adapt(
             gate=gate,
             force=force,
             budget_s=budget_s,
+            sample_size=sample_size,
         )
     finally:
         claim.close()
@@ -700,6 +732,7 @@ def _adapt(
     gate: bool,
     force: bool,
     budget_s: float | None,
+    sample_size: int,
 ) -> AdaptResult:
     import dataclasses
 
@@ -766,6 +799,13 @@ def _adapt(
         data, spec, max_bad_fraction=max_bad_fraction, strict=strict
     )
     t_loaded = time.perf_counter()
+    # The gate's subsample: one for every model and candidate of the run, and for a
+    # resumed run (a pure function of N, size and seed; outputs are recomputed).
+    sample = selection.sample_indices(len(target_data), sample_size, seed)
+    sample_info = {
+        "sample_size": len(target_data) if sample is None else len(sample),
+        "target_images": len(target_data),
+    }
 
     identity = {
         "format": "sourcefree-run-v1",
@@ -815,7 +855,8 @@ def _adapt(
         def score_sources() -> tuple[int, Any]:
             # Fresh copies: methods may train context.sources[i].model in place.
             sources_out[:] = [
-                selection.model_outputs(_fresh(p, dev), target_data, device=dev) for p in pkgs
+                selection.model_outputs(_fresh(p, dev), target_data, device=dev, indices=sample)
+                for p in pkgs
             ]
             ref = _reference_source(sources_out, pkgs)
             stats = calibrations[ref]
@@ -849,6 +890,7 @@ def _adapt(
                 source_scores=src_scores,
                 calibration=ref_cal,
                 runs=runs,
+                sample=sample,
             )
             if chosen is not None:
                 instance, result, adapted_out, cfg, ranking = chosen
@@ -879,7 +921,7 @@ def _adapt(
         if gate and not multi:  # after training: under torchrun the other ranks are done
             ref, ref_cal = score_sources()
         if model is not None and adapted_out is None and gate:
-            adapted_out = selection.model_outputs(model, target_data, device=dev)
+            adapted_out = selection.model_outputs(model, target_data, device=dev, indices=sample)
         verdict = _gate(
             gate=gate,
             force=force,
@@ -890,6 +932,7 @@ def _adapt(
             method=method,
             trained=instance is not None,
             source_scores=src_scores,
+            sample=sample_info,
         )
         keep_source = verdict["decision"] == "source"
         if keep_source:
@@ -935,6 +978,7 @@ def _adapt(
                 "criterion": None if ranking is None else ranking.rule,
                 "criterion_reason": None if ranking is None else ranking.reason,
                 "budget_s": budget_s,
+                **sample_info,
                 "chosen": next((r.candidate.label for r in runs if r.chosen), None),
                 "candidates": [r.to_dict() for r in runs],
             }
@@ -983,6 +1027,7 @@ def _adapt(
                     adapted_out,
                     sources_out[ref] if sources_out else None,
                     truth=_truth(target_keys, data, eval_labels, pkgs[0].manifest.labels),
+                    sample=sample,
                 )
             t_end = time.perf_counter()
             report["timings_s"] = {

@@ -107,6 +107,14 @@ def _typed_errors(func: F) -> F:
     help="Skip the do-no-harm gate (no label-free comparison with the source model).",
 )
 @click.option(
+    "--gate-sample",
+    metavar="N|all",
+    default=None,
+    help="How many target images the do-no-harm gate and the label-free scores look at: "
+    "a seeded random subsample, the same for every model of the run "
+    "(default 8192; 0 or all: every image).",
+)
+@click.option(
     "--amp",
     type=click.Choice(["auto", "bf16", "off"]),
     default="auto",
@@ -135,6 +143,7 @@ def adapt_command(
     budget_s: float | None,
     force: bool,
     no_gate: bool,
+    gate_sample: str | None,
     amp: str,
 ) -> None:
     """Adapt source package(s) PKG [PKG2 ...] to the unlabelled images in DATA.
@@ -182,6 +191,7 @@ def adapt_command(
         force=force,
         budget_s=budget_s,
         amp=amp,
+        gate_sample=gate_sample,
     )
     if result.rank != 0:
         return  # under torchrun only rank 0 reports
@@ -240,6 +250,9 @@ def _echo_selection(report: dict[str, Any]) -> None:
     gate = report.get("gate")
     if gate is not None:
         click.echo(f"gate: exported the {gate['decision']} model; {gate['reason']}")
+        scored, total = gate.get("sample_size"), gate.get("target_images")
+        if gate.get("scores") is not None and scored is not None and scored != total:
+            click.echo(f"  (scored on a seeded subsample of {scored} of {total} images)")
         acc = gate.get("accuracy")
         if acc is not None:
             click.echo(

@@ -42,6 +42,10 @@ Candidates (of ``--select auto`` or ``-m auto``) are ranked as a pool by
 consensus when some candidate passes the do-no-harm gate, else by agreement
 with the source; without one, by ``im``.
 
+``adapt`` scores every model on the same seeded subsample of at most
+:data:`GATE_SAMPLE` target images (:func:`sample_indices`, ``--gate-sample``);
+:func:`standard_errors` gives each score's error on it.
+
 Without a vendor calibration ``atc`` and ``anchored`` are unavailable
 (``None``): no threshold is ever fitted on the target data, which would need
 labels. Target labels never enter anything here.
@@ -52,7 +56,7 @@ The module imports torch; ``sourcefree.adaptation`` imports it lazily.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -75,6 +79,60 @@ SND_TEMPERATURE = 0.05
 SND_MAX_SAMPLES = 8192
 #: Pixels of the shifted view of :func:`augmentation_stability`.
 STABILITY_SHIFT = 2
+
+#: The gate and the label-free scores of ``adapt`` look at this many target images
+#: at most (a seeded random subsample above it; ``adapt --gate-sample``).
+GATE_SAMPLE = 8192
+#: The smallest subsample (SND needs a neighbour); 0 means every image.
+GATE_SAMPLE_MIN = 2
+
+
+def gate_sample_size(value: int | str | None) -> int:
+    """The subsample size of ``--gate-sample``: a count, ``0`` or ``all`` (every image: 0).
+
+    None is the default, :data:`GATE_SAMPLE`.
+
+    Raises:
+        ConfigError: not a whole number, negative, or 1.
+    """
+    if value is None:
+        return GATE_SAMPLE
+    size: int | None = None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == "all":
+            return 0
+        if 0 < len(text) <= 18 and text.isascii() and text.isdigit():
+            size = int(text)
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        size = int(value)
+    if size is None or size < 0 or 0 < size < GATE_SAMPLE_MIN:
+        shown = repr(value[:20]) if isinstance(value, str) else repr(value)[:20]
+        raise ConfigError(
+            f"--gate-sample {shown}",
+            f"the gate's subsample is a whole number of images, 0 or at least "
+            f"{GATE_SAMPLE_MIN} (0 or 'all': every image)",
+            f"pass e.g. --gate-sample {GATE_SAMPLE} (the default) or --gate-sample all",
+        )
+    return size
+
+
+def sample_indices(n: int, size: int, seed: int) -> np.ndarray | None:
+    """The gate's subsample of ``n`` target images: ``size`` sorted indices, or None (all).
+
+    None when ``size`` is 0 or at least ``n``: every image is scored, in order,
+    exactly as without a subsample. Otherwise a uniform random subset drawn from
+    its own generator seeded with ``seed`` (the global RNG is untouched), so every
+    model and candidate of a run, and a resumed run, scores the same images.
+    """
+    if size < 0 or n < 0:
+        raise ConfigError(f"a subsample of {size} of {n} images", "sizes are not negative", "")
+    if size == 0 or n <= size:
+        return None
+    gen = torch.Generator().manual_seed(int(seed))
+    chosen = torch.randperm(n, generator=gen)[:size]
+    return np.sort(chosen.numpy()).astype(np.int64)
+
 
 #: Score names and whether higher is better.
 HIGHER_IS_BETTER: Mapping[str, bool] = {
@@ -117,10 +175,37 @@ def _views(x: torch.Tensor, shift: int) -> list[torch.Tensor]:
     return [x.flip(3), padded[:, :, : x.shape[2], : x.shape[3]]]
 
 
-def _batches(data: TargetData | torch.Tensor, batch_size: int) -> Sequence[torch.Tensor] | Any:
-    if isinstance(data, torch.Tensor):
-        return (data[i : i + batch_size] for i in range(0, data.shape[0], batch_size))
-    return (x for _, x in data.batches(batch_size))
+def _batches(
+    data: TargetData | torch.Tensor, batch_size: int, indices: torch.Tensor | None
+) -> Iterator[torch.Tensor]:
+    """Normalised image batches in order: every image, or those at ``indices``."""
+    total = len(data) if indices is None else int(indices.numel())
+    for start in range(0, total, batch_size):
+        part: slice | torch.Tensor = (
+            slice(start, start + batch_size)
+            if indices is None
+            else indices[start : start + batch_size]
+        )
+        yield data[part] if isinstance(data, torch.Tensor) else data.tensor(part)
+
+
+def _index_tensor(indices: np.ndarray | torch.Tensor | None, n: int) -> torch.Tensor | None:
+    if indices is None:
+        return None
+    idx = torch.as_tensor(indices)
+    if idx.ndim != 1 or idx.dtype not in (torch.int32, torch.int64):
+        raise ConfigError(
+            f"image indices of dtype {idx.dtype} and shape {tuple(idx.shape)}",
+            "the images to score are given as a 1-D integer array",
+            "pass sample_indices(...) or None (every image)",
+        )
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise ConfigError(
+            f"image indices outside [0, {n})",
+            "every index must name one of the target images",
+            "pass sample_indices(...) of this target set",
+        )
+    return idx.long()
 
 
 @torch.no_grad()
@@ -131,16 +216,22 @@ def model_outputs(
     views: bool = True,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    indices: np.ndarray | torch.Tensor | None = None,
 ) -> Outputs:
-    """Eval-mode logits of ``model`` on every image, and top-1 of flipped/shifted views.
+    """Eval-mode logits of ``model`` on the images, and top-1 of flipped/shifted views.
 
     ``model`` returns ``(logits, features)`` (a :class:`~sourcefree.models.Classifier`)
     or logits. ``data`` is a :class:`~sourcefree.method.TargetData` or a normalised
-    float tensor (N, C, H, W). The model's train/eval mode is restored afterwards.
+    float tensor (N, C, H, W); ``indices`` the images to score, in that order (the
+    gate's subsample, :func:`sample_indices`), or None for every image. With
+    ``views`` each batch and its two views go through one forward pass of
+    ``batch_size`` images in all (a third of them clean), so memory stays that of
+    one batch. The model's train/eval mode is restored afterwards.
     """
     was_training = model.training
     model.eval()
     dev = torch.device(device)
+    idx = _index_tensor(indices, len(data))
     logits: list[torch.Tensor] = []
     preds: list[list[torch.Tensor]] = [[], []]
 
@@ -149,12 +240,17 @@ def model_outputs(
         first: torch.Tensor = out[0] if isinstance(out, (tuple, list)) else out
         return first.float().cpu()
 
+    per_pass = max(1, batch_size // 3) if views else batch_size
     try:
-        for x in _batches(data, batch_size):
-            logits.append(run(x))
-            if views:
-                for i, v in enumerate(_views(x, STABILITY_SHIFT)):
-                    preds[i].append(run(v).argmax(1))
+        for x in _batches(data, per_pass, idx):
+            if not views:
+                logits.append(run(x))
+                continue
+            k = x.shape[0]
+            out = run(torch.cat([x, *_views(x, STABILITY_SHIFT)]))
+            logits.append(out[:k])
+            preds[0].append(out[k : 2 * k].argmax(1))
+            preds[1].append(out[2 * k :].argmax(1))
     finally:
         model.train(was_training)
     if not logits:
@@ -473,6 +569,55 @@ def score_outputs(
     )
 
 
+def _se(values: torch.Tensor) -> float:
+    """Standard error of the mean of per-image values (population variance, as the gate)."""
+    v = values.double()
+    return float(v.std(unbiased=False) / math.sqrt(v.numel()))
+
+
+def standard_errors(
+    outputs: Outputs,
+    source: Outputs,
+    calibration: Calibration | None = None,
+    *,
+    score: ConfidenceScore = ATC_SCORE,
+) -> dict[str, float | None]:
+    """Standard error of each score of :func:`score_outputs` over the images scored.
+
+    Each score that is a mean over images gets ``std / sqrt(n)`` of its per-image
+    values (``im``: of its delta-method influence values); ``snd`` and ``kappa``
+    are not such means and get None, as do scores that were not computed. The
+    images are treated as draws from the target distribution, so on a subsample
+    this is the subsample's error of the whole set's value.
+    """
+    la, ls = _logits(outputs).double(), _logits(source).double()
+    probs = torch.softmax(la, dim=1)
+    ent = _entropies(la)
+    mean_p = probs.mean(0).clamp_min(torch.finfo(torch.float64).tiny)
+    agree = (la.argmax(1) == ls.argmax(1)).double()
+    out: dict[str, float | None] = {
+        "entropy": _se(ent),
+        "im": _se(-(probs @ (mean_p.log() + 1.0)) - ent),
+        "snd": None,
+        "agreement": _se(agree),
+        "kappa": None,
+        "stability": None,
+        "atc": None,
+        "anchored": None,
+    }
+    if outputs.view_predictions:
+        base = outputs.predictions
+        same = [(v == base).double() for v in outputs.view_predictions]
+        out["stability"] = _se(torch.stack(same).mean(0))
+    if calibration is not None:
+        threshold = calibration.threshold(score)
+        out["atc"] = _se((confidence(la, score) > threshold).double())
+        ok = confidence(ls, score) > threshold
+        same_top1 = agree.bool()
+        out["anchored"] = _se(((same_top1 & ok) | (~same_top1 & ~ok)).double())
+    return {k: _round(v) for k, v in out.items()}
+
+
 # --- choosing among candidates, and the do-no-harm gate ------------------------------
 
 #: ``adapt -m auto``: try the registered methods.
@@ -668,6 +813,8 @@ class GateResult:
     reason: str
     estimated_gain: float | None
     """Anchored accuracy of the adapted model minus the source's ATC (calibrated only)."""
+    standard_error: float | None = None
+    """Standard error of ``estimated_gain`` over the images scored (calibrated only)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -675,6 +822,7 @@ class GateResult:
             "criterion": self.criterion,
             "reason": self.reason,
             "estimated_gain": _round(self.estimated_gain),
+            "standard_error": _round(self.standard_error),
         }
 
 
@@ -692,8 +840,9 @@ def gate_decision(
     mean over images of +1 (it overrules a source prediction ATC counts as
     wrong), -1 (it changes one ATC counts as right) or 0. The adapted model
     passes when that mean exceeds ``z`` standard errors (``sqrt((d - gain^2) / N)``
-    with ``d = 1 - agreement``, the share of changed predictions): a few changed
-    images on a small target set are no evidence. Without one, no accuracy can be
+    with ``d = 1 - agreement``, the share of changed predictions, and ``N`` the
+    images scored: the gate's subsample when there is one): a few changed images
+    on a small target set are no evidence. Without one, no accuracy can be
     estimated; the adapted model passes when it is at least as confident-and-diverse
     as the source (``im``) and agrees
     with the source at least as often as chance (``kappa >= 0``): this catches
@@ -710,7 +859,7 @@ def gate_decision(
         )
         if gain > 0 and gain > z * se:
             return GateResult(
-                "adapted", "anchored", f"{method} is estimated better: {numbers}", gain
+                "adapted", "anchored", f"{method} is estimated better: {numbers}", gain, se
             )
         return GateResult(
             "source",
@@ -718,6 +867,7 @@ def gate_decision(
             f"{method} is not estimated better than the source model: {numbers}; "
             "the source model is kept",
             gain,
+            se,
         )
     problems = []
     if adapted.im < source.im:

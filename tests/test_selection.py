@@ -368,3 +368,128 @@ def test_methods_command_lists_the_grids() -> None:
     }
     assert rows["shot"]["selection_grid"] == [{"epochs": 2}, {"epochs": 5}, {"epochs": 10}]
     assert rows["adabn"]["selection_grid"] == []
+
+
+# --- issue 24: the gate's subsample, its standard errors, one forward per batch --------
+
+
+def _old_model_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> sel.Outputs:
+    """model_outputs as it was before issue 24: three separate passes of each batch."""
+    logits, flips, shifts = [], [], []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            b = x[i : i + batch_size]
+            logits.append(model(b)[0].float())
+            padded = nn.functional.pad(b, (2, 2, 2, 2), mode="replicate")
+            flips.append(model(b.flip(3))[0].argmax(1))
+            shifts.append(model(padded[:, :, : b.shape[2], : b.shape[3]])[0].argmax(1))
+    return sel.Outputs(torch.cat(logits), (torch.cat(flips), torch.cat(shifts)))
+
+
+def _small_cnn_and_images(n: int = 300) -> tuple[nn.Module, torch.Tensor]:
+    from sourcefree.models import build_classifier
+
+    torch.manual_seed(3)
+    model = build_classifier("smallcnn", 5)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(32, 3, 32, 32) * 2 + 0.3)  # BatchNorm statistics
+    return model.eval(), torch.randn(n, 3, 32, 32)
+
+
+def test_one_forward_per_batch_with_its_views_is_bitwise_the_old_three_passes() -> None:
+    model, x = _small_cnn_and_images()
+    old, new = _old_model_outputs(model, x), sel.model_outputs(model, x)
+    assert torch.equal(old.logits, new.logits)
+    assert all(
+        torch.equal(a, b) for a, b in zip(old.view_predictions, new.view_predictions, strict=True)
+    )
+    assert sel.score_outputs(new, new).to_dict() == sel.score_outputs(old, old).to_dict()
+
+
+def test_model_outputs_on_indices_are_the_rows_of_the_full_pass() -> None:
+    model, x = _small_cnn_and_images()
+    full = sel.model_outputs(model, x)
+    idx = sel.sample_indices(300, 40, seed=7)
+    assert idx is not None
+    part = sel.model_outputs(model, x, indices=idx, batch_size=30)
+    assert torch.equal(part.logits, full.logits[idx])
+    for a, b in zip(part.view_predictions, full.view_predictions, strict=True):
+        assert torch.equal(a, b[idx])
+    for bad in (np.array([0, 300]), np.array([-1]), np.zeros((2, 2), np.int64), np.ones(2)):
+        with pytest.raises(ConfigError, match="indices"):
+            sel.model_outputs(model, x, indices=bad)
+
+
+def test_sample_indices_are_seeded_sorted_and_all_images_below_the_size() -> None:
+    assert sel.sample_indices(100, 100, seed=0) is None  # every image, in order
+    assert sel.sample_indices(100, 5000, seed=0) is None
+    assert sel.sample_indices(100, 0, seed=0) is None  # 0: every image
+    rng_before = torch.random.get_rng_state()
+    a = sel.sample_indices(10_000, 500, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), rng_before), "global RNG untouched"
+    b, c = sel.sample_indices(10_000, 500, seed=3), sel.sample_indices(10_000, 500, seed=4)
+    assert a is not None and b is not None and c is not None
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert a.dtype == np.int64 and len(np.unique(a)) == 500
+    assert np.all(np.diff(a) > 0) and a.min() >= 0 and a.max() < 10_000
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [(None, sel.GATE_SAMPLE), ("all", 0), ("ALL", 0), ("0", 0), (0, 0), ("100", 100), (2, 2)],
+)
+def test_gate_sample_size_accepts_counts_and_all(value: int | str | None, size: int) -> None:
+    assert sel.gate_sample_size(value) == size
+
+
+@pytest.mark.parametrize(
+    "value", ["-1", "1", 1, -5, "abc", "1e3", "2.5", 2.5, True, "", "9" * 50, "\x1b[31m9"]
+)
+def test_gate_sample_size_refuses_the_rest(value: object) -> None:
+    with pytest.raises(ConfigError, match="gate-sample") as err:
+        sel.gate_sample_size(value)  # type: ignore[arg-type]
+    assert "\x1b" not in str(err.value) and "9" * 30 not in str(err.value)
+
+
+def test_standard_errors_are_those_of_per_image_means() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a, s = torch.randn(400, 4, generator=gen) * 3, torch.randn(400, 4, generator=gen) * 3
+    flips = torch.randint(0, 4, (400,), generator=gen)
+    out = sel.Outputs(a, (flips, a.argmax(1)))
+    cal = Calibration(0.8, 100, atc_max_softmax=0.5, atc_neg_entropy=-0.6)
+    se = sel.standard_errors(out, sel.Outputs(s), cal)
+    n = 400
+
+    def binomial(p: float) -> float:
+        return math.sqrt(p * (1 - p) / n)
+
+    scores = sel.score_outputs(out, sel.Outputs(s), cal)
+    assert se["agreement"] == pytest.approx(binomial(scores.agreement), rel=1e-5)
+    assert se["atc"] == pytest.approx(binomial(scores.atc or 0.0), rel=1e-5)
+    assert se["anchored"] == pytest.approx(binomial(scores.anchored or 0.0), rel=1e-5)
+    ent = -(torch.softmax(a.double(), 1) * torch.log_softmax(a.double(), 1)).sum(1)
+    assert se["entropy"] == pytest.approx(float(ent.std(unbiased=False)) / 20, rel=1e-5)
+    assert se["snd"] is None and se["kappa"] is None
+    assert se["stability"] is not None and 0 < se["stability"] < 0.05
+    # The delta-method error of IM agrees with a jackknife of the score itself.
+    values = torch.tensor(
+        [sel.information_maximisation(torch.cat([a[:i], a[i + 1 :]])) for i in range(n)]
+    )
+    jackknife = math.sqrt((n - 1) * float(((values - values.mean()) ** 2).mean()))
+    assert se["im"] == pytest.approx(jackknife, rel=0.05)
+    uncal = sel.standard_errors(sel.Outputs(a), sel.Outputs(s))
+    assert uncal["atc"] is None and uncal["anchored"] is None and uncal["stability"] is None
+
+
+def test_gate_reports_the_standard_error_of_the_images_scored() -> None:
+    src = _scores(agreement=1.0, kappa=1.0, atc=0.6, anchored=0.6)
+    few = sel.gate_decision(src, _scores(agreement=0.97, anchored=0.604, images=1000))
+    many = sel.gate_decision(src, _scores(agreement=0.97, anchored=0.604, images=100_000))
+    assert few.standard_error == pytest.approx(math.sqrt((0.03 - 0.004**2) / 1000))
+    assert many.standard_error == pytest.approx(math.sqrt((0.03 - 0.004**2) / 100_000))
+    assert few.to_dict()["standard_error"] == pytest.approx(few.standard_error, rel=1e-5)
+    uncalibrated = sel.gate_decision(_scores(), _scores(im=2.0))
+    assert uncalibrated.standard_error is None
+    assert uncalibrated.to_dict()["standard_error"] is None

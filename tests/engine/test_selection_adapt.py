@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import signal
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +25,7 @@ from sourcefree import selection
 from sourcefree.adaptation import adapt
 from sourcefree.audit import audit_package
 from sourcefree.commands_adapt import adapt_command
-from sourcefree.errors import ConfigError, ResumeError
+from sourcefree.errors import ConfigError, ResumeError, RunInterruptedError
 from sourcefree.export import source_package
 from sourcefree.manifest import InputSpec
 from sourcefree.method import Batch, Method, MethodContext, Phase, StepOutput
@@ -459,3 +463,178 @@ def test_auto_method_skips_a_method_the_package_cannot_serve(
     assert rows["adafer"]["status"] == "skipped"
     assert "carries no action-unit detector" in rows["adafer"]["detail"]
     assert rows["sharpen-test"]["chosen"] and result.report["method"] == "sharpen-test"
+
+
+# --- issue 24: the gate's subsample --------------------------------------------------
+
+
+def _record_model_outputs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[nn.Module, Any]]:
+    """Every call of selection.model_outputs in adapt: (model, indices)."""
+    calls: list[tuple[nn.Module, Any]] = []
+    real = selection.model_outputs
+
+    def spy(model: nn.Module, data: Any, **kw: Any) -> selection.Outputs:
+        calls.append((model, kw.get("indices")))
+        return real(model, data, **kw)
+
+    monkeypatch.setattr(selection, "model_outputs", spy)
+    return calls
+
+
+def test_select_auto_scores_one_seeded_subsample_and_the_source_once(
+    unsure_pkg: Path,
+    target_dir: Path,
+    eval_csv: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _record_model_outputs(monkeypatch)
+    result = adapt(
+        unsure_pkg,
+        target_dir,
+        method="scramble-test",
+        out=tmp_path / "run",
+        overrides=["shift=1"],  # every candidate differs from the source
+        select="auto",
+        device="cpu",
+        seed=5,
+        gate_sample=16,
+        eval_labels=eval_csv,
+    )
+    expected = selection.sample_indices(64, 16, seed=5)
+    assert expected is not None and len(expected) == 16
+    assert len(calls) == 4  # the source once, then each of the 3 candidates once
+    assert all(np.array_equal(idx, expected) for _, idx in calls)
+    source_head = _weights(unsure_pkg)["head.weight"]
+    same = [torch.equal(m.head.weight, source_head) for m, _ in calls]  # type: ignore[union-attr]
+    assert same == [True, False, False, False]
+    report = result.report
+    gate, sel = report["gate"], report["selection"]
+    assert gate["sample_size"] == sel["sample_size"] == 16
+    assert gate["target_images"] == sel["target_images"] == 64
+    assert gate["scores"]["source"]["images"] == gate["scores"]["adapted"]["images"] == 16
+    assert all(r["scores"]["images"] == 16 for r in sel["candidates"])
+    se = gate["standard_errors"]
+    assert set(se) == {"source", "adapted", "estimated_gain"}
+    assert se["adapted"]["anchored"] is not None and se["source"]["snd"] is None
+    changed = 1.0 - gate["scores"]["adapted"]["agreement"]
+    gain = gate["estimated_gain"]
+    assert se["estimated_gain"] == pytest.approx(math.sqrt((changed - gain**2) / 16), abs=1e-5)
+    assert "subsample of 16 images" in gate["accuracy"]["note"]  # judged on the same images
+    assert "subsample of 16 images" in sel["note"]
+
+
+def test_a_target_below_the_sample_size_is_scored_whole_as_before(
+    confident_pkg: Path,
+    target_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sourcefree.models import load_classifier
+
+    calls = _record_model_outputs(monkeypatch)
+    runs = {}
+    for name, value in (("default", None), ("all", "all"), ("exact", 64)):
+        runs[name] = adapt(
+            confident_pkg,
+            target_dir,
+            method="scramble-test",
+            out=tmp_path / name,
+            overrides=["scale=2.0"],
+            device="cpu",
+            force=True,  # the adapted model is exported: its weights are read back below
+            gate_sample=value,
+        ).report["gate"]
+    assert all(idx is None for _, idx in calls)  # every image, in order
+    assert runs["default"] == runs["all"] == runs["exact"]
+    gate = runs["default"]
+    assert gate["sample_size"] == gate["target_images"] == 64
+    # The same scores as full passes over every image (test_selection.py shows those are
+    # bitwise the pre-subsample three-pass outputs).
+    x = _images(target_dir)
+    src_pkg, ada_pkg = load_package(confident_pkg), load_package(tmp_path / "all" / "package")
+    src = selection.model_outputs(
+        load_classifier(src_pkg.manifest.architecture, src_pkg.weights_bytes), x
+    )
+    ada = selection.model_outputs(
+        load_classifier(ada_pkg.manifest.architecture, ada_pkg.weights_bytes), x
+    )
+    stats = src_pkg.manifest.source_stats
+    cal = None if stats is None else stats.calibration
+    assert gate["scores"]["source"] == selection.score_outputs(src, src, cal).to_dict()
+    assert gate["scores"]["adapted"] == selection.score_outputs(ada, src, cal).to_dict()
+
+
+@pytest.mark.parametrize("value", ["1", "-3", "lots", "1.5", "9" * 40])
+def test_cli_refuses_a_bad_gate_sample(
+    plain_pkg: Path, target_dir: Path, tmp_path: Path, value: str
+) -> None:
+    res = CliRunner().invoke(
+        adapt_command,
+        [
+            *(str(plain_pkg), str(target_dir), "-m", "scramble-test", "-o", str(tmp_path / "run")),
+            *("--device", "cpu", "--no-progress", "--gate-sample", value),
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    assert "error: --gate-sample" in res.output and "Traceback" not in res.output
+    assert "9" * 30 not in res.output
+    assert not (tmp_path / "run").exists() and not any(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="gate-sample"):
+        adapt(plain_pkg, target_dir, method="scramble-test", out=tmp_path / "r", gate_sample=True)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_resume_scores_the_same_subsample_again(
+    source_pkg: Path, target_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The source outputs are not stored in the run directory: a resumed run recomputes
+    # them on the same subsample (a pure function of N, size and seed) and gets the same gate.
+    sets = ["batch_size=16", "epochs=2"]
+    common: dict[str, Any] = {"method": "tent", "overrides": sets, "device": "cpu"}
+    ref = adapt(source_pkg, target_dir, out=tmp_path / "ref", gate_sample=20, **common)
+
+    def kill(info: StepInfo) -> None:
+        if info.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    wd = tmp_path / "wd"
+    with pytest.raises(RunInterruptedError):
+        adapt(
+            source_pkg,
+            target_dir,
+            out=tmp_path / "run",
+            workdir=wd,
+            on_step=kill,
+            gate_sample=20,
+            **common,
+        )
+    calls = _record_model_outputs(monkeypatch)
+    done = adapt(
+        source_pkg,
+        target_dir,
+        out=tmp_path / "run",
+        workdir=wd,
+        resume=True,
+        gate_sample=20,
+        **common,
+    )
+    assert done.report["resumed"] is True
+    expected = selection.sample_indices(64, 20, seed=0)
+    assert len(calls) == 2 and all(np.array_equal(i, expected) for _, i in calls)
+    assert done.report["gate"] == ref.report["gate"]
+    assert done.report["gate"]["sample_size"] == 20
+
+
+def test_cli_gate_sample_is_reported(plain_pkg: Path, target_dir: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        adapt_command,
+        [
+            *(str(plain_pkg), str(target_dir), "-m", "scramble-test", "-o", str(tmp_path / "run")),
+            *("--device", "cpu", "--no-progress", "--gate-sample", "16"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "scored on a seeded subsample of 16 of 64 images" in res.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["gate"]["sample_size"] == 16 and report["gate"]["target_images"] == 64
