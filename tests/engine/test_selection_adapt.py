@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from html import escape as html_escape
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -506,7 +506,7 @@ def test_select_auto_scores_one_seeded_subsample_and_the_source_once(
     assert len(calls) == 4  # the source once, then each of the 3 candidates once
     assert all(np.array_equal(idx, expected) for _, idx in calls)
     source_head = _weights(unsure_pkg)["head.weight"]
-    same = [torch.equal(m.head.weight, source_head) for m, _ in calls]  # type: ignore[union-attr]
+    same = [torch.equal(cast(Any, m).head.weight, source_head) for m, _ in calls]
     assert same == [True, False, False, False]
     report = result.report
     gate, sel = report["gate"], report["selection"]
@@ -581,7 +581,7 @@ def test_cli_refuses_a_bad_gate_sample(
     assert "9" * 30 not in res.output
     assert not (tmp_path / "run").exists() and not any(tmp_path.iterdir())
     with pytest.raises(ConfigError, match="gate-sample"):
-        adapt(plain_pkg, target_dir, method="scramble-test", out=tmp_path / "r", gate_sample=True)  # type: ignore[arg-type]
+        adapt(plain_pkg, target_dir, method="scramble-test", out=tmp_path / "r", gate_sample=True)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -621,6 +621,7 @@ def test_resume_scores_the_same_subsample_again(
     )
     assert done.report["resumed"] is True
     expected = selection.sample_indices(64, 20, seed=0)
+    assert expected is not None
     assert len(calls) == 2 and all(np.array_equal(i, expected) for _, i in calls)
     assert done.report["gate"] == ref.report["gate"]
     assert done.report["gate"]["sample_size"] == 20
