@@ -125,19 +125,28 @@ def export_cmd(
         --labels surprise,fear,disgust,happiness,sadness,anger,neutral \\
         --input-size 64 --out fer-resnet18
     """
+    from sourcefree.errors import PackageError
     from sourcefree.export import source_package
     from sourcefree.fsutil import check_output_dir
     from sourcefree.manifest import InputSpec
-    from sourcefree.models import from_vendor_state, get_architecture, read_vendor_weights
+    from sourcefree.models import (
+        first_conv_channels,
+        from_vendor_state,
+        get_architecture,
+        read_vendor_weights,
+    )
 
     check_output_dir(out.absolute(), overwrite)
     names = [s.strip() for s in labels.split(",") if s.strip()]
     a = get_architecture(arch)
     state = read_vendor_weights(weights)
-    in_channels = 3
-    if grayscale and 1 in a.channels:
-        first = next((t for k, t in state.items() if t.ndim == 4), None)
-        in_channels = 1 if first is not None and first.shape[1] == 1 else 3
+    in_channels = first_conv_channels(a, state)  # by the registry's key, never dict order
+    if in_channels == 1 and not grayscale:
+        raise PackageError(
+            f"{a.name}'s first convolution {a.first_conv!r} takes 1 channel",
+            "a one-channel model was trained on grey images",
+            "pass --grayscale",
+        )
     default = (0.5,) * in_channels
     spec = InputSpec(
         size=(input_size, input_size),

@@ -72,6 +72,12 @@ class Architecture:
     head_path: str
     """Dotted path of the final nn.Linear inside the vendor-facing module."""
     feature_dim: int
+    first_conv: str
+    """State-dict key of the first convolution's weight in the vendor-facing module.
+
+    Its shape ``(out, in, kh, kw)`` gives the input channels; a weights dict's
+    order is not the network's (safetensors files are sorted by dtype and name).
+    """
     channels: tuple[int, ...] = (3,)
     """Input channel counts the architecture accepts."""
     min_size: int = 32
@@ -96,14 +102,36 @@ def _small(num_classes: int, in_channels: int) -> nn.Module:
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
-        Architecture("resnet18", _tv("resnet18"), "fc", 512, description="torchvision ResNet-18"),
-        Architecture("resnet34", _tv("resnet34"), "fc", 512, description="torchvision ResNet-34"),
-        Architecture("resnet50", _tv("resnet50"), "fc", 2048, description="torchvision ResNet-50"),
+        Architecture(
+            "resnet18",
+            _tv("resnet18"),
+            "fc",
+            512,
+            "conv1.weight",
+            description="torchvision ResNet-18",
+        ),
+        Architecture(
+            "resnet34",
+            _tv("resnet34"),
+            "fc",
+            512,
+            "conv1.weight",
+            description="torchvision ResNet-34",
+        ),
+        Architecture(
+            "resnet50",
+            _tv("resnet50"),
+            "fc",
+            2048,
+            "conv1.weight",
+            description="torchvision ResNet-50",
+        ),
         Architecture(
             "mobilenet_v3_small",
             _tv("mobilenet_v3_small"),
             "classifier.3",
             1024,
+            "features.0.0.weight",
             description="torchvision MobileNetV3-Small (features after the 1024-d layer)",
         ),
         Architecture(
@@ -111,6 +139,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             _tv("mobilenet_v3_large"),
             "classifier.3",
             1280,
+            "features.0.0.weight",
             description="torchvision MobileNetV3-Large (features after the 1280-d layer)",
         ),
         Architecture(
@@ -118,6 +147,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             _tv("efficientnet_b0"),
             "classifier.1",
             1280,
+            "features.0.0.weight",
             description="torchvision EfficientNet-B0",
         ),
         Architecture(
@@ -125,6 +155,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             _small,
             "fc",
             128,
+            "features.0.weight",
             channels=(1, 3),
             min_size=8,
             description="3 conv blocks + BatchNorm + global pool, for 32-64 px faces",
@@ -279,6 +310,42 @@ def from_vendor_state(
     vendor.load_state_dict(checked)
     backbone, head = _split(vendor, a.head_path)
     return Classifier(backbone, head)
+
+
+def first_conv_channels(arch: str | Architecture, state: Mapping[str, torch.Tensor]) -> int:
+    """Input channels of vendor weights, read at the registry's first-convolution key.
+
+    Never the first 4-D tensor of ``state``: a dict's order is not the network's.
+
+    Raises:
+        PackageError: the tensor is missing, is not a convolution weight, or
+            takes a channel count the architecture does not accept.
+    """
+    a = get_architecture(arch) if isinstance(arch, str) else arch
+    weight = state.get(a.first_conv)
+    if weight is None:
+        raise PackageError(
+            f"the weights do not hold {a.first_conv!r}: the file does not match the "
+            f"architecture {a.name}",
+            f"{a.name} stores its first convolution under that name",
+            "pass weights saved from this architecture's own state_dict(), or fix --arch",
+        )
+    if weight.ndim != 4:
+        raise PackageError(
+            f"the weights tensor {a.first_conv!r} has shape {list(weight.shape)[:8]}",
+            f"{a.name}'s first convolution weight is 4-D (out, in, kh, kw)",
+            "pass weights saved from this architecture's own state_dict()",
+        )
+    channels = int(weight.shape[1])
+    if channels not in a.channels:
+        raise PackageError(
+            f"{a.name}'s first convolution {a.first_conv!r} takes {channels} input channels",
+            f"{a.name} takes {' or '.join(map(str, a.channels))}-channel input",
+            "export a model with one of those input channel counts"
+            if 1 in a.channels
+            else "train with grey images replicated to RGB, or use the smallcnn architecture",
+        )
+    return channels
 
 
 def load_classifier(spec: ArchitectureSpec, weights: bytes) -> Classifier:
