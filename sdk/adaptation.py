@@ -13,8 +13,9 @@ for the whole run (an fcntl lock on ``.OUT.lock`` beside it): a second run
 into the same OUT is refused while this one lives. A signal after training
 (export, evaluation, report) removes the staging folder and keeps the run
 directory, so ``--resume`` exports again without training again. Evaluation
-labels are read only after adaptation finished, to report; they never enter a
-decision. Importing this module does not import torch.
+labels are read and checked once, before anything starts (a bad row fails in
+the first second, not after training), and used only after adaptation finished,
+to report; they never enter a decision. Importing this module does not import torch.
 
 Under ``torchrun`` (see docs/scaling.md) every rank reads the target images and
 trains its slice of each batch; rank 0 alone holds the run directory (lock,
@@ -52,7 +53,10 @@ from sourcefree.fsutil import (
 from sourcefree.package import Package, load_package
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from sourcefree import selection
+    from sourcefree.data.dataset import ImageDataset
     from sourcefree.method import Method, TargetData
     from sourcefree.models import Classifier
     from sourcefree.trainer import StepInfo, TrainResult
@@ -194,9 +198,7 @@ def _identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 def _pseudo_label_report(
     selection: tuple[Any, Any],
-    keys: Sequence[str],
-    data: str | os.PathLike[str],
-    eval_labels: str | os.PathLike[str],
+    truth: np.ndarray,
     labels: Sequence[str],
     *,
     source_accuracy: float,
@@ -205,20 +207,18 @@ def _pseudo_label_report(
     import numpy as np
 
     from sourcefree.errors import TrainingError
-    from sourcefree.evaluation import labelled_dataset, pseudo_label_quality
+    from sourcefree.evaluation import pseudo_label_quality
 
     indices = selection[0].detach().cpu().numpy().astype(np.int64).reshape(-1)
     chosen = selection[1].detach().cpu().numpy().astype(np.int64).reshape(-1)
     if indices.shape != chosen.shape or (
-        indices.size and (indices.min() < 0 or indices.max() >= len(keys))
+        indices.size and (indices.min() < 0 or indices.max() >= len(truth))
     ):
         raise TrainingError(
             "the method's pseudo_label_selection() is malformed",
-            f"{indices.size} indices and {chosen.size} labels for {len(keys)} images",
+            f"{indices.size} indices and {chosen.size} labels for {len(truth)} images",
             "return (dataset indices, labels) of equal length, indices in range",
         )
-    by_key = {s.key: s.label for s in labelled_dataset(data, eval_labels, labels).samples}
-    truth = np.asarray([by_key.get(k, -1) for k in keys], dtype=np.int64)
     out = pseudo_label_quality(indices, chosen, truth, labels)
     out["source_accuracy"] = source_accuracy
     return out
@@ -492,19 +492,54 @@ def _gate(
     }
 
 
-def _truth(
-    keys: Sequence[str],
-    data: str | os.PathLike[str],
-    eval_labels: str | os.PathLike[str],
-    labels: Sequence[str],
-) -> Any:
-    """Evaluation label index of every kept target image (-1: unlabelled), in memory only."""
+def _eval_truth(eval_set: ImageDataset, target_data: TargetData, keys: Sequence[str]) -> np.ndarray:
+    """Evaluation label of every kept target image (-1: unlabelled), before any training.
+
+    Raises:
+        DatasetError: no labelled image was readable (all were skipped at load).
+    """
+    from sourcefree.errors import DatasetError
+    from sourcefree.evaluation import labels_of
+
+    truth = labels_of(eval_set, keys)
+    if not (truth >= 0).any():
+        raise DatasetError(
+            "no image that the labels CSV labels could be read",
+            f"its {len(eval_set)} labelled images were all skipped as unreadable "
+            f"({len(target_data)} target images read)",
+            "label readable images, or replace the unreadable ones",
+        )
+    return truth
+
+
+def _evaluation(
+    pkgs: Sequence[Package],
+    adapted: Package,
+    target_data: TargetData,
+    truth: np.ndarray,
+    instance: Method | None,
+) -> dict[str, Any]:
+    """Source vs adapted metrics on the labelled target images (decoded once, at load)."""
     import numpy as np
 
-    from sourcefree.evaluation import labelled_dataset
+    from sourcefree.evaluation import evaluate_inputs
 
-    by_key = {s.key: s.label for s in labelled_dataset(data, eval_labels, labels).samples}
-    return np.asarray([by_key.get(k, -1) for k in keys], dtype=np.int64)
+    labelled = np.flatnonzero(truth >= 0)
+    x, y = target_data.tensor(labelled).numpy(), truth[labelled]
+    evaluation: dict[str, Any] = {
+        "note": "labels were checked before adaptation and used after it, for this report only",
+        "source": [evaluate_inputs(p, x, y, device="cpu").to_dict() for p in pkgs],
+        "adapted": evaluate_inputs(adapted, x, y, device="cpu").to_dict(),
+    }
+    selected = None if instance is None else instance.pseudo_label_selection()
+    if selected is not None:
+        evaluation["pseudo_labels"] = _pseudo_label_report(
+            selected,
+            truth,
+            pkgs[0].manifest.labels,
+            source_accuracy=evaluation["source"][0]["accuracy"],
+        )
+    return evaluation
 
 
 def _accuracy(predictions: Any, truth: Any) -> float | None:
@@ -530,7 +565,7 @@ def _judge_with_labels(
     The outputs cover the gate's subsample (``sample``: indices, or None: every
     image), so these accuracies are on it too.
     """
-    note = "labels were read after the decisions, to judge them; they chose nothing"
+    note = "labels were used after the decisions, to judge them; they chose nothing"
     if sample is not None:
         truth = truth[sample]
         note += f"; on the gate's subsample of {len(truth)} images"
@@ -626,6 +661,12 @@ def adapt(
     from sourcefree import distributed, selection
 
     sample_size = selection.gate_sample_size(gate_sample)  # refused before anything starts
+    eval_set: ImageDataset | None = None
+    if eval_labels is not None:  # parsed and checked once, before anything starts
+        from sourcefree.evaluation import labelled_dataset
+
+        packages = _packages(packages)
+        eval_set = labelled_dataset(data, eval_labels, packages[0].manifest.labels)
 
     started_group = distributed.init_from_env(device)
     claim = contextlib.ExitStack()
@@ -647,7 +688,7 @@ def adapt(
             workdir=workdir,
             keep_workdir=keep_workdir,
             device=device,
-            eval_labels=eval_labels,
+            eval_set=eval_set,
             seed=seed,
             max_bad_fraction=max_bad_fraction,
             strict=strict,
@@ -720,7 +761,7 @@ def _adapt(
     workdir: str | os.PathLike[str] | None,
     keep_workdir: bool,
     device: str,
-    eval_labels: str | os.PathLike[str] | None,
+    eval_set: ImageDataset | None,
     seed: int,
     max_bad_fraction: float,
     strict: bool,
@@ -798,6 +839,7 @@ def _adapt(
     target_data, target_keys = _read_target(
         data, spec, max_bad_fraction=max_bad_fraction, strict=strict
     )
+    truth = None if eval_set is None else _eval_truth(eval_set, target_data, target_keys)
     t_loaded = time.perf_counter()
     # The gate's subsample: one for every model and candidate of the run, and for a
     # resumed run (a pure function of N, size and seed; outputs are recomputed).
@@ -1000,33 +1042,14 @@ def _adapt(
                 "parity_max_abs_logits": float(parity.max_abs_logits),
                 "parity_top1_agreement": float(parity.top1_agreement),
             }
-            if eval_labels is not None:
-                from sourcefree.evaluation import evaluate
-
-                evaluation: dict[str, Any] = {
-                    "note": "labels were read after adaptation, for this report only",
-                    "source": [
-                        evaluate(p, data, eval_labels, device="cpu").to_dict() for p in pkgs
-                    ],
-                    "adapted": evaluate(adapted, data, eval_labels, device="cpu").to_dict(),
-                }
-                selected = None if instance is None else instance.pseudo_label_selection()
-                if selected is not None:
-                    evaluation["pseudo_labels"] = _pseudo_label_report(
-                        selected,
-                        target_keys,
-                        data,
-                        eval_labels,
-                        pkgs[0].manifest.labels,
-                        source_accuracy=evaluation["source"][0]["accuracy"],
-                    )
-                report["evaluation"] = evaluation
+            if truth is not None:
+                report["evaluation"] = _evaluation(pkgs, adapted, target_data, truth, instance)
                 _judge_with_labels(
                     report,
                     runs,
                     adapted_out,
                     sources_out[ref] if sources_out else None,
-                    truth=_truth(target_keys, data, eval_labels, pkgs[0].manifest.labels),
+                    truth=truth,
                     sample=sample,
                 )
             t_end = time.perf_counter()

@@ -69,7 +69,8 @@ def _typed_errors(func: F) -> F:
 @click.option(
     "--eval-labels",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Labels CSV: report source vs adapted metrics (read after adaptation, never used by it).",
+    help="Labels CSV: report source vs adapted metrics (checked before adaptation, "
+    "used only after it, for the report).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(

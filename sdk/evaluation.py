@@ -2,7 +2,8 @@
 
 Labels are read from a CSV (``path,label``; names or indices in the package's
 label order) and matched to the images of the data folder by their path
-relative to that folder (or to the CSV's folder when the CSV lies inside it).
+relative to that folder (or to the CSV's folder when the CSV lies inside it);
+every labelled row must name an image of the folder (a typo is refused, not skipped).
 Metrics: accuracy, mean class recall over the classes present, per-class
 recall and the confusion matrix (rows: true class, columns: prediction).
 No torch import.
@@ -22,6 +23,7 @@ import numpy as np
 from sourcefree.data.dataset import ImageDataset, LoadedImages
 from sourcefree.data.readers import read_image_folder, read_labels_csv
 from sourcefree.errors import DatasetError
+from sourcefree.fsutil import shown
 from sourcefree.manifest import InputSpec
 from sourcefree.package import Package, load_package
 
@@ -123,9 +125,12 @@ def labelled_dataset(
 ) -> ImageDataset:
     """The images of ``data`` that the CSV labels, with labels in the package's order.
 
+    Every labelled row must name an image of ``data`` (relative to it, or to the
+    CSV's folder when the CSV lies inside it), once or always with the same label.
+
     Raises:
-        DatasetError: the CSV names a class the package does not have, or no
-            image of ``data`` is labelled by it.
+        DatasetError: the CSV names a class the package does not have, a labelled
+            row names no image of ``data``, or an image twice with two labels.
     """
     folder = read_image_folder(data)
     try:
@@ -138,30 +143,53 @@ def labelled_dataset(
                 "evaluate with labels of this package's classes (drop or map the other rows)",
             ) from None
         raise
+    rows = [(n, s) for n, s in enumerate(table.samples, 1) if s.label >= 0]
+    if not rows:
+        raise DatasetError(
+            "the labels CSV labels no image", f"{len(table)} rows, none with a label", ""
+        )
     # CSV paths are relative to the CSV's folder (re-based here on the data
     # folder, wherever the CSV sits) or, failing that, relative to the data folder.
     csv_root, data_root = table.root.resolve(), folder.root.resolve()
-    rebased: dict[str, int] = {}
-    for s in table.samples:
-        if s.label < 0:
-            continue
-        try:
-            rebased[(csv_root / s.key).relative_to(data_root).as_posix()] = s.label
-        except ValueError:
-            continue  # the row names an image outside the data folder
-    as_given = {Path(s.key).as_posix(): s.label for s in table.samples if s.label >= 0}
     keys = {s.key for s in folder.samples}
-    by_key = max((rebased, as_given), key=lambda m: len(keys & m.keys()))
+    rebased = [_relative_key(csv_root / s.key, data_root) for _, s in rows]
+    as_given: list[str | None] = [Path(s.key).as_posix() for _, s in rows]
+    chosen = max((rebased, as_given), key=lambda ks: sum(k in keys for k in ks))
+    by_key: dict[str, int] = {}
+    for (n, s), key in zip(rows, chosen, strict=True):
+        if key not in keys:
+            raise DatasetError(
+                f"row {n} of the labels CSV (header not counted) names {shown(s.key)}, "
+                "not an image of the data folder",
+                f"the data folder holds {len(keys)} images; every labelled row must name "
+                "one of them (a path relative to the data folder, or to the CSV's folder)",
+                "fix the path, or remove the row",
+            )
+        if by_key.setdefault(key, s.label) != s.label:
+            raise DatasetError(
+                f"row {n} of the labels CSV (header not counted) labels {shown(s.key)} again, "
+                "with another label",
+                "an image has one true label",
+                "keep one row per image",
+            )
     picked = [
         dataclasses.replace(s, label=by_key[s.key]) for s in folder.samples if s.key in by_key
     ]
-    if not picked:
-        raise DatasetError(
-            "no image of the data folder has a label in the labels CSV",
-            f"{len(folder)} images, {len(by_key)} labelled rows, no common path",
-            "use paths relative to the data folder in the CSV",
-        )
     return ImageDataset(picked, tuple(labels), root=folder.root, kind="evaluation")
+
+
+def _relative_key(path: Path, root: Path) -> str | None:
+    """``path`` relative to ``root`` as a posix key, None when it lies outside."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return None
+
+
+def labels_of(dataset: ImageDataset, keys: Sequence[str]) -> np.ndarray:
+    """The label of each key in ``dataset`` (int64; -1 where it has none)."""
+    by_key = {s.key: s.label for s in dataset.samples}
+    return np.asarray([by_key.get(k, -1) for k in keys], dtype=np.int64)
 
 
 def load_inputs(
@@ -199,18 +227,24 @@ def evaluate(
 
     Raises:
         PackageError: the package does not verify.
-        DatasetError: unreadable data, labels naming unknown classes, no match.
+        DatasetError: unreadable data, labels naming unknown classes or no image.
     """
-    from sourcefree.runtime import Predictor
-
     pkg = package if isinstance(package, Package) else load_package(package)
     dataset = labelled_dataset(data, labels_csv, pkg.manifest.labels)
     x, loaded = load_inputs(
         dataset, pkg.manifest.input, max_bad_fraction=max_bad_fraction, strict=strict
     )
-    predictor = Predictor(pkg, device=device, batch_size=batch_size)
-    pred = predictor.predict_array(x)
-    return compute_metrics(loaded.labels, pred.indices.astype(np.int64), pkg.manifest.labels)
+    return evaluate_inputs(pkg, x, loaded.labels, device=device, batch_size=batch_size)
+
+
+def evaluate_inputs(
+    package: Package, x: np.ndarray, y: np.ndarray, *, device: str = "auto", batch_size: int = 256
+) -> Metrics:
+    """Metrics of ``package`` on preprocessed float32 NCHW ``x`` with label indices ``y``."""
+    from sourcefree.runtime import Predictor
+
+    pred = Predictor(package, device=device, batch_size=batch_size).predict_array(x)
+    return compute_metrics(y, pred.indices.astype(np.int64), package.manifest.labels)
 
 
 def format_metrics(m: Metrics) -> str:

@@ -143,7 +143,10 @@ def read_labels_csv(
     if not rows:
         raise DatasetError("the labels CSV has no rows", "", "add `path,label` rows")
     values = [r[2] for r in rows if r[2]]
-    as_index = bool(values) and all(v.lstrip("-").isdigit() for v in values)
+    # ASCII digits only (int() refuses "²") and short (no 4,300-digit int() error)
+    as_index = bool(values) and all(
+        v.isascii() and v.lstrip("-").isdigit() and len(v) <= 18 for v in values
+    )
     if as_index and labels is not None:
         given = LabelMap(tuple(labels))
         as_index = not all(given.index(v) is not None for v in values)  # names win
@@ -172,7 +175,7 @@ def read_labels_csv(
                 found = lmap.index(value)
                 if found is None:
                     raise DatasetError(
-                        f"line {number} of the labels CSV has unknown label {value!r}",
+                        f"line {number} of the labels CSV has unknown label {value[:64]!r}",
                         f"the labels are {', '.join(names)}",
                         "fix the row, or pass the matching label set",
                     )
