@@ -661,13 +661,7 @@ def adapt(
     from sourcefree import distributed, selection
 
     sample_size = selection.gate_sample_size(gate_sample)  # refused before anything starts
-    eval_set: ImageDataset | None = None
-    if eval_labels is not None:  # parsed and checked once, before anything starts
-        from sourcefree.evaluation import labelled_dataset
-
-        packages = _packages(packages)
-        eval_set = labelled_dataset(data, eval_labels, packages[0].manifest.labels)
-
+    packages, eval_set = _checked_eval_set(packages, data, eval_labels)
     started_group = distributed.init_from_env(device)
     claim = contextlib.ExitStack()
     try:
@@ -706,6 +700,18 @@ def adapt(
         claim.close()
         if started_group:
             distributed.shutdown()
+
+
+def _checked_eval_set(
+    packages: Any, data: str | os.PathLike[str], eval_labels: str | os.PathLike[str] | None
+) -> tuple[Any, ImageDataset | None]:
+    """Parse and check ``--eval-labels`` once, before anything starts (packages loaded if so)."""
+    if eval_labels is None:
+        return packages, None
+    from sourcefree.evaluation import labelled_dataset
+
+    loaded = _packages(packages)
+    return loaded, labelled_dataset(data, eval_labels, loaded[0].manifest.labels)
 
 
 def _share_result(target: Path, result: AdaptResult | None) -> AdaptResult:
