@@ -151,6 +151,58 @@ def interruptible() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+class FileRefusedError(Exception):
+    """:func:`read_regular_file` refused a file: ``reason`` is ``not-regular``,
+    ``too-large`` (``size`` from fstat) or ``grew``; callers raise their typed error."""
+
+    def __init__(self, reason: str, size: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.size = size
+
+
+def read_regular_file(path: Path, max_bytes: int, *, follow_links: bool = True) -> bytes:
+    """Read a regular file of at most ``max_bytes``, never blocking and never unbounded.
+
+    Opened with ``O_NONBLOCK`` (a FIFO without a writer does not hang) and, unless
+    ``follow_links``, ``O_NOFOLLOW``; ``fstat`` of the open file must show a regular
+    file (not ``/dev/zero``, a FIFO or a directory) whose size is checked before
+    any byte is read; the buffer is that size, and a file that grows meanwhile is
+    refused. OSError (missing, unreadable) propagates.
+
+    Raises:
+        FileRefusedError: not a regular file (or a link, with ``follow_links=False``),
+            too large, or grew while read.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= getattr(os, "O_NOCTTY", 0) | (0 if follow_links else getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_links:
+            raise FileRefusedError("not-regular") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileRefusedError("not-regular")
+        if st.st_size > max_bytes:
+            raise FileRefusedError("too-large", st.st_size)
+        parts: list[bytes] = []
+        got = 0
+        while got < st.st_size:
+            chunk = os.read(fd, st.st_size - got)
+            if not chunk:
+                break  # shrank while read: the caller's parser reports it as truncated
+            parts.append(chunk)
+            got += len(chunk)
+        if os.read(fd, 1):
+            raise FileRefusedError("grew")
+    finally:
+        os.close(fd)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename in ``path`` durable (best effort where unsupported)."""
     try:

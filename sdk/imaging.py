@@ -9,10 +9,8 @@ to the model's colour. No torch import.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import os
-import stat
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -21,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sourcefree.errors import InputError
+from sourcefree.fsutil import FileRefusedError, read_regular_file
 from sourcefree.manifest import InputSpec
 
 #: Largest image accepted, in pixels (Pillow warns at 89 MP and errors at 179 MP).
@@ -51,49 +50,26 @@ def _too_large(why: str) -> ImageDecodeError:
 
 
 def _read_regular_file(path: Path) -> bytes:
-    """Read a regular file without following a final symlink or blocking on a FIFO.
-
-    The size comes from ``fstat`` of the opened file and is checked against
-    :data:`MAX_FILE_BYTES` before any byte is read; the buffer is that size.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    """Read an image file: regular, not a link, never blocking, size checked first."""
     try:
-        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _not_regular() from None
-        raise ImageDecodeError(
-            "an image could not be read", exc.strerror or str(exc), "check the file's permissions"
-        ) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _not_regular()
-        if st.st_size == 0:
-            raise ImageDecodeError("an image file is empty", "it has zero bytes", "re-copy it")
-        if st.st_size > MAX_FILE_BYTES:
-            raise _too_large(f"{st.st_size} bytes exceeds {MAX_FILE_BYTES}")
-        parts: list[bytes] = []
-        got = 0
-        while got < st.st_size:
-            chunk = os.read(fd, st.st_size - got)
-            if not chunk:
-                break  # shrank while read: decoding reports it as truncated
-            parts.append(chunk)
-            got += len(chunk)
-        if os.read(fd, 1):
+        data = read_regular_file(path, MAX_FILE_BYTES, follow_links=False)
+    except FileRefusedError as exc:
+        if exc.reason == "too-large":
+            raise _too_large(f"{exc.size} bytes exceeds {MAX_FILE_BYTES}") from None
+        if exc.reason == "grew":
             raise ImageDecodeError(
                 "an image file grew while it was read",
                 "another process is writing it",
                 "wait until the copy is complete",
-            )
+            ) from None
+        raise _not_regular() from None
     except OSError as exc:
         raise ImageDecodeError(
-            "an image could not be read", exc.strerror or str(exc), "check the file"
+            "an image could not be read", exc.strerror or str(exc), "check the file's permissions"
         ) from None
-    finally:
-        os.close(fd)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    if not data:
+        raise ImageDecodeError("an image file is empty", "it has zero bytes", "re-copy it")
+    return data
 
 
 def _not_regular() -> ImageDecodeError:

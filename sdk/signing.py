@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -18,7 +17,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sourcefree.errors import SignatureError
-from sourcefree.fsutil import atomic_write_bytes, atomic_write_files
+from sourcefree.fsutil import (
+    FileRefusedError,
+    atomic_write_bytes,
+    atomic_write_files,
+    read_regular_file,
+)
 
 MAX_SIGNATURE_BYTES = 4096
 _PREFIX = b"sourcefree-ed25519-v1:"
@@ -80,43 +84,26 @@ def _read_key_bytes(source: str | os.PathLike[str] | bytes, what: str) -> bytes:
 
 
 def _read_bounded(path: Path, label: str) -> bytes:
-    """Read a regular file of at most ``MAX_KEY_BYTES`` (+1 to detect growth)."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    """Read a key file: regular, never blocking, at most ``MAX_KEY_BYTES``."""
     try:
-        fd = os.open(path, flags | getattr(os, "O_NOCTTY", 0))
-    except OSError as exc:
-        raise SignatureError(
-            f"{label} cannot be read", exc.strerror or str(exc), "check the path"
-        ) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        return read_regular_file(path, MAX_KEY_BYTES)
+    except FileRefusedError as exc:
+        if exc.reason == "not-regular":
             raise SignatureError(
                 f"{label} is not a regular file",
                 "a device, FIFO or directory could feed endless or blocking input",
                 "pass the key file itself",
-            )
-        if st.st_size > MAX_KEY_BYTES:
-            raise SignatureError(
-                f"{label} is too large ({st.st_size} bytes)",
-                f"a key file holds at most {MAX_KEY_BYTES} bytes",
-                _KEY_FIX,
-            )
-        chunks: list[bytes] = []
-        left = MAX_KEY_BYTES + 1
-        while left > 0:
-            chunk = os.read(fd, left)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
+            ) from None
+        size = f" ({exc.size} bytes)" if exc.size else ""
+        raise SignatureError(
+            f"{label} is too large{size}",
+            f"a key file holds at most {MAX_KEY_BYTES} bytes",
+            _KEY_FIX,
+        ) from None
     except OSError as exc:
         raise SignatureError(
             f"{label} cannot be read", exc.strerror or str(exc), "check the path"
         ) from None
-    finally:
-        os.close(fd)
 
 
 def load_private_key(source: str | os.PathLike[str] | bytes) -> Ed25519PrivateKey:
