@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from sourcefree.engine.method import Method, MethodContext, Phase, bn_statistics_phase
+from sourcefree.engine.models import Classifier
+from sourcefree.engine.registry import register_method
 from sourcefree.errors import ConfigError
-from sourcefree.method import Method, MethodContext, Phase, bn_statistics_phase
-from sourcefree.models import Classifier
-from sourcefree.registry import register_method
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ cross-domain triplets whose positives share the anchor's AU code (eq. 4). On sit
 there is no source image; the vendor's package carries instead (docs/methods.md):
 
 - an **AU detector** (manifest ``auxiliary.au_detector``, a plain ONNX graph run
-  with onnxruntime through :class:`sourcefree.runtime.AUDetector`), run once over
+  with onnxruntime through :class:`sourcefree.runtime.predictor.AUDetector`), run once over
   the un-augmented target images. Its outputs ``s_i`` in [0, 1] give the AU code
   ``E_i = [s_i >= threshold]`` (the package's threshold);
 - **per-class AU frequencies** ``F[c][a]`` (``source_stats.au_frequencies``): the
@@ -77,11 +77,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sourcefree.config import refuse_invalid
-from sourcefree.errors import RequirementError
-from sourcefree.kernels import margin_ce_im
-from sourcefree.manifest import AUDetectorSpec
-from sourcefree.method import (
+from sourcefree.engine.config import refuse_invalid
+from sourcefree.engine.method import (
     JSON,
     Batch,
     EpochInfo,
@@ -95,8 +92,11 @@ from sourcefree.method import (
     batchnorm_layers,
     bn_statistics_phase,
 )
-from sourcefree.models import Classifier
-from sourcefree.registry import register_method
+from sourcefree.engine.models import Classifier
+from sourcefree.engine.registry import register_method
+from sourcefree.errors import RequirementError
+from sourcefree.kernels import margin_ce_im
+from sourcefree.package.manifest import AUDetectorSpec
 
 __all__ = [
     "AdaFER",
@@ -372,7 +372,7 @@ def _requirements(
             "the vendor's per-class action-unit frequencies stand in for the source "
             "images that eq. 1-2 retrieve by AU code",
             "ask the vendor to export source_stats.au_frequencies "
-            "(sourcefree.training.au_frequencies), or pick another method "
+            "(sourcefree.vendor.training.au_frequencies), or pick another method "
             "(`sourcefree methods`)",
         )
     return detector, freqs
@@ -430,7 +430,7 @@ class AdaFER(Method):
 
     def _detect(self) -> torch.Tensor:
         """AU outputs of every un-augmented target image, from the package's ONNX detector."""
-        from sourcefree.runtime import AUDetector
+        from sourcefree.runtime.predictor import AUDetector
 
         pkg = self.context.sources[0].package
         detector = AUDetector(

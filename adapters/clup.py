@@ -5,7 +5,7 @@ cross-domain facial expression recognition", BMVC 2022, https://arxiv.org/abs/22
 [1] Caron et al. "Unsupervised Learning of Visual Features by Contrasting Cluster
 Assignments" (SwAV, DeepCluster-v2), NeurIPS 2020.
 
-Phases (run by :class:`sourcefree.trainer.Trainer`):
+Phases (run by :class:`sourcefree.engine.trainer.Trainer`):
 
 ``pseudo-label`` (no optimiser; work in ``on_epoch_start``). Sec. 3.1: features and
 softmax outputs of the frozen source model on the un-augmented target images;
@@ -13,7 +13,7 @@ features get a constant 1 appended and are L2-normalised; K-means over-clusters
 them (K >> C); each cluster takes its majority source prediction as label and its
 purity (eq. 1, ``s_j = |{i in C_j : y_i = y_j}| / |C_j|``) as score; per class only
 samples at or above the Q-th percentile of the class's purities are kept. All of it
-is :func:`sourcefree.pseudo_labels.cluster_pseudo_labels` (``score=confidence`` is the
+is :func:`sourcefree.ops.pseudo_labels.cluster_pseudo_labels` (``score=confidence`` is the
 Table 4 ablation). Selected indices and labels are method state (checkpointed).
 
 ``warm-up-frozen`` + ``warm-up`` (Sec. 3.2, eq. 2-3): self-supervised training of the
@@ -25,7 +25,7 @@ there), a lightly ``MemoryBankModule`` queue per high-resolution crop when batch
 small, and the swapped-prediction loss through :func:`sourcefree.kernels.swav_loss`
 (log-domain Sinkhorn in fp32: lightly's ``SwaVLoss`` semantics, no fp16 overflow).
 ``ssl.method=deepclusterv2``: a memory bank of the high-resolution crops' embeddings;
-at each epoch start spherical K-means (``sourcefree.clustering.kmeans`` on
+at each epoch start spherical K-means (``sourcefree.ops.clustering.kmeans`` on
 L2-normalised embeddings) per head, prototypes set to the normalised centroids and
 frozen, and cross-entropy of ``z . c / T`` against the assignments for every crop.
 Multi-crop views are batched tensor ops (random resized crop + flip by one
@@ -57,17 +57,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
-from sourcefree.augment import (
-    affine_sample,
-    color_jitter,
-    from_unit,
-    random_view,
-    to_unit,
-    uniform,
-)
-from sourcefree.clustering import KMeansConfig, kmeans
-from sourcefree.errors import ConfigError, TrainingError
-from sourcefree.method import (
+from sourcefree.engine.method import (
     JSON,
     Batch,
     EpochInfo,
@@ -81,14 +71,24 @@ from sourcefree.method import (
     batchnorm_layers,
     bn_statistics_phase,
 )
-from sourcefree.models import Classifier, build_classifier
-from sourcefree.pseudo_labels import (
+from sourcefree.engine.models import Classifier, build_classifier
+from sourcefree.engine.registry import register_method
+from sourcefree.errors import ConfigError, TrainingError
+from sourcefree.ops.augment import (
+    affine_sample,
+    color_jitter,
+    from_unit,
+    random_view,
+    to_unit,
+    uniform,
+)
+from sourcefree.ops.clustering import KMeansConfig, kmeans
+from sourcefree.ops.pseudo_labels import (
     ClusterPseudoLabelConfig,
     PseudoLabelSelection,
     cluster_pseudo_labels,
     default_n_clusters,
 )
-from sourcefree.registry import register_method
 
 __all__ = ["CluP", "CluPConfig", "FineTuneConfig", "SSLConfig", "finetune_augment", "multi_crop"]
 
@@ -292,7 +292,7 @@ class CluPConfig:
             raise _bad("ssl/finetune sections", "wrong types", "pass SSLConfig/FineTuneConfig")
 
     def pseudo_label_config(self, seed: int = 0) -> ClusterPseudoLabelConfig:
-        """The :mod:`sourcefree.pseudo_labels` settings of this config."""
+        """The :mod:`sourcefree.ops.pseudo_labels` settings of this config."""
         return ClusterPseudoLabelConfig(
             n_clusters=self.n_clusters,
             keep_fraction=self.keep_fraction,
@@ -385,7 +385,7 @@ def _merge_batch_averages(bns: Sequence[nn.modules.batchnorm._BatchNorm]) -> Non
     Each rank averaged its own batches; weighting by ``num_batches_tracked`` gives the
     average over every batch, as one process computes it. No-op for one process.
     """
-    from sourcefree import distributed as dist
+    from sourcefree.engine import distributed as dist
 
     if not dist.is_distributed():
         return
@@ -478,7 +478,7 @@ class CluP(Method):
             self.queue_length = self._queue_length(n)
             # Under torchrun each rank queues its own slices: queue_length / world rows
             # (SwAV's split); Sinkhorn then runs over every rank's batch and queue.
-            from sourcefree import distributed as dist
+            from sourcefree.engine import distributed as dist
 
             rows = self.queue_length // dist.world_size()
             self.banks = nn.ModuleList(
@@ -544,7 +544,7 @@ class CluP(Method):
 
     def _sharded_labelling(self) -> bool:
         """Under torchrun, whether every rank gets at least one labelling batch to shard."""
-        from sourcefree import distributed as dist
+        from sourcefree.engine import distributed as dist
 
         batches = math.ceil(len(self.context.data) / self.config.label_batch_size)
         return dist.is_distributed() and batches >= dist.world_size()
@@ -557,7 +557,7 @@ class CluP(Method):
         are a contiguous shard in rank order and every image sits in the same batch
         as with one process (with fewer batches than ranks every rank takes all).
         """
-        from sourcefree import distributed as dist
+        from sourcefree.engine import distributed as dist
 
         n = len(self.context.data)
         bs = self.config.label_batch_size
@@ -736,7 +736,7 @@ class CluP(Method):
         idx = batch.index.cpu()
         with torch.no_grad():
             # Under torchrun every rank writes the whole global batch: one replicated bank.
-            from sourcefree import distributed as dist
+            from sourcefree.engine import distributed as dist
 
             every = dist.all_gather_cat(idx)
             for j, z in enumerate(zh):
@@ -919,7 +919,7 @@ class CluP(Method):
             "dc_bank": self.dc_bank,
             "dc_assignments": self.dc_assignments,
         }
-        from sourcefree import distributed as dist
+        from sourcefree.engine import distributed as dist
 
         for i, bank in enumerate(self.banks):
             # Every rank's queue, in rank order (one process: its own); called on every rank.
@@ -936,7 +936,7 @@ class CluP(Method):
         self.selected_labels = tensors["selected_labels"].to(torch.int64).clone()
         self.dc_bank = tensors["dc_bank"].clone()
         self.dc_assignments = tensors["dc_assignments"].to(torch.int64).clone()
-        from sourcefree import distributed as dist
+        from sourcefree.engine import distributed as dist
 
         with torch.no_grad():
             for i, bank in enumerate(self.banks):

@@ -25,7 +25,7 @@ What runs as published:
 What is replaced because source images are absent: eq. 3/6 were applied to
 labelled **source** samples; here the DIFC loss is applied to **target
 pseudo-labels** from SHOT's centroid labelling
-(:func:`sourcefree.pseudo_labels.centroid_pseudo_labels`), recomputed every
+(:func:`sourcefree.ops.pseudo_labels.centroid_pseudo_labels`), recomputed every
 epoch. The MCD base of the paper (eq. 7-8: two classifiers trained with the
 source loss, then target discrepancy maximised by the classifiers and
 minimised by the extractor) is **replaced** by SHOT's hypothesis transfer:
@@ -53,10 +53,10 @@ from typing import ClassVar
 import torch
 
 from sourcefree.adapters.shot import Shot, ShotConfig, check_common
+from sourcefree.engine.method import JSON, MethodContext
+from sourcefree.engine.registry import register_method
 from sourcefree.errors import ConfigError
 from sourcefree.kernels import ldam_margins
-from sourcefree.method import JSON, MethodContext
-from sourcefree.registry import register_method
 
 __all__ = ["Difc", "DifcConfig", "confusion_margins", "confusion_scores", "imbalance_margins"]
 

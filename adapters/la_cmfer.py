@@ -66,7 +66,7 @@ holds every adapted source; its global logits are the mean of the sources' globa
 logits (one linear ``head`` over the concatenated global features), its local
 logits the mean of their local logits, and it outputs the logits of the more
 confident branch. Its architecture is ``la-cmfer.<source archs>``, registered as
-an architecture family so that :func:`sourcefree.models.load_classifier` rebuilds
+an architecture family so that :func:`sourcefree.engine.models.load_classifier` rebuilds
 it from the package.
 
 Replaced because there are no source images: ``L_sup`` (eq. 13) is dropped; the
@@ -94,13 +94,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from sourcefree.augment import FlipShiftConfig, augment_flip_shift
-from sourcefree.config import refuse_invalid
-from sourcefree.errors import ConfigError, PackageError
-from sourcefree.kernels import gaussian_mmd, margin_ce_im
-from sourcefree.kernels.reference import mmd_bandwidths
-from sourcefree.manifest import NAME_RE, ArchitectureSpec, Manifest, SourceStats
-from sourcefree.method import (
+from sourcefree.engine.config import refuse_invalid
+from sourcefree.engine.method import (
     JSON,
     Batch,
     Method,
@@ -110,14 +105,19 @@ from sourcefree.method import (
     StepOutput,
     bn_statistics_phase,
 )
-from sourcefree.models import (
+from sourcefree.engine.models import (
     Classifier,
     build_classifier,
     feature_map_split,
     register_architecture_family,
 )
-from sourcefree.optim import SgdInvConfig
-from sourcefree.registry import register_method
+from sourcefree.engine.registry import register_method
+from sourcefree.errors import ConfigError, PackageError
+from sourcefree.kernels import gaussian_mmd, margin_ce_im
+from sourcefree.kernels.reference import mmd_bandwidths
+from sourcefree.ops.augment import FlipShiftConfig, augment_flip_shift
+from sourcefree.ops.optim import SgdInvConfig
+from sourcefree.package.manifest import NAME_RE, ArchitectureSpec, Manifest, SourceStats
 
 __all__ = [
     "FAMILY",

@@ -71,10 +71,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sourcefree.augment import from_unit, random_view, to_unit
-from sourcefree.config import refuse_invalid
-from sourcefree.errors import ConfigError, InputError, TrainingError
-from sourcefree.method import (
+from sourcefree.engine.config import refuse_invalid
+from sourcefree.engine.method import (
     JSON,
     Batch,
     EpochInfo,
@@ -87,8 +85,10 @@ from sourcefree.method import (
     batchnorm_layers,
     bn_statistics_phase,
 )
-from sourcefree.models import Classifier
-from sourcefree.registry import register_method
+from sourcefree.engine.models import Classifier
+from sourcefree.engine.registry import register_method
+from sourcefree.errors import ConfigError, InputError, TrainingError
+from sourcefree.ops.augment import from_unit, random_view, to_unit
 
 __all__ = [
     "Pocan",

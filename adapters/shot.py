@@ -17,7 +17,7 @@ What runs, as in the paper and its reference code:
   in eval mode and on un-augmented target images, features ``[f; 1]/||.||``
   are labelled by nearest centroid (cosine distance): soft centroids weighted
   by the model's probabilities, then one round of hard centroids from the
-  first round's labels (:func:`sourcefree.pseudo_labels.centroid_pseudo_labels`).
+  first round's labels (:func:`sourcefree.ops.pseudo_labels.centroid_pseudo_labels`).
   A class nobody predicts cannot be assigned.
 - **Objective** (the full SHOT loss): ``beta * CE(p, y_hat) + L_ent - L_div``
   with ``beta = 0.3`` (Office, Office-Home, VisDA); **SHOT-IM** is ``beta = 0``
@@ -27,12 +27,12 @@ What runs, as in the paper and its reference code:
   schedule with gamma 10, power 0.75), ``lr0 = 1e-2``. The backbone runs in
   train mode (BatchNorm on batch statistics, running statistics updated).
 
-Mapped onto our :class:`~sourcefree.models.Classifier` (backbone + linear head,
+Mapped onto our :class:`~sourcefree.engine.models.Classifier` (backbone + linear head,
 no bottleneck): the reference trains the convolutional extractor (netF, an
 ImageNet ResNet fine-tuned on the source at 0.1 of the source lr) at
 ``0.1 * lr0`` and the bottleneck (netB, trained from scratch on the source) at
 ``lr0``: each part keeps the relative lr it had in source training. Our vendor
-training (:func:`sourcefree.training.train_classifier`) trains the whole
+training (:func:`sourcefree.vendor.training.train_classifier`) trains the whole
 backbone from scratch at one lr, so the backbone trains at ``lr0``
 (``optim.backbone_lr_scale = 1``; set 0.1 for a backbone that was fine-tuned
 from pretrained weights at a tenth of the lr). The weight-normed head of the
@@ -64,10 +64,8 @@ from typing import ClassVar, Protocol
 import torch
 from torch import nn
 
-from sourcefree.augment import FlipShiftConfig, augment_flip_shift
-from sourcefree.config import refuse_invalid
-from sourcefree.kernels import IMTerms, margin_ce_im
-from sourcefree.method import (
+from sourcefree.engine.config import refuse_invalid
+from sourcefree.engine.method import (
     JSON,
     Batch,
     EpochInfo,
@@ -78,10 +76,12 @@ from sourcefree.method import (
     StepOutput,
     bn_statistics_phase,
 )
-from sourcefree.models import Classifier
-from sourcefree.optim import SgdInvConfig
-from sourcefree.pseudo_labels import CentroidPseudoLabels, centroid_pseudo_labels
-from sourcefree.registry import register_method
+from sourcefree.engine.models import Classifier
+from sourcefree.engine.registry import register_method
+from sourcefree.kernels import IMTerms, margin_ce_im
+from sourcefree.ops.augment import FlipShiftConfig, augment_flip_shift
+from sourcefree.ops.optim import SgdInvConfig
+from sourcefree.ops.pseudo_labels import CentroidPseudoLabels, centroid_pseudo_labels
 
 __all__ = [
     "Shot",
@@ -220,7 +220,7 @@ class Shot(Method):
         Under torchrun each rank predicts its contiguous run of the batches and the
         rows are gathered exactly, so every rank returns all N rows, as one process.
         """
-        from sourcefree import distributed as dist
+        from sourcefree.engine import distributed as dist
 
         was_training = self.model.training
         self.model.eval()

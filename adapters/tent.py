@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from sourcefree.errors import ConfigError
-from sourcefree.method import (
+from sourcefree.engine.method import (
     Batch,
     Method,
     MethodContext,
@@ -32,8 +31,9 @@ from sourcefree.method import (
     bn_statistics_phase,
     entropy,
 )
-from sourcefree.models import Classifier
-from sourcefree.registry import register_method
+from sourcefree.engine.models import Classifier
+from sourcefree.engine.registry import register_method
+from sourcefree.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Adapted accuracy of registered methods on synthetic shifts: methods x presets x seeds.
 
 For every seed: the vendor's ``smallcnn`` is trained on ``studio`` (5000 images,
-32 px, :func:`sourcefree.training.train_classifier`) and exported as a source
+32 px, :func:`sourcefree.vendor.training.train_classifier`) and exported as a source
 package with the aggregate ``source_stats`` a vendor may ship (class counts, class
 feature means); the target set is 2000 images of each preset. Every method variant then
 adapts a fresh copy of the source model in-process (``Method`` + ``Trainer``, CPU)
@@ -52,17 +52,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from sourcefree import config as cfgmod
 from sourcefree.data.synthetic import AU_NAMES, CLASSES, generate
+from sourcefree.engine import config as cfgmod
+from sourcefree.engine.method import MethodContext, SourceModel, TargetData
+from sourcefree.engine.models import Classifier, load_classifier
+from sourcefree.engine.registry import get_method, list_methods
+from sourcefree.engine.trainer import Trainer, seed_everything
 from sourcefree.export import source_package
 from sourcefree.fsutil import replace_marked_block
-from sourcefree.manifest import InputSpec
-from sourcefree.method import MethodContext, SourceModel, TargetData
-from sourcefree.models import Classifier, load_classifier
-from sourcefree.package import load_package
-from sourcefree.registry import get_method, list_methods
-from sourcefree.trainer import Trainer, seed_everything
-from sourcefree.training import (
+from sourcefree.package.loader import load_package
+from sourcefree.package.manifest import InputSpec
+from sourcefree.vendor.training import (
     TrainConfig,
     au_frequencies,
     class_feature_means,

@@ -58,8 +58,8 @@ def main() -> int:
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
-    from sourcefree.clustering import KMeansConfig, cluster_purity, kmeans, kmeans_plusplus
     from sourcefree.kernels import kmeans_assign
+    from sourcefree.ops.clustering import KMeansConfig, cluster_purity, kmeans, kmeans_plusplus
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)

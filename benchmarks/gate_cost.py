@@ -31,14 +31,14 @@ from typing import Any
 
 import torch
 
-from sourcefree.adaptation import adapt
 from sourcefree.data.synthetic import CLASSES, generate, write_domain
+from sourcefree.engine.models import build_classifier
 from sourcefree.export import source_package
 from sourcefree.fsutil import replace_marked_block
-from sourcefree.manifest import InputSpec
-from sourcefree.models import build_classifier
-from sourcefree.selection import calibrate
-from sourcefree.training import to_tensor
+from sourcefree.package.manifest import InputSpec
+from sourcefree.pipeline.adaptation import adapt
+from sourcefree.pipeline.selection import calibrate
+from sourcefree.vendor.training import to_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -212,8 +212,13 @@ def make_source(out: Path, images: int, epochs: int, seed: int = 0) -> None:
 
     from sourcefree.data.synthetic import CLASSES, generate
     from sourcefree.export import source_package
-    from sourcefree.manifest import InputSpec
-    from sourcefree.training import TrainConfig, class_feature_means, to_tensor, train_classifier
+    from sourcefree.package.manifest import InputSpec
+    from sourcefree.vendor.training import (
+        TrainConfig,
+        class_feature_means,
+        to_tensor,
+        train_classifier,
+    )
 
     spec = InputSpec(size=(32, 32))
     train = generate("studio", images, 32, seed=seed)
@@ -367,7 +372,7 @@ def step_e2e(check: Check, cuda: bool) -> dict[str, Any]:
 RUNTIME_CODE = """
 import json, sys, time, numpy as np, onnxruntime as ort
 from sourcefree.errors import SourcefreeError
-from sourcefree.runtime import Predictor
+from sourcefree.runtime.predictor import Predictor
 pkg, batch = sys.argv[1], np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), np.uint8)
 out = {"onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
 for dev in ("cuda", "cpu"):

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from sourcefree.engine.models import build_classifier
 from sourcefree.export import source_package
-from sourcefree.manifest import InputSpec
-from sourcefree.models import build_classifier
-from sourcefree.runtime import Predictor
+from sourcefree.package.manifest import InputSpec
+from sourcefree.runtime.predictor import Predictor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = (("smallcnn", 32), ("resnet18", 64))

@@ -48,8 +48,8 @@ def source_package(workdir: Path, seed: int) -> Path:
     """A smallcnn trained on synthetic ``studio`` faces, exported once into ``workdir``."""
     from sourcefree.data.synthetic import CLASSES, generate
     from sourcefree.export import source_package as export
-    from sourcefree.manifest import InputSpec
-    from sourcefree.training import TrainConfig, train_classifier
+    from sourcefree.package.manifest import InputSpec
+    from sourcefree.vendor.training import TrainConfig, train_classifier
 
     out = workdir / "source"
     if (out / "manifest.json").exists():

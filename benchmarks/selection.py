@@ -1,12 +1,12 @@
 """Label-free model selection and the do-no-harm gate, judged with labels afterwards.
 
 For every seed: the vendor's ``smallcnn`` is trained on ``studio`` faces and a
-calibration (validation accuracy, ATC thresholds: :func:`sourcefree.selection.calibrate`)
+calibration (validation accuracy, ATC thresholds: :func:`sourcefree.pipeline.selection.calibrate`)
 is fitted on held-out ``studio`` faces, as ``examples/vendor_export.py`` does. For
 every preset, every candidate (each method's default config and each entry of its
 ``selection_grid``) adapts a fresh copy of the source model in-process
 (``Method`` + ``Trainer``, CPU); its label-free scores are computed on the target
-images (:mod:`sourcefree.selection`) and, only then, its true accuracy.
+images (:mod:`sourcefree.pipeline.selection`) and, only then, its true accuracy.
 
 Reported (labels judge the selectors; they choose nothing):
 
@@ -41,18 +41,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from sourcefree import config as cfgmod
-from sourcefree import selection as sel
 from sourcefree.data.synthetic import CLASSES, generate
+from sourcefree.engine import config as cfgmod
+from sourcefree.engine.method import MethodContext, SourceModel, TargetData
+from sourcefree.engine.models import load_classifier
+from sourcefree.engine.registry import get_method
+from sourcefree.engine.trainer import Trainer, seed_everything
 from sourcefree.export import source_package
 from sourcefree.fsutil import replace_marked_block
-from sourcefree.manifest import Calibration, InputSpec
-from sourcefree.method import MethodContext, SourceModel, TargetData
-from sourcefree.models import load_classifier
-from sourcefree.package import Package, load_package
-from sourcefree.registry import get_method
-from sourcefree.trainer import Trainer, seed_everything
-from sourcefree.training import TrainConfig, train_classifier
+from sourcefree.package.loader import Package, load_package
+from sourcefree.package.manifest import Calibration, InputSpec
+from sourcefree.pipeline import selection as sel
+from sourcefree.vendor.training import TrainConfig, train_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "selection.json"
@@ -355,7 +355,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         "Spearman correlation of each label-free score with true accuracy over the "
         "adapted candidates of one (preset, seed), mean over groups (`value` = the "
-        "selection value: `sourcefree.selection.rank_candidates` over those candidates, "
+        "selection value: `sourcefree.pipeline.selection.rank_candidates` over those candidates, "
         "by agreement with their consensus or with the source, as the gate finds):",
         "",
         *_score_table(a["spearman_mean"]),
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.analyse_only:
         old: dict[str, Any] = json.loads(args.out.read_text())
         old["analysis"] = analyse(old["rows"], old["methods"], old["n_target"])
-        old["analysed_with"] = "--analyse-only (rules of the current sourcefree.selection)"
+        old["analysed_with"] = "--analyse-only (rules of the current sourcefree.pipeline.selection)"
         args.out.write_text(json.dumps(old, indent=2) + "\n")
         if not args.no_docs:
             write_docs(markdown(old))

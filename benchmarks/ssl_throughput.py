@@ -38,13 +38,13 @@ import torch
 
 from sourcefree.adapters.clup import CluP, CluPConfig, multi_crop
 from sourcefree.data.synthetic import CLASSES, generate
+from sourcefree.engine.method import MethodContext, SourceModel, TargetData
+from sourcefree.engine.models import build_classifier, load_classifier
 from sourcefree.export import source_package
 from sourcefree.fsutil import replace_marked_block
 from sourcefree.kernels import swav_loss
-from sourcefree.manifest import InputSpec
-from sourcefree.method import MethodContext, SourceModel, TargetData
-from sourcefree.models import build_classifier, load_classifier
-from sourcefree.package import load_package
+from sourcefree.package.loader import load_package
+from sourcefree.package.manifest import InputSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "ssl_throughput.json"

@@ -34,8 +34,8 @@ from torch import nn
 
 from sourcefree.data.synthetic import CLASSES, PRESETS, generate
 from sourcefree.fsutil import replace_marked_block
-from sourcefree.manifest import InputSpec
-from sourcefree.training import (
+from sourcefree.package.manifest import InputSpec
+from sourcefree.vendor.training import (
     TrainConfig,
     recalibrate_batchnorm,
     to_tensor,

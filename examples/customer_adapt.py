@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sourcefree.adaptation import adapt
-from sourcefree.package import load_package
-from sourcefree.signing import keygen, sign_package
+from sourcefree.package.loader import load_package
+from sourcefree.package.signing import keygen, sign_package
+from sourcefree.pipeline.adaptation import adapt
 
 
 def main(

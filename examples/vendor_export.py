@@ -25,10 +25,10 @@ import numpy as np
 
 from sourcefree.data.synthetic import AU_NAMES, CLASSES, generate
 from sourcefree.export import source_package
-from sourcefree.manifest import InputSpec
-from sourcefree.selection import calibrate
-from sourcefree.signing import keygen, sign_package
-from sourcefree.training import (
+from sourcefree.package.manifest import InputSpec
+from sourcefree.package.signing import keygen, sign_package
+from sourcefree.pipeline.selection import calibrate
+from sourcefree.vendor.training import (
     TrainConfig,
     au_frequencies,
     class_feature_means,

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
+from sourcefree.engine.models import Classifier
 from sourcefree.errors import ExportError
 from sourcefree.export.onnx import Parity
 from sourcefree.export.writer import write_package
-from sourcefree.models import Classifier
-from sourcefree.package import Package
+from sourcefree.package.loader import Package
 
 
 def adapted_name(source: Package, method: str) -> str:

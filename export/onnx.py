@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from sourcefree import strictjson
 from sourcefree.errors import ExportError, PackageError
-from sourcefree.manifest import (
+from sourcefree.package import strictjson
+from sourcefree.package.loader import Package
+from sourcefree.package.manifest import (
     ONNX_MANIFEST_KEY,
     ONNX_NAME,
     WEIGHTS_NAME,
@@ -27,7 +28,6 @@ from sourcefree.manifest import (
     InputSpec,
     OnnxSpec,
 )
-from sourcefree.package import Package
 
 OPSET = 20
 IR_VERSION = 10
@@ -362,7 +362,7 @@ def check_package_agreement(pkg: Package, model: torch.nn.Module) -> Parity:
     Raises:
         PackageError: the two files disagree, or onnxruntime refuses or fails on the graph.
     """
-    from sourcefree.runtime import graph_output, open_session, run_session
+    from sourcefree.runtime.predictor import graph_output, open_session, run_session
 
     manifest = pkg.manifest
     name, onnx_spec = manifest.name, manifest.onnx

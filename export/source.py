@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sourcefree.engine.models import Classifier, from_vendor_state, get_architecture
 from sourcefree.errors import ExportError
 from sourcefree.export.onnx import (
     Parity,
@@ -18,9 +19,8 @@ from sourcefree.export.onnx import (
     check_au_detector_parity,
 )
 from sourcefree.export.writer import write_package
-from sourcefree.manifest import AUDetectorSpec, Auxiliary, InputSpec, SourceStats
-from sourcefree.models import Classifier, from_vendor_state, get_architecture
-from sourcefree.package import Package
+from sourcefree.package.loader import Package
+from sourcefree.package.manifest import AUDetectorSpec, Auxiliary, InputSpec, SourceStats
 
 
 def source_package(
@@ -42,10 +42,10 @@ def source_package(
     """Export a vendor model as a verified source package at ``out``.
 
     Args:
-        model: a :class:`~sourcefree.models.Classifier`, or the registered
+        model: a :class:`~sourcefree.engine.models.Classifier`, or the registered
             architecture's own module (e.g. ``torchvision.models.resnet18``
             with ``num_classes=len(labels)``).
-        architecture: registry name (``sourcefree.models.ARCHITECTURES``).
+        architecture: registry name (``sourcefree.engine.models.ARCHITECTURES``).
         labels: class names in output order.
         input_spec: preprocessing contract (size, colour, mean, std).
         out: package directory to create (must not exist or be empty).
@@ -54,14 +54,14 @@ def source_package(
         au_detector: optional action-unit detector shipped with the model (AdaFER):
             a torch module taking the classifier's input and returning one
             ``(N, len(au_names))`` tensor of AU probabilities in [0, 1] (e.g.
-            :func:`sourcefree.training.train_au_detector`). Exported to plain fp32
+            :func:`sourcefree.vendor.training.train_au_detector`). Exported to plain fp32
             ONNX as ``au_detector.onnx``, parity-checked against onnxruntime and
             described in the manifest's ``auxiliary.au_detector``.
         au_names: action-unit names in the detector's output order (required with
             ``au_detector``; ``source_stats.au_frequencies`` uses the same order).
         au_threshold: an AU counts as active at or above this output; the
             ``au_frequencies`` must have been counted with the same threshold
-            (:func:`sourcefree.training.au_frequencies`).
+            (:func:`sourcefree.vendor.training.au_frequencies`).
         name: package name; defaults to the output directory's name.
         version: package version string.
         overwrite: replace a non-empty ``out``.

@@ -13,11 +13,14 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from sourcefree import __version__, strictjson
+from sourcefree._version import __version__
+from sourcefree.engine.models import Classifier
 from sourcefree.errors import ExportError
 from sourcefree.export.onnx import IR_VERSION, OPSET, Parity, check_parity, to_onnx
 from sourcefree.fsutil import staged_directory, write_errors
-from sourcefree.manifest import (
+from sourcefree.package import strictjson
+from sourcefree.package.loader import Package, load_package
+from sourcefree.package.manifest import (
     MANIFEST_NAME,
     NAME_RE,
     ONNX_NAME,
@@ -30,8 +33,6 @@ from sourcefree.manifest import (
     OnnxSpec,
     SourceStats,
 )
-from sourcefree.models import Classifier
-from sourcefree.package import Package, load_package
 
 
 def _weights_bytes(model: Classifier) -> bytes:

@@ -20,15 +20,14 @@ if "onnxruntime" in sys.modules:
         stacklevel=2,
     )
 
-__version__ = "0.1.0"
-
-from sourcefree.adaptation import adapt as adapt
+from sourcefree._version import __version__ as __version__
 from sourcefree.errors import IntegrityError as IntegrityError
 from sourcefree.errors import PackageError as PackageError
 from sourcefree.errors import SignatureError as SignatureError
 from sourcefree.errors import SourcefreeError as SourcefreeError
-from sourcefree.package import Package as Package
-from sourcefree.package import load_package as load_package
+from sourcefree.package.loader import Package as Package
+from sourcefree.package.loader import load_package as load_package
+from sourcefree.pipeline.adaptation import adapt as adapt
 
 __all__ = [
     "IntegrityError",

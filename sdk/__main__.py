@@ -1,5 +1,5 @@
 """``python -m sourcefree`` runs the command line."""
 
-from sourcefree.cli import main
+from sourcefree.cli.app import main
 
 main()

@@ -30,6 +30,11 @@ from typing import Any
 
 from sourcefree.errors import Interrupted, SourcefreeError, WriteError
 
+#: File suffixes treated as images.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _SHOWN = 160  # characters of a path quoted in a message
 

@@ -29,8 +29,8 @@ def make_au_detector(size: int = 32, num_aus: int = 14, seed: int = 1) -> Any:
     """A random smallcnn AU detector with saturated outputs (codes repeat across images)."""
     import torch
 
-    from sourcefree.models import build_classifier
-    from sourcefree.training import AUDetectorNet
+    from sourcefree.engine.models import build_classifier
+    from sourcefree.vendor.training import AUDetectorNet
 
     torch.manual_seed(seed)
     net = build_classifier("smallcnn", num_aus)
@@ -45,7 +45,7 @@ def make_au_detector(size: int = 32, num_aus: int = 14, seed: int = 1) -> Any:
 def au_frequencies_for(labels: list[str]) -> list[list[float]]:
     """Per-class AU frequencies of the synthetic ground truth for ``labels`` (aggregates)."""
     from sourcefree.data.synthetic import CLASSES, generate
-    from sourcefree.training import au_frequencies
+    from sourcefree.vendor.training import au_frequencies
 
     s = generate("studio", 140, 32, seed=0)
     freqs = au_frequencies(s.aus, s.labels, len(CLASSES))
@@ -68,9 +68,9 @@ def make_source_package(
     import torch
 
     from sourcefree.data.synthetic import AU_NAMES
+    from sourcefree.engine.models import build_classifier
     from sourcefree.export import source_package
-    from sourcefree.manifest import InputSpec
-    from sourcefree.models import build_classifier
+    from sourcefree.package.manifest import InputSpec
 
     torch.manual_seed(0)
     model = build_classifier(arch, len(labels))

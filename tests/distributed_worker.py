@@ -21,16 +21,16 @@ import torch
 import torch.distributed as tdist
 from safetensors.torch import load_file, save_file
 
-from sourcefree import distributed as dist
-from sourcefree.clustering import KMeansConfig, cluster_purity, kmeans
+from sourcefree.engine import distributed as dist
+from sourcefree.engine.trainer import Trainer
 from sourcefree.errors import DistributedError
 from sourcefree.kernels import sinkhorn_codes, swav_loss
-from sourcefree.pseudo_labels import (
+from sourcefree.ops.clustering import KMeansConfig, cluster_purity, kmeans
+from sourcefree.ops.pseudo_labels import (
     ClusterPseudoLabelConfig,
     centroid_pseudo_labels,
     cluster_pseudo_labels,
 )
-from sourcefree.trainer import Trainer
 
 KMEANS_CONFIGS = {
     "full": KMeansConfig(n_init=2, max_iter=50, seed=3, max_points_per_centroid=None),

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sourcefree.registry import list_methods
+from sourcefree.engine.registry import list_methods
 
 
 def _row(variant: str, seed: int, acc: float) -> dict[str, Any]:
@@ -68,8 +68,8 @@ def test_short_rows_are_their_own_variant(load_benchmark: Callable[[str], Module
 def test_short_overrides_name_registered_methods_and_real_keys(
     load_benchmark: Callable[[str], ModuleType],
 ) -> None:
-    from sourcefree import config as cfgmod
-    from sourcefree.registry import get_method
+    from sourcefree.engine import config as cfgmod
+    from sourcefree.engine.registry import get_method
 
     acc = load_benchmark("accuracy")
     for name, overrides in acc.SHORT.items():

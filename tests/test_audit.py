@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from sourcefree.audit import EXIT_FINDINGS, MAX_FREE_TEXT, AuditReport, audit_package
-from sourcefree.cli import main
-from sourcefree.manifest import ONNX_MANIFEST_KEY, ONNX_NAME, WEIGHTS_NAME
+from sourcefree.cli.app import main
+from sourcefree.package.audit import EXIT_FINDINGS, MAX_FREE_TEXT, AuditReport, audit_package
+from sourcefree.package.manifest import ONNX_MANIFEST_KEY, ONNX_NAME, WEIGHTS_NAME
 
 Forge = Callable[[Path, str, bytes], None]
 HOME = "/home/alice"
@@ -203,7 +203,7 @@ def test_not_a_directory_is_an_error(tmp_path: Path) -> None:
 def test_audit_never_imports_torch(source_pkg: Path) -> None:
     code = f"""
         import sys
-        from sourcefree.audit import audit_package
+        from sourcefree.package.audit import audit_package
         report = audit_package({str(source_pkg)!r})
         assert report.clean
         assert "torch" not in sys.modules, "audit pulled in torch"

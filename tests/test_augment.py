@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sourcefree.augment import augment_flip_shift
+from sourcefree.ops.augment import augment_flip_shift
 
 
 def test_augmentation_is_flip_and_shift() -> None:

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import save_file
 
-from sourcefree.cli import main
-from sourcefree.manifest import ARCHITECTURE_NAMES
-from sourcefree.models import get_architecture
+from sourcefree.cli.app import main
+from sourcefree.engine.models import get_architecture
+from sourcefree.package.manifest import ARCHITECTURE_NAMES
 
 
 def _run(*args: str) -> tuple[int, str]:

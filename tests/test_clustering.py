@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sourcefree.clustering import (
+from sourcefree.errors import ConfigError, InputError
+from sourcefree.ops.clustering import (
     ClusterPurity,
     KMeansConfig,
     cluster_purity,
@@ -14,7 +15,6 @@ from sourcefree.clustering import (
     kmeans_plusplus,
     member_labels_and_scores,
 )
-from sourcefree.errors import ConfigError, InputError
 
 
 def _blobs(
@@ -264,7 +264,7 @@ def test_cuda_matches_cpu() -> None:
 
 
 def test_all_finite_and_tolerance_variance() -> None:
-    from sourcefree.clustering import _mean_feature_variance, all_finite
+    from sourcefree.ops.clustering import _mean_feature_variance, all_finite
 
     x = torch.randn(50, 3, dtype=torch.float64) * 3 + 7
     assert _mean_feature_variance(x) == pytest.approx(

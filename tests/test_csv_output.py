@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from sourcefree.cli import csv_cell, main
+from sourcefree.cli.app import csv_cell, main
 from sourcefree.data.readers import read_labels_csv
-from sourcefree.evaluation import labelled_dataset
+from sourcefree.runtime.evaluation import labelled_dataset
 
 HOSTILE_LABELS = ["=cmd|x", "+cmd|y", "@cmd|z"]
 

@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sourcefree import distributed as dist
-from sourcefree.clustering import KMeansConfig, cluster_purity, kmeans
+from sourcefree.engine import distributed as dist
 from sourcefree.errors import DistributedError
 from sourcefree.kernels import sinkhorn_codes, swav_loss
-from sourcefree.pseudo_labels import (
+from sourcefree.ops.clustering import KMeansConfig, cluster_purity, kmeans
+from sourcefree.ops.pseudo_labels import (
     ClusterPseudoLabelConfig,
     centroid_pseudo_labels,
     cluster_pseudo_labels,
@@ -240,3 +240,17 @@ def test_init_from_env_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(DistributedError, match="is not an integer"):
         dist.init_from_env("cpu")
+
+
+def test_broadcast_framed_round_trips_head_and_body_in_one_process() -> None:
+    assert dist.broadcast_framed({"sequence": 3, "meta": {"a": [1, 2]}}, b"\x00body", what="t") == (
+        {"sequence": 3, "meta": {"a": [1, 2]}},
+        b"\x00body",
+    )
+    assert dist.broadcast_framed(None, what="t") is None
+
+
+def test_broadcast_framed_refuses_a_frame_cut_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dist, "broadcast_bytes", lambda data, src=0: (999).to_bytes(8, "little"))
+    with pytest.raises(DistributedError, match="cut short"):
+        dist.broadcast_framed({"a": 1}, what="checkpoint")

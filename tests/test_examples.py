@@ -32,7 +32,7 @@ def test_vendor_then_application(tmp_path: Path) -> None:
 
 def test_vendor_ships_an_au_detector_and_adafer_uses_it(tmp_path: Path) -> None:
     from sourcefree.data.synthetic import AU_NAMES, write_domain
-    from sourcefree.package import load_package
+    from sourcefree.package.loader import load_package
 
     package = _load("vendor_export").main(tmp_path, n=300, epochs=1)
     pkg = load_package(package, public_key=tmp_path / "vendor.pub")

@@ -37,9 +37,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sourcefree import imaging, onnx_check, strictjson, weights
+from sourcefree.data import imaging
 from sourcefree.errors import PackageError, SourcefreeError
-from sourcefree.manifest import MAX_MANIFEST_BYTES, ONNX_NAME, WEIGHTS_NAME, Manifest
+from sourcefree.package import onnx_check, strictjson, weights
+from sourcefree.package.manifest import MAX_MANIFEST_BYTES, ONNX_NAME, WEIGHTS_NAME, Manifest
 
 DEFAULT_EXAMPLES = 200
 LONG_EXAMPLES = int(os.environ.get("SOURCEFREE_FUZZ_EXAMPLES", "20000"))

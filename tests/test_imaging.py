@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sourcefree.imaging import ImageDecodeError, decode_image
+from sourcefree.data.imaging import ImageDecodeError, decode_image
 
 
 def test_unopenable_file_is_a_decode_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

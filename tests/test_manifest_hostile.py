@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from sourcefree import PackageError, load_package
-from sourcefree.cli import main
+from sourcefree.cli.app import main
 from sourcefree.errors import ConfigError
-from sourcefree.manifest import (
+from sourcefree.package.manifest import (
     MAX_INPUT_ELEMENTS,
     InputSpec,
     Manifest,
@@ -169,7 +169,7 @@ def test_batch_bytes_are_bounded() -> None:
 def test_predict_refuses_a_batch_over_the_budget(
     source_pkg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("sourcefree.manifest.MAX_BATCH_BYTES", 4 * 3 * 32 * 32 * 10)
+    monkeypatch.setattr("sourcefree.package.manifest.MAX_BATCH_BYTES", 4 * 3 * 32 * 32 * 10)
     Image.new("RGB", (40, 40), (90, 60, 30)).save(tmp_path / "one.png")
     args = ["predict", str(source_pkg), str(tmp_path / "one.png"), "--device", "cpu"]
     result = CliRunner().invoke(main, [*args, "--batch-size", "11"])

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sourcefree.errors import PackageError
-from sourcefree.manifest import ARCHITECTURE_NAMES
-from sourcefree.models import (
+from sourcefree.engine.models import (
     ARCHITECTURES,
     build_classifier,
     feature_map_split,
     from_vendor_state,
     get_architecture,
 )
+from sourcefree.errors import PackageError
+from sourcefree.package.manifest import ARCHITECTURE_NAMES
 
 
 def test_torch_free_name_list_matches_registry() -> None:

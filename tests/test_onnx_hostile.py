@@ -21,11 +21,12 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from sourcefree import PackageError, load_package, onnx_check
-from sourcefree.audit import audit_package
-from sourcefree.cli import main
-from sourcefree.manifest import ONNX_MANIFEST_KEY, ONNX_NAME, Manifest
-from sourcefree.onnx_check import (
+from sourcefree import PackageError, load_package
+from sourcefree.cli.app import main
+from sourcefree.package import onnx_check
+from sourcefree.package.audit import audit_package
+from sourcefree.package.manifest import ONNX_MANIFEST_KEY, ONNX_NAME, Manifest
+from sourcefree.package.onnx_check import (
     MAX_TENSOR_ELEMENTS,
     MAX_TOTAL_ELEMENTS,
     summarize,
@@ -194,7 +195,7 @@ def test_wrong_wire_type_does_not_allocate(name: str) -> None:
         """
         import resource, sys
         from sourcefree.errors import PackageError
-        from sourcefree.onnx_check import summarize
+        from sourcefree.package.onnx_check import summarize
         status = open("/proc/self/status").read()
         held = int(status.split("VmSize:")[1].split()[0]) * 1024
         resource.setrlimit(resource.RLIMIT_AS, (held + (1 << 30), held + (1 << 30)))

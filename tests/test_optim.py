@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from sourcefree.adapters.la_cmfer import LaCmferOptimConfig
-from sourcefree.augment import FlipShiftConfig
 from sourcefree.errors import ConfigError
-from sourcefree.optim import SgdInvConfig
+from sourcefree.ops.augment import FlipShiftConfig
+from sourcefree.ops.optim import SgdInvConfig
 
 
 def test_specs_are_nesterov_sgd_and_inverse_decay() -> None:

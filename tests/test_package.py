@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sourcefree import IntegrityError, PackageError, SignatureError, load_package
-from sourcefree.manifest import ONNX_NAME, WEIGHTS_NAME
+from sourcefree.package.manifest import ONNX_NAME, WEIGHTS_NAME
 
 Forge = Callable[[Path, str, bytes], None]
 
@@ -201,7 +201,7 @@ def test_safetensors_names_and_shapes_checked_against_architecture(
 ) -> None:
     from safetensors.numpy import load
 
-    from sourcefree.models import load_classifier
+    from sourcefree.engine.models import load_classifier
 
     tensors = load((pkg_copy / WEIGHTS_NAME).read_bytes())
     renamed = dict(tensors)

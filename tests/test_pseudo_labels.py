@@ -8,9 +8,9 @@ from dataclasses import FrozenInstanceError
 import pytest
 import torch
 
-from sourcefree.clustering import KMeansConfig
 from sourcefree.errors import ConfigError, InputError
-from sourcefree.pseudo_labels import (
+from sourcefree.ops.clustering import KMeansConfig
+from sourcefree.ops.pseudo_labels import (
     ClusterPseudoLabelConfig,
     PseudoLabelSelection,
     cluster_pseudo_labels,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sourcefree.errors import ConfigError, InputError
-from sourcefree.pseudo_labels import CentroidPseudoLabels, centroid_pseudo_labels
+from sourcefree.ops.pseudo_labels import CentroidPseudoLabels, centroid_pseudo_labels
 
 
 def _reference(features: torch.Tensor, probs: torch.Tensor, rounds: int = 2) -> list[int]:

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sourcefree.data.imaging import ImageDecodeError
 from sourcefree.errors import DeviceError, InputError
-from sourcefree.imaging import ImageDecodeError
-from sourcefree.runtime import Predictor
+from sourcefree.runtime.predictor import Predictor
 
 
 def test_export_verify_sign_predict_matches_torch(pkg_copy: Path, tmp_path: Path) -> None:
@@ -22,8 +22,8 @@ def test_export_verify_sign_predict_matches_torch(pkg_copy: Path, tmp_path: Path
     import torch
 
     from sourcefree import load_package
-    from sourcefree.models import load_classifier
-    from sourcefree.signing import keygen, sign_package
+    from sourcefree.engine.models import load_classifier
+    from sourcefree.package.signing import keygen, sign_package
 
     priv, pub = keygen(tmp_path / "k")
     sign_package(pkg_copy, priv)
@@ -153,10 +153,10 @@ def _run_isolated(code: str, env: dict[str, str]) -> str:
 def test_runtime_never_imports_torch(source_pkg: Path) -> None:
     code = f"""
         import sys
-        import sourcefree, sourcefree.runtime
+        import sourcefree, sourcefree.runtime.predictor
         assert "torch" not in sys.modules, "import sourcefree pulled in torch"
         import numpy as np
-        p = sourcefree.runtime.Predictor({str(source_pkg)!r}, device="cpu")
+        p = sourcefree.runtime.predictor.Predictor({str(source_pkg)!r}, device="cpu")
         p.predict_array(np.zeros((2, 3, 32, 32), np.float32))
         assert "torch" not in sys.modules, "a prediction pulled in torch"
         print("ok")
@@ -173,7 +173,7 @@ def test_prediction_leaves_no_telemetry_files(source_pkg: Path, tmp_path: Path) 
     code = f"""
         import os
         import numpy as np
-        from sourcefree.runtime import Predictor
+        from sourcefree.runtime.predictor import Predictor
         assert os.environ["ORT_DISABLE_TELEMETRY"] == "1"
         p = Predictor({str(source_pkg)!r}, device="cpu")
         p.predict_array(np.zeros((1, 3, 32, 32), np.float32))

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from sourcefree.errors import PackageError
-from sourcefree.runtime import AUDetector, Predictor
+from sourcefree.runtime.predictor import AUDetector, Predictor
 
 Forge = Callable[[Path, str, bytes], None]
 
@@ -106,7 +106,7 @@ def _images(folder: Path, shades: list[int]) -> Path:
 
 
 def _cli(*args: str) -> tuple[int, str]:
-    from sourcefree.cli import main
+    from sourcefree.cli.app import main
 
     result = CliRunner().invoke(main, list(args))
     return result.exit_code, result.output
@@ -179,8 +179,8 @@ def test_au_detector_failures_are_typed(au_source_pkg: Path, forge: Forge, tmp_p
 def test_doctor_reports_a_provider_that_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
-    from sourcefree.doctor import diagnose
-    from sourcefree.runtime import import_onnxruntime
+    from sourcefree.cli.doctor import diagnose
+    from sourcefree.runtime.predictor import import_onnxruntime
 
     ort = import_onnxruntime()
 
@@ -201,7 +201,7 @@ def _swap_weights(pkg: Path, forge: Forge) -> None:
     """Weights of a differently initialised smallcnn: a valid file of the same shape."""
     from safetensors.torch import save
 
-    from sourcefree.models import build_classifier
+    from sourcefree.engine.models import build_classifier
 
     torch.manual_seed(123)
     state = build_classifier("smallcnn", 3).state_dict()
@@ -212,9 +212,9 @@ def test_adapt_refuses_weights_that_differ_from_the_graph(
     pkg_copy: Path, forge: Forge, tmp_path: Path
 ) -> None:
     from sourcefree import load_package
-    from sourcefree.adaptation import adapt
-    from sourcefree.commands_adapt import adapt_command
+    from sourcefree.cli.commands_adapt import adapt_command
     from sourcefree.data.synthetic import write_domain
+    from sourcefree.pipeline.adaptation import adapt
 
     _swap_weights(pkg_copy, forge)
     load_package(pkg_copy)  # hashes and headers are consistent: only the functions differ
@@ -236,9 +236,9 @@ def test_adapt_refuses_weights_that_differ_from_the_graph(
 
 def _large_logit_package(out: Path, fp16: bool = False) -> Path:
     """A legitimate package whose logits reach ~1e4 (head scaled before export)."""
+    from sourcefree.engine.models import build_classifier
     from sourcefree.export import source_package
-    from sourcefree.manifest import InputSpec
-    from sourcefree.models import build_classifier
+    from sourcefree.package.manifest import InputSpec
 
     torch.manual_seed(0)
     model = build_classifier("smallcnn", 3)
@@ -264,8 +264,8 @@ def test_large_logits_pass_the_agreement_check(
 ) -> None:
     import sourcefree.export.onnx as onnx_export
     from sourcefree import load_package
-    from sourcefree.adaptation import adapt
     from sourcefree.data.synthetic import write_domain
+    from sourcefree.pipeline.adaptation import adapt
 
     pkg = _large_logit_package(tmp_path / "big")  # the export's own gate accepts it
     calls: list[str] = []
@@ -280,7 +280,7 @@ def test_large_logits_pass_the_agreement_check(
     adapt(pkg, data, method="adabn", out=tmp_path / "o", device="cpu", progress=False)
     assert calls == ["big"], "checked once per package load, not per batch"
     assert (tmp_path / "o" / "package" / "manifest.json").is_file()
-    from sourcefree.models import load_classifier
+    from sourcefree.engine.models import load_classifier
 
     loaded = load_package(pkg)
     parity = check(loaded, load_classifier(loaded.manifest.architecture, loaded.weights_bytes))
@@ -289,8 +289,8 @@ def test_large_logits_pass_the_agreement_check(
 
 def test_fp16_package_passes_the_agreement_check(tmp_path: Path) -> None:
     from sourcefree import load_package
+    from sourcefree.engine.models import load_classifier
     from sourcefree.export.onnx import check_package_agreement
-    from sourcefree.models import load_classifier
 
     pkg = load_package(_large_logit_package(tmp_path / "half", fp16=True))
     assert pkg.manifest.onnx.precision == "fp16"
@@ -302,8 +302,8 @@ def test_fp16_package_passes_the_agreement_check(tmp_path: Path) -> None:
 
 def test_agreement_check_leaves_the_model_as_it_was(source_pkg: Path) -> None:
     from sourcefree import load_package
+    from sourcefree.engine.models import load_classifier
     from sourcefree.export.onnx import check_package_agreement
-    from sourcefree.models import load_classifier
 
     pkg = load_package(source_pkg)
     model = load_classifier(pkg.manifest.architecture, pkg.weights_bytes).train()

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from sourcefree import selection as sel
 from sourcefree.errors import ConfigError, PackageError
-from sourcefree.manifest import Calibration, SourceStats
+from sourcefree.package.manifest import Calibration, SourceStats
+from sourcefree.pipeline import selection as sel
 
 
 def _logits_from_probs(p: np.ndarray) -> torch.Tensor:
@@ -305,8 +305,8 @@ def test_ranking_ties_go_to_the_first() -> None:
 
 
 def test_candidates_from_method_grids() -> None:
-    from sourcefree import config as cfgmod
-    from sourcefree.registry import get_method
+    from sourcefree.engine import config as cfgmod
+    from sourcefree.engine.registry import get_method
 
     plan = sel.plan_candidates(["shot", "adabn"], grid=True)
     shot = get_method("shot")
@@ -329,8 +329,8 @@ def test_candidates_from_method_grids() -> None:
 
 
 def test_every_declared_grid_entry_is_a_valid_config() -> None:
-    from sourcefree import config as cfgmod
-    from sourcefree.registry import get_method, list_methods
+    from sourcefree.engine import config as cfgmod
+    from sourcefree.engine.registry import get_method, list_methods
 
     grids = {name: get_method(name).selection_grid for name in list_methods()}
     assert grids["clup"] and grids["shot"] and grids["shot-im"]  # the documented grids
@@ -344,7 +344,7 @@ def test_every_declared_grid_entry_is_a_valid_config() -> None:
 
 
 def test_auto_methods_cheapest_first() -> None:
-    from sourcefree.registry import get_method
+    from sourcefree.engine.registry import get_method
 
     names = sel.auto_methods(1)
     assert names[0] == "adabn"
@@ -359,7 +359,7 @@ def test_methods_command_lists_the_grids() -> None:
 
     from click.testing import CliRunner
 
-    from sourcefree.commands_adapt import methods_command
+    from sourcefree.cli.commands_adapt import methods_command
 
     out = CliRunner().invoke(methods_command, [])
     assert "--select auto tries: epochs=2 | epochs=5 | epochs=10" in out.output
@@ -388,7 +388,7 @@ def _old_model_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 256)
 
 
 def _small_cnn_and_images(n: int = 300) -> tuple[nn.Module, torch.Tensor]:
-    from sourcefree.models import build_classifier
+    from sourcefree.engine.models import build_classifier
 
     torch.manual_seed(3)
     model = build_classifier("smallcnn", 5)

@@ -43,7 +43,7 @@ def test_rank_pools_ranks_each_pool_on_its_own(
 ) -> None:
     import torch
 
-    from sourcefree import selection
+    from sourcefree.pipeline import selection
 
     bench = load_benchmark("selection")
     # Calibration makes every candidate pass the gate: consensus rule in every pool.

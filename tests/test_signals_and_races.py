@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from sourcefree.cli import main
+from sourcefree.cli.app import main
 from sourcefree.errors import EXIT_RESUMABLE, Interrupted, SourcefreeError, WriteError
 from sourcefree.fsutil import (
     atomic_write_bytes,
@@ -46,7 +46,7 @@ def paused(*args, **kwargs):
         time.sleep(600)
     return original(*args, **kwargs)
 where.{attr} = paused
-from sourcefree.cli import main
+from sourcefree.cli.app import main
 main(args=sys.argv[1:], prog_name="sourcefree")
 """
 
@@ -101,7 +101,7 @@ def _vendor_weights(path: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from sourcefree.models import get_architecture
+    from sourcefree.engine.models import get_architecture
 
     torch.manual_seed(0)
     save_file(get_architecture("smallcnn").build(3, len(LABELS)).state_dict(), str(path))
@@ -182,7 +182,7 @@ def test_sigterm_during_sign_leaves_no_signature(pkg_copy: Path, tmp_path: Path)
     assert CliRunner().invoke(main, ["keygen", str(keys / "v")]).exit_code == 0
     before = _entries(pkg_copy)
     code, err = _stop_cli_at(
-        "sourcefree.signing:sign_bytes",
+        "sourcefree.package.signing:sign_bytes",
         ["sign", str(pkg_copy), "--key", str(keys / "v.key")],
         tmp_path,
     )
@@ -193,7 +193,7 @@ def test_sigterm_during_sign_leaves_no_signature(pkg_copy: Path, tmp_path: Path)
 def test_sigterm_during_evaluate_exits_143_in_one_line(source_pkg: Path, tmp_path: Path) -> None:
     data = _images(tmp_path / "data")
     code, err = _stop_cli_at(
-        "sourcefree.evaluation:compute_metrics",
+        "sourcefree.runtime.evaluation:compute_metrics",
         ["evaluate", str(source_pkg), str(data), "--labels", str(tmp_path / "labels.csv")],
         tmp_path,
     )
@@ -203,7 +203,7 @@ def test_sigterm_during_evaluate_exits_143_in_one_line(source_pkg: Path, tmp_pat
 
 
 def test_sigterm_in_the_report_stage_of_adapt_then_resume(source_pkg: Path, tmp_path: Path) -> None:
-    from sourcefree.adaptation import adapt
+    from sourcefree.pipeline.adaptation import adapt
 
     data = _images(tmp_path / "data", 12)
     runs = tmp_path / "runs"
@@ -215,7 +215,7 @@ def test_sigterm_in_the_report_stage_of_adapt_then_resume(source_pkg: Path, tmp_
         assert _staging(runs), "the signal must arrive while OUT is being staged"
 
     code, err = _stop_cli_at(
-        "sourcefree.report_html:render_report", args, tmp_path, at_pause=staging_exists
+        "sourcefree.pipeline.report_html:render_report", args, tmp_path, at_pause=staging_exists
     )
     assert code == EXIT_RESUMABLE, err
     assert "--resume" in err and "Traceback" not in err
@@ -279,7 +279,7 @@ def test_a_signal_during_an_atomic_write_waits_for_the_whole_file(
 
 
 def test_second_adapt_into_a_claimed_output_is_refused(source_pkg: Path, tmp_path: Path) -> None:
-    from sourcefree.commands_adapt import adapt_command
+    from sourcefree.cli.commands_adapt import adapt_command
 
     out, other = tmp_path / "out", tmp_path / "other-workdir"
     args = [str(source_pkg), str(tmp_path), "-m", "adabn", "-o", str(out), "--no-progress"]
@@ -293,7 +293,7 @@ def test_second_adapt_into_a_claimed_output_is_refused(source_pkg: Path, tmp_pat
 
 
 def test_a_failed_adapt_releases_its_claim(source_pkg: Path, tmp_path: Path) -> None:
-    from sourcefree.adaptation import adapt
+    from sourcefree.pipeline.adaptation import adapt
 
     with pytest.raises(SourcefreeError):
         adapt(source_pkg, tmp_path / "missing-data", method="adabn", out=tmp_path / "a" / "out")
@@ -368,9 +368,9 @@ def test_staged_directory_in_a_read_only_folder(tmp_path: Path) -> None:
 def test_full_disk_while_exporting_a_package(
     source_pkg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from sourcefree.engine.models import load_classifier
     from sourcefree.export import source_package
-    from sourcefree.models import load_classifier
-    from sourcefree.package import load_package
+    from sourcefree.package.loader import load_package
 
     pkg = load_package(source_pkg)
     model = load_classifier(pkg.manifest.architecture, pkg.weights_bytes)
@@ -389,7 +389,7 @@ def test_full_disk_while_exporting_a_package(
 def test_full_disk_at_the_adapt_report(
     source_pkg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sourcefree.adaptation import adapt
+    from sourcefree.pipeline.adaptation import adapt
 
     data = _images(tmp_path / "data", 12)
     runs = tmp_path / "runs"

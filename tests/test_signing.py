@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from sourcefree import SignatureError, load_package
-from sourcefree.manifest import WEIGHTS_NAME
-from sourcefree.signing import keygen, sign_package
+from sourcefree.package.manifest import WEIGHTS_NAME
+from sourcefree.package.signing import keygen, sign_package
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_replayed_older_signed_package_is_refused_by_the_pin(
 
     from click.testing import CliRunner
 
-    from sourcefree.cli import main
+    from sourcefree.cli.app import main
     from sourcefree.errors import IntegrityError, PackageError
 
     private, public = keys

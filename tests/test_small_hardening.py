@@ -27,11 +27,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from sourcefree import imaging
-from sourcefree.errors import CheckpointError, DatasetError, RunInterruptedError, SignatureError
-from sourcefree.imaging import ImageDecodeError, decode_image
-from sourcefree.manifest import InputSpec
-from sourcefree.method import (
+from sourcefree.data import imaging
+from sourcefree.data.imaging import ImageDecodeError, decode_image
+from sourcefree.engine.method import (
     Batch,
     Method,
     OptimizerSpec,
@@ -40,15 +38,17 @@ from sourcefree.method import (
     StepOutput,
     TargetData,
 )
-from sourcefree.signing import (
+from sourcefree.engine.trainer import StepInfo, Trainer
+from sourcefree.engine.workdir import Workdir
+from sourcefree.errors import CheckpointError, DatasetError, RunInterruptedError, SignatureError
+from sourcefree.package.manifest import InputSpec
+from sourcefree.package.signing import (
     MAX_KEY_BYTES,
     keygen,
     load_private_key,
     load_public_key,
     sign_package,
 )
-from sourcefree.trainer import StepInfo, Trainer
-from sourcefree.workdir import Workdir
 
 # -- 1. key files -------------------------------------------------------------------------
 
@@ -57,7 +57,7 @@ _LOAD_IN_CHILD = textwrap.dedent(
     import resource, sys
     resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
     from sourcefree.errors import SignatureError
-    from sourcefree.signing import load_private_key, load_public_key
+    from sourcefree.package.signing import load_private_key, load_public_key
     try:
         (load_private_key if sys.argv[1] == "private" else load_public_key)(sys.argv[2])
     except SignatureError as exc:
@@ -451,9 +451,9 @@ def test_tensor_claiming_2_40_elements_is_refused(tmp_path: Path) -> None:
 
 
 def test_cli_resume_of_a_forged_checkpoint_exits_2(source_pkg: Path, tmp_path: Path) -> None:
-    from sourcefree.adaptation import adapt
-    from sourcefree.commands_adapt import adapt_command
+    from sourcefree.cli.commands_adapt import adapt_command
     from sourcefree.data.synthetic import write_domain
+    from sourcefree.pipeline.adaptation import adapt
 
     data = write_domain(tmp_path / "wild", "wild-mild", 32, 32, seed=5)
     sets = ["batch_size=16", "epochs=2"]

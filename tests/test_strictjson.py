@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sourcefree import PackageError, load_package, strictjson, weights
-from sourcefree.manifest import WEIGHTS_NAME
+from sourcefree import PackageError, load_package
+from sourcefree.package import strictjson, weights
+from sourcefree.package.manifest import WEIGHTS_NAME
 
 Forge = Callable[[Path, str, bytes], None]
 DEPTHS = [17, 600, 100_000]
@@ -111,7 +112,7 @@ def test_deep_manifest_embedded_in_the_onnx_graph_is_refused(
 ) -> None:
     import onnx
 
-    from sourcefree.manifest import ONNX_MANIFEST_KEY, ONNX_NAME
+    from sourcefree.package.manifest import ONNX_MANIFEST_KEY, ONNX_NAME
 
     model = onnx.load_model_from_string((pkg_copy / ONNX_NAME).read_bytes())
     (entry,) = [p for p in model.metadata_props if p.key == ONNX_MANIFEST_KEY]

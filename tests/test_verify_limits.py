@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from sourcefree.manifest import ONNX_NAME, WEIGHTS_NAME
-from sourcefree.weights import MAX_HEADER_BYTES
+from sourcefree.package.manifest import ONNX_NAME, WEIGHTS_NAME
+from sourcefree.package.weights import MAX_HEADER_BYTES
 from tests import protobuf_bytes as pb
 
 Forge = Callable[[Path, str, bytes], None]

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sourcefree.data.imaging import ImageDecodeError, decode_image
 from sourcefree.errors import ConfigError, DatasetError
-from sourcefree.imaging import ImageDecodeError, decode_image
 
 #: Image sides accepted by :meth:`ImageDataset.load`.
 MAX_SIDE = 4096

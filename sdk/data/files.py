@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sourcefree.data.dataset import Box, Sample
+from sourcefree.data.imaging import is_image_name
 from sourcefree.errors import DatasetError
-from sourcefree.imaging import is_image_name
 
 
 def dataset_root(path: str | os.PathLike[str], what: str = "dataset folder") -> Path:

@@ -140,7 +140,7 @@ def _global_sinkhorn_potentials(
     ``exp(L + g - max)``. Row potentials ``g`` stay local. With one process this
     is the reference computation.
     """
-    from sourcefree import distributed as dist
+    from sourcefree.engine import distributed as dist
 
     logits = scores / epsilon
     g = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
@@ -157,7 +157,7 @@ def _global_sinkhorn_potentials(
 def _sinkhorn_global(scores: Tensor, distributed: bool) -> _Potentials | None:
     if not distributed:
         return None
-    from sourcefree import distributed as dist
+    from sourcefree.engine import distributed as dist
 
     return _global_sinkhorn_potentials if dist.is_distributed() else None
 

@@ -16,7 +16,6 @@ import onnx
 import pytest
 import torch
 
-from sourcefree import config as cfgmod
 from sourcefree.adapters.adafer import (
     AdaFER,
     AdaFERConfig,
@@ -30,8 +29,11 @@ from sourcefree.adapters.adafer import (
     t_hard_labels,
     triplet_loss,
 )
-from sourcefree.audit import audit_package
 from sourcefree.data.synthetic import AU_NAMES, generate
+from sourcefree.engine import config as cfgmod
+from sourcefree.engine.method import MethodContext, ScheduleSpec, SourceModel, TargetData
+from sourcefree.engine.models import build_classifier, load_classifier
+from sourcefree.engine.trainer import seed_everything
 from sourcefree.errors import (
     ConfigError,
     ExportError,
@@ -41,14 +43,12 @@ from sourcefree.errors import (
     SignatureError,
 )
 from sourcefree.export import source_package
-from sourcefree.manifest import AU_DETECTOR_NAME, ONNX_MANIFEST_KEY, InputSpec, Manifest
-from sourcefree.method import MethodContext, ScheduleSpec, SourceModel, TargetData
-from sourcefree.models import build_classifier, load_classifier
-from sourcefree.package import Package, load_package
-from sourcefree.runtime import AUDetector
-from sourcefree.signing import keygen, sign_package
-from sourcefree.trainer import seed_everything
-from sourcefree.training import AUDetectorNet, au_frequencies, detect_aus, to_tensor
+from sourcefree.package.audit import audit_package
+from sourcefree.package.loader import Package, load_package
+from sourcefree.package.manifest import AU_DETECTOR_NAME, ONNX_MANIFEST_KEY, InputSpec, Manifest
+from sourcefree.package.signing import keygen, sign_package
+from sourcefree.runtime.predictor import AUDetector
+from sourcefree.vendor.training import AUDetectorNet, au_frequencies, detect_aus, to_tensor
 
 Forge = Callable[[Path, str, bytes], None]
 SPEC = InputSpec(size=(32, 32))
@@ -233,7 +233,7 @@ def test_t_hard_and_no_hard_labels(au_source_pkg: Path) -> None:
     assert bool((none.hard == -1).all()) and none.pseudo_label_selection() is None
     step = none.phases()[2].step
     assert none.phases()[2].name == "adapt"
-    from sourcefree.method import Batch
+    from sourcefree.engine.method import Batch
 
     idx = torch.arange(16)
     out = step(Batch(_data().tensor(idx), idx, torch.Generator().manual_seed(0), 0, 0, 0.0))
@@ -257,7 +257,7 @@ def test_missing_au_frequencies_is_a_typed_error(au_source_pkg: Path) -> None:
     with pytest.raises(RequirementError) as err:
         _method(bare, _data())
     assert "has no source_stats.au_frequencies" in str(err.value)
-    assert "sourcefree.training.au_frequencies" in str(err.value)
+    assert "sourcefree.vendor.training.au_frequencies" in str(err.value)
 
 
 def test_without_class_counts_the_prior_is_uniform_with_a_warning(au_source_pkg: Path) -> None:
@@ -388,7 +388,7 @@ def test_forged_detector_graph_gets_the_onnx_checks(
 
 
 def test_audit_and_inspect_recognise_the_detector(au_copy: Path, forge: Forge) -> None:
-    from sourcefree.inspect import summarize_package
+    from sourcefree.package.inspect import summarize_package
 
     report = audit_package(au_copy)
     assert report.clean, report.findings

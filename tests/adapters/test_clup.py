@@ -10,12 +10,12 @@ import torch
 
 from sourcefree.adapters.clup import CluP, CluPConfig, FineTuneConfig, SSLConfig, multi_crop
 from sourcefree.data.synthetic import generate
+from sourcefree.engine.method import Batch, MethodContext, Phase, SourceModel, TargetData
+from sourcefree.engine.models import load_classifier
+from sourcefree.engine.trainer import Trainer, build_optimizer, seed_everything
 from sourcefree.errors import ConfigError
-from sourcefree.manifest import InputSpec
-from sourcefree.method import Batch, MethodContext, Phase, SourceModel, TargetData
-from sourcefree.models import load_classifier
-from sourcefree.package import load_package
-from sourcefree.trainer import Trainer, build_optimizer, seed_everything
+from sourcefree.package.loader import load_package
+from sourcefree.package.manifest import InputSpec
 
 N = 40
 

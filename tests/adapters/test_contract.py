@@ -10,17 +10,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from sourcefree import config as cfgmod
-from sourcefree.adaptation import adapt
-from sourcefree.commands_adapt import adapt_command
+from sourcefree.cli.commands_adapt import adapt_command
 from sourcefree.data.synthetic import generate
-from sourcefree.manifest import InputSpec
-from sourcefree.method import Batch, Method, MethodContext, SourceModel, TargetData
-from sourcefree.models import load_classifier
-from sourcefree.package import load_package
-from sourcefree.registry import get_method, list_methods
-from sourcefree.runtime import Predictor
-from sourcefree.trainer import build_optimizer, seed_everything
+from sourcefree.engine import config as cfgmod
+from sourcefree.engine.method import Batch, Method, MethodContext, SourceModel, TargetData
+from sourcefree.engine.models import load_classifier
+from sourcefree.engine.registry import get_method, list_methods
+from sourcefree.engine.trainer import build_optimizer, seed_everything
+from sourcefree.package.loader import load_package
+from sourcefree.package.manifest import InputSpec
+from sourcefree.pipeline.adaptation import adapt
+from sourcefree.runtime.predictor import Predictor
 
 METHODS = list_methods()
 SMALL = {"batch_size": 16}

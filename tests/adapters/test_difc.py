@@ -15,15 +15,15 @@ from sourcefree.adapters.difc import (
     confusion_scores,
     imbalance_margins,
 )
-from sourcefree.augment import FlipShiftConfig
 from sourcefree.data.synthetic import generate
+from sourcefree.engine.method import Batch, EpochInfo, MethodContext, SourceModel, TargetData
+from sourcefree.engine.models import load_classifier
+from sourcefree.engine.registry import get_method
+from sourcefree.engine.trainer import build_optimizer
 from sourcefree.errors import ConfigError
-from sourcefree.manifest import InputSpec
-from sourcefree.method import Batch, EpochInfo, MethodContext, SourceModel, TargetData
-from sourcefree.models import load_classifier
-from sourcefree.package import load_package
-from sourcefree.registry import get_method
-from sourcefree.trainer import build_optimizer
+from sourcefree.ops.augment import FlipShiftConfig
+from sourcefree.package.loader import load_package
+from sourcefree.package.manifest import InputSpec
 
 
 def _data(n: int = 40) -> TargetData:

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from sourcefree import config as cfgmod
-from sourcefree.adaptation import adapt
 from sourcefree.adapters.la_cmfer import (
     LaCmfer,
     LaCmferConfig,
@@ -27,17 +25,19 @@ from sourcefree.adapters.la_cmfer import (
     multiview_consistency_loss,
 )
 from sourcefree.data.synthetic import CLASSES, generate
+from sourcefree.engine import config as cfgmod
+from sourcefree.engine.method import MethodContext, SourceModel, TargetData
+from sourcefree.engine.models import build_classifier, load_classifier
+from sourcefree.engine.trainer import build_optimizer, seed_everything
 from sourcefree.errors import ConfigError, PackageError
 from sourcefree.export import source_package
 from sourcefree.kernels import gaussian_mmd
 from sourcefree.kernels.reference import mmd_bandwidths
-from sourcefree.manifest import InputSpec
-from sourcefree.method import MethodContext, SourceModel, TargetData
-from sourcefree.models import build_classifier, load_classifier
-from sourcefree.package import load_package
-from sourcefree.runtime import Predictor
-from sourcefree.trainer import build_optimizer, seed_everything
-from sourcefree.training import TrainConfig, class_feature_means, to_tensor, train_classifier
+from sourcefree.package.loader import load_package
+from sourcefree.package.manifest import InputSpec
+from sourcefree.pipeline.adaptation import adapt
+from sourcefree.runtime.predictor import Predictor
+from sourcefree.vendor.training import TrainConfig, class_feature_means, to_tensor, train_classifier
 
 LABELS = ["surprise", "fear", "happiness"]
 

@@ -20,13 +20,13 @@ from sourcefree.adapters.pocan import (
     trusted_mask,
 )
 from sourcefree.data.synthetic import generate
+from sourcefree.engine.method import Batch, MethodContext, Phase, SourceModel, TargetData
+from sourcefree.engine.models import load_classifier
+from sourcefree.engine.registry import get_method
+from sourcefree.engine.trainer import build_optimizer
 from sourcefree.errors import ConfigError, InputError
-from sourcefree.manifest import InputSpec
-from sourcefree.method import Batch, MethodContext, Phase, SourceModel, TargetData
-from sourcefree.models import load_classifier
-from sourcefree.package import load_package
-from sourcefree.registry import get_method
-from sourcefree.trainer import build_optimizer
+from sourcefree.package.loader import load_package
+from sourcefree.package.manifest import InputSpec
 
 
 def _data(n: int = 40) -> TargetData:

@@ -14,17 +14,17 @@ from sourcefree.adapters.shot import (
     ShotIM,
     ShotIMConfig,
 )
-from sourcefree.augment import FlipShiftConfig
 from sourcefree.data.synthetic import generate
+from sourcefree.engine.method import Batch, EpochInfo, MethodContext, SourceModel, TargetData
+from sourcefree.engine.models import load_classifier
+from sourcefree.engine.registry import get_method
+from sourcefree.engine.trainer import build_optimizer
 from sourcefree.errors import ConfigError
-from sourcefree.manifest import InputSpec
-from sourcefree.method import Batch, EpochInfo, MethodContext, SourceModel, TargetData
-from sourcefree.models import load_classifier
-from sourcefree.optim import SgdInvConfig
-from sourcefree.package import load_package
-from sourcefree.pseudo_labels import centroid_pseudo_labels
-from sourcefree.registry import get_method
-from sourcefree.trainer import build_optimizer
+from sourcefree.ops.augment import FlipShiftConfig
+from sourcefree.ops.optim import SgdInvConfig
+from sourcefree.ops.pseudo_labels import centroid_pseudo_labels
+from sourcefree.package.loader import load_package
+from sourcefree.package.manifest import InputSpec
 
 
 def _data(n: int = 40) -> TargetData:

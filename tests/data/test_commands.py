@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from sourcefree.data.commands import synth
+from sourcefree.cli.commands_data import synth
 from sourcefree.errors import ConfigError, DatasetError
 
 
@@ -65,7 +65,7 @@ def test_synth_help_lists_domains() -> None:
 
 
 def test_main_cli_turns_errors_into_exit_code_2(tmp_path: Path) -> None:
-    cli = pytest.importorskip("sourcefree.cli")
+    cli = pytest.importorskip("sourcefree.cli.app")
     result = CliRunner().invoke(cli.main, ["synth", str(tmp_path / "o"), "--domain", "nope"])
     assert result.exit_code == 2
     assert "unknown synthetic domain 'nope'" in result.output
@@ -73,7 +73,7 @@ def test_main_cli_turns_errors_into_exit_code_2(tmp_path: Path) -> None:
 
 def test_data_imports_no_torch() -> None:
     code = (
-        "import sys, sourcefree.data, sourcefree.data.commands, sourcefree.data.synthetic, "
+        "import sys, sourcefree.data, sourcefree.cli.commands_data, sourcefree.data.synthetic, "
         "sourcefree.data.faces; "
         "bad = [m for m in ('torch', 'cv2') if m in sys.modules]; "
         "sys.exit(f'imported {bad}' if bad else 0)"

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sourcefree import imaging
-from sourcefree.data import ImageDataset, read_image_folder, read_labels_csv
+from sourcefree.data import ImageDataset, imaging, read_image_folder, read_labels_csv
 from sourcefree.data.dataset import escape_name, hashed_id
 from sourcefree.errors import ConfigError, DatasetError
 

@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from sourcefree.adaptation import adapt
-from sourcefree.commands_adapt import adapt_command, evaluate_command, methods_command
+from sourcefree.cli.commands_adapt import adapt_command, evaluate_command, methods_command
+from sourcefree.engine.trainer import StepInfo
 from sourcefree.errors import EXIT_RESUMABLE, ResumeError, RunInterruptedError, WorkdirError
-from sourcefree.trainer import StepInfo
+from sourcefree.pipeline.adaptation import adapt
 
 SETS = ["batch_size=16", "epochs=2"]
 

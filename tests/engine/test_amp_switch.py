@@ -18,11 +18,8 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from sourcefree.adaptation import adapt
-from sourcefree.commands_adapt import adapt_command
-from sourcefree.errors import ConfigError
-from sourcefree.manifest import InputSpec
-from sourcefree.method import (
+from sourcefree.cli.commands_adapt import adapt_command
+from sourcefree.engine.method import (
     Batch,
     Method,
     OptimizerSpec,
@@ -31,7 +28,10 @@ from sourcefree.method import (
     StepOutput,
     TargetData,
 )
-from sourcefree.trainer import AMP_MODES, Trainer, amp_policy, resolve_amp
+from sourcefree.engine.trainer import AMP_MODES, Trainer, amp_policy, resolve_amp
+from sourcefree.errors import ConfigError
+from sourcefree.package.manifest import InputSpec
+from sourcefree.pipeline.adaptation import adapt
 
 SETS = ["batch_size=16", "epochs=1"]
 

@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from sourcefree import evaluation
-from sourcefree.adaptation import adapt
-from sourcefree.commands_adapt import adapt_command
+from sourcefree.cli.commands_adapt import adapt_command
 from sourcefree.data.dataset import ImageDataset
 from sourcefree.data.readers import read_labels_csv as read_csv
+from sourcefree.engine.trainer import Trainer
 from sourcefree.errors import DatasetError
-from sourcefree.evaluation import evaluate, labelled_dataset
-from sourcefree.trainer import Trainer
+from sourcefree.pipeline.adaptation import adapt
+from sourcefree.runtime import evaluation
+from sourcefree.runtime.evaluation import evaluate, labelled_dataset
 
 PKG_LABELS = ("surprise", "fear", "happiness")  # the test package's classes
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sourcefree.evaluation import evaluate
+from sourcefree.runtime.evaluation import evaluate
 
 
 def test_csv_beside_the_data_with_csv_relative_paths(

@@ -8,10 +8,10 @@ from typing import Literal
 
 import pytest
 
-from sourcefree import config as cfgmod
+from sourcefree.engine import config as cfgmod
+from sourcefree.engine.method import Method
+from sourcefree.engine.registry import get_method, list_methods, register_method, unregister_method
 from sourcefree.errors import ConfigError
-from sourcefree.method import Method
-from sourcefree.registry import get_method, list_methods, register_method, unregister_method
 
 
 @dataclass(frozen=True)

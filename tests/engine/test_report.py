@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from sourcefree.adaptation import adapt
-from sourcefree.audit import audit_package
-from sourcefree.commands_adapt import adapt_command
-from sourcefree.evaluation import pseudo_label_quality
-from sourcefree.imaging import is_image_name
-from sourcefree.report_html import bar_chart, line_chart, render_report
+from sourcefree.cli.commands_adapt import adapt_command
+from sourcefree.data.imaging import is_image_name
+from sourcefree.package.audit import audit_package
+from sourcefree.pipeline.adaptation import adapt
+from sourcefree.pipeline.report_html import bar_chart, line_chart, render_report
+from sourcefree.runtime.evaluation import pseudo_label_quality
 
 #: A CluP run small enough for the CPU test suite (64 images, a few seconds per phase).
 CLUP_SETS = [

@@ -21,18 +21,18 @@ from click.testing import CliRunner
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from sourcefree import selection
-from sourcefree.adaptation import adapt
-from sourcefree.audit import audit_package
-from sourcefree.commands_adapt import adapt_command
+from sourcefree.cli.commands_adapt import adapt_command
+from sourcefree.engine.method import Batch, Method, MethodContext, Phase, StepOutput
+from sourcefree.engine.models import Classifier, build_classifier
+from sourcefree.engine.registry import register_method, unregister_method
+from sourcefree.engine.trainer import StepInfo
 from sourcefree.errors import ConfigError, ResumeError, RunInterruptedError
 from sourcefree.export import source_package
-from sourcefree.manifest import InputSpec
-from sourcefree.method import Batch, Method, MethodContext, Phase, StepOutput
-from sourcefree.models import Classifier, build_classifier
-from sourcefree.package import load_package
-from sourcefree.registry import register_method, unregister_method
-from sourcefree.trainer import StepInfo
+from sourcefree.package.audit import audit_package
+from sourcefree.package.loader import load_package
+from sourcefree.package.manifest import InputSpec
+from sourcefree.pipeline import selection
+from sourcefree.pipeline.adaptation import adapt
 
 LABELS = ["surprise", "fear", "happiness"]
 
@@ -171,7 +171,7 @@ def _weights(pkg: Path) -> dict[str, torch.Tensor]:
 
 def test_source_predictions_are_spread(plain_pkg: Path, target_dir: Path) -> None:
     pkg = load_package(plain_pkg)
-    from sourcefree.models import load_classifier
+    from sourcefree.engine.models import load_classifier
 
     out = selection.model_outputs(
         load_classifier(pkg.manifest.architecture, pkg.weights_bytes), _images(target_dir)
@@ -530,7 +530,7 @@ def test_a_target_below_the_sample_size_is_scored_whole_as_before(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from sourcefree.models import load_classifier
+    from sourcefree.engine.models import load_classifier
 
     calls = _record_model_outputs(monkeypatch)
     runs = {}

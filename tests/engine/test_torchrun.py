@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from safetensors.torch import load as load_safetensors
 
-from sourcefree.adaptation import adapt
+from sourcefree.engine.trainer import StepInfo
 from sourcefree.errors import RunInterruptedError
-from sourcefree.package import load_package
-from sourcefree.trainer import StepInfo
+from sourcefree.package.loader import load_package
+from sourcefree.pipeline.adaptation import adapt
 
 WORKER = Path(__file__).with_name("torchrun_worker.py")
 TENT = ["batch_size=16", "epochs=2"]

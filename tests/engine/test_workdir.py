@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
+from sourcefree.engine.trainer import flatten_optimizer, unflatten_optimizer
+from sourcefree.engine.workdir import Workdir
 from sourcefree.errors import CheckpointError, WorkdirError
-from sourcefree.trainer import flatten_optimizer, unflatten_optimizer
-from sourcefree.workdir import Workdir
 
 
 def _save(wd: Workdir, value: float) -> Path:

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sourcefree import distributed
-from sourcefree.adaptation import adapt
+from sourcefree.engine import distributed
+from sourcefree.engine.trainer import StepInfo
 from sourcefree.errors import SourcefreeError
-from sourcefree.trainer import StepInfo
+from sourcefree.pipeline.adaptation import adapt
 
 
 def main(spec: dict[str, Any]) -> int:

@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sourcefree import load_package
-from sourcefree.cli import main
+from sourcefree.cli.app import main
+from sourcefree.engine.models import first_conv_channels, get_architecture
 from sourcefree.errors import PackageError
-from sourcefree.manifest import ARCHITECTURE_NAMES
-from sourcefree.models import first_conv_channels, get_architecture
+from sourcefree.package.manifest import ARCHITECTURE_NAMES
 
 CASES = [(n, c) for n in ARCHITECTURE_NAMES for c in get_architecture(n).channels]
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from sourcefree import load_package
+from sourcefree.engine.models import build_classifier
 from sourcefree.errors import ExportError, SourcefreeError
 from sourcefree.export import source_package
-from sourcefree.manifest import ONNX_NAME, InputSpec
-from sourcefree.models import build_classifier
-from sourcefree.onnx_check import summarize
-from sourcefree.runtime import Predictor
+from sourcefree.package.manifest import ONNX_NAME, InputSpec
+from sourcefree.package.onnx_check import summarize
+from sourcefree.runtime.predictor import Predictor
 
 LABELS = ["a", "b", "c"]
 

@@ -1,0 +1,1 @@
+"""The ``sourcefree`` command line (click); the entry point is ``sourcefree.cli.app:main``."""

@@ -1,0 +1,349 @@
+"""CLI verbs of the customer's job: ``adapt``, ``methods``, ``evaluate``.
+
+Each command turns typed SDK errors into one ``error:`` line on stderr and the
+error's exit code (2, or 75 for an interrupted, resumable run), so the
+commands behave the same when invoked on their own (tests) or from the
+``sourcefree`` group. Torch is imported only by ``adapt`` and ``methods``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from sourcefree.errors import Interrupted, SourcefreeError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _typed_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from sourcefree.fsutil import interruptible
+
+        try:
+            with interruptible():  # SIGINT/SIGTERM: exit code 130/143, partial output removed
+                return func(*args, **kwargs)
+        except (SourcefreeError, Interrupted) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.command("adapt")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-m",
+    "--method",
+    required=True,
+    help="Method name (see `sourcefree methods`), or `auto`: try every method that takes "
+    "this many packages, cheapest first, within --budget-s; keep the best by label-free score.",
+)
+@click.option(
+    "-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory."
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML file of config overrides.",
+)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    help="Private run directory for checkpoints (default: .OUT.work beside OUT).",
+)
+@click.option("--keep-workdir", is_flag=True, help="Keep the run directory after success.")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option(
+    "--eval-labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Labels CSV: report source vs adapted metrics (checked before adaptation, "
+    "used only after it, for the report).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--max-bad-fraction",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.05,
+    show_default=True,
+    help="Stop when more than this fraction of images is unreadable.",
+)
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option(
+    "--select",
+    type=click.Choice(["none", "auto"]),
+    default="none",
+    show_default=True,
+    help="auto: run the method's small grid (CluP: K, Q; SHOT: epochs) and keep the "
+    "candidate with the best label-free score (docs/selection.md).",
+)
+@click.option(
+    "--budget-s",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=None,
+    help="Wall-clock budget of -m auto / --select auto candidates (default: none).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Export the adapted model even when the do-no-harm gate estimates it worse.",
+)
+@click.option(
+    "--no-gate",
+    is_flag=True,
+    help="Skip the do-no-harm gate (no label-free comparison with the source model).",
+)
+@click.option(
+    "--gate-sample",
+    metavar="N|all",
+    default=None,
+    help="How many target images the do-no-harm gate and the label-free scores look at: "
+    "a seeded random subsample, the same for every model of the run "
+    "(default 8192; 0 or all: every image).",
+)
+@click.option(
+    "--amp",
+    type=click.Choice(["auto", "bf16", "off"]),
+    default="auto",
+    show_default=True,
+    help="bf16 autocast of training steps (auto: on for CUDA GPUs, off on the CPU); "
+    "losses stay fp32. Recorded in report.json.",
+)
+@_typed_errors
+def adapt_command(
+    paths: tuple[Path, ...],
+    method: str,
+    out: Path,
+    config_file: Path | None,
+    overrides: tuple[str, ...],
+    resume: bool,
+    workdir: Path | None,
+    keep_workdir: bool,
+    device: str,
+    eval_labels: Path | None,
+    seed: int,
+    max_bad_fraction: float,
+    strict: bool,
+    overwrite: bool,
+    no_progress: bool,
+    select: str,
+    budget_s: float | None,
+    force: bool,
+    no_gate: bool,
+    gate_sample: str | None,
+    amp: str,
+) -> None:
+    """Adapt source package(s) PKG [PKG2 ...] to the unlabelled images in DATA.
+
+    \b
+    sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/
+    sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/ --set lr=0.0005
+    sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/ --resume
+    sourcefree adapt vendor-pkg/ faces/ -m shot -o adapted/ --select auto
+    sourcefree adapt vendor-pkg/ faces/ -m auto -o adapted/ --budget-s 1800
+
+    Writes OUT/package (the adapted package), OUT/report.json and
+    OUT/report.html (aggregates only, plots inline). SIGINT/SIGTERM write a
+    checkpoint and exit with code 75; run the same command with --resume to
+    continue to the same result.
+
+    After adaptation the do-no-harm gate compares the adapted model with the
+    source model without labels; when the adapted one is estimated worse, the
+    source model is exported (provenance method "source") unless --force.
+    """
+    if len(paths) < 2:
+        raise click.UsageError("expected at least one package and the DATA folder")
+    from sourcefree.pipeline.adaptation import adapt
+
+    *pkgs, data = paths
+    result = adapt(
+        pkgs,
+        data,
+        method=method,
+        out=out,
+        config_file=config_file,
+        overrides=overrides,
+        resume=resume,
+        workdir=workdir,
+        keep_workdir=keep_workdir,
+        device=device,
+        eval_labels=eval_labels,
+        seed=seed,
+        max_bad_fraction=max_bad_fraction,
+        strict=strict,
+        overwrite=overwrite,
+        progress=not no_progress,
+        select=select,
+        gate=not no_gate,
+        force=force,
+        budget_s=budget_s,
+        amp=amp,
+        gate_sample=gate_sample,
+    )
+    if result.rank != 0:
+        return  # under torchrun only rank 0 reports
+    report = result.report
+    click.echo(f"adapted package: {result.out / 'package'}")
+    click.echo(f"report:          {result.out / 'report.json'}")
+    click.echo(f"html report:     {result.out / 'report.html'}")
+    _echo_selection(report)
+    evaluation = report.get("evaluation")
+    if evaluation:
+        for i, src in enumerate(evaluation["source"]):
+            click.echo(
+                f"source{'' if len(evaluation['source']) == 1 else i + 1}: "
+                f"accuracy {src['accuracy']:.4f}, mean class recall {src['mean_class_recall']:.4f}"
+            )
+        ad = evaluation["adapted"]
+        click.echo(
+            f"adapted: accuracy {ad['accuracy']:.4f}, mean class recall "
+            f"{ad['mean_class_recall']:.4f}"
+        )
+        pl = evaluation.get("pseudo_labels")
+        if pl is not None:
+            precision = "-" if pl["precision"] is None else f"{pl['precision']:.4f}"
+            click.echo(
+                f"pseudo-labels: precision {precision} "
+                f"({pl['labelled_selected']} labelled of {pl['selected']} selected), "
+                f"coverage {pl['coverage']:.4f} ({pl['selected']}/{pl['images']}); "
+                f"source accuracy {pl['source_accuracy']:.4f}"
+            )
+            click.echo(
+                "  selected per class: "
+                + ", ".join(f"{n} {c}" for n, c in pl["selected_per_class"].items())
+            )
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _echo_selection(report: dict[str, Any]) -> None:
+    """Candidates of -m auto / --select auto, then the gate's decision."""
+    sel = report.get("selection")
+    if sel is not None:
+        rule = sel["criterion"] or "nothing: no candidate finished"
+        click.echo(f"candidates (ranked by {rule}, higher is better):")
+        if sel.get("criterion_reason"):
+            click.echo(f"  {sel['criterion_reason']}")
+        for row in sel["candidates"]:
+            mark = "*" if row["chosen"] else " "
+            acc = f"  accuracy {_fmt(row['accuracy'])}" if "accuracy" in row else ""
+            detail = f" ({row['detail']})" if row.get("detail") else ""
+            click.echo(
+                f" {mark} {row['candidate']:<32} {row['status']:<11} "
+                f"score {_fmt(row['value'])}{acc}{detail}"
+            )
+    gate = report.get("gate")
+    if gate is not None:
+        click.echo(f"gate: exported the {gate['decision']} model; {gate['reason']}")
+        scored, total = gate.get("sample_size"), gate.get("target_images")
+        if gate.get("scores") is not None and scored is not None and scored != total:
+            click.echo(f"  (scored on a seeded subsample of {scored} of {total} images)")
+        acc = gate.get("accuracy")
+        if acc is not None:
+            click.echo(
+                f"  (with --eval-labels: source accuracy {_fmt(acc['source'])}, "
+                f"adapted {_fmt(acc['adapted'])})"
+            )
+
+
+@click.command("methods")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_typed_errors
+def methods_command(as_json: bool) -> None:
+    """List adaptation methods, their one-line descriptions and options."""
+    from sourcefree.engine.config import describe
+    from sourcefree.engine.registry import get_method, list_methods
+
+    rows: list[dict[str, Any]] = []
+    for name in list_methods():
+        cls = get_method(name)
+        rows.append(
+            {
+                "name": name,
+                "description": cls.description,
+                "sources": [cls.min_sources, cls.max_sources],
+                "selection_grid": [dict(entry) for entry in cls.selection_grid],
+                "options": [
+                    {"key": k, "default": d, "help": h} for k, d, h in describe(cls.config_class)
+                ],
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']:<10} {row['description']}")
+        for opt in row["options"]:
+            click.echo(f"    --set {opt['key']}={opt['default']:<10}  {opt['help']}")
+        if row["selection_grid"]:
+            grid = " | ".join(
+                ",".join(f"{k}={v}" for k, v in entry.items()) for entry in row["selection_grid"]
+            )
+            click.echo(f"    --select auto tries: {grid}")
+        click.echo("")
+
+
+@click.command("evaluate")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option(
+    "--labels",
+    "labels_csv",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="CSV of path,label rows (paths relative to DATA).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option("--max-bad-fraction", type=click.FloatRange(0.0, 1.0), default=0.05)
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
+@_typed_errors
+def evaluate_command(
+    package: Path,
+    data: Path,
+    labels_csv: Path,
+    as_json: bool,
+    device: str,
+    max_bad_fraction: float,
+    strict: bool,
+) -> None:
+    """Accuracy, mean class recall, per-class recall and confusion of PACKAGE on DATA.
+
+    Runs the package through onnxruntime, as an application would.
+    """
+    from sourcefree.runtime.evaluation import evaluate, format_metrics
+
+    metrics = evaluate(
+        package,
+        data,
+        labels_csv,
+        device=device,
+        max_bad_fraction=max_bad_fraction,
+        strict=strict,
+    )
+    if as_json:
+        click.echo(json.dumps(metrics.to_dict(), indent=2))
+    else:
+        click.echo(format_metrics(metrics))
+
+
+#: The commands to add to the ``sourcefree`` group.
+COMMANDS: tuple[click.Command, ...] = (adapt_command, methods_command, evaluate_command)

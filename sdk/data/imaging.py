@@ -1,0 +1,191 @@
+"""Image decoding and preprocessing shared by the runtime and the dataset readers.
+
+Decoding is strict: the whole image is decoded (a truncated JPEG opens fine
+and fails only at ``load()``), EXIF orientation is applied, decompression bombs
+are refused, and every mode (grey, CMYK, 16-bit, palette, alpha) is normalised
+to the model's colour. No torch import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sourcefree.errors import InputError
+from sourcefree.fsutil import IMAGE_SUFFIXES, FileRefusedError, read_regular_file
+from sourcefree.package.manifest import InputSpec
+
+#: Largest image accepted, in pixels (Pillow warns at 89 MP and errors at 179 MP).
+MAX_PIXELS = 64 * 1024 * 1024
+#: Largest file accepted, in bytes.
+MAX_FILE_BYTES = 256 * 1024 * 1024
+_CHUNK = 256 * 1024
+#: Formats Pillow may decode; everything else (FITS, PSD, EPS, ...) is refused.
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM"})
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+class ImageDecodeError(InputError):
+    """An image file cannot be decoded safely."""
+
+
+def _too_large(why: str) -> ImageDecodeError:
+    return ImageDecodeError("an image file is too large", why, "downscale the image first")
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """Read an image file: regular, not a link, never blocking, size checked first."""
+    try:
+        data = read_regular_file(path, MAX_FILE_BYTES, follow_links=False)
+    except FileRefusedError as exc:
+        if exc.reason == "too-large":
+            raise _too_large(f"{exc.size} bytes exceeds {MAX_FILE_BYTES}") from None
+        if exc.reason == "grew":
+            raise ImageDecodeError(
+                "an image file grew while it was read",
+                "another process is writing it",
+                "wait until the copy is complete",
+            ) from None
+        raise _not_regular() from None
+    except OSError as exc:
+        raise ImageDecodeError(
+            "an image could not be read", exc.strerror or str(exc), "check the file's permissions"
+        ) from None
+    if not data:
+        raise ImageDecodeError("an image file is empty", "it has zero bytes", "re-copy it")
+    return data
+
+
+def _not_regular() -> ImageDecodeError:
+    return ImageDecodeError(
+        "an image path is not a regular file",
+        "symlinks, FIFOs, devices and directories are never followed",
+        "pass the image file itself",
+    )
+
+
+def _read_stream(source: BinaryIO) -> io.BytesIO:
+    """Copy an open binary file in 256 KiB chunks, refusing more than :data:`MAX_FILE_BYTES`."""
+    out = io.BytesIO()
+    while True:
+        chunk = source.read(min(_CHUNK, MAX_FILE_BYTES + 1 - out.tell()))
+        if not chunk:
+            break
+        out.write(chunk)
+        if out.tell() > MAX_FILE_BYTES:
+            raise _too_large(f"the stream holds more than {MAX_FILE_BYTES} bytes")
+    out.seek(0)
+    return out
+
+
+def decode_image(
+    source: str | os.PathLike[str] | Image.Image | BinaryIO, color: str
+) -> Image.Image:
+    """Decode fully and return a PIL image in mode ``RGB`` or ``L``.
+
+    Args:
+        source: a path, an open binary file, or a PIL image.
+        color: ``rgb`` or ``gray``, the model's colour.
+
+    Raises:
+        ImageDecodeError: unreadable, not an image, a refused format, or a
+            decompression bomb. The message never contains the path.
+    """
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        data = (
+            io.BytesIO(_read_regular_file(Path(source)))  # shares the bytes, no copy
+            if isinstance(source, (str, os.PathLike))
+            else _read_stream(source)
+        )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(data, formats=sorted(ALLOWED_FORMATS))
+                if img.width * img.height > MAX_PIXELS:
+                    raise ImageDecodeError(
+                        "an image is too large to decode",
+                        f"{img.width}x{img.height} pixels exceeds {MAX_PIXELS}",
+                        "downscale it, or check it is not a decompression bomb",
+                    )
+                img.load()
+        except ImageDecodeError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageDecodeError(
+                "an image was refused as a decompression bomb",
+                "its declared size is far beyond any face photo",
+                "remove the file",
+            ) from None
+        except UnidentifiedImageError:
+            raise ImageDecodeError(
+                "a file is not a supported image",
+                f"allowed formats: {', '.join(sorted(ALLOWED_FORMATS))}",
+                "convert it to PNG or JPEG, or remove it",
+            ) from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ImageDecodeError(
+                "an image is corrupt or truncated", type(exc).__name__, "re-copy or remove it"
+            ) from None
+    # A broken EXIF block only loses the orientation hint.
+    with contextlib.suppress(OSError, ValueError, SyntaxError, KeyError, TypeError):
+        img = ImageOps.exif_transpose(img)
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    return _normalise_mode(img, color)
+
+
+def _normalise_mode(img: Image.Image, color: str) -> Image.Image:
+    """Any Pillow mode -> ``RGB`` (colour) or ``L`` (grey); alpha composited on black."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    elif mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "RGBa", "La"):
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    if color == "gray":
+        return img if img.mode == "L" else img.convert("RGB").convert("L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def preprocess(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """Resize and normalise a decoded image into a float32 CHW array."""
+    height, width = spec.size
+    img = _normalise_mode(img, spec.color)
+    if img.size != (width, height):
+        img = img.resize((width, height), _RESAMPLE[spec.interpolation])
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    if arr.ndim == 2:
+        arr = arr[None, :, :]
+        if spec.channels == 3:
+            arr = np.repeat(arr, 3, axis=0)
+    else:
+        arr = arr.transpose(2, 0, 1)
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
+
+
+def is_image_name(name: str) -> bool:
+    """True when the file name has an image suffix."""
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES

@@ -1,0 +1,1 @@
+"""The training engine: method interface, registry, config, trainer, run directory."""

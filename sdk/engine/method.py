@@ -1,0 +1,367 @@
+"""The method interface: what an adaptation method declares, and what it is given.
+
+A method (one file in ``adapters/``) subclasses :class:`Method`, is registered
+with :func:`sourcefree.engine.registry.register_method`, and declares its work as a
+list of :class:`Phase` objects. The trainer (``sourcefree.engine.trainer``) runs the
+phases: batching, optimiser and schedule, AMP, progress, checkpoints, resume.
+
+Multi-phase methods declare several phases (CluP: ``pseudo-label`` with no
+optimiser, ``warm-up`` for the SSL head and backbone, ``fine-tune``); methods
+that recompute something every epoch (SHOT's centroid pseudo-labels) use
+``on_epoch_start`` and keep the result in :meth:`Method.state_tensors` so a
+resumed run sees the same values; methods with several source packages
+(LA-CMFER) set ``max_sources`` and read ``context.sources``.
+
+Methods never see target labels: :class:`TargetData` holds images only.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from sourcefree.engine.models import Classifier
+from sourcefree.package.loader import Package
+from sourcefree.package.manifest import InputSpec
+
+JSON = Any
+"""A value made of dicts, lists, str, int, float, bool and None."""
+
+
+@dataclass(frozen=True)
+class TargetData:
+    """The customer's unlabelled target images, decoded once, kept in memory as uint8."""
+
+    images: np.ndarray
+    """uint8 (N, H, W, C) at the package's input size (C = 1 for grey input)."""
+    spec: InputSpec
+    """The input spec the images are normalised with."""
+    fingerprint: str
+    """Dataset identity (names, sizes, mtimes): resume refuses a changed dataset."""
+    read_summary: Mapping[str, Any] = field(default_factory=dict)
+    """Aggregate read counts (ok, bad per reason); never names or ids."""
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def tensor(
+        self,
+        index: np.ndarray | torch.Tensor | slice | None = None,
+        *,
+        device: torch.device | None = None,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> torch.Tensor:
+        """Normalised float32 NCHW images (all, or the given indices), on the CPU by default.
+
+        On a CUDA ``device`` the uint8 pixels travel (pinned, non-blocking: a quarter
+        of the float32 bytes) and are normalised on the GPU; ``memory_format`` is
+        the layout of the result (``torch.channels_last`` for NHWC convolutions).
+        """
+        if index is None:
+            raw = self.images
+        elif isinstance(index, torch.Tensor):
+            raw = self.images[index.cpu().numpy()]
+        else:
+            raw = self.images[index]
+        pixels = torch.from_numpy(np.ascontiguousarray(raw))
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        if dev.type == "cuda":
+            pixels = pixels.pin_memory().to(dev, non_blocking=True)
+        elif dev.type != "cpu":
+            pixels = pixels.to(dev)
+        x = pixels.permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[1] == 1 and self.spec.channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        mean = torch.tensor(self.spec.mean, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+        std = torch.tensor(self.spec.std, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+        return ((x - mean) / std).contiguous(memory_format=memory_format)
+
+    def batches(self, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """(index, images) batches in dataset order (for whole-set passes in hooks)."""
+        n = len(self)
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(n, start + batch_size))
+            yield idx, self.tensor(slice(start, start + batch_size))
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """A verified source package and a fresh torch copy of its model (on the run's device)."""
+
+    package: Package
+    model: Classifier
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method is built with."""
+
+    sources: tuple[SourceModel, ...]
+    data: TargetData
+    device: torch.device
+    seed: int
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.sources[0].package.manifest.labels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training batch handed to a phase's step function."""
+
+    x: torch.Tensor
+    """Normalised float32 images (B, C, H, W) on the run's device."""
+    index: torch.Tensor
+    """int64 (B,) dataset indices (look up pseudo-labels with it); on the device."""
+    generator: torch.Generator
+    """CPU generator seeded for this step: use it for augmentations (resume-safe)."""
+    epoch: int
+    step: int
+    """Step within the epoch."""
+    progress: float
+    """Fraction of the phase done before this step, in [0, 1) (for schedules in losses)."""
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """A step's result: the loss to minimise (None for no-gradient phases) and metrics."""
+
+    loss: torch.Tensor | None
+    metrics: Mapping[str, float | torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EpochInfo:
+    """Passed to ``Phase.on_epoch_start``."""
+
+    phase: str
+    epoch: int
+    data: TargetData
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters that train together, with a learning-rate multiplier."""
+
+    params: Sequence[nn.Parameter]
+    lr_scale: float = 1.0
+    weight_decay: float | None = None
+    """Overrides the optimiser's weight decay for this group."""
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Optimiser of a phase (built by the trainer)."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """Learning-rate schedule over the phase's steps: ``lr(t) = lr * factor(t / T)``.
+
+    ``constant``: 1. ``cosine``: ``0.5 (1 + cos(pi p))``, after linear warm-up.
+    ``inv``: ``(1 + gamma p) ^ -power`` (SHOT, DANN). ``exp``: ``final ^ p``, an
+    exponential decay reaching ``final`` at the end (per-epoch decay ``d`` over
+    ``E`` epochs: ``final = d ^ E``, applied continuously).
+    """
+
+    name: Literal["constant", "cosine", "inv", "exp"] = "constant"
+    warmup_steps: int = 0
+    gamma: float = 10.0
+    power: float = 0.75
+    final: float = 0.0
+    """Cosine and exp: final factor."""
+
+    def factor(self, step: int, total: int) -> float:
+        """Multiplier of the base learning rate at ``step`` of ``total``."""
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        p = min(1.0, step / max(1, total))
+        if self.name == "cosine":
+            return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * p))
+        if self.name == "inv":
+            return float((1 + self.gamma * p) ** (-self.power))
+        if self.name == "exp":
+            return float(self.final**p)
+        return 1.0
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stage of a method, run by the trainer for ``epochs`` passes over the target data.
+
+    Hooks are called by the trainer: ``on_enter`` every time the phase is
+    entered, fresh or resumed (set train/eval modes and non-saved attributes
+    there), ``on_epoch_start`` at the start of each epoch (not again when a run
+    resumes mid-epoch; keep what it computes in the method's state), and
+    ``on_phase_end`` once the last epoch is done.
+    """
+
+    name: str
+    epochs: int
+    step: Callable[[Batch], StepOutput]
+    batch_size: int = 64
+    parameters: Callable[[], Sequence[ParamGroup]] | None = None
+    """What trains; None: no optimiser (statistics passes, pseudo-labelling)."""
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    on_enter: Callable[[], None] | None = None
+    on_epoch_start: Callable[[EpochInfo], None] | None = None
+    on_phase_end: Callable[[], None] | None = None
+    amp: bool = True
+    """Allow bf16 autocast on CUDA (never fp16; off on CPU). Losses run in fp32 anyway."""
+    drop_last: bool = True
+    """Drop the last incomplete batch (BatchNorm dislikes tiny batches)."""
+    shuffle: bool = True
+    max_grad_norm: float | None = None
+
+
+class Method(ABC):
+    """Base class of adaptation methods.
+
+    Subclasses set ``description`` (one line) and ``config_class`` (a frozen
+    dataclass of paper defaults), and implement :meth:`phases`,
+    :meth:`modules` and :meth:`export_model`. Everything in :meth:`modules`
+    (parameters and buffers) and in :meth:`state_tensors` / :meth:`state_meta`
+    is checkpointed; anything else must be rebuilt by ``Phase.on_enter``.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    config_class: ClassVar[type[Any]]
+    min_sources: ClassVar[int] = 1
+    max_sources: ClassVar[int] = 1
+    selection_grid: ClassVar[tuple[Mapping[str, Any], ...]] = ()
+    """Candidates of ``adapt --select auto``: each a mapping of (dotted) config keys to
+    values applied over the user's config; the label-free score picks one
+    (``sourcefree.pipeline.selection``). Empty: the method has nothing to tune there."""
+    relative_cost: ClassVar[float] = 1.0
+    """Rough cost of a default run relative to SHOT's; ``adapt -m auto`` tries the
+    cheapest methods first, so a tight ``--budget-s`` still yields a candidate."""
+
+    def __init__(self, config: Any, context: MethodContext) -> None:
+        self.config = config
+        self.context = context
+
+    @abstractmethod
+    def phases(self) -> Sequence[Phase]:
+        """The phases, in order. Called once per run; must not depend on RNG."""
+
+    @abstractmethod
+    def modules(self) -> Mapping[str, nn.Module]:
+        """Every module whose state must be checkpointed, by a stable name."""
+
+    @abstractmethod
+    def export_model(self) -> Classifier:
+        """The model to export as the adapted package (eval mode)."""
+
+    def export_architecture(self) -> str:
+        """Registry name of :meth:`export_model`'s architecture."""
+        return self.context.sources[0].package.manifest.architecture.name
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Extra tensors to checkpoint (pseudo-labels, centroids, queues)."""
+        return {}
+
+    def state_meta(self) -> dict[str, JSON]:
+        """Extra JSON state to checkpoint."""
+        return {}
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, JSON]) -> None:  # noqa: B027 (optional hook; the default keeps nothing)
+        """Restore what :meth:`state_tensors` and :meth:`state_meta` returned."""
+
+    def report(self) -> dict[str, JSON]:
+        """Aggregate diagnostics for ``report.json`` after the run (counts, histograms).
+
+        Never per-sample data (indices, file names, images). Default: nothing.
+        """
+        return {}
+
+    def pseudo_label_selection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The pseudo-labels the method trained on: (dataset indices, labels), int64, CPU.
+
+        Read once after the run, only to report their precision and coverage
+        against evaluation labels (``adapt --eval-labels``); never written out.
+        Default: None (the method has no pseudo-labels).
+        """
+        return None
+
+
+# --- helpers shared by several methods -------------------------------------------------
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of ``model``."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def bn_statistics_phase(
+    model: nn.Module, batch_size: int, epochs: int = 1, name: str = "bn-stats"
+) -> Phase:
+    """A no-gradient phase that re-estimates BatchNorm statistics on the target data.
+
+    AdaBN (Li et al., 2016): running mean and variance are reset, then
+    accumulated as an exact average over the target batches (``momentum=None``),
+    with every other layer in eval mode. The counters live in the BN buffers,
+    so a resumed run continues the same average.
+    """
+
+    def enter() -> None:
+        model.eval()
+        for bn in batchnorm_layers(model):
+            bn.train()
+            bn.momentum = None
+
+    def epoch_start(info: EpochInfo) -> None:
+        if info.epoch == 0:
+            for bn in batchnorm_layers(model):
+                bn.reset_running_stats()
+
+    def step(batch: Batch) -> StepOutput:
+        with torch.no_grad():
+            model(batch.x)
+        return StepOutput(loss=None)
+
+    def end() -> None:
+        for bn in batchnorm_layers(model):
+            bn.momentum = 0.1
+        model.eval()
+
+    return Phase(
+        name=name,
+        epochs=epochs,
+        step=step,
+        batch_size=batch_size,
+        on_enter=enter,
+        on_epoch_start=epoch_start,
+        on_phase_end=end,
+        shuffle=False,
+        amp=False,
+    )
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample Shannon entropy ``H(p) = -sum_c p_c log p_c`` of ``softmax(logits)``, fp32."""
+    logp = torch.log_softmax(logits.float(), dim=1)
+    return -(logp.exp() * logp).sum(dim=1)

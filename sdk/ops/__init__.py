@@ -1,0 +1,1 @@
+"""Building blocks for methods: clustering, pseudo-labels, augmentation, optimisers."""

@@ -1,0 +1,1 @@
+"""The adapt pipeline: prepare, train, decide (gate, selection), export, report."""

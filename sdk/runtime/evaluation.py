@@ -1,0 +1,267 @@
+"""Evaluate a package on labelled images through the onnxruntime runtime (what ships).
+
+Labels are read from a CSV (``path,label``; names or indices in the package's
+label order) and matched to the images of the data folder by their path
+relative to that folder (or to the CSV's folder when the CSV lies inside it);
+every labelled row must name an image of the folder (a typo is refused, not skipped).
+Metrics: accuracy, mean class recall over the classes present, per-class
+recall and the confusion matrix (rows: true class, columns: prediction).
+No torch import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sourcefree.data.dataset import ImageDataset, LoadedImages
+from sourcefree.data.readers import read_image_folder, read_labels_csv
+from sourcefree.errors import DatasetError
+from sourcefree.fsutil import shown
+from sourcefree.package.loader import Package, load_package
+from sourcefree.package.manifest import InputSpec
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Classification metrics of one package on one labelled set (aggregates only)."""
+
+    labels: tuple[str, ...]
+    accuracy: float
+    mean_class_recall: float
+    """Mean of the per-class recalls over classes that have at least one image."""
+    per_class_recall: dict[str, float | None]
+    """None for classes with no image."""
+    confusion: list[list[int]]
+    """``confusion[true][predicted]`` counts."""
+    images: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "mean_class_recall": self.mean_class_recall,
+            "per_class_recall": self.per_class_recall,
+            "confusion": self.confusion,
+            "labels": list(self.labels),
+            "images": self.images,
+        }
+
+
+def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[str]) -> Metrics:
+    """Accuracy, mean class recall, per-class recall and confusion matrix."""
+    k = len(labels)
+    if y_true.shape != y_pred.shape or y_true.size == 0:
+        raise DatasetError(
+            "nothing to evaluate",
+            f"{y_true.size} labelled images were matched",
+            "check that the labels CSV names images of the data folder",
+        )
+    confusion = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+    support = confusion.sum(axis=1)
+    recalls: dict[str, float | None] = {}
+    present = []
+    for c, name in enumerate(labels):
+        if support[c] > 0:
+            r = float(confusion[c, c] / support[c])
+            recalls[name] = r
+            present.append(r)
+        else:
+            recalls[name] = None
+    return Metrics(
+        labels=tuple(labels),
+        accuracy=float(np.trace(confusion) / confusion.sum()),
+        mean_class_recall=float(np.mean(present)),
+        per_class_recall=recalls,
+        confusion=confusion.astype(int).tolist(),
+        images=int(y_true.size),
+    )
+
+
+def pseudo_label_quality(
+    indices: np.ndarray, chosen: np.ndarray, truth: np.ndarray, labels: Sequence[str]
+) -> dict[str, Any]:
+    """Precision and coverage of pseudo-labels (aggregates only).
+
+    Args:
+        indices: target-image indices the method selected (int64).
+        chosen: their pseudo-labels (int64, same length).
+        truth: evaluation label of every target image, -1 where unlabelled.
+        labels: class names.
+
+    Returns:
+        ``selected``, ``images``, ``coverage`` (selected / images), ``labelled_selected``
+        (selected images with an evaluation label), ``precision`` (share of those whose
+        pseudo-label is right; None when there is none), ``selected_per_class`` and
+        ``precision_per_class`` by class name.
+    """
+    k = len(labels)
+    known = truth[indices] >= 0
+    right = chosen[known] == truth[indices][known]
+    selected_per_class = np.bincount(chosen, minlength=k)[:k] if chosen.size else np.zeros(k)
+    known_per_class = np.bincount(chosen[known], minlength=k)[:k]
+    right_per_class = np.bincount(chosen[known][right], minlength=k)[:k]
+    return {
+        "selected": int(indices.size),
+        "images": int(truth.size),
+        "coverage": float(indices.size / truth.size) if truth.size else 0.0,
+        "labelled_selected": int(known.sum()),
+        "precision": float(right.mean()) if right.size else None,
+        "selected_per_class": {n: int(selected_per_class[c]) for c, n in enumerate(labels)},
+        "precision_per_class": {
+            n: float(right_per_class[c] / known_per_class[c]) if known_per_class[c] else None
+            for c, n in enumerate(labels)
+        },
+    }
+
+
+def labelled_dataset(
+    data: str | os.PathLike[str], labels_csv: str | os.PathLike[str], labels: Sequence[str]
+) -> ImageDataset:
+    """The images of ``data`` that the CSV labels, with labels in the package's order.
+
+    Every labelled row must name an image of ``data`` (relative to it, or to the
+    CSV's folder when the CSV lies inside it), once or always with the same label.
+
+    Raises:
+        DatasetError: the CSV names a class the package does not have, a labelled
+            row names no image of ``data``, or an image twice with two labels.
+    """
+    folder = read_image_folder(data)
+    try:
+        table = read_labels_csv(labels_csv, labels=labels)
+    except DatasetError as exc:
+        if "unknown label" in exc.what or "label index" in exc.what:
+            raise DatasetError(
+                exc.what,
+                f"the package predicts only {', '.join(labels)}",
+                "evaluate with labels of this package's classes (drop or map the other rows)",
+            ) from None
+        raise
+    rows = [(n, s) for n, s in enumerate(table.samples, 1) if s.label >= 0]
+    if not rows:
+        raise DatasetError(
+            "the labels CSV labels no image", f"{len(table)} rows, none with a label", ""
+        )
+    # CSV paths are relative to the CSV's folder (re-based here on the data
+    # folder, wherever the CSV sits) or, failing that, relative to the data folder.
+    csv_root, data_root = table.root.resolve(), folder.root.resolve()
+    keys = {s.key for s in folder.samples}
+    rebased = [_relative_key(csv_root / s.key, data_root) for _, s in rows]
+    as_given: list[str | None] = [Path(s.key).as_posix() for _, s in rows]
+    chosen = max((rebased, as_given), key=lambda ks: sum(k in keys for k in ks))
+    by_key: dict[str, int] = {}
+    for (n, s), key in zip(rows, chosen, strict=True):
+        if key not in keys:
+            raise DatasetError(
+                f"row {n} of the labels CSV (header not counted) names {shown(s.key)}, "
+                "not an image of the data folder",
+                f"the data folder holds {len(keys)} images; every labelled row must name "
+                "one of them (a path relative to the data folder, or to the CSV's folder)",
+                "fix the path, or remove the row",
+            )
+        if by_key.setdefault(key, s.label) != s.label:
+            raise DatasetError(
+                f"row {n} of the labels CSV (header not counted) labels {shown(s.key)} again, "
+                "with another label",
+                "an image has one true label",
+                "keep one row per image",
+            )
+    picked = [
+        dataclasses.replace(s, label=by_key[s.key]) for s in folder.samples if s.key in by_key
+    ]
+    return ImageDataset(picked, tuple(labels), root=folder.root, kind="evaluation")
+
+
+def _relative_key(path: Path, root: Path) -> str | None:
+    """``path`` relative to ``root`` as a posix key, None when it lies outside."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return None
+
+
+def labels_of(dataset: ImageDataset, keys: Sequence[str]) -> np.ndarray:
+    """The label of each key in ``dataset`` (int64; -1 where it has none)."""
+    by_key = {s.key: s.label for s in dataset.samples}
+    return np.asarray([by_key.get(k, -1) for k in keys], dtype=np.int64)
+
+
+def load_inputs(
+    dataset: ImageDataset,
+    spec: InputSpec,
+    *,
+    max_bad_fraction: float = 0.05,
+    strict: bool = False,
+) -> tuple[np.ndarray, LoadedImages]:
+    """Decode ``dataset`` at the spec's size into the float32 NCHW the graph takes."""
+    loaded = dataset.load(
+        spec.size,
+        spec.color,
+        interpolation=spec.interpolation,
+        max_bad_fraction=max_bad_fraction,
+        strict=strict,
+    )
+    x = loaded.to_float(spec.mean, spec.std)
+    if x.shape[1] == 1 and spec.channels == 3:
+        x = np.ascontiguousarray(np.repeat(x, 3, axis=1))
+    return x, loaded
+
+
+def evaluate(
+    package: str | os.PathLike[str] | Package,
+    data: str | os.PathLike[str],
+    labels_csv: str | os.PathLike[str],
+    *,
+    device: str = "auto",
+    max_bad_fraction: float = 0.05,
+    strict: bool = False,
+    batch_size: int = 256,
+) -> Metrics:
+    """Evaluate a package with :class:`sourcefree.runtime.predictor.Predictor` on labelled images.
+
+    Raises:
+        PackageError: the package does not verify.
+        DatasetError: unreadable data, labels naming unknown classes or no image.
+    """
+    pkg = package if isinstance(package, Package) else load_package(package)
+    dataset = labelled_dataset(data, labels_csv, pkg.manifest.labels)
+    x, loaded = load_inputs(
+        dataset, pkg.manifest.input, max_bad_fraction=max_bad_fraction, strict=strict
+    )
+    return evaluate_inputs(pkg, x, loaded.labels, device=device, batch_size=batch_size)
+
+
+def evaluate_inputs(
+    package: Package, x: np.ndarray, y: np.ndarray, *, device: str = "auto", batch_size: int = 256
+) -> Metrics:
+    """Metrics of ``package`` on preprocessed float32 NCHW ``x`` with label indices ``y``."""
+    from sourcefree.runtime.predictor import Predictor
+
+    pred = Predictor(package, device=device, batch_size=batch_size).predict_array(x)
+    return compute_metrics(y, pred.indices.astype(np.int64), package.manifest.labels)
+
+
+def format_metrics(m: Metrics) -> str:
+    """A short text table: accuracy, mean class recall, per-class recall, confusion."""
+    width = max(8, *(len(n) for n in m.labels))
+    lines = [
+        f"images             {m.images}",
+        f"accuracy           {m.accuracy:.4f}",
+        f"mean class recall  {m.mean_class_recall:.4f}",
+        "",
+        "per-class recall",
+    ]
+    for name in m.labels:
+        r = m.per_class_recall[name]
+        lines.append(f"  {name:<{width}}  {'-' if r is None else f'{r:.4f}'}")
+    lines += ["", "confusion (rows: true, columns: predicted)"]
+    lines.append(" " * (width + 2) + " ".join(f"{i:>6d}" for i in range(len(m.labels))))
+    for i, (name, row) in enumerate(zip(m.labels, m.confusion, strict=True)):
+        lines.append(f"  {name:<{width}}" + " ".join(f"{v:>6d}" for v in row) + f"   [{i}]")
+    return "\n".join(lines)
