@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -434,37 +435,44 @@ def _background(
     return img.astype(np.float32), base
 
 
-def _render_chunk(
-    labels: np.ndarray,
-    params: np.ndarray,
-    rng: np.random.Generator,
-    spec: DomainSpec,
-    frame: _Frame,
-) -> np.ndarray:
-    """Render one batch; returns float32 (B,3,size,size) in [0, 1]."""
-    b = labels.shape[0]
-    f32 = np.float32
+def _col(x: Any) -> np.ndarray:
+    """Per-image values as float32 (B, 1, 1), broadcast over the canvas."""
+    return np.asarray(x, dtype=np.float32)[:, None, None]
 
-    def col(x: Any) -> np.ndarray:
-        return np.asarray(x, dtype=f32)[:, None, None]
 
-    img, _ = _background(rng, spec, frame, b)
+class _Pose(NamedTuple):
+    """Canvas coordinates mapped into each face's frame (rotated, shifted, scaled)."""
 
-    # Pose: map image coordinates into the face frame.
+    u: np.ndarray
+    v: np.ndarray
+    px: np.ndarray
+
+
+class _Identity(NamedTuple):
+    """Who the face is: skin and hair colours (B, 3) and face-ellipse size (B, 1, 1)."""
+
+    skin: np.ndarray
+    hair: np.ndarray
+    fa: np.ndarray
+    fb: np.ndarray
+    fy: np.ndarray
+
+
+def _pose(rng: np.random.Generator, spec: DomainSpec, frame: _Frame, b: int) -> _Pose:
+    """Pose: map image coordinates into the face frame."""
     max_rot = np.deg2rad(5.0 + 20.0 * spec.pose)
     rot = rng.uniform(-max_rot, max_rot, size=b)
     shift = 0.04 + 0.08 * spec.pose
     tx, ty = rng.uniform(-shift, shift, size=(2, b))
     scale = rng.uniform(0.95 - 0.15 * spec.pose, 1.05 + 0.05 * spec.pose, size=b)
-    cos, sin = col(np.cos(rot)), col(np.sin(rot))
-    xs, ys = frame.x - col(tx), frame.y - col(ty)
-    sc = col(scale)
-    u = (xs * cos + ys * sin) / sc
-    v = (-xs * sin + ys * cos) / sc
-    px = frame.px / sc
-    au = np.abs(u)
+    cos, sin = _col(np.cos(rot)), _col(np.sin(rot))
+    xs, ys = frame.x - _col(tx), frame.y - _col(ty)
+    sc = _col(scale)
+    return _Pose((xs * cos + ys * sin) / sc, (-xs * sin + ys * cos) / sc, frame.px / sc)
 
-    # Identity: skin, hair, face size.
+
+def _identity(rng: np.random.Generator, spec: DomainSpec, b: int) -> _Identity:
+    """Identity: skin, hair, face size."""
     if spec.nir:
         skin = rng.uniform(0.75, 0.95, size=(b, 1)).repeat(3, axis=1)
         hair = rng.uniform(0.05, 0.35, size=(b, 1)).repeat(3, axis=1)
@@ -476,28 +484,28 @@ def _render_chunk(
             [[0.08, 0.06, 0.05], [0.30, 0.18, 0.08], [0.55, 0.40, 0.20], [0.80, 0.68, 0.40]]
         )
         hair = hair_palette[rng.integers(0, 4, size=b)] + rng.normal(0, 0.03, (b, 3))
-    skin = np.clip(skin, 0, 1).astype(f32)
-    hair = np.clip(hair, 0, 1).astype(f32)
     aspect = (1.0 + 0.25 * spec.shape) * rng.uniform(0.96, 1.04, size=b)
-    fa = col(0.64 * rng.uniform(0.93, 1.05, size=b))
-    fb = col(0.80 * aspect)
-    fy = col(0.04 + 0.8 * (aspect - 1.0) * 0.25)  # longer faces grow mostly downward
-
-    # Hair crown behind the face, then the face.
-    hair_mask = _ramp(_ellipse(u, v - fy + 0.10, fa + 0.07, fb + 0.02), px) * _ramp(v - fy, px)
-    _blend(img, hair_mask, hair)
-    _blend(img, _ramp(_ellipse(u, v - fy, fa, fb), px), skin)
-
-    brow_raise, brow_inner, eye_open, curv, open_, width, wrinkle, asym = (
-        col(params[:, i]) for i in range(len(PARAMS))
+    return _Identity(
+        skin=np.clip(skin, 0, 1).astype(np.float32),
+        hair=np.clip(hair, 0, 1).astype(np.float32),
+        fa=_col(0.64 * rng.uniform(0.93, 1.05, size=b)),
+        fb=_col(0.80 * aspect),
+        fy=_col(0.04 + 0.8 * (aspect - 1.0) * 0.25),  # longer faces grow mostly downward
     )
 
-    # Eyes (symmetric in |u|): dark rim, white, pupil clipped to the white.
+
+def _draw_eyes_and_brows(
+    img: np.ndarray, pose: _Pose, who: _Identity, brow_raise: Any, brow_inner: Any, eye_open: Any
+) -> None:
+    """Eyes (symmetric in |u|: dark rim, white, pupil clipped to the white), then brows."""
+    f32 = np.float32
+    b, v, px = img.shape[0], pose.v, pose.px
+    au = np.abs(pose.u)
     ey = -0.12
     eb = 0.065 * eye_open
     ev = v - ey
     rim = _ramp(_ellipse(au - 0.25, ev, np.full((b, 1, 1), 0.14, dtype=f32), eb + 0.022), px)
-    _blend(img, rim, (np.minimum(hair, skin) * 0.5).astype(f32))
+    _blend(img, rim, (np.minimum(who.hair, who.skin) * 0.5).astype(f32))
     white_d = _ellipse(au - 0.25, ev, np.full((b, 1, 1), 0.12, dtype=f32), eb)
     white = _ramp(white_d, px)
     _blend(img, white, np.full((b, 3), 0.96, dtype=f32))
@@ -513,8 +521,17 @@ def _render_chunk(
     brow_d = np.sqrt((dxi - h * sx) ** 2 + (dyi - h * sy) ** 2) - 0.028
     # Brows (and lips, eye rims) are darker than the skin of every tone, so they stay
     # visible after grey conversion (blond brows or red lips on dark skin had no luma edge).
-    _blend(img, _ramp(brow_d, px), np.minimum(hair * 0.6, skin * 0.5).astype(f32))
+    _blend(img, _ramp(brow_d, px), np.minimum(who.hair * 0.6, who.skin * 0.5).astype(f32))
 
+
+def _draw_nose_and_mouth(
+    img: np.ndarray, pose: _Pose, skin: np.ndarray, params: Sequence[Any]
+) -> None:
+    """Nose bar and disgust wrinkles; the mouth (eq. of its centre line below)."""
+    f32 = np.float32
+    b, u, v, px = img.shape[0], pose.u, pose.v, pose.px
+    curv, open_, width, wrinkle, asym = params
+    au = np.abs(u)
     # Nose: a bar independent of the class, plus disgust wrinkles on the bridge.
     nose_d = np.maximum(np.abs(u) - 0.035, np.abs(v - 0.10) - 0.11)
     _blend(img, _ramp(nose_d, px) * 0.6, (skin * 0.7).astype(f32))
@@ -538,39 +555,46 @@ def _render_chunk(
     teeth = inside * _ramp((v - (yc - gap + 0.05)), px) * teeth_on
     _blend(img, teeth, np.array([[0.95, 0.94, 0.88]], dtype=f32).repeat(b, axis=0))
 
-    # Occlusion: a bar over the eyes or the mouth.
+
+def _occlude_and_light(
+    img: np.ndarray, pose: _Pose, rng: np.random.Generator, spec: DomainSpec, frame: _Frame
+) -> None:
+    """Occlusion (a bar over the eyes or the mouth), light gradient, NIR vignette; in place."""
+    b, u, v = img.shape[0], pose.u, pose.v
     if spec.occl > 0:
         hit = rng.uniform(size=b) < 0.25 * spec.occl
         where = rng.integers(0, 2, size=b)
         centre = np.where(where == 0, -0.13, 0.42)
-        bar_d = np.maximum(np.abs(v - col(centre)) - 0.11, np.abs(u) - 0.58)
-        bar_col = rng.uniform(0.0, 1.0, size=(b, 3)).astype(f32)
-        _blend(img, _ramp(bar_d, px) * col(hit), bar_col)
-
-    # Light: a directional gain gradient; NIR adds a vignette.
+        bar_d = np.maximum(np.abs(v - _col(centre)) - 0.11, np.abs(u) - 0.58)
+        bar_col = rng.uniform(0.0, 1.0, size=(b, 3)).astype(np.float32)
+        _blend(img, _ramp(bar_d, pose.px) * _col(hit), bar_col)
     if spec.light > 0:
         phi = rng.uniform(0, 2 * np.pi, size=b)
         amp = 0.6 * spec.light * rng.uniform(0.5, 1.0, size=b)
-        grad = (frame.x * col(np.cos(phi)) + frame.y * col(np.sin(phi))) / _VIEW / np.sqrt(2.0)
-        img *= (1.0 + col(amp) * grad)[:, None]
+        grad = (frame.x * _col(np.cos(phi)) + frame.y * _col(np.sin(phi))) / _VIEW / np.sqrt(2.0)
+        img *= (1.0 + _col(amp) * grad)[:, None]
     if spec.nir:
         r2 = (frame.x**2 + frame.y**2) / (2 * _VIEW**2)
         img *= (1.0 - 0.7 * r2)[:, None]
 
+
+def _tone_grey_noise(
+    img: np.ndarray, rng: np.random.Generator, spec: DomainSpec, frame: _Frame
+) -> np.ndarray:
+    """Blur, clip, gamma/contrast, grey, sensor noise, then the resize to the output size."""
     if frame.pre is not None:
         img = _separable(img, frame.pre, frame.pre)
     np.clip(img, 0.0, 1.0, out=img)
-
-    # Tone: gamma and contrast around the image mean.
+    b = img.shape[0]
     if spec.nir:
         gamma = rng.uniform(1.4, 1.9, size=b)
-        img = img ** col(gamma)[:, None]
+        img = img ** _col(gamma)[:, None]
     if spec.tone > 0:
         gamma = rng.uniform(1.0 - 0.4 * spec.tone, 1.0 + 0.6 * spec.tone, size=b)
         contrast = rng.uniform(1.0 - 0.4 * spec.tone, 1.0, size=b)
-        img = img ** col(gamma)[:, None]
+        img = img ** _col(gamma)[:, None]
         mean = img.mean(axis=(1, 2, 3), keepdims=True)
-        img = mean + col(contrast)[:, None] * (img - mean)
+        img = mean + _col(contrast)[:, None] * (img - mean)
     if spec.gray > 0:
         luma = np.einsum("bchw,c->bhw", img, _LUMA)[:, None]
         img = img + min(spec.gray, 1.0) * (luma - img)
@@ -582,10 +606,38 @@ def _render_chunk(
     sigma = 0.02 + 0.06 * spec.noise
     channels = 1 if spec.gray >= 1.0 else 3
     shape = (b, channels, img.shape[-2], img.shape[-1])
-    img = img + sigma * rng.standard_normal(size=shape, dtype=f32)
+    img = img + sigma * rng.standard_normal(size=shape, dtype=np.float32)
     if frame.resize is not None:
         img = _separable(img, frame.resize, frame.resize)
-    return np.asarray(np.clip(img, 0.0, 1.0), dtype=f32)
+    return np.asarray(np.clip(img, 0.0, 1.0), dtype=np.float32)
+
+
+def _render_chunk(
+    labels: np.ndarray,
+    params: np.ndarray,
+    rng: np.random.Generator,
+    spec: DomainSpec,
+    frame: _Frame,
+) -> np.ndarray:
+    """Render one batch; returns float32 (B,3,size,size) in [0, 1].
+
+    The random draws happen in a fixed order (background, pose, identity, occlusion,
+    light, tone, noise), so a seed renders the same faces as before the split.
+    """
+    b = labels.shape[0]
+    img, _ = _background(rng, spec, frame, b)
+    pose = _pose(rng, spec, frame, b)
+    who = _identity(rng, spec, b)
+    # Hair crown behind the face, then the face.
+    u, v, px = pose
+    hair_mask = _ramp(_ellipse(u, v - who.fy + 0.10, who.fa + 0.07, who.fb + 0.02), px)
+    _blend(img, hair_mask * _ramp(v - who.fy, px), who.hair)
+    _blend(img, _ramp(_ellipse(u, v - who.fy, who.fa, who.fb), px), who.skin)
+    au_params = [_col(params[:, i]) for i in range(len(PARAMS))]
+    _draw_eyes_and_brows(img, pose, who, *au_params[:3])
+    _draw_nose_and_mouth(img, pose, who.skin, au_params[3:])
+    _occlude_and_light(img, pose, rng, spec, frame)
+    return _tone_grey_noise(img, rng, spec, frame)
 
 
 def generate(domain: str | DomainSpec, n: int, size: int = 32, seed: int = 0) -> SyntheticSet:

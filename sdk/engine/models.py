@@ -228,7 +228,8 @@ def register_architecture_family(prefix: str, build: FamilyBuilder) -> None:
 
     Adapted packages of methods that add layers to the source model (LA-CMFER's
     local branch) name such an architecture; :func:`load_classifier` finds the
-    builder by the prefix (importing the built-in methods first).
+    builder by the prefix (:func:`~sourcefree.engine.registry.load_builtin_methods` registers
+    the built-in families).
     """
     _FAMILIES[prefix] = build
 
@@ -238,10 +239,13 @@ def _family(name: str) -> FamilyBuilder | None:
     if not dot or name in ARCHITECTURES:
         return None
     if prefix not in _FAMILIES:
-        from sourcefree.engine.registry import list_methods
-
-        list_methods()  # imports sourcefree.adapters, whose modules register families
-    return _FAMILIES.get(prefix)
+        raise PackageError(
+            f"architecture {name[:60]!r} names the family {prefix[:40]!r}, which is not registered",
+            "the method that exported the model registers its family when the methods load",
+            "call sourcefree.engine.registry.load_builtin_methods() first "
+            "(the CLI and sourcefree.adapt do), or use a package of a registered method",
+        )
+    return _FAMILIES[prefix]
 
 
 def build_classifier(

@@ -1,8 +1,9 @@
 """Registry of adaptation methods: ``@register_method("name")`` on the class.
 
-The built-in methods live in ``sourcefree.adapters``; :func:`get_method` and
-:func:`list_methods` import that package on first use, so registration needs no
-extra call. This module imports no torch itself.
+The built-in methods live in ``sourcefree.adapters``; :func:`load_builtin_methods`
+imports that package (once), and :func:`get_method` and :func:`list_methods` call it
+first. Nothing else loads methods: the engine never imports the adapters layer.
+This module imports no torch itself.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ _METHODS: dict[str, type[Method]] = {}
 _builtins_loaded = False
 
 
-def _load_builtins() -> None:
+def load_builtin_methods() -> None:
+    """Import ``sourcefree.adapters`` once: its modules register the built-in methods
+    and the architecture families of the models they export (LA-CMFER's local branch).
+
+    Examples:
+        >>> from sourcefree.engine.registry import load_builtin_methods, list_methods
+        >>> load_builtin_methods()
+        >>> "shot" in list_methods()
+        True
+    """
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
@@ -78,7 +88,7 @@ def get_method(name: str) -> type[Method]:
     Raises:
         ConfigError: ``Unknown method 'shott'. Did you mean 'shot'? Available: ...``
     """
-    _load_builtins()
+    load_builtin_methods()
     if name in _METHODS:
         return _METHODS[name]
     close = difflib.get_close_matches(name, list(_METHODS), n=1)
@@ -92,5 +102,5 @@ def get_method(name: str) -> type[Method]:
 
 def list_methods() -> list[str]:
     """Names of every registered method, sorted."""
-    _load_builtins()
+    load_builtin_methods()
     return sorted(_METHODS)

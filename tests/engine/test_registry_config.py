@@ -152,3 +152,31 @@ def test_describe_shows_the_parents_nested_defaults() -> None:
 
     rows = {k: d for k, d, _ in cfgmod.describe(Outer)}
     assert rows["ssl.init"] == "scratch"
+
+
+def test_architecture_families_are_registered_only_by_load_builtin_methods() -> None:
+    """The engine never loads the adapters layer itself: one explicit call does."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = """
+        import sys
+        from sourcefree.errors import PackageError
+        from sourcefree.engine import models, registry
+        try:
+            models._family("la-cmfer.smallcnn")
+        except PackageError as exc:
+            print("refused:", "load_builtin_methods" in exc.fix)
+        print("adapters loaded:", "sourcefree.adapters" in sys.modules)
+        registry.load_builtin_methods()
+        print("family:", models._family("la-cmfer.smallcnn") is not None)
+    """
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split("\n")
+    assert out[:3] == ["refused: True", "adapters loaded: False", "family: True"]
