@@ -1,7 +1,9 @@
 """AdaBN: re-estimate BatchNorm statistics on the target domain, no gradients.
 
 [0] Li, Wang, Shi, Liu, Hou. "Revisiting Batch Normalization For Practical
-Domain Adaptation", 2016, https://arxiv.org/abs/1603.04779
+Domain Adaptation", arXiv 1603.04779, 2016 (https://arxiv.org/abs/1603.04779);
+journal version "Adaptive Batch Normalization for practical domain adaptation",
+Pattern Recognition 80, 2018, DOI 10.1016/j.patcog.2018.03.005
 
 Every BatchNorm layer's running mean and variance are replaced by their
 average over the target images (Algorithm 1), all weights unchanged. The

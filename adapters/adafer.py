@@ -1,8 +1,9 @@
 """AdaFER, source-free: action-unit-guided pseudo-labels and triplets.
 
 [0] Wang, Gu, Peng, Zhang, Sun, Li. "AU-Guided Unsupervised Domain Adaptive Facial
-Expression Recognition" (AdaFER; the project's ``papers/001`` copy). Equation
-numbers below are the paper's.
+Expression Recognition" (AdaFER), preprint 2020; journal version: Applied Sciences
+12(9) 4366, 2022, DOI 10.3390/app12094366. Equation numbers below are the
+preprint's.
 
 The paper detects facial action units (AUs) on source and target images with a
 pre-trained AU detector, then (AGA, Sec. 3.3) gives target images the labels of

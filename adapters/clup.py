@@ -1,9 +1,10 @@
 """CluP: cluster-level pseudo-labels + self-supervised warm-up + fine-tune on the selected subset.
 
 [0] Conti, Rota, Wang, Ricci. "Cluster-level pseudo-labelling for source-free
-cross-domain facial expression recognition", BMVC 2022, https://arxiv.org/abs/2210.05246
+cross-domain facial expression recognition", BMVC 2022, arXiv 2210.05246
+(https://arxiv.org/abs/2210.05246).
 [1] Caron et al. "Unsupervised Learning of Visual Features by Contrasting Cluster
-Assignments" (SwAV, DeepCluster-v2), NeurIPS 2020.
+Assignments" (SwAV, DeepCluster-v2), NeurIPS 2020, arXiv 2006.09882.
 
 Phases (run by :class:`sourcefree.engine.trainer.Trainer`):
 

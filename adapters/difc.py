@@ -1,9 +1,11 @@
 """DIFC, source-free: data-imbalance and feature-confusion margins on a SHOT base.
 
-[0] Sreenivas, Ramkumar, Hayat, Bhattacharya. "Improved Cross-Dataset Facial
-Expression Recognition by Handling Data Imbalance and Feature Confusion"
-(DIFC). [1] Cao et al. "Learning Imbalanced Datasets with Label-Distribution-
-Aware Margin Loss" (LDAM), NeurIPS 2019. [2] Liang et al., SHOT, ICML 2020.
+[0] Sreenivas, Takamuku, Biswas, Chepuri, Vengatesan, Natori. "Improved
+Cross-Dataset Facial Expression Recognition by Handling Data Imbalance and Feature
+Confusion" (DIFC), ECCV 2022 Workshops, DOI 10.1007/978-3-031-25072-9_17.
+[1] Cao et al. "Learning Imbalanced Datasets with Label-Distribution-Aware Margin
+Loss" (LDAM), NeurIPS 2019, arXiv 1906.07413. [2] Liang et al., SHOT, ICML 2020,
+arXiv 2002.08546.
 
 What runs as published:
 

@@ -2,8 +2,8 @@
 
 [0] Yang, Wen, Zeng, Xu, Wu, Zhou, Wang. "Learning with Alignments: Tackling the
 Inter- and Intra-domain Shifts for Cross-multidomain Facial Expression Recognition"
-(LA-CMFER), ACM MM 2024 (the project's papers/ copy). Equation numbers below are
-the paper's.
+(LA-CMFER), ACM MM 2024, arXiv 2407.05688 (https://arxiv.org/abs/2407.05688).
+Equation numbers below are the paper's.
 
 The paper trains one network (shared encoder E, global branch A_G + C_G, local
 branch A_L + C_L) on N labelled source datasets and the unlabelled target. Here the

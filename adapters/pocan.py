@@ -1,9 +1,10 @@
 """POCAN, source-free: learnable class prototypes, contrastive adaptation, adaptive thresholds.
 
 [0] "A Prototype-Oriented Contrastive Adaption Network For Cross-domain Facial
-Expression Recognition" (POCAN), ACCV 2022 (the project's papers/ copy); reference
-code ``Winter-is-coming-wow/ACCV2022_POCAN`` (TensorFlow; read for defaults only).
-Equation numbers below are the paper's.
+Expression Recognition" (POCAN), ACCV 2022 (Asian Conference on Computer Vision,
+proceedings; no arXiv version, and no DOI was found for it); reference code
+``Winter-is-coming-wow/ACCV2022_POCAN`` on GitHub (TensorFlow; read for defaults
+only). Equation numbers below are the paper's.
 
 The paper's stage 2 updates four things: encoder ``f``, projection head ``g``,
 source prototypes ``M_s`` and target prototypes ``M_t``, in turns (Sec. 3.1 and

@@ -1,9 +1,9 @@
 """SHOT and SHOT-IM: source hypothesis transfer with information maximisation.
 
 [0] Liang, Hu, Feng. "Do We Really Need to Access the Source Data? Source
-Hypothesis Transfer for Unsupervised Domain Adaptation", ICML 2020,
-https://arxiv.org/abs/2002.08546 (reference code: tim-learn/SHOT,
-``object/image_target.py``; facts in the project's research notes, section 2).
+Hypothesis Transfer for Unsupervised Domain Adaptation", ICML 2020, arXiv
+2002.08546 (https://arxiv.org/abs/2002.08546); reference code: tim-learn/SHOT on
+GitHub, ``object/image_target.py``.
 
 What runs, as in the paper and its reference code:
 

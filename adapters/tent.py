@@ -1,7 +1,8 @@
 """Tent: test-time entropy minimisation of the BatchNorm affine parameters.
 
 [0] Wang, Shelhamer, Liu, Olshausen, Darrell. "Tent: Fully Test-time
-Adaptation by Entropy Minimization", ICLR 2021, https://arxiv.org/abs/2006.10726
+Adaptation by Entropy Minimization", ICLR 2021, arXiv 2006.10726
+(https://arxiv.org/abs/2006.10726)
 
 Loss (eq. 2): the Shannon entropy of the prediction, ``H(y) = -sum_c p(y_c) log p(y_c)``,
 averaged over the batch. Only the BatchNorm scale and shift (gamma, beta) are

@@ -57,7 +57,8 @@ from sourcefree.engine import config as cfgmod
 from sourcefree.engine.method import MethodContext, SourceModel, TargetData
 from sourcefree.engine.models import Classifier, load_classifier
 from sourcefree.engine.registry import get_method, list_methods
-from sourcefree.engine.trainer import Trainer, seed_everything
+from sourcefree.engine.reproducibility import seed_everything
+from sourcefree.engine.trainer import Trainer
 from sourcefree.export import source_package
 from sourcefree.fsutil import replace_marked_block
 from sourcefree.package.loader import load_package

@@ -36,7 +36,7 @@ from sourcefree.engine.models import build_classifier
 from sourcefree.export import source_package
 from sourcefree.fsutil import replace_marked_block
 from sourcefree.package.manifest import InputSpec
-from sourcefree.pipeline.adaptation import adapt
+from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 from sourcefree.pipeline.selection import calibrate
 from sourcefree.vendor.training import to_tensor
 
@@ -81,14 +81,16 @@ def measure(
         write_domain(data, "wild-mild", n, size, seed=1000 + seed)
     pkg = vendor(work / f"vendor-{size}", size, seed)
     result = adapt(
-        pkg,
-        data,
-        method=method,
-        out=work / f"out-{n}-{size}",
-        device="cpu",
-        seed=seed,
-        overwrite=True,
-        gate_sample=gate_sample,
+        AdaptRequest(
+            pkg,
+            data,
+            method=method,
+            out=work / f"out-{n}-{size}",
+            device="cpu",
+            seed=seed,
+            overwrite=True,
+            gate_sample=gate_sample,
+        )
     )
     t, gate = result.report["timings_s"], result.report["gate"]
     return {

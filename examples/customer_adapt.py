@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sourcefree import AdaptRequest, adapt
+from sourcefree.package import sign_package
 from sourcefree.package.loader import load_package
-from sourcefree.package.signing import keygen, sign_package
-from sourcefree.pipeline.adaptation import adapt
+from sourcefree.package.signing import keygen
 
 
 def main(
@@ -36,8 +37,11 @@ def main(
     # 1. Refuse anything the vendor did not sign (hashes and the Ed25519 signature).
     source = load_package(package, public_key=vendor_pub, require_signature=True)
     print(f"verified {source.manifest.name} {source.manifest.version} ({source.sha256[:12]})")
-    # 2. Adapt on site. Interrupted runs continue with resume=True.
-    result = adapt(source, faces, method=method, out=out, overrides=overrides, progress=True)
+    # 2. Adapt on site. Interrupted runs continue with the same request and resume=True.
+    request = AdaptRequest(
+        source, faces, method=method, out=out, overrides=overrides, progress=True
+    )
+    result = adapt(request)
     # 3. Sign the adapted package with the site's own key for its applications.
     private_key, public_key = keygen(Path(out) / "site", overwrite=True)
     sign_package(result.out / "package", private_key)

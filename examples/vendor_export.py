@@ -25,8 +25,9 @@ import numpy as np
 
 from sourcefree.data.synthetic import AU_NAMES, CLASSES, generate
 from sourcefree.export import source_package
+from sourcefree.package import sign_package
 from sourcefree.package.manifest import InputSpec
-from sourcefree.package.signing import keygen, sign_package
+from sourcefree.package.signing import keygen
 from sourcefree.pipeline.selection import calibrate
 from sourcefree.vendor.training import (
     TrainConfig,

@@ -50,6 +50,13 @@ def adapted_package(
 
     Raises:
         ExportError: no source, non-finite weights, export or parity failure.
+
+    Examples:
+        >>> from sourcefree import load_package
+        >>> from sourcefree.export.adapted import adapted_package
+        >>> source = load_package("fer-pkg", public_key="vendor.pub")
+        >>> pkg, parity = adapted_package(model, sources=[source], method="tent",
+        ...     config={"lr": 0.001}, num_target_images=2000, out="adapted-pkg")
     """
     if not sources:
         raise ExportError("no source package given", "an adapted package names its source", "")

@@ -194,15 +194,9 @@ def check_au_detector_parity(
         ExportError: the outputs differ by more than 1e-4, have the wrong width, or
             leave [0, 1] (the detector must end in a sigmoid or a clip).
     """
-    import onnxruntime as ort
-
-    height, width = spec.size
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(samples, spec.channels, height, width, generator=gen)
+    x = _probe(spec, samples, seed)
     want = au_detector_outputs(model, x, detector)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    session = _cpu_session(onnx_bytes)
     parts = [
         session.run([detector.output], {detector.input: batch.numpy()})[0]
         for batch in (x[:1], x[1:])  # the batch axis is dynamic
@@ -252,6 +246,15 @@ def _probe(spec: InputSpec, samples: int, seed: int) -> torch.Tensor:
     height, width = spec.size
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(samples, spec.channels, height, width, generator=gen)
+
+
+def _cpu_session(onnx_bytes: bytes) -> Any:
+    """An onnxruntime CPU session over the just-exported graph (warnings silenced)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
 
 
 def _limit(precision: str, ref: np.ndarray) -> float:
@@ -319,11 +322,7 @@ def check_parity(
     (fp32 1e-4 + 1e-3, fp16 1e-3 + 3e-2). fp16 also needs top-1 agreement
     >= 0.95 with the fp32 torch model.
     """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    session = _cpu_session(onnx_bytes)
     names = [onnx_spec.logits, onnx_spec.features]
     parity, gap = _compare(
         model.eval(),

@@ -69,6 +69,14 @@ def source_package(
 
     Returns:
         The package as read back and verified from ``out``.
+
+    Examples:
+        >>> import torchvision
+        >>> from sourcefree.export import source_package
+        >>> from sourcefree.package.manifest import InputSpec
+        >>> model = torchvision.models.resnet18(num_classes=3)  # ... trained on your faces
+        >>> pkg = source_package(model, architecture="resnet18", labels=["surprise", "fear",
+        ...     "happiness"], input_spec=InputSpec(size=(64, 64)), out="fer-pkg")
     """
     get_architecture(architecture)
     if isinstance(model, Classifier):

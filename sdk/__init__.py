@@ -28,8 +28,10 @@ from sourcefree.errors import SourcefreeError as SourcefreeError
 from sourcefree.package.loader import Package as Package
 from sourcefree.package.loader import load_package as load_package
 from sourcefree.pipeline.adaptation import adapt as adapt
+from sourcefree.pipeline.request import AdaptRequest as AdaptRequest
 
 __all__ = [
+    "AdaptRequest",
     "IntegrityError",
     "Package",
     "PackageError",

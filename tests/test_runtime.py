@@ -23,7 +23,8 @@ def test_export_verify_sign_predict_matches_torch(pkg_copy: Path, tmp_path: Path
 
     from sourcefree import load_package
     from sourcefree.engine.models import load_classifier
-    from sourcefree.package.signing import keygen, sign_package
+    from sourcefree.package.loader import sign_package
+    from sourcefree.package.signing import keygen
 
     priv, pub = keygen(tmp_path / "k")
     sign_package(pkg_copy, priv)

@@ -214,7 +214,7 @@ def test_adapt_refuses_weights_that_differ_from_the_graph(
     from sourcefree import load_package
     from sourcefree.cli.commands_adapt import adapt_command
     from sourcefree.data.synthetic import write_domain
-    from sourcefree.pipeline.adaptation import adapt
+    from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 
     _swap_weights(pkg_copy, forge)
     load_package(pkg_copy)  # hashes and headers are consistent: only the functions differ
@@ -229,7 +229,9 @@ def test_adapt_refuses_weights_that_differ_from_the_graph(
     assert "on logits" in result.output and "Traceback" not in result.output
     steps: list[Any] = []
     with pytest.raises(PackageError, match="cannot adapt one model and serve another"):
-        adapt(pkg_copy, data, method="tent", out=out, device="cpu", on_step=steps.append)
+        adapt(
+            AdaptRequest(pkg_copy, data, method="tent", out=out, device="cpu", on_step=steps.append)
+        )
     assert steps == [], "refused before any training"
     assert not out.exists() and not (tmp_path / ".o.work").exists()
 
@@ -265,7 +267,7 @@ def test_large_logits_pass_the_agreement_check(
     import sourcefree.export.onnx as onnx_export
     from sourcefree import load_package
     from sourcefree.data.synthetic import write_domain
-    from sourcefree.pipeline.adaptation import adapt
+    from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 
     pkg = _large_logit_package(tmp_path / "big")  # the export's own gate accepts it
     calls: list[str] = []
@@ -277,7 +279,7 @@ def test_large_logits_pass_the_agreement_check(
 
     monkeypatch.setattr(onnx_export, "check_package_agreement", counted)
     data = write_domain(tmp_path / "target", "wild-mild", 8, 32, seed=5)
-    adapt(pkg, data, method="adabn", out=tmp_path / "o", device="cpu", progress=False)
+    adapt(AdaptRequest(pkg, data, method="adabn", out=tmp_path / "o", device="cpu", progress=False))
     assert calls == ["big"], "checked once per package load, not per batch"
     assert (tmp_path / "o" / "package" / "manifest.json").is_file()
     from sourcefree.engine.models import load_classifier

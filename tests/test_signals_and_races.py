@@ -203,7 +203,7 @@ def test_sigterm_during_evaluate_exits_143_in_one_line(source_pkg: Path, tmp_pat
 
 
 def test_sigterm_in_the_report_stage_of_adapt_then_resume(source_pkg: Path, tmp_path: Path) -> None:
-    from sourcefree.pipeline.adaptation import adapt
+    from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 
     data = _images(tmp_path / "data", 12)
     runs = tmp_path / "runs"
@@ -220,7 +220,7 @@ def test_sigterm_in_the_report_stage_of_adapt_then_resume(source_pkg: Path, tmp_
     assert code == EXIT_RESUMABLE, err
     assert "--resume" in err and "Traceback" not in err
     assert _entries(runs) == [".adapted.work"], "OUT absent, no staging, no lock; run dir kept"
-    done = adapt(source_pkg, data, method="adabn", out=out, resume=True, device="cpu")
+    done = adapt(AdaptRequest(source_pkg, data, method="adabn", out=out, resume=True, device="cpu"))
     assert done.report["resumed"] is True
     assert done.report["checkpoints_written"] == 0, "training is not run again"
     assert _entries(runs) == ["adapted"]
@@ -293,10 +293,14 @@ def test_second_adapt_into_a_claimed_output_is_refused(source_pkg: Path, tmp_pat
 
 
 def test_a_failed_adapt_releases_its_claim(source_pkg: Path, tmp_path: Path) -> None:
-    from sourcefree.pipeline.adaptation import adapt
+    from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 
     with pytest.raises(SourcefreeError):
-        adapt(source_pkg, tmp_path / "missing-data", method="adabn", out=tmp_path / "a" / "out")
+        adapt(
+            AdaptRequest(
+                source_pkg, tmp_path / "missing-data", method="adabn", out=tmp_path / "a" / "out"
+            )
+        )
     assert not (tmp_path / "a").exists(), "the parent it created is removed again"
     with claimed_output(tmp_path / "a" / "out"):
         pass
@@ -389,14 +393,14 @@ def test_full_disk_while_exporting_a_package(
 def test_full_disk_at_the_adapt_report(
     source_pkg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sourcefree.pipeline.adaptation import adapt
+    from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 
     data = _images(tmp_path / "data", 12)
     runs = tmp_path / "runs"
     runs.mkdir()
     monkeypatch.setattr(Path, "write_text", _fail(errno.ENOSPC))
     with pytest.raises(WriteError, match=r"report\.html'\. No space is left"):
-        adapt(source_pkg, data, method="adabn", out=runs / "out", device="cpu")
+        adapt(AdaptRequest(source_pkg, data, method="adabn", out=runs / "out", device="cpu"))
     assert _entries(runs) == [".out.work"], "no OUT, no staging, no lock; run dir kept"
 
 

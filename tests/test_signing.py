@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from sourcefree import SignatureError, load_package
+from sourcefree.package.loader import sign_package
 from sourcefree.package.manifest import WEIGHTS_NAME
-from sourcefree.package.signing import keygen, sign_package
+from sourcefree.package.signing import keygen
 
 
 @pytest.fixture

@@ -41,13 +41,13 @@ from sourcefree.engine.method import (
 from sourcefree.engine.trainer import StepInfo, Trainer
 from sourcefree.engine.workdir import Workdir
 from sourcefree.errors import CheckpointError, DatasetError, RunInterruptedError, SignatureError
+from sourcefree.package.loader import sign_package
 from sourcefree.package.manifest import InputSpec
 from sourcefree.package.signing import (
     MAX_KEY_BYTES,
     keygen,
     load_private_key,
     load_public_key,
-    sign_package,
 )
 
 # -- 1. key files -------------------------------------------------------------------------
@@ -453,7 +453,7 @@ def test_tensor_claiming_2_40_elements_is_refused(tmp_path: Path) -> None:
 def test_cli_resume_of_a_forged_checkpoint_exits_2(source_pkg: Path, tmp_path: Path) -> None:
     from sourcefree.cli.commands_adapt import adapt_command
     from sourcefree.data.synthetic import write_domain
-    from sourcefree.pipeline.adaptation import adapt
+    from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 
     data = write_domain(tmp_path / "wild", "wild-mild", 32, 32, seed=5)
     sets = ["batch_size=16", "epochs=2"]
@@ -465,14 +465,16 @@ def test_cli_resume_of_a_forged_checkpoint_exits_2(source_pkg: Path, tmp_path: P
 
     with pytest.raises(RunInterruptedError):
         adapt(
-            source_pkg,
-            data,
-            method="tent",
-            out=tmp_path / "o",
-            overrides=sets,
-            workdir=wd,
-            device="cpu",
-            on_step=stop,
+            AdaptRequest(
+                source_pkg,
+                data,
+                method="tent",
+                out=tmp_path / "o",
+                overrides=sets,
+                workdir=wd,
+                device="cpu",
+                on_step=stop,
+            )
         )
     _forge(wd / "checkpoints" / "ckpt-00000001", meta_edit=_set("position.epoch", -1))
     args = [str(source_pkg), str(data), "-m", "tent", "-o", str(tmp_path / "o"), "--resume"]

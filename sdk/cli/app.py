@@ -16,34 +16,22 @@ from typing import Any
 import click
 
 from sourcefree._version import __version__
-from sourcefree.errors import Interrupted, SourcefreeError
+from sourcefree.cli.errors import EXIT_ERROR as EXIT_ERROR  # exit codes: docs/cli.md
+from sourcefree.cli.errors import EXIT_INTERRUPTED as EXIT_INTERRUPTED
+from sourcefree.cli.errors import EXIT_OK as EXIT_OK
+from sourcefree.cli.errors import typed_errors
+from sourcefree.errors import SourcefreeError
 from sourcefree.package.manifest import ARCHITECTURE_NAMES
-
-#: Exit codes (also in docs/cli.md).
-EXIT_OK = 0
-EXIT_ERROR = 2  # a typed SourcefreeError: bad input, refused package, ...
-EXIT_INTERRUPTED = 130  # SIGINT; SIGTERM exits with 143 (128 + signal number)
 
 
 class _Group(click.Group):
-    """Turns typed SDK errors into one clear line on stderr and exit code 2.
-
-    SIGINT/SIGTERM raise :class:`~sourcefree.errors.Interrupted` (exit code 130 or
-    143) so that partial outputs are removed before the process exits.
-    """
+    """Runs every command inside :func:`sourcefree.cli.errors.typed_errors`: typed SDK
+    errors become one clear line on stderr and exit code 2, SIGINT/SIGTERM exit 130/143
+    after partial outputs are removed."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from sourcefree.fsutil import interruptible
-
-        try:
-            with interruptible():
-                return super().invoke(ctx)
-        except (SourcefreeError, Interrupted) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+        with typed_errors():
+            return super().invoke(ctx)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -208,7 +196,7 @@ def keygen(out: Path, overwrite: bool) -> None:
 )
 def sign(package: Path, key: Path) -> None:
     """Sign a verified package with an Ed25519 private key (writes PACKAGE/signature)."""
-    from sourcefree.package.signing import sign_package
+    from sourcefree.package.loader import sign_package
 
     click.echo(f"signed {package} with {sign_package(package, key)}")
 

@@ -8,33 +8,14 @@ commands behave the same when invoked on their own (tests) or from the
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from sourcefree.errors import Interrupted, SourcefreeError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _typed_errors(func: F) -> F:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from sourcefree.fsutil import interruptible
-
-        try:
-            with interruptible():  # SIGINT/SIGTERM: exit code 130/143, partial output removed
-                return func(*args, **kwargs)
-        except (SourcefreeError, Interrupted) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-
-    return wrapper  # type: ignore[return-value]
+# The CLI's one error wrapper (the group's too): error line, exit code, signals.
+from sourcefree.cli.errors import typed_errors_command as _typed_errors
 
 
 @click.command("adapt")
@@ -125,27 +106,7 @@ def _typed_errors(func: F) -> F:
 )
 @_typed_errors
 def adapt_command(
-    paths: tuple[Path, ...],
-    method: str,
-    out: Path,
-    config_file: Path | None,
-    overrides: tuple[str, ...],
-    resume: bool,
-    workdir: Path | None,
-    keep_workdir: bool,
-    device: str,
-    eval_labels: Path | None,
-    seed: int,
-    max_bad_fraction: float,
-    strict: bool,
-    overwrite: bool,
-    no_progress: bool,
-    select: str,
-    budget_s: float | None,
-    force: bool,
-    no_gate: bool,
-    gate_sample: str | None,
-    amp: str,
+    paths: tuple[Path, ...], no_progress: bool, no_gate: bool, **options: Any
 ) -> None:
     """Adapt source package(s) PKG [PKG2 ...] to the unlabelled images in DATA.
 
@@ -165,67 +126,51 @@ def adapt_command(
     source model without labels; when the adapted one is estimated worse, the
     source model is exported (provenance method "source") unless --force.
     """
+    # Every other option is named as the AdaptRequest field it sets.
     if len(paths) < 2:
         raise click.UsageError("expected at least one package and the DATA folder")
     from sourcefree.pipeline.adaptation import adapt
+    from sourcefree.pipeline.request import AdaptRequest
 
     *pkgs, data = paths
-    result = adapt(
-        pkgs,
-        data,
-        method=method,
-        out=out,
-        config_file=config_file,
-        overrides=overrides,
-        resume=resume,
-        workdir=workdir,
-        keep_workdir=keep_workdir,
-        device=device,
-        eval_labels=eval_labels,
-        seed=seed,
-        max_bad_fraction=max_bad_fraction,
-        strict=strict,
-        overwrite=overwrite,
-        progress=not no_progress,
-        select=select,
-        gate=not no_gate,
-        force=force,
-        budget_s=budget_s,
-        amp=amp,
-        gate_sample=gate_sample,
-    )
+    request = AdaptRequest(tuple(pkgs), data, progress=not no_progress, gate=not no_gate, **options)
+    result = adapt(request)
     if result.rank != 0:
         return  # under torchrun only rank 0 reports
-    report = result.report
     click.echo(f"adapted package: {result.out / 'package'}")
     click.echo(f"report:          {result.out / 'report.json'}")
     click.echo(f"html report:     {result.out / 'report.html'}")
-    _echo_selection(report)
+    _echo_selection(result.report)
+    _echo_evaluation(result.report)
+
+
+def _echo_evaluation(report: dict[str, Any]) -> None:
+    """Source vs adapted metrics and pseudo-label quality, with --eval-labels."""
     evaluation = report.get("evaluation")
-    if evaluation:
-        for i, src in enumerate(evaluation["source"]):
-            click.echo(
-                f"source{'' if len(evaluation['source']) == 1 else i + 1}: "
-                f"accuracy {src['accuracy']:.4f}, mean class recall {src['mean_class_recall']:.4f}"
-            )
-        ad = evaluation["adapted"]
+    if not evaluation:
+        return
+    for i, src in enumerate(evaluation["source"]):
         click.echo(
-            f"adapted: accuracy {ad['accuracy']:.4f}, mean class recall "
-            f"{ad['mean_class_recall']:.4f}"
+            f"source{'' if len(evaluation['source']) == 1 else i + 1}: "
+            f"accuracy {src['accuracy']:.4f}, mean class recall {src['mean_class_recall']:.4f}"
         )
-        pl = evaluation.get("pseudo_labels")
-        if pl is not None:
-            precision = "-" if pl["precision"] is None else f"{pl['precision']:.4f}"
-            click.echo(
-                f"pseudo-labels: precision {precision} "
-                f"({pl['labelled_selected']} labelled of {pl['selected']} selected), "
-                f"coverage {pl['coverage']:.4f} ({pl['selected']}/{pl['images']}); "
-                f"source accuracy {pl['source_accuracy']:.4f}"
-            )
-            click.echo(
-                "  selected per class: "
-                + ", ".join(f"{n} {c}" for n, c in pl["selected_per_class"].items())
-            )
+    ad = evaluation["adapted"]
+    click.echo(
+        f"adapted: accuracy {ad['accuracy']:.4f}, mean class recall {ad['mean_class_recall']:.4f}"
+    )
+    pl = evaluation.get("pseudo_labels")
+    if pl is not None:
+        precision = "-" if pl["precision"] is None else f"{pl['precision']:.4f}"
+        click.echo(
+            f"pseudo-labels: precision {precision} "
+            f"({pl['labelled_selected']} labelled of {pl['selected']} selected), "
+            f"coverage {pl['coverage']:.4f} ({pl['selected']}/{pl['images']}); "
+            f"source accuracy {pl['source_accuracy']:.4f}"
+        )
+        click.echo(
+            "  selected per class: "
+            + ", ".join(f"{n} {c}" for n, c in pl["selected_per_class"].items())
+        )
 
 
 def _fmt(value: Any) -> str:

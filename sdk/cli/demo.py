@@ -30,62 +30,18 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo into ``out``; return the report written to ``out/report.json``."""
 
-    from sourcefree.data.synthetic import CLASSES, generate, write_domain
-    from sourcefree.export import source_package
+    from sourcefree.data.synthetic import write_domain
     from sourcefree.fsutil import check_output_dir
     from sourcefree.package.loader import load_package
-    from sourcefree.package.manifest import InputSpec
-    from sourcefree.package.signing import keygen, sign_package
-    from sourcefree.pipeline.adaptation import adapt
-    from sourcefree.pipeline.selection import calibrate
+    from sourcefree.pipeline.adaptation import AdaptRequest, adapt
     from sourcefree.runtime.evaluation import evaluate
     from sourcefree.runtime.predictor import Predictor
-    from sourcefree.vendor.training import (
-        TrainConfig,
-        class_feature_means,
-        predict_logits,
-        to_tensor,
-        train_classifier,
-    )
 
     out = out.absolute()
     check_output_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    labels = list(CLASSES)
-    spec = InputSpec(size=(SIZE, SIZE))
-
-    click.echo(f"[vendor] synthesising {N_SOURCE} 'studio' faces and training a small CNN ...")
-    train = generate("studio", N_SOURCE, SIZE, seed=seed)
-    val = generate("studio", N_SOURCE_VAL, SIZE, seed=seed + 1000)
-    model = train_classifier(train.images, train.labels, len(labels), spec, TrainConfig(seed=seed))
-    val_pred = predict_logits(model, to_tensor(val.images, spec)).argmax(1).numpy()
-    val_acc = float((val_pred == val.labels).mean())
-    click.echo(f"[vendor] source validation accuracy {val_acc:.3f}")
-    # ATC thresholds from the validation images: label-free accuracy estimates on site.
-    calibration = calibrate(model, val.images, val.labels, spec).to_dict()
-
-    counts = np.bincount(train.labels, minlength=len(labels)).tolist()
-    means = class_feature_means(model, to_tensor(train.images, spec), train.labels, len(labels))
-    pkg_dir = out / "vendor-package"
-    source_package(
-        model,
-        architecture="smallcnn",
-        labels=labels,
-        input_spec=spec,
-        out=pkg_dir,
-        source_stats={
-            "class_counts": counts,
-            "class_feature_means": means,
-            "calibration": calibration,
-        },
-        name="fer-smallcnn",
-        overwrite=True,
-    )
-    priv, pub = keygen(out / "vendor-key", overwrite=True)
-    signer = sign_package(pkg_dir, priv)
-    click.echo(f"[vendor] exported and signed {pkg_dir.name} ({signer})")
-
+    pkg_dir, pub, val_acc = _vendor_side(out, seed)
     pkg = load_package(pkg_dir, public_key=pub, require_signature=True)
     click.echo(f"[customer] signature verified; package sha256 {pkg.sha256[:16]}")
     photos = out / "customer-photos"
@@ -100,7 +56,15 @@ def run_demo(
     click.echo(f"[customer] adapting on site with {method} ...")
     t_adapt = time.perf_counter()
     result = adapt(
-        pkg, photos, method=method, out=out / "adapted", overwrite=True, seed=seed, progress=True
+        AdaptRequest(
+            pkg,
+            photos,
+            method=method,
+            out=out / "adapted",
+            overwrite=True,
+            seed=seed,
+            progress=True,
+        )
     )
     adapt_seconds = time.perf_counter() - t_adapt
     gate = result.report["gate"]
@@ -140,6 +104,61 @@ def run_demo(
         click.echo(f"{name:30s} {'wild-mild':12s} {m.accuracy:9.3f} {m.mean_class_recall:12.3f}")
     click.echo(f"report: {out / 'report.json'}  ({elapsed:.0f} s)")
     return report
+
+
+def _vendor_side(out: Path, seed: int) -> tuple[Path, Path, float]:
+    """The vendor: train on 'studio' faces, export with aggregate stats, sign.
+
+    Returns the package folder, the public key and the source validation accuracy.
+    """
+    from sourcefree.data.synthetic import CLASSES, generate
+    from sourcefree.export import source_package
+    from sourcefree.package.loader import sign_package
+    from sourcefree.package.manifest import InputSpec
+    from sourcefree.package.signing import keygen
+    from sourcefree.pipeline.selection import calibrate
+    from sourcefree.vendor.training import (
+        TrainConfig,
+        class_feature_means,
+        predict_logits,
+        to_tensor,
+        train_classifier,
+    )
+
+    labels = list(CLASSES)
+    spec = InputSpec(size=(SIZE, SIZE))
+    click.echo(f"[vendor] synthesising {N_SOURCE} 'studio' faces and training a small CNN ...")
+    train = generate("studio", N_SOURCE, SIZE, seed=seed)
+    val = generate("studio", N_SOURCE_VAL, SIZE, seed=seed + 1000)
+    model = train_classifier(train.images, train.labels, len(labels), spec, TrainConfig(seed=seed))
+    val_pred = predict_logits(model, to_tensor(val.images, spec)).argmax(1).numpy()
+    val_acc = float((val_pred == val.labels).mean())
+    click.echo(f"[vendor] source validation accuracy {val_acc:.3f}")
+    # ATC thresholds from the validation images: label-free accuracy estimates on site.
+    calibration = calibrate(model, val.images, val.labels, spec).to_dict()
+
+    counts = np.bincount(train.labels, minlength=len(labels)).tolist()
+    means = class_feature_means(model, to_tensor(train.images, spec), train.labels, len(labels))
+    pkg_dir = out / "vendor-package"
+    source_package(
+        model,
+        architecture="smallcnn",
+        labels=labels,
+        input_spec=spec,
+        out=pkg_dir,
+        source_stats={
+            "class_counts": counts,
+            "class_feature_means": means,
+            "calibration": calibration,
+        },
+        name="fer-smallcnn",
+        overwrite=True,
+    )
+    priv, pub = keygen(out / "vendor-key", overwrite=True)
+    signer = sign_package(pkg_dir, priv)
+    click.echo(f"[vendor] exported and signed {pkg_dir.name} ({signer})")
+
+    return pkg_dir, pub, val_acc
 
 
 def _relative_paths(labels_csv: Path, photos: Path) -> None:

@@ -24,8 +24,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sourcefree.data.imaging import ImageDecodeError, decode_image
+from sourcefree.data.imaging import (
+    ImageDecodeError,
+    decode_image,
+    normalise,
+    resample_filter,
+    resized_pixels,
+)
 from sourcefree.errors import ConfigError, DatasetError
+from sourcefree.package.manifest import InputSpec
 
 #: Image sides accepted by :meth:`ImageDataset.load`.
 MAX_SIDE = 4096
@@ -193,14 +200,39 @@ class LoadedImages:
     report: ReadReport
 
     def to_float(
-        self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)
+        self,
+        spec: InputSpec | None = None,
+        *,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
     ) -> np.ndarray:
-        """float32 NCHW, ``(x / 255 - mean) / std`` per channel (a manifest's input spec)."""
-        x = self.images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-        channels = x.shape[1]
-        m = np.asarray(mean, dtype=np.float32)[:channels, None, None]
-        s = np.asarray(std, dtype=np.float32)[:channels, None, None]
-        return np.ascontiguousarray((x - m) / s)
+        """float32 NCHW, ``(x / 255 - mean) / std`` per channel (:func:`imaging.normalise`).
+
+        Pass the package's input ``spec`` (grey images are then repeated to 3
+        channels where it takes 3); without one, ``mean`` and ``std`` are cut to
+        the images' channels.
+        """
+        if spec is None:
+            spec = _plain_spec(self.images.shape[-1], mean, std)
+        elif not isinstance(spec, InputSpec):
+            raise ConfigError(
+                f"to_float got {type(spec).__name__} where an InputSpec goes",
+                "the first argument is the package's input spec",
+                "pass to_float(spec) or to_float(mean=..., std=...)",
+            )
+        return normalise(self.images, spec)
+
+
+def _plain_spec(channels: int, mean: Sequence[float], std: Sequence[float]) -> InputSpec:
+    """An input spec for :meth:`LoadedImages.to_float` without one (its size is never read)."""
+    m, s = tuple(float(v) for v in mean)[:channels], tuple(float(v) for v in std)[:channels]
+    return InputSpec(
+        size=(1, 1),
+        channels=channels,
+        color="rgb" if channels == 3 else "gray",
+        mean=m * channels if len(m) == 1 else m,
+        std=s * channels if len(s) == 1 else s,
+    )
 
 
 class _LogFile:
@@ -408,6 +440,11 @@ class ImageDataset:
             detect_faces: crop the largest detected face (OpenCV Haar
                 cascade) from samples that have no box from the format.
             face_margin: margin around a detected face, as a fraction of its side.
+
+        Examples:
+            >>> data = read_image_folder("photos/")
+            >>> loaded = data.load((64, 64), "gray", log_path="skipped.log")
+            >>> loaded.images.shape, loaded.report.bad_fraction  # (N, 64, 64, 1)
         """
         height, width = (size, size) if isinstance(size, int) else size
         if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE):
@@ -416,7 +453,7 @@ class ImageDataset:
                 f"sides must be between 1 and {MAX_SIDE}",
                 "use the size in the package's input spec",
             )
-        resample = _resample(interpolation)
+        resample_filter(interpolation)  # an unknown name fails before any decoding
         channels = 3 if color == "rgb" else 1
         reader = _Reader(self, color, max_bad_fraction, strict, log_path)
         detector = None
@@ -437,10 +474,7 @@ class ImageDataset:
                         reader.no_face += 1
                     else:
                         img = crop_box(img, box)
-                if img.size != (width, height):
-                    img = img.resize((width, height), resample)
-                arr = np.asarray(img, dtype=np.uint8)
-                images[len(kept)] = arr.reshape(height, width, channels)
+                images[len(kept)] = resized_pixels(img, (height, width), interpolation)
                 kept.append(i)
             report = reader.finish()
         finally:
@@ -469,7 +503,7 @@ class ImageDataset:
         import torch
 
         loaded = self.load(size, color, **load_kwargs)
-        x = torch.from_numpy(loaded.to_float(mean, std))
+        x = torch.from_numpy(loaded.to_float(mean=mean, std=std))
         y = torch.from_numpy(loaded.labels)
         return torch.utils.data.TensorDataset(x, y)
 
@@ -490,22 +524,6 @@ def crop_box(img: Image.Image, box: Box) -> Image.Image:
             "check the annotation file",
         )
     return img.crop((left, top, right, bottom))
-
-
-def _resample(name: str) -> Image.Resampling:
-    table = {
-        "nearest": Image.Resampling.NEAREST,
-        "bilinear": Image.Resampling.BILINEAR,
-        "bicubic": Image.Resampling.BICUBIC,
-        "area": Image.Resampling.BOX,
-    }
-    if name not in table:
-        raise ConfigError(
-            f"unknown interpolation {name!r}",
-            f"choose one of {', '.join(table)}",
-            "use the interpolation in the package's input spec",
-        )
-    return table[name]
 
 
 class _Reader:

@@ -1,9 +1,17 @@
-"""Image decoding and preprocessing shared by the runtime and the dataset readers.
+"""Image decoding and preprocessing shared by the runtime, the data layer and training.
 
 Decoding is strict: the whole image is decoded (a truncated JPEG opens fine
 and fails only at ``load()``), EXIF orientation is applied, decompression bombs
 are refused, and every mode (grey, CMYK, 16-bit, palette, alpha) is normalised
-to the model's colour. No torch import.
+to the model's colour.
+
+An image becomes model input in two steps, each written once here:
+:func:`to_pixels` (mode, then resize with the spec's filter: uint8 HWC) and
+:func:`normalise` (uint8 pixels -> float32 CHW). The runtime, evaluation,
+adaptation (through the torch wrapper ``sourcefree.engine.method.pixels_to_tensor``)
+and vendor training all call :func:`normalise`, so their inputs are bitwise equal
+(tests/test_preprocess_parity.py). :func:`rgb_to_grey` is Pillow's ``convert("L")``
+on arrays. No torch import.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sourcefree.errors import InputError
+from sourcefree.errors import ConfigError, InputError
 from sourcefree.fsutil import IMAGE_SUFFIXES, FileRefusedError, read_regular_file
 from sourcefree.package.manifest import InputSpec
 
@@ -30,11 +38,16 @@ _CHUNK = 256 * 1024
 #: Formats Pillow may decode; everything else (FITS, PSD, EPS, ...) is refused.
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM"})
 
-_RESAMPLE = {
+#: Resize filters by name: a manifest's ``input.interpolation`` (nearest, bilinear,
+#: bicubic), plus ``area`` for :meth:`sourcefree.data.dataset.ImageDataset.load`.
+RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX,
 }
+#: Pillow's ITU-R 601-2 luma weights in 16-bit fixed point (``convert("L")``).
+_LUMA_FIXED = (19595, 38470, 7471)
 
 
 class ImageDecodeError(InputError):
@@ -168,22 +181,89 @@ def _normalise_mode(img: Image.Image, color: str) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def preprocess(img: Image.Image, spec: InputSpec) -> np.ndarray:
-    """Resize and normalise a decoded image into a float32 CHW array."""
-    height, width = spec.size
-    img = _normalise_mode(img, spec.color)
+def resample_filter(name: str) -> Image.Resampling:
+    """The Pillow filter of an interpolation name (see :data:`RESAMPLE`).
+
+    Raises:
+        ConfigError: an unknown name.
+    """
+    if name not in RESAMPLE:
+        raise ConfigError(
+            f"unknown interpolation {name!r}",
+            f"choose one of {', '.join(RESAMPLE)}",
+            "use the interpolation in the package's input spec",
+        )
+    return RESAMPLE[name]
+
+
+def resized_pixels(img: Image.Image, size: tuple[int, int], interpolation: str) -> np.ndarray:
+    """An ``RGB`` or ``L`` image resized to (height, width) as uint8 (H, W, C), C = 3 or 1."""
+    height, width = size
     if img.size != (width, height):
-        img = img.resize((width, height), _RESAMPLE[spec.interpolation])
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    if arr.ndim == 2:
-        arr = arr[None, :, :]
-        if spec.channels == 3:
-            arr = np.repeat(arr, 3, axis=0)
-    else:
-        arr = arr.transpose(2, 0, 1)
+        img = img.resize((width, height), resample_filter(interpolation))
+    return np.asarray(img, dtype=np.uint8).reshape(height, width, -1)
+
+
+def to_pixels(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """A decoded image -> uint8 (H, W, C) in the spec's colour (C = 3 rgb, 1 gray) and size.
+
+    The mode is normalised first (alpha on black, grey as Pillow's ``L``), then
+    the image is resized with the spec's interpolation: the input of :func:`normalise`.
+    """
+    return resized_pixels(_normalise_mode(img, spec.color), spec.size, spec.interpolation)
+
+
+def normalise(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 (H, W, C) or (N, H, W, C) -> float32 (C, H, W) or (N, C, H, W).
+
+    Exactly ``(pixels / 255 - mean) / std`` per channel, each step in float32 in
+    this order; one-channel (grey) pixels are repeated when ``spec.channels`` is 3.
+    The only place pixels become model input (the torch wrapper looks values up
+    from it).
+
+    Raises:
+        InputError: not uint8, not 3-D/4-D, or channels that do not match the spec's colour.
+    """
+    want = 3 if spec.color == "rgb" else 1
+    if pixels.dtype != np.uint8 or pixels.ndim not in (3, 4) or pixels.shape[-1] != want:
+        raise InputError(
+            f"pixels of dtype {pixels.dtype} and shape {tuple(pixels.shape)} cannot be normalised",
+            f"the input spec ({spec.color}) takes uint8 (H, W, {want}) or (N, H, W, {want})",
+            "decode with the spec's colour (rgb_to_grey converts RGB arrays for grey specs)",
+        )
+    x = pixels.astype(np.float32) / np.float32(255.0)
+    x = np.moveaxis(x, -1, -3)
+    if want == 1 and spec.channels == 3:
+        x = np.repeat(x, 3, axis=-3)
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
-    return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+def rgb_to_grey(pixels: np.ndarray) -> np.ndarray:
+    """uint8 RGB (..., 3) -> uint8 grey (..., 1), bitwise Pillow's ``convert("L")``.
+
+    ITU-R 601-2 luma ``L = 0.299 R + 0.587 G + 0.114 B`` in 16-bit fixed point,
+    rounded half up, as Pillow computes it.
+
+    Raises:
+        InputError: not uint8 with 3 channels last.
+    """
+    if pixels.dtype != np.uint8 or pixels.ndim < 3 or pixels.shape[-1] != 3:
+        raise InputError(
+            f"pixels of dtype {pixels.dtype} and shape {tuple(pixels.shape)} are not RGB",
+            "grey conversion takes uint8 (..., H, W, 3)",
+            "pass uint8 RGB pixels, channels last",
+        )
+    wide = pixels.astype(np.uint32)
+    r, g, b = _LUMA_FIXED
+    luma = (wide[..., 0] * r + wide[..., 1] * g + wide[..., 2] * b + 0x8000) >> 16
+    return luma.astype(np.uint8)[..., None]
+
+
+def preprocess(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """A decoded image -> the model's float32 (C, H, W) input: to_pixels, then normalise."""
+    return normalise(to_pixels(img, spec), spec)
 
 
 def is_image_name(name: str) -> bool:

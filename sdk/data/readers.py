@@ -28,6 +28,12 @@ def read_image_folder(root: str | os.PathLike[str]) -> ImageDataset:
 
     Raises:
         DatasetError: the folder does not exist or holds no image.
+
+    Examples:
+        >>> from sourcefree.data import read_image_folder
+        >>> data = read_image_folder("photos/")
+        >>> loaded = data.load(size=(64, 64), color="rgb")  # uint8 (N, 64, 64, 3)
+        >>> print(loaded.report.summary())  # skipped files, by reason
     """
     base = dataset_root(root)
     walk = walk_images(base)
@@ -48,6 +54,11 @@ def read_labeled_folder(
 
     Raises:
         DatasetError: no class folders, a folder that matches no label, or no image.
+
+    Examples:
+        >>> from sourcefree.data import read_labeled_folder
+        >>> data = read_labeled_folder("faces/", labels=["surprise", "fear", "happiness"])
+        >>> data.labels, data.class_counts()  # a folder "happy/" counts as happiness
     """
     base = dataset_root(root)
     class_dirs = []
@@ -121,6 +132,12 @@ def read_labels_csv(
 
     Raises:
         DatasetError: a malformed row, an unknown label or index, or no row.
+
+    Examples:
+        >>> from sourcefree import load_package
+        >>> from sourcefree.data import read_labels_csv
+        >>> data = read_labels_csv("photos/labels.csv", labels=load_package("fer-pkg").labels)
+        >>> data.targets  # label indices, -1 where a row has no label
     """
     path = annotation_file(csv_path, "labels CSV")
     base = dataset_root(path.parent, "labels CSV folder")

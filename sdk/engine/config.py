@@ -20,7 +20,7 @@ import os
 import textwrap
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,9 +64,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """``"did you mean 'x'? "`` for the closest of ``choices`` (difflib), else ``""``.
+
+    The hint that unknown config keys and unknown methods start their explanation
+    with (the error message capitalises it).
+    """
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
 def _unknown_key(key: str, allowed: Sequence[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(allowed), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
+    hint = did_you_mean(key, allowed)
     return ConfigError(
         f"unknown config key {where + key!r}",
         f"{hint}valid keys: {', '.join(sorted(allowed))}",
@@ -253,7 +262,12 @@ def parse_text(text: str, tp: Any, key: str) -> Any:
     return _coerce(text, tp, key)
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``dotted`` ``"a.b.c"``, in place.
+
+    Missing levels, and levels that are not dicts, become new dicts. Used for
+    ``--set`` overrides and for the ``--select auto`` grid entries.
+    """
     parts = dotted.split(".")
     node = data
     for part in parts[:-1]:
@@ -346,7 +360,7 @@ def load_config(
     for text in overrides:
         key, raw = parse_override(text)
         tp = _field_type(cls, key)
-        _set_dotted(data, key, _plain(parse_text(raw, tp, key)))
+        set_dotted(data, key, _plain(parse_text(raw, tp, key)))
     return from_dict(cls, data)
 
 

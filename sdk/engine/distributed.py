@@ -228,22 +228,23 @@ def barrier() -> None:
             dist.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks in place and return it (no-op for one process)."""
+def _all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
+    """All-reduce ``t`` with ``op`` on the communication device, back into ``t``."""
     if not is_distributed():
         return t
     work = _on_comm(t.contiguous())
-    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    dist.all_reduce(work, op=op)
     return _back(work, t)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place and return it (no-op for one process)."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     """Element-wise maximum of ``t`` over ranks, in place (no-op for one process)."""
-    if not is_distributed():
-        return t
-    work = _on_comm(t.contiguous())
-    dist.all_reduce(work, op=dist.ReduceOp.MAX)
-    return _back(work, t)
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:

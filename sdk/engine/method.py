@@ -27,12 +27,50 @@ import numpy as np
 import torch
 from torch import nn
 
+from sourcefree.data.imaging import normalise
 from sourcefree.engine.models import Classifier
+from sourcefree.errors import InputError
 from sourcefree.package.loader import Package
 from sourcefree.package.manifest import InputSpec
 
 JSON = Any
 """A value made of dicts, lists, str, int, float, bool and None."""
+
+
+def pixels_to_tensor(
+    pixels: torch.Tensor,
+    spec: InputSpec,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """uint8 (N, H, W, C) on any device -> float32 (N, C, H, W), bitwise :func:`normalise`.
+
+    The torch wrapper of the one preprocessing function: the 256 values a channel
+    can take are normalised once by :func:`sourcefree.data.imaging.normalise` and
+    looked up on ``pixels``' device, so the result is the numpy result on the CPU
+    and on CUDA alike (no device-specific division rounding).
+
+    Raises:
+        InputError: not uint8 NHWC, or channels that do not match the spec's colour.
+    """
+    want = 3 if spec.color == "rgb" else 1
+    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[-1] != want:
+        raise InputError(
+            f"pixels of dtype {pixels.dtype} and shape {tuple(pixels.shape)} cannot be normalised",
+            f"the input spec ({spec.color}) takes uint8 (N, H, W, {want})",
+            "load the images with the spec's colour",
+        )
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], want, axis=2)
+    table = torch.from_numpy(normalise(levels, spec)[:, :, 0]).to(pixels.device)  # (C, 256)
+    n, height, width, _ = pixels.shape
+    out = torch.empty(
+        (n, spec.channels, height, width),
+        dtype=torch.float32,
+        device=pixels.device,
+        memory_format=memory_format,
+    )
+    for c in range(spec.channels):  # a grey channel is looked up once per output channel
+        out[:, c] = table[c][pixels[..., min(c, want - 1)].int()]
+    return out
 
 
 @dataclass(frozen=True)
@@ -76,12 +114,7 @@ class TargetData:
             pixels = pixels.pin_memory().to(dev, non_blocking=True)
         elif dev.type != "cpu":
             pixels = pixels.to(dev)
-        x = pixels.permute(0, 3, 1, 2).float() / 255.0
-        if x.shape[1] == 1 and self.spec.channels == 3:
-            x = x.expand(-1, 3, -1, -1)
-        mean = torch.tensor(self.spec.mean, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
-        std = torch.tensor(self.spec.std, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
-        return ((x - mean) / std).contiguous(memory_format=memory_format)
+        return pixels_to_tensor(pixels, self.spec, memory_format)
 
     def batches(self, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """(index, images) batches in dataset order (for whole-set passes in hooks)."""

@@ -8,11 +8,11 @@ This module imports no torch itself.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from sourcefree.engine.config import did_you_mean
 from sourcefree.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -91,8 +91,7 @@ def get_method(name: str) -> type[Method]:
     load_builtin_methods()
     if name in _METHODS:
         return _METHODS[name]
-    close = difflib.get_close_matches(name, list(_METHODS), n=1)
-    hint = f"Did you mean {close[0]!r}? " if close else ""
+    hint = did_you_mean(name, _METHODS)
     raise ConfigError(
         f"Unknown method {name!r}",
         f"{hint}Available: {', '.join(sorted(_METHODS)) or '(none)'}",

@@ -46,6 +46,7 @@ Decisions (tested in tests/test_clustering.py):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -159,10 +160,14 @@ def all_finite(x: torch.Tensor) -> bool:
 
 def _mean_feature_variance(x: torch.Tensor) -> float:
     """mean_d Var(x[:, d]) = (||X||_F^2 / N - ||mean||^2) / D, without copying ``x``."""
-    n, d = x.shape
-    mean = x.sum(dim=0, dtype=torch.float64) / n
     frob = float(torch.linalg.vector_norm(x).item()) ** 2
-    return max(frob / n - float((mean * mean).sum().item()), 0.0) / d
+    return _variance_from_moments(x.sum(dim=0, dtype=torch.float64), frob, x.shape[0])
+
+
+def _variance_from_moments(sums: torch.Tensor, frob_sq: float, n: int) -> float:
+    """mean_d Var from the column sums (D,) float64 and ``||X||_F^2`` of ``n`` points."""
+    mean = sums / n
+    return max(frob_sq / n - float((mean * mean).sum().item()), 0.0) / int(sums.shape[0])
 
 
 def _check_points(x: object, name: str = "x") -> torch.Tensor:
@@ -301,59 +306,21 @@ def kmeans(
     if distributed and _dist.is_distributed():
         return _kmeans_sharded(_check_points(x), n_clusters, cfg, init)
     x = _check_points(x)
-    n, d = x.shape
+    n = x.shape[0]
     k = _check_n_clusters(n_clusters, n)
     if init is not None:
-        if cfg.n_init != 1:
-            raise ConfigError(
-                f"explicit initial centroids were given with n_init={cfg.n_init}",
-                "every run would start from the same centroids",
-                "pass KMeansConfig(n_init=1) with init=..., or drop init",
-            )
-        init = _check_points(init, "init")
-        if tuple(init.shape) != (k, d) or init.dtype != x.dtype or init.device != x.device:
-            raise InputError(
-                f"init has shape {tuple(init.shape)}, {init.dtype} on {init.device}",
-                f"it must be ({k}, {d}), {x.dtype} on {x.device} like the points",
-                "pass one initial centroid per cluster in the points' dtype and device",
-            )
-
+        init = _check_init(init, cfg, k, x)
     generator = torch.Generator().manual_seed(cfg.seed)
-    n_train = n
-    if cfg.max_points_per_centroid is not None:
-        n_train = min(n, cfg.max_points_per_centroid * k)
-    if n_train < n:
-        # faiss-style: train on a random subsample, then one pass labels every point.
-        pick = torch.randperm(n, generator=generator)[:n_train].sort().values.to(x.device)
-        xt = x.index_select(0, pick)
-    else:
-        xt = x
+    n_train, pick = _subsample(n, k, cfg, generator)
+    # faiss-style: train on a random subsample, then one pass labels every point.
+    xt = x if pick is None else x.index_select(0, pick.to(x.device))
     tol_abs = cfg.tol * _mean_feature_variance(xt) if cfg.tol > 0 else 0.0
 
-    runs: list[tuple[float, torch.Tensor, int, bool, torch.Tensor]] = []
-    for _ in range(cfg.n_init):
-        start = init if init is not None else kmeans_plusplus(xt, k, generator)
-        c, n_iter, converged = _lloyd(xt, start, cfg.max_iter, tol_abs, cfg.chunk_size)
-        labels, dist = kmeans_assign(xt, c, chunk_size=cfg.chunk_size)
-        inertia = float(dist.sum(dtype=torch.float64).item())
-        if not runs or inertia < runs[0][0]:
-            runs = [(inertia, c, n_iter, converged, labels)]
-    # Lowest inertia wins; an equal one keeps the earlier run.
-    inertia, centroids, n_iter, converged, labels = runs[0]
-    if n_train < n:
-        labels, full_dist = kmeans_assign(x, centroids, chunk_size=cfg.chunk_size)
-        inertia = float(full_dist.sum(dtype=torch.float64).item())
-    sizes = torch.bincount(labels, minlength=k)
-    return KMeansResult(
-        centroids=centroids,
-        labels=labels,
-        inertia=inertia,
-        n_iter=n_iter,
-        converged=converged,
-        cluster_sizes=sizes,
-        n_empty=int((sizes == 0).sum().item()),
-        n_train=n_train,
-    )
+    def seeds(_run: int) -> torch.Tensor:
+        return init if init is not None else kmeans_plusplus(xt, k, generator)
+
+    best = _best_run(xt, k, cfg, tol_abs, seeds, sharded=False)
+    return _result(x, best, cfg, k=k, n_train=n_train, n=n, sharded=False)
 
 
 def _check_init(init: torch.Tensor, cfg: KMeansConfig, k: int, x: torch.Tensor) -> torch.Tensor:
@@ -372,6 +339,79 @@ def _check_init(init: torch.Tensor, cfg: KMeansConfig, k: int, x: torch.Tensor) 
             "pass one initial centroid per cluster in the points' dtype and device",
         )
     return init
+
+
+def _subsample(
+    n: int, k: int, cfg: KMeansConfig, generator: torch.Generator
+) -> tuple[int, torch.Tensor | None]:
+    """(n_train, sorted CPU indices of the training points among all N, or None for all).
+
+    At most ``max_points_per_centroid * K`` points, drawn by one ``randperm`` of the
+    global indices, so one process and every rank of a sharded run pick the same ones.
+    """
+    if cfg.max_points_per_centroid is None or cfg.max_points_per_centroid * k >= n:
+        return n, None
+    n_train = cfg.max_points_per_centroid * k
+    return n_train, torch.randperm(n, generator=generator)[:n_train].sort().values
+
+
+def _inertia(dist: torch.Tensor, *, sharded: bool) -> float:
+    """Sum of squared distances in float64; all-reduced over the ranks when ``sharded``."""
+    total = dist.sum(dtype=torch.float64)
+    if sharded:
+        total = _dist.all_reduce_sum(total.reshape(1).cpu())
+    return float(total.item())
+
+
+# One Lloyd run: (inertia, centroids, n_iter, converged, labels of the training points).
+_Run = tuple[float, torch.Tensor, int, bool, torch.Tensor]
+
+
+def _best_run(
+    xt: torch.Tensor,
+    k: int,
+    cfg: KMeansConfig,
+    tol_abs: float,
+    seeds: Callable[[int], torch.Tensor],
+    *,
+    sharded: bool,
+) -> _Run:
+    """``cfg.n_init`` Lloyd runs from ``seeds(run)``; the lowest inertia wins (an equal one
+    keeps the earlier run). Labels are those of the training points ``xt``."""
+    runs: list[_Run] = []
+    for run in range(cfg.n_init):
+        c, n_iter, converged = _lloyd(
+            xt, seeds(run), cfg.max_iter, tol_abs, cfg.chunk_size, sharded=sharded
+        )
+        labels, dist = kmeans_assign(xt, c, chunk_size=cfg.chunk_size)
+        inertia = _inertia(dist, sharded=sharded)
+        if not runs or inertia < runs[0][0]:
+            runs = [(inertia, c, n_iter, converged, labels)]
+    return runs[0]  # KMeansConfig makes n_init >= 1
+
+
+def _result(
+    x: torch.Tensor, best: _Run, cfg: KMeansConfig, *, k: int, n_train: int, n: int, sharded: bool
+) -> KMeansResult:
+    """Assemble the :class:`KMeansResult` from the winning run; when it trained on a
+    subsample (``n_train < n``, global counts when ``sharded``) one pass labels all of ``x``."""
+    inertia, centroids, n_iter, converged, labels = best
+    if n_train < n:
+        labels, full_dist = kmeans_assign(x, centroids, chunk_size=cfg.chunk_size)
+        inertia = _inertia(full_dist, sharded=sharded)
+    sizes = torch.bincount(labels, minlength=k)
+    if sharded:
+        sizes = _dist.all_reduce_sum(sizes)
+    return KMeansResult(
+        centroids=centroids,
+        labels=labels,
+        inertia=inertia,
+        n_iter=n_iter,
+        converged=converged,
+        cluster_sizes=sizes,
+        n_empty=int((sizes == 0).sum().item()),
+        n_train=n_train,
+    )
 
 
 def _kmeans_sharded(
@@ -393,60 +433,32 @@ def _kmeans_sharded(
         init = _check_init(init, cfg, k, x)
         _dist.broadcast(init)
     generator = torch.Generator().manual_seed(cfg.seed)
-    n_train = n
-    if cfg.max_points_per_centroid is not None:
-        n_train = min(n, cfg.max_points_per_centroid * k)
-    if n_train < n:
-        # The same global subsample as one process; each rank keeps its own rows.
-        pick = torch.randperm(n, generator=generator)[:n_train].sort().values
+    n_train, pick = _subsample(n, k, cfg, generator)
+    if pick is None:
+        xt = x
+    else:  # the same global subsample as one process; each rank keeps its own rows
         mine = pick[(pick >= offset) & (pick < offset + n_local)] - offset
         xt = x.index_select(0, mine.to(x.device))
-    else:
-        xt = x
     # Global mean feature variance from all-reduced sums (float64).
     frob = torch.linalg.vector_norm(xt, dtype=torch.float64) ** 2
     moments = torch.cat([xt.sum(dim=0, dtype=torch.float64), frob.reshape(1)]).cpu()
     _dist.all_reduce_sum(moments)
-    mean = moments[:d] / n_train
-    variance = max(float(moments[d]) / n_train - float((mean * mean).sum()), 0.0) / d
+    variance = _variance_from_moments(moments[:d], float(moments[d]), n_train)
     tol_abs = cfg.tol * variance if cfg.tol > 0 else 0.0
+    gathered: list[torch.Tensor | None] = []
 
-    gathered: torch.Tensor | None = None
-    runs: list[tuple[float, torch.Tensor, int, bool, torch.Tensor]] = []
-    for run in range(cfg.n_init):
+    def seeds(run: int) -> torch.Tensor:
         if init is not None:
-            start = init
-        else:
-            if run == 0:  # rank 0 gets every training point; the others get None
-                gathered = _dist.gather_cat_to_main(xt)
-            start = torch.empty((k, d), dtype=x.dtype, device=x.device)
-            if gathered is not None:  # rank 0 seeds, exactly as one process would
-                start.copy_(kmeans_plusplus(gathered, k, generator))
-            _dist.broadcast(start)
-        c, n_iter, converged = _lloyd(
-            xt, start, cfg.max_iter, tol_abs, cfg.chunk_size, sharded=True
-        )
-        labels, dist_t = kmeans_assign(xt, c, chunk_size=cfg.chunk_size)
-        inertia_t = dist_t.sum(dtype=torch.float64).reshape(1).cpu()
-        inertia = float(_dist.all_reduce_sum(inertia_t).item())
-        if not runs or inertia < runs[0][0]:
-            runs = [(inertia, c, n_iter, converged, labels)]
-    inertia, centroids, n_iter, converged, labels = runs[0]
-    if n_train < n:
-        labels, full_dist = kmeans_assign(x, centroids, chunk_size=cfg.chunk_size)
-        inertia_t = full_dist.sum(dtype=torch.float64).reshape(1).cpu()
-        inertia = float(_dist.all_reduce_sum(inertia_t).item())
-    sizes_k = _dist.all_reduce_sum(torch.bincount(labels, minlength=k))
-    return KMeansResult(
-        centroids=centroids,
-        labels=labels,
-        inertia=inertia,
-        n_iter=n_iter,
-        converged=converged,
-        cluster_sizes=sizes_k,
-        n_empty=int((sizes_k == 0).sum().item()),
-        n_train=n_train,
-    )
+            return init
+        if run == 0:  # rank 0 gets every training point; the others get None
+            gathered.append(_dist.gather_cat_to_main(xt))
+        start = torch.empty((k, d), dtype=x.dtype, device=x.device)
+        if gathered[0] is not None:  # rank 0 seeds, exactly as one process would
+            start.copy_(kmeans_plusplus(gathered[0], k, generator))
+        return _dist.broadcast(start)
+
+    best = _best_run(xt, k, cfg, tol_abs, seeds, sharded=True)
+    return _result(x, best, cfg, k=k, n_train=n_train, n=n, sharded=True)
 
 
 def _lloyd(

@@ -48,6 +48,7 @@ from typing import Literal
 
 import torch
 
+from sourcefree.data.metrics import pseudo_label_counts
 from sourcefree.engine import distributed as _dist
 from sourcefree.errors import ConfigError, InputError
 from sourcefree.ops.clustering import (
@@ -514,7 +515,11 @@ class SelectionQuality:
 def selection_quality(
     selection: PseudoLabelSelection, true_labels: torch.Tensor
 ) -> SelectionQuality:
-    """Precision and coverage of ``selection`` given the target's true labels (reporting only)."""
+    """Precision and coverage of ``selection`` given the target's true labels (reporting only).
+
+    The counting is :func:`sourcefree.data.metrics.pseudo_label_counts`, the same as the
+    adapt report's ``pseudo_label_quality``; here every target sample has a label.
+    """
     n, c = selection.n_samples, selection.n_classes
     y = true_labels
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.dtype != torch.int64 or y.numel() != n:
@@ -529,24 +534,19 @@ def selection_quality(
             "they must index the source model's classes",
             "map the evaluation labels onto the package's label order",
         )
-    y = y.to(selection.indices.device)
-    y_sel = y[selection.indices]
-    correct = y_sel == selection.labels
-    m = int(selection.indices.numel())
-    n_correct = int(correct.sum().item())
-    sel_per = torch.bincount(selection.labels, minlength=c).tolist()
-    cor_per = torch.bincount(selection.labels[correct], minlength=c).tolist()
-    true_per = torch.bincount(y, minlength=c).tolist()
+    counts = pseudo_label_counts(
+        selection.indices.detach().cpu().numpy(),
+        selection.labels.detach().cpu().numpy(),
+        y.detach().cpu().numpy(),
+        c,
+    )
+    precision = counts.precision
     return SelectionQuality(
-        precision=n_correct / m if m else math.nan,
-        coverage=m / n,
-        correct_coverage=n_correct / n,
-        per_class_precision=tuple(
-            cr / s if s else None for cr, s in zip(cor_per, sel_per, strict=True)
-        ),
-        per_class_coverage=tuple(
-            cr / t if t else None for cr, t in zip(cor_per, true_per, strict=True)
-        ),
+        precision=math.nan if precision is None else precision,
+        coverage=counts.coverage,
+        correct_coverage=counts.correct_coverage,
+        per_class_precision=counts.per_class_precision,
+        per_class_coverage=counts.per_class_coverage,
     )
 
 

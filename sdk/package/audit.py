@@ -298,13 +298,13 @@ class _Audit:
             self.manifest_strings(raw)
             report.manifest = _manifest_summary(raw, manifest)
         if ONNX_NAME in blobs:
-            report.onnx = self.onnx(blobs[ONNX_NAME], raw)
+            report.onnx = self.graph(ONNX_NAME, blobs[ONNX_NAME], raw, auxiliary=False)
         if WEIGHTS_NAME in blobs:
             report.safetensors = self.weights(blobs[WEIGHTS_NAME])
         aux = manifest.auxiliary if manifest is not None else None
         for name in aux.files() if aux is not None else ():
             if name in blobs:
-                summary = self.auxiliary_graph(name, blobs[name])
+                summary = self.graph(name, blobs[name], None, auxiliary=True)
                 if summary is not None:
                     report.auxiliary[name] = summary
         report.findings = self.findings
@@ -380,33 +380,31 @@ class _Audit:
         for path, text in _walk(raw):
             self.text(text, f"{MANIFEST_NAME} {path}")
 
-    def onnx(self, data: bytes, raw: dict[str, Any] | None) -> dict[str, Any] | None:
-        try:
-            graph = summarize(data)
-        except SourcefreeError as exc:
-            self.flag(ONNX_NAME, "unreadable", str(exc))
-            return None
-        for key, value in sorted(graph.metadata.items()):
-            where = f"{ONNX_NAME} metadata {key!r}"
-            if key != ONNX_MANIFEST_KEY:
-                self.flag(where, "onnx-metadata", "only the embedded manifest belongs here")
-                self.text(key, where + " (key)")
-                self.text(value, where)
-                continue
-            self.embedded(value, raw, where)
-        self.graph_strings(ONNX_NAME, graph)
-        return _graph_summary(graph)
+    def graph(
+        self, name: str, data: bytes, raw: dict[str, Any] | None, *, auxiliary: bool
+    ) -> dict[str, Any] | None:
+        """Check one ONNX graph and summarise it (None when it cannot be read).
 
-    def auxiliary_graph(self, name: str, data: bytes) -> dict[str, Any] | None:
-        """An auxiliary ONNX graph: no metadata belongs there; free strings are scanned."""
+        The model graph may carry the embedded manifest (compared with ``raw``) and no
+        other metadata; an auxiliary graph carries no metadata at all. Every graph then
+        gets the flags and string scan of :meth:`graph_strings`.
+        """
         try:
-            graph = summarize_auxiliary(data, name)
+            graph = summarize_auxiliary(data, name) if auxiliary else summarize(data)
         except SourcefreeError as exc:
             self.flag(name, "unreadable", str(exc))
             return None
         for key, value in sorted(graph.metadata.items()):
             where = f"{name} metadata {key!r}"
-            self.flag(where, "onnx-metadata", "an auxiliary graph carries no metadata")
+            if not auxiliary and key == ONNX_MANIFEST_KEY:
+                self.embedded(value, raw, where)
+                continue
+            why = (
+                "an auxiliary graph carries no metadata"
+                if auxiliary
+                else "only the embedded manifest belongs here"
+            )
+            self.flag(where, "onnx-metadata", why)
             self.text(key, where + " (key)")
             self.text(value, where)
         self.graph_strings(name, graph)
@@ -469,8 +467,29 @@ def audit_package(path: str | os.PathLike[str], *, home: str | None = None) -> A
 
     Raises:
         PackageError: ``path`` is not a directory (nothing to audit).
+
+    Examples:
+        >>> from sourcefree.package.audit import audit_package, format_report
+        >>> report = audit_package("adapted/package")
+        >>> report.clean, [(f.kind, f.where) for f in report.findings]
+        >>> print(format_report(report))  # what `sourcefree audit` prints
     """
     return _Audit(Path(path), _Scanner.from_env(home)).run()
+
+
+def _graph_lines(title: str, g: dict[str, Any], row: tuple[str, str]) -> list[str]:
+    """The report's block for one graph summary: title, graph line, ``row``, metadata, docs."""
+    label, text = row
+    opsets = ", ".join(f"{k} {v}" for k, v in g["opsets"].items())
+    return [
+        "",
+        title,
+        f"  {'graph':<18} IR {g['ir_version']}, opsets {opsets}, {g['nodes']} nodes, "
+        f"producer {g['producer']!r}",
+        f"  {label:<18} {text}",
+        f"  {'metadata keys':<18} {', '.join(g['metadata_keys']) or '-'}",
+        f"  {'doc strings':<18} {g['doc_strings']}",
+    ]
 
 
 def format_report(report: AuditReport) -> str:
@@ -497,28 +516,12 @@ def format_report(report: AuditReport) -> str:
             lines.append(f"  {key:<18} {text}")
     if report.onnx is not None:
         g = report.onnx
-        lines += [
-            "",
-            "onnx",
-            f"  {'graph':<18} IR {g['ir_version']}, opsets "
-            + ", ".join(f"{k} {v}" for k, v in g["opsets"].items())
-            + f", {g['nodes']} nodes, producer {g['producer']!r}",
-            f"  {'ops':<18} " + ", ".join(f"{k} x{v}" for k, v in g["ops"].items()),
-            f"  {'metadata keys':<18} {', '.join(g['metadata_keys']) or '-'}",
-            f"  {'doc strings':<18} {g['doc_strings']}",
-            f"  {'node metadata':<18} {g['node_metadata']}",
-        ]
+        ops = ", ".join(f"{k} x{v}" for k, v in g["ops"].items())
+        lines += _graph_lines("onnx", g, ("ops", ops))
+        lines.append(f"  {'node metadata':<18} {g['node_metadata']}")
     for fname, g in report.auxiliary.items():
-        lines += [
-            "",
-            f"auxiliary graph {fname}",
-            f"  {'graph':<18} IR {g['ir_version']}, opsets "
-            + ", ".join(f"{k} {v}" for k, v in g["opsets"].items())
-            + f", {g['nodes']} nodes, producer {g['producer']!r}",
-            f"  {'outputs':<18} " + ", ".join(f"{k} {v}" for k, v in g["outputs"].items()),
-            f"  {'metadata keys':<18} {', '.join(g['metadata_keys']) or '-'}",
-            f"  {'doc strings':<18} {g['doc_strings']}",
-        ]
+        outputs = ", ".join(f"{k} {v}" for k, v in g["outputs"].items())
+        lines += _graph_lines(f"auxiliary graph {fname}", g, ("outputs", outputs))
     if report.safetensors is not None:
         w = report.safetensors
         lines += [

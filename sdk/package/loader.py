@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sourcefree.errors import IntegrityError, PackageError, SignatureError
+from sourcefree.fsutil import atomic_write_bytes
 from sourcefree.package import onnx_check, signing, strictjson, weights
 from sourcefree.package.manifest import (
     MANIFEST_NAME,
@@ -32,7 +33,14 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class Package:
-    """A verified package. File contents are the bytes that were hashed."""
+    """A verified package from :func:`load_package`; file contents are the hashed bytes.
+
+    Examples:
+        >>> from sourcefree import load_package
+        >>> pkg = load_package("fer-pkg", public_key="vendor.pub")
+        >>> pkg.manifest.name, pkg.labels, pkg.signer
+        >>> graph = pkg.read("model.onnx")  # the verified bytes, never read twice
+    """
 
     path: Path
     manifest: Manifest
@@ -190,6 +198,13 @@ def load_package(
         PackageError: schema, layout or content problems (names the field or file).
         IntegrityError: a file's size or sha256 differs from the manifest.
         SignatureError: missing, malformed or wrong-key signature.
+
+    Examples:
+        >>> from sourcefree import load_package
+        >>> pkg = load_package("fer-pkg", public_key="vendor.pub")
+        >>> pkg.signature_verified, pkg.sha256  # the identity `sourcefree verify` prints
+        (True, '...')
+        >>> pinned = load_package("fer-pkg", public_key="vendor.pub", expected_sha256=pkg.sha256)
     """
     root = Path(path)
     entries = _list_dir(root)
@@ -273,3 +288,23 @@ def load_package(
         signer=signer,
         blobs=blobs,
     )
+
+
+def sign_package(path: str | os.PathLike[str], key: str | os.PathLike[str] | bytes) -> str:
+    """Verify a package, then write its ``signature``; return the key fingerprint.
+
+    It lives beside :func:`load_package` (the verification it needs), so that
+    :mod:`sourcefree.package.signing` depends on nothing that loads packages.
+
+    Examples:
+        >>> from sourcefree.package.signing import keygen
+        >>> private, public = keygen("vendor")
+        >>> sign_package("fer-pkg", private)
+        'ed25519:...'
+        >>> load_package("fer-pkg", public_key=public).signature_verified
+        True
+    """
+    pkg = load_package(path)
+    private = signing.load_private_key(key)
+    atomic_write_bytes(pkg.path / SIGNATURE_NAME, signing.sign_bytes(pkg.manifest_bytes, private))
+    return signing.fingerprint(private.public_key())

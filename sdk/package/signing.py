@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sourcefree.errors import SignatureError
 from sourcefree.fsutil import (
     FileRefusedError,
-    atomic_write_bytes,
     atomic_write_files,
     read_regular_file,
 )
@@ -31,13 +30,24 @@ _KEY_FIX = "pass the key file written by `sourcefree keygen`"
 
 
 def fingerprint(key: Ed25519PublicKey) -> str:
-    """Short, stable identifier of a public key (sha256 of its raw bytes)."""
+    """Short, stable identifier of a public key (sha256 of its raw bytes).
+
+    Examples:
+        >>> fingerprint(load_public_key("vendor.pub"))
+        'ed25519:...'
+    """
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
 def keygen(out: str | os.PathLike[str], *, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write ``OUT.key`` (private, 0600) and ``OUT.pub``; return both paths."""
+    """Write ``OUT.key`` (private, 0600) and ``OUT.pub``; return both paths.
+
+    Examples:
+        >>> private, public = keygen("vendor")
+        >>> private.name, public.name
+        ('vendor.key', 'vendor.pub')
+    """
     base = Path(out)
     priv_path = base.with_name(base.name + ".key")
     pub_path = base.with_name(base.name + ".pub")
@@ -107,7 +117,12 @@ def _read_bounded(path: Path, label: str) -> bytes:
 
 
 def load_private_key(source: str | os.PathLike[str] | bytes) -> Ed25519PrivateKey:
-    """An unencrypted Ed25519 PKCS#8 PEM private key (a path or the PEM bytes)."""
+    """An unencrypted Ed25519 PKCS#8 PEM private key (a path or the PEM bytes).
+
+    Examples:
+        >>> key = load_private_key("vendor.key")
+        >>> fingerprint(key.public_key())  # the key's identity, safe to show
+    """
     data = _read_key_bytes(source, "private")
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -127,7 +142,12 @@ def load_private_key(source: str | os.PathLike[str] | bytes) -> Ed25519PrivateKe
 
 
 def load_public_key(source: str | os.PathLike[str] | bytes) -> Ed25519PublicKey:
-    """An Ed25519 SubjectPublicKeyInfo PEM public key (a path or the PEM bytes)."""
+    """An Ed25519 SubjectPublicKeyInfo PEM public key (a path or the PEM bytes).
+
+    Examples:
+        >>> key = load_public_key("vendor.pub")
+        >>> load_package("fer-pkg", public_key="vendor.pub")  # loads it the same way
+    """
     data = _read_key_bytes(source, "public")
     try:
         key = serialization.load_pem_public_key(data)
@@ -147,12 +167,26 @@ def load_public_key(source: str | os.PathLike[str] | bytes) -> Ed25519PublicKey:
 
 
 def sign_bytes(manifest_bytes: bytes, key: Ed25519PrivateKey) -> bytes:
-    """Signature file contents: a versioned prefix and the base64 signature."""
+    """Signature file contents: a versioned prefix and the base64 signature.
+
+    Examples:
+        >>> pkg = load_package("fer-pkg")
+        >>> data = sign_bytes(pkg.manifest_bytes, load_private_key("vendor.key"))
+        >>> data.startswith(b"sourcefree-ed25519-v1:")
+        True
+    """
     return _PREFIX + base64.b64encode(key.sign(manifest_bytes)) + b"\n"
 
 
 def verify_bytes(manifest_bytes: bytes, signature: bytes, key: Ed25519PublicKey) -> str:
-    """Check a signature file against manifest bytes; return the signer fingerprint."""
+    """Check a signature file against manifest bytes; return the signer fingerprint.
+
+    Examples:
+        >>> pkg = load_package("fer-pkg")
+        >>> signature = (pkg.path / "signature").read_bytes()
+        >>> verify_bytes(pkg.manifest_bytes, signature, load_public_key("vendor.pub"))
+        'ed25519:...'
+    """
     body = signature.strip()
     if not body.startswith(_PREFIX):
         raise SignatureError(
@@ -175,14 +209,3 @@ def verify_bytes(manifest_bytes: bytes, signature: bytes, key: Ed25519PublicKey)
             "check you have the vendor's public key and an unmodified package",
         ) from None
     return fingerprint(key)
-
-
-def sign_package(path: str | os.PathLike[str], key: str | os.PathLike[str] | bytes) -> str:
-    """Verify a package, then write its ``signature``; return the key fingerprint."""
-    from sourcefree.package.loader import load_package
-    from sourcefree.package.manifest import SIGNATURE_NAME
-
-    pkg = load_package(path)
-    private = load_private_key(key)
-    atomic_write_bytes(pkg.path / SIGNATURE_NAME, sign_bytes(pkg.manifest_bytes, private))
-    return fingerprint(private.public_key())

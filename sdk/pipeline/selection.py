@@ -778,7 +778,7 @@ def apply_overrides(
                 f"the grid tries {key}={_text(value)} among others",
                 f"drop {key} from --set/--config, or run without --select auto",
             )
-        _set(data, key, value)
+        cfgmod.set_dotted(data, key, list(value) if isinstance(value, tuple) else value)
     return cfgmod.from_dict(config_class, data)
 
 
@@ -793,14 +793,6 @@ def _get_dotted(d: Mapping[str, Any], key: str) -> Any:
             return None
         node = node[part]
     return node
-
-
-def _set(d: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = d
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = list(value) if isinstance(value, tuple) else value
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from sourcefree.data.dataset import ImageDataset, LoadedImages
+from sourcefree.data.metrics import pseudo_label_counts
 from sourcefree.data.readers import read_image_folder, read_labels_csv
 from sourcefree.errors import DatasetError
 from sourcefree.fsutil import shown
@@ -98,25 +99,21 @@ def pseudo_label_quality(
         ``selected``, ``images``, ``coverage`` (selected / images), ``labelled_selected``
         (selected images with an evaluation label), ``precision`` (share of those whose
         pseudo-label is right; None when there is none), ``selected_per_class`` and
-        ``precision_per_class`` by class name.
+        ``precision_per_class`` by class name; the counting is
+        :func:`sourcefree.data.metrics.pseudo_label_counts`.
+
+    Raises:
+        InputError: malformed arrays (see ``pseudo_label_counts``).
     """
-    k = len(labels)
-    known = truth[indices] >= 0
-    right = chosen[known] == truth[indices][known]
-    selected_per_class = np.bincount(chosen, minlength=k)[:k] if chosen.size else np.zeros(k)
-    known_per_class = np.bincount(chosen[known], minlength=k)[:k]
-    right_per_class = np.bincount(chosen[known][right], minlength=k)[:k]
+    counts = pseudo_label_counts(indices, chosen, truth, len(labels))
     return {
-        "selected": int(indices.size),
-        "images": int(truth.size),
-        "coverage": float(indices.size / truth.size) if truth.size else 0.0,
-        "labelled_selected": int(known.sum()),
-        "precision": float(right.mean()) if right.size else None,
-        "selected_per_class": {n: int(selected_per_class[c]) for c, n in enumerate(labels)},
-        "precision_per_class": {
-            n: float(right_per_class[c] / known_per_class[c]) if known_per_class[c] else None
-            for c, n in enumerate(labels)
-        },
+        "selected": counts.selected,
+        "images": counts.images,
+        "coverage": counts.coverage,
+        "labelled_selected": counts.labelled,
+        "precision": counts.precision,
+        "selected_per_class": dict(zip(labels, counts.selected_per_class, strict=True)),
+        "precision_per_class": dict(zip(labels, counts.per_class_precision, strict=True)),
     }
 
 
@@ -129,10 +126,27 @@ def labelled_dataset(
     CSV's folder when the CSV lies inside it), once or always with the same label.
 
     Raises:
-        DatasetError: the CSV names a class the package does not have, a labelled
-            row names no image of ``data``, or an image twice with two labels.
+        DatasetError: as :func:`labelled_keys`.
     """
     folder = read_image_folder(data)
+    by_key = labelled_keys(folder, labels_csv, labels)
+    picked = [
+        dataclasses.replace(s, label=by_key[s.key]) for s in folder.samples if s.key in by_key
+    ]
+    return ImageDataset(picked, tuple(labels), root=folder.root, kind="evaluation")
+
+
+def labelled_keys(
+    folder: ImageDataset, labels_csv: str | os.PathLike[str], labels: Sequence[str]
+) -> dict[str, int]:
+    """The label index (package order) of every image of ``folder`` that the CSV labels, by key.
+
+    The one lookup of evaluation labels: the CSV is read once, here.
+
+    Raises:
+        DatasetError: the CSV names a class the package does not have, a labelled
+            row names no image of ``folder``, or an image twice with two labels.
+    """
     try:
         table = read_labels_csv(labels_csv, labels=labels)
     except DatasetError as exc:
@@ -146,7 +160,9 @@ def labelled_dataset(
     rows = [(n, s) for n, s in enumerate(table.samples, 1) if s.label >= 0]
     if not rows:
         raise DatasetError(
-            "the labels CSV labels no image", f"{len(table)} rows, none with a label", ""
+            "the labels CSV labels no image",
+            f"{len(table)} rows, none with a label",
+            "give at least one row a path and a label of this package",
         )
     # CSV paths are relative to the CSV's folder (re-based here on the data
     # folder, wherever the CSV sits) or, failing that, relative to the data folder.
@@ -172,10 +188,7 @@ def labelled_dataset(
                 "an image has one true label",
                 "keep one row per image",
             )
-    picked = [
-        dataclasses.replace(s, label=by_key[s.key]) for s in folder.samples if s.key in by_key
-    ]
-    return ImageDataset(picked, tuple(labels), root=folder.root, kind="evaluation")
+    return by_key
 
 
 def _relative_key(path: Path, root: Path) -> str | None:
@@ -186,10 +199,25 @@ def _relative_key(path: Path, root: Path) -> str | None:
         return None
 
 
-def labels_of(dataset: ImageDataset, keys: Sequence[str]) -> np.ndarray:
-    """The label of each key in ``dataset`` (int64; -1 where it has none)."""
-    by_key = {s.key: s.label for s in dataset.samples}
+def labels_of(by_key: Mapping[str, int], keys: Sequence[str]) -> np.ndarray:
+    """The label of each key in a :func:`labelled_keys` lookup (int64; -1 where it has none)."""
     return np.asarray([by_key.get(k, -1) for k in keys], dtype=np.int64)
+
+
+def load_images(
+    dataset: ImageDataset, spec: InputSpec, *, max_bad_fraction: float = 0.05, strict: bool = False
+) -> LoadedImages:
+    """Decode ``dataset`` as uint8 at the spec's size, colour and interpolation.
+
+    The one decode of evaluation images and of the adaptation's target images.
+    """
+    return dataset.load(
+        spec.size,
+        spec.color,
+        interpolation=spec.interpolation,
+        max_bad_fraction=max_bad_fraction,
+        strict=strict,
+    )
 
 
 def load_inputs(
@@ -200,17 +228,8 @@ def load_inputs(
     strict: bool = False,
 ) -> tuple[np.ndarray, LoadedImages]:
     """Decode ``dataset`` at the spec's size into the float32 NCHW the graph takes."""
-    loaded = dataset.load(
-        spec.size,
-        spec.color,
-        interpolation=spec.interpolation,
-        max_bad_fraction=max_bad_fraction,
-        strict=strict,
-    )
-    x = loaded.to_float(spec.mean, spec.std)
-    if x.shape[1] == 1 and spec.channels == 3:
-        x = np.ascontiguousarray(np.repeat(x, 3, axis=1))
-    return x, loaded
+    loaded = load_images(dataset, spec, max_bad_fraction=max_bad_fraction, strict=strict)
+    return loaded.to_float(spec), loaded
 
 
 def evaluate(

@@ -216,6 +216,12 @@ class Predictor:
         require_signature: refuse unsigned packages.
         batch_size: images per onnxruntime call in :meth:`predict`.
         threads: intra-op threads (0 lets onnxruntime choose).
+
+    Examples:
+        >>> from sourcefree.runtime import Predictor
+        >>> predictor = Predictor("fer-pkg", device="cpu", public_key="vendor.pub")
+        >>> result = predictor.predict(["face1.jpg", "face2.png"])
+        >>> result.labels, result.probabilities.shape  # (2, number of classes)
     """
 
     def __init__(
@@ -257,6 +263,11 @@ class Predictor:
             InputError: the array does not fit the input spec.
             PackageError: onnxruntime fails on the graph, or the graph returns
                 outputs of the wrong shape or NaN/Inf logits or features.
+
+        Examples:
+            >>> x = np.stack([predictor.preprocess("face1.jpg")])  # (1, C, H, W) float32
+            >>> pred = predictor.predict_array(x, features=True)
+            >>> pred.indices, pred.features.shape  # (1, feature_dim)
         """
         check_input_array(x, self.spec)
         names = [self._onnx.logits] + ([self._onnx.features] if features else [])
@@ -300,7 +311,13 @@ class Predictor:
         )
 
     def preprocess(self, image: str | os.PathLike[str] | Image.Image) -> np.ndarray:
-        """Decode one image (path or PIL image) into the model's (C, H, W) float32 input."""
+        """Decode one image (path or PIL image) into the model's (C, H, W) float32 input.
+
+        Examples:
+            >>> x = predictor.preprocess("face1.jpg")
+            >>> x.shape == (predictor.spec.channels, *predictor.spec.size)
+            True
+        """
         return preprocess(decode_image(image, self.spec.color), self.spec)
 
     def predict(
@@ -318,6 +335,12 @@ class Predictor:
             ImageDecodeError: an image cannot be decoded (wrong kind, empty,
                 truncated, decompression bomb). Use :meth:`predict_paths` to skip
                 such files instead.
+
+        Examples:
+            >>> predictor.predict("face1.jpg").labels
+            ['happiness']
+            >>> from PIL import Image
+            >>> predictor.predict([Image.open("face2.png")], features=True).features
         """
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
@@ -333,6 +356,12 @@ class Predictor:
 
         Returns:
             (results as (path, label, probability), failures as (path, reason)).
+
+        Examples:
+            >>> from pathlib import Path
+            >>> done, failed = predictor.predict_paths(sorted(Path("photos").glob("*.jpg")))
+            >>> for path, label, probability in done:
+            ...     print(path.name, label, f"{probability:.2f}")
         """
         from sourcefree.data.imaging import ImageDecodeError
 

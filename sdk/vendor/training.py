@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sourcefree.data.imaging import normalise, rgb_to_grey
 from sourcefree.engine.models import Classifier, build_classifier
 from sourcefree.errors import ConfigError
 from sourcefree.ops.augment import (
@@ -54,16 +55,18 @@ class TrainConfig:
 
 
 def to_tensor(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
-    """uint8 NHWC (RGB) -> normalised float32 NCHW following the input spec."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    if spec.color == "gray":
-        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        x = (x * weights).sum(1, keepdim=True)
-        if spec.channels == 3:
-            x = x.expand(-1, 3, -1, -1)
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return ((x - mean) / std).contiguous()
+    """uint8 NHWC RGB at the spec's size -> normalised float32 NCHW, as the runtime makes it.
+
+    Grey specs convert with :func:`~sourcefree.data.imaging.rgb_to_grey` (Pillow's
+    ``L``, the runtime's conversion) before :func:`~sourcefree.data.imaging.normalise`,
+    so a vendor model trains on exactly the tensors it is served.
+
+    Raises:
+        InputError: not uint8 NHWC with 3 channels (or 1 for a grey spec).
+    """
+    if spec.color == "gray" and images.ndim == 4 and images.shape[-1] == 3:
+        images = rgb_to_grey(images)
+    return torch.from_numpy(normalise(images, spec))
 
 
 def robust_augment(x: torch.Tensor, spec: InputSpec, gen: torch.Generator) -> torch.Tensor:

@@ -33,7 +33,7 @@ from sourcefree.data.synthetic import AU_NAMES, generate
 from sourcefree.engine import config as cfgmod
 from sourcefree.engine.method import MethodContext, ScheduleSpec, SourceModel, TargetData
 from sourcefree.engine.models import build_classifier, load_classifier
-from sourcefree.engine.trainer import seed_everything
+from sourcefree.engine.reproducibility import seed_everything
 from sourcefree.errors import (
     ConfigError,
     ExportError,
@@ -44,9 +44,9 @@ from sourcefree.errors import (
 )
 from sourcefree.export import source_package
 from sourcefree.package.audit import audit_package
-from sourcefree.package.loader import Package, load_package
+from sourcefree.package.loader import Package, load_package, sign_package
 from sourcefree.package.manifest import AU_DETECTOR_NAME, ONNX_MANIFEST_KEY, InputSpec, Manifest
-from sourcefree.package.signing import keygen, sign_package
+from sourcefree.package.signing import keygen
 from sourcefree.runtime.predictor import AUDetector
 from sourcefree.vendor.training import AUDetectorNet, au_frequencies, detect_aus, to_tensor
 

@@ -12,7 +12,8 @@ from sourcefree.adapters.clup import CluP, CluPConfig, FineTuneConfig, SSLConfig
 from sourcefree.data.synthetic import generate
 from sourcefree.engine.method import Batch, MethodContext, Phase, SourceModel, TargetData
 from sourcefree.engine.models import load_classifier
-from sourcefree.engine.trainer import Trainer, build_optimizer, seed_everything
+from sourcefree.engine.reproducibility import seed_everything
+from sourcefree.engine.trainer import Trainer, build_optimizer
 from sourcefree.errors import ConfigError
 from sourcefree.package.loader import load_package
 from sourcefree.package.manifest import InputSpec

@@ -16,10 +16,11 @@ from sourcefree.engine import config as cfgmod
 from sourcefree.engine.method import Batch, Method, MethodContext, SourceModel, TargetData
 from sourcefree.engine.models import load_classifier
 from sourcefree.engine.registry import get_method, list_methods
-from sourcefree.engine.trainer import build_optimizer, seed_everything
+from sourcefree.engine.reproducibility import seed_everything
+from sourcefree.engine.trainer import build_optimizer
 from sourcefree.package.loader import load_package
 from sourcefree.package.manifest import InputSpec
-from sourcefree.pipeline.adaptation import adapt
+from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 from sourcefree.runtime.predictor import Predictor
 
 METHODS = list_methods()
@@ -136,7 +137,14 @@ def test_adapted_export_matches_onnxruntime(
 ) -> None:
     sets = [f"{k}={v}" for k, v in SMALL.items()]
     result = adapt(
-        contract_pkg, target_small, method=name, out=tmp_path / "out", overrides=sets, device="cpu"
+        AdaptRequest(
+            contract_pkg,
+            target_small,
+            method=name,
+            out=tmp_path / "out",
+            overrides=sets,
+            device="cpu",
+        )
     )
     pkg = result.package
     assert pkg.manifest.kind == "adapted"

@@ -28,14 +28,15 @@ from sourcefree.data.synthetic import CLASSES, generate
 from sourcefree.engine import config as cfgmod
 from sourcefree.engine.method import MethodContext, SourceModel, TargetData
 from sourcefree.engine.models import build_classifier, load_classifier
-from sourcefree.engine.trainer import build_optimizer, seed_everything
+from sourcefree.engine.reproducibility import seed_everything
+from sourcefree.engine.trainer import build_optimizer
 from sourcefree.errors import ConfigError, PackageError
 from sourcefree.export import source_package
 from sourcefree.kernels import gaussian_mmd
 from sourcefree.kernels.reference import mmd_bandwidths
 from sourcefree.package.loader import load_package
 from sourcefree.package.manifest import InputSpec
-from sourcefree.pipeline.adaptation import adapt
+from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 from sourcefree.runtime.predictor import Predictor
 from sourcefree.vendor.training import TrainConfig, class_feature_means, to_tensor, train_classifier
 
@@ -346,12 +347,14 @@ def test_adapt_two_packages_exports_the_more_confident_branch(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # both vendors ship class means: no warning
         result = adapt(
-            list(vendors),
-            target,
-            method="la-cmfer",
-            out=tmp_path / "out",
-            overrides=["batch_size=16", "epochs=1"],
-            device="cpu",
+            AdaptRequest(
+                list(vendors),
+                target,
+                method="la-cmfer",
+                out=tmp_path / "out",
+                overrides=["batch_size=16", "epochs=1"],
+                device="cpu",
+            )
         )
     pkg = result.package
     manifest = pkg.manifest

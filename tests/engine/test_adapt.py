@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,8 +20,14 @@ from safetensors.torch import load as load_safetensors
 
 from sourcefree.cli.commands_adapt import adapt_command, evaluate_command, methods_command
 from sourcefree.engine.trainer import StepInfo
-from sourcefree.errors import EXIT_RESUMABLE, ResumeError, RunInterruptedError, WorkdirError
-from sourcefree.pipeline.adaptation import adapt
+from sourcefree.errors import (
+    EXIT_RESUMABLE,
+    ConfigError,
+    ResumeError,
+    RunInterruptedError,
+    WorkdirError,
+)
+from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 
 SETS = ["batch_size=16", "epochs=2"]
 
@@ -63,14 +72,16 @@ def _interrupt(source: Path, data: Path, tmp: Path, step: int = 3) -> Path:
     wd = tmp / "wd"
     with pytest.raises(RunInterruptedError) as err:
         adapt(
-            source,
-            data,
-            method="tent",
-            out=tmp / "run",
-            overrides=SETS,
-            workdir=wd,
-            device="cpu",
-            on_step=_kill_at(step),  # type: ignore[arg-type]
+            AdaptRequest(
+                source,
+                data,
+                method="tent",
+                out=tmp / "run",
+                overrides=SETS,
+                workdir=wd,
+                device="cpu",
+                on_step=_kill_at(step),  # type: ignore[arg-type]
+            )
         )
     assert err.value.exit_code == EXIT_RESUMABLE == 75
     assert "SIGTERM" in str(err.value) and "--resume" in str(err.value)
@@ -82,19 +93,23 @@ def _interrupt(source: Path, data: Path, tmp: Path, step: int = 3) -> Path:
 def test_sigterm_then_resume_gives_the_same_weights(
     source_pkg: Path, target_dir: Path, tmp_path: Path
 ) -> None:
-    ref = adapt(source_pkg, target_dir, method="tent", out=tmp_path / "ref", overrides=SETS)
+    ref = adapt(
+        AdaptRequest(source_pkg, target_dir, method="tent", out=tmp_path / "ref", overrides=SETS)
+    )
     wd = _interrupt(source_pkg, target_dir, tmp_path, step=3)  # mid-epoch of phase 1
     assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["ckpt-00000001"]
     assert os.stat(wd).st_mode & 0o777 == 0o700
     done = adapt(
-        source_pkg,
-        target_dir,
-        method="tent",
-        out=tmp_path / "run",
-        overrides=SETS,
-        workdir=wd,
-        resume=True,
-        device="cpu",
+        AdaptRequest(
+            source_pkg,
+            target_dir,
+            method="tent",
+            out=tmp_path / "run",
+            overrides=SETS,
+            workdir=wd,
+            resume=True,
+            device="cpu",
+        )
     )
     assert done.report["resumed"] is True
     a, b = _weights(tmp_path / "ref" / "package"), _weights(tmp_path / "run" / "package")
@@ -106,23 +121,24 @@ def test_sigterm_then_resume_gives_the_same_weights(
 
 def test_resume_refusals(source_pkg: Path, target_dir: Path, tmp_path: Path) -> None:
     wd = _interrupt(source_pkg, target_dir, tmp_path)
-    common = {"method": "tent", "out": tmp_path / "run", "workdir": wd, "resume": True}
+    request = AdaptRequest(source_pkg, target_dir, method="tent", out=tmp_path / "run")
+    request = dataclasses.replace(request, overrides=SETS, workdir=wd, resume=True)
     with pytest.raises(ResumeError, match=r"(?i)the config changed \(lr: 0.001 -> 0.002\)"):
-        adapt(source_pkg, target_dir, overrides=[*SETS, "lr=0.002"], **common)  # type: ignore[arg-type]
+        adapt(dataclasses.replace(request, overrides=[*SETS, "lr=0.002"]))
     changed = tmp_path / "data2"
     shutil.copytree(target_dir, changed)
     Image.new("RGB", (32, 32), (9, 9, 9)).save(changed / "extra.png")
     with pytest.raises(ResumeError, match=r"(?i)the target dataset changed \(64 -> 65 images"):
-        adapt(source_pkg, changed, overrides=SETS, **common)  # type: ignore[arg-type]
+        adapt(dataclasses.replace(request, data=changed))
     other = tmp_path / "other-pkg"
     shutil.copytree(source_pkg, other)
     _edit_manifest(other, "version", "", "9.9.9")
     with pytest.raises(ResumeError, match="(?i)the source package changed"):
-        adapt(other, target_dir, overrides=SETS, **common)  # type: ignore[arg-type]
+        adapt(dataclasses.replace(request, packages=other))
     with pytest.raises(WorkdirError, match="holds checkpoints of an earlier run"):
-        adapt(source_pkg, target_dir, method="tent", out=tmp_path / "x", overrides=SETS, workdir=wd)
+        adapt(dataclasses.replace(request, out=tmp_path / "x", resume=False))
     with pytest.raises(ResumeError, match="nothing to resume"):
-        adapt(source_pkg, target_dir, overrides=SETS, **{**common, "workdir": tmp_path / "new"})  # type: ignore[arg-type]
+        adapt(dataclasses.replace(request, workdir=tmp_path / "new"))
 
 
 def test_cli_adapt_with_eval_labels_and_report(
@@ -202,3 +218,55 @@ def test_unknown_architecture_and_method(pkg_copy: Path, target_dir: Path, tmp_p
     assert code == 2 and "unknown architecture 'resnet9000'" in out, out
     code, out = _run([str(pkg_copy), str(target_dir), "-m", "tnet", "-o", str(tmp_path / "o")])
     assert code == 2 and "Unknown method 'tnet'. Did you mean 'tent'?" in out
+
+
+def test_request_is_frozen_and_checked_when_built(tmp_path: Path) -> None:
+    """Pure checks: nothing is read, so paths that do not exist are fine here."""
+    missing, out = tmp_path / "no-such-pkg", tmp_path / "out"
+    request = AdaptRequest([missing], missing, method="tent", out=out, overrides=["lr=1"])
+    assert request.overrides == ("lr=1",) and request.packages == (missing,)
+    assert (request.seed, request.select, request.gate) == (0, "none", True)
+    assert request.sample_size == 8192
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        request.seed = 1  # type: ignore[misc]
+    bad: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"overrides": "lr=1"}, ConfigError, "is one string"),
+        ({"select": "best"}, ConfigError, "--select 'best' is not known"),
+        ({"budget_s": 0.0}, ConfigError, "The budget must be positive"),
+        ({"gate_sample": -1}, ConfigError, "--gate-sample -1"),
+        ({"method": "auto", "overrides": ["lr=1"]}, ConfigError, "-m auto takes no config"),
+        ({"select": "auto", "resume": True}, ResumeError, "--select auto cannot resume"),
+    ]
+    for fields, error, message in bad:
+        with pytest.raises(error, match=re.escape(message)):
+            AdaptRequest(missing, missing, **{"method": "tent", "out": out, **fields})
+    assert not tmp_path.joinpath("out").exists()
+
+
+def test_cli_builds_the_request_of_its_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sourcefree.pipeline import adaptation
+
+    seen: list[AdaptRequest] = []
+
+    def fake(request: AdaptRequest) -> Any:
+        seen.append(request)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(adaptation, "adapt", fake)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 0.1\n")
+    args = ["a", "b", "data", "-m", "tent", "-o", "out", "--config", str(cfg), "--set", "x=1"]
+    args += ["--no-progress", "--no-gate", "--gate-sample", "all", "--seed", "3", "--force"]
+    result = CliRunner().invoke(adapt_command, [*args, "--amp", "off", "--budget-s", "5"])
+    assert result.exit_code == 2 and "stop here" in result.output
+    (request,) = seen
+    assert request.packages == (Path("a"), Path("b")) and request.data == Path("data")
+    assert (request.method, request.out, request.config_file) == ("tent", Path("out"), cfg)
+    assert request.overrides == ("x=1",) and request.sample_size == 0
+    assert not request.progress and not request.gate and request.force
+    assert (request.seed, request.amp, request.budget_s) == (3, "off", 5.0)
+    defaults = AdaptRequest(Path("a"), Path("data"), method="tent", out=Path("out"))
+    same = ("resume", "workdir", "keep_workdir", "device", "eval_labels", "max_bad_fraction")
+    assert all(getattr(request, k) == getattr(defaults, k) for k in (*same, "strict", "select"))

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from sourcefree.cli.commands_adapt import adapt_command
+from sourcefree.engine.device import AMP_MODES, amp_policy, resolve_amp
 from sourcefree.engine.method import (
     Batch,
     Method,
@@ -28,10 +29,10 @@ from sourcefree.engine.method import (
     StepOutput,
     TargetData,
 )
-from sourcefree.engine.trainer import AMP_MODES, Trainer, amp_policy, resolve_amp
+from sourcefree.engine.trainer import Trainer
 from sourcefree.errors import ConfigError
 from sourcefree.package.manifest import InputSpec
-from sourcefree.pipeline.adaptation import adapt
+from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 
 SETS = ["batch_size=16", "epochs=1"]
 
@@ -67,8 +68,8 @@ def test_cpu_report_records_amp_and_layout_and_results_do_not_move(
     source_pkg: Path, target_dir: Path, tmp_path: Path
 ) -> None:
     common: dict[str, Any] = {"method": "tent", "overrides": SETS, "device": "cpu"}
-    default = adapt(source_pkg, target_dir, out=tmp_path / "a", **common)
-    off = adapt(source_pkg, target_dir, out=tmp_path / "b", amp="off", **common)
+    default = adapt(AdaptRequest(source_pkg, target_dir, out=tmp_path / "a", **common))
+    off = adapt(AdaptRequest(source_pkg, target_dir, out=tmp_path / "b", amp="off", **common))
     for run in (default, off):
         assert run.report["amp"] == "off"
         assert run.report["memory_format"] == "contiguous"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from sourcefree.data.dataset import ImageDataset
 from sourcefree.data.readers import read_labels_csv as read_csv
 from sourcefree.engine.trainer import Trainer
 from sourcefree.errors import DatasetError
-from sourcefree.pipeline.adaptation import adapt
+from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 from sourcefree.runtime import evaluation
 from sourcefree.runtime.evaluation import evaluate, labelled_dataset
 
@@ -98,7 +100,11 @@ def test_api_refuses_a_path_outside_the_data_before_any_work(
 ) -> None:
     bad = _csv(tmp_path, eval_csv, f"../{target_dir.name}/x.png,{PKG_LABELS[1]}")
     with pytest.raises(DatasetError, match=r"names '\.\./.*not an image of the data folder"):
-        adapt(source_pkg, target_dir, method="adabn", out=tmp_path / "out", eval_labels=bad)
+        adapt(
+            AdaptRequest(
+                source_pkg, target_dir, method="adabn", out=tmp_path / "out", eval_labels=bad
+            )
+        )
     _nothing_written(tmp_path)
 
 
@@ -143,15 +149,54 @@ def test_good_labels_are_read_once_and_not_decoded_again(
     monkeypatch.setattr(evaluation, "read_labels_csv", counted_read)  # what it calls
     monkeypatch.setattr(ImageDataset, "load", counted_load)
     result = adapt(
-        source_pkg,
-        target_dir,
-        method="adabn",
-        out=tmp_path / "out",
-        device="cpu",
-        eval_labels=eval_csv,
+        AdaptRequest(
+            source_pkg,
+            target_dir,
+            method="adabn",
+            out=tmp_path / "out",
+            device="cpu",
+            eval_labels=eval_csv,
+        )
     )
     assert len(reads) == 1, "the labels CSV is parsed once"
     assert loads == ["folder"], "only the target images are decoded"
     got = result.report["evaluation"]
     assert got["source"] == [expected], "same metrics as `sourcefree evaluate`"
     assert got["adapted"]["images"] == expected["images"] > 0
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[object]:
+    """Count every call of ``name`` wherever a loaded sourcefree module binds it."""
+    calls: list[object] = []
+    modules = [m for k, m in sorted(sys.modules.items()) if k.startswith("sourcefree")]
+    real = next(getattr(m, name) for m in modules if callable(getattr(m, name, None)))
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    for module in modules:
+        if getattr(module, name, None) is real:
+            monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_one_adapt_reads_the_csv_once_and_decodes_each_image_once(
+    source_pkg: Path,
+    target_dir: Path,
+    eval_csv: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reads = _count_calls(monkeypatch, "read_labels_csv")
+    decodes = _count_calls(monkeypatch, "decode_image")
+    request = AdaptRequest(
+        source_pkg, target_dir, method="adabn", out=tmp_path / "out", eval_labels=eval_csv
+    )
+    result = adapt(dataclasses.replace(request, device="cpu"))
+    images = sorted(p for p in target_dir.rglob("*.png"))
+    assert reads == [eval_csv], "the labels CSV is read once"
+    assert len(decodes) == len(images) == result.report["target"]["read"]["ok"] == 64
+    assert len(set(map(str, decodes))) == 64, "each image once"
+    labelled = sum(1 for _ in eval_csv.open()) - 1
+    assert result.report["evaluation"]["adapted"]["images"] == labelled

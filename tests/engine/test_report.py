@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from html.parser import HTMLParser
 from pathlib import Path
@@ -14,7 +15,8 @@ from click.testing import CliRunner
 from sourcefree.cli.commands_adapt import adapt_command
 from sourcefree.data.imaging import is_image_name
 from sourcefree.package.audit import audit_package
-from sourcefree.pipeline.adaptation import adapt
+from sourcefree.pipeline.adaptation import AdaptRequest, adapt
+from sourcefree.pipeline.report import AdaptReport
 from sourcefree.pipeline.report_html import bar_chart, line_chart, render_report
 from sourcefree.runtime.evaluation import pseudo_label_quality
 
@@ -61,7 +63,9 @@ def test_adapted_package_audits_clean(
     source_pkg: Path, target_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HOME", "/home/alice")
-    result = adapt(source_pkg, target_dir, method="adabn", out=tmp_path / "out", device="cpu")
+    result = adapt(
+        AdaptRequest(source_pkg, target_dir, method="adabn", out=tmp_path / "out", device="cpu")
+    )
     report = audit_package(result.out / "package")
     assert report.clean and report.verified, report.findings
     assert report.manifest["kind"] == "adapted"
@@ -222,3 +226,74 @@ def test_report_html_escapes_text_and_survives_odd_values() -> None:
     _check_html(text)
     assert "no values" in line_chart("empty", [("s", [])], "x", "y")
     assert "<svg" in bar_chart("one", ["a"], [("g", [None], "#000")], "y")
+
+
+REPORT_KEYS = [
+    "format",
+    "method",
+    "config",
+    "seed",
+    "device",
+    "amp",
+    "memory_format",
+    "sources",
+    "target",
+    "resumed",
+    "world_size",
+    "checkpoints_written",
+    "phases",
+    "method_report",
+    "package",
+    "gate",
+]
+GATE_KEYS = ["enabled", "decision", "verdict", "forced", "criterion", "estimated_gain", "reason"]
+GATE_KEYS += ["note", "reference_source", "calibrated", "scores", "sample_size", "target_images"]
+GATE_KEYS += ["standard_errors", "accuracy"]
+
+
+def _plain(value: Any) -> Any:
+    """As JSON reads it back (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def test_report_json_round_trips_through_the_typed_report(
+    clup_run: tuple[Path, str, dict[str, Any]],
+) -> None:
+    report = clup_run[2]
+    typed = AdaptReport.from_dict(report)
+    again = typed.to_dict()
+    assert _plain(again) == report
+    assert list(again) == [*REPORT_KEYS, "export", "evaluation", "timings_s"]
+    assert list(again["gate"]) == GATE_KEYS
+    assert list(again["evaluation"]) == ["note", "source", "adapted", "pseudo_labels"]
+    assert typed.gate.measure is not None and typed.gate.accuracy is not None
+    assert typed.evaluation is not None and typed.evaluation.pseudo_labels is not None
+
+
+def test_selection_report_keys_in_order_and_round_trip(
+    source_pkg: Path, target_dir: Path, eval_csv: Path, tmp_path: Path
+) -> None:
+    """-m auto whose budget is spent before the first candidate: the source is exported."""
+    request = AdaptRequest(source_pkg, target_dir, method="auto", out=tmp_path / "out")
+    request = dataclasses.replace(request, device="cpu", budget_s=1e-9, eval_labels=eval_csv)
+    report = adapt(request).report
+    assert list(report) == [*REPORT_KEYS, "selection", "export", "evaluation", "timings_s"]
+    assert list(report["gate"]) == [
+        *("enabled", "decision", "verdict", "forced", "reason", "note", "scores"),
+        *("sample_size", "target_images"),
+    ]
+    sel = report["selection"]
+    assert list(sel) == [
+        *("mode", "select", "criterion", "criterion_reason", "budget_s", "sample_size"),
+        *("target_images", "chosen", "candidates", "note"),
+    ]
+    rows = sel["candidates"]
+    assert rows and {r["status"] for r in rows} == {"not started"}
+    assert list(rows[0]) == [
+        *("candidate", "method", "overrides", "status", "seconds", "scores", "value"),
+        *("chosen", "detail", "accuracy"),
+    ]
+    assert rows[0]["accuracy"] is None and report["gate"]["decision"] == "source"
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert _plain(report) == written
+    assert _plain(AdaptReport.from_dict(written).to_dict()) == written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from sourcefree.package.audit import audit_package
 from sourcefree.package.loader import load_package
 from sourcefree.package.manifest import InputSpec
 from sourcefree.pipeline import selection
-from sourcefree.pipeline.adaptation import adapt
+from sourcefree.pipeline.adaptation import AdaptRequest, AdaptResult, adapt
 
 LABELS = ["surprise", "fear", "happiness"]
 
@@ -169,6 +170,12 @@ def _weights(pkg: Path) -> dict[str, torch.Tensor]:
     return load_safetensors((pkg / "model.safetensors").read_bytes())
 
 
+def _scrambled(pkg: Path, data: Path, out: Path, **fields: Any) -> AdaptResult:
+    """``scramble-test`` with ``shift=1`` (every prediction moves) on the CPU."""
+    request = AdaptRequest(pkg, data, method="scramble-test", out=out, overrides=["shift=1"])
+    return adapt(dataclasses.replace(request, device="cpu", **fields))
+
+
 def test_source_predictions_are_spread(plain_pkg: Path, target_dir: Path) -> None:
     pkg = load_package(plain_pkg)
     from sourcefree.engine.models import load_classifier
@@ -182,15 +189,7 @@ def test_source_predictions_are_spread(plain_pkg: Path, target_dir: Path) -> Non
 def test_gate_keeps_the_source_when_the_head_is_scrambled(
     confident_pkg: Path, target_dir: Path, eval_csv: Path, tmp_path: Path
 ) -> None:
-    result = adapt(
-        confident_pkg,
-        target_dir,
-        method="scramble-test",
-        out=tmp_path / "run",
-        overrides=["shift=1"],
-        device="cpu",
-        eval_labels=eval_csv,
-    )
+    result = _scrambled(confident_pkg, target_dir, tmp_path / "run", eval_labels=eval_csv)
     gate = result.report["gate"]
     assert gate["decision"] == gate["verdict"] == "source" and not gate["forced"]
     assert gate["criterion"] == "anchored" and gate["calibrated"]
@@ -224,14 +223,7 @@ def test_gate_keeps_the_source_when_the_head_is_scrambled(
 def test_gate_lets_an_estimated_better_model_through(
     unsure_pkg: Path, target_dir: Path, tmp_path: Path
 ) -> None:
-    result = adapt(
-        unsure_pkg,
-        target_dir,
-        method="scramble-test",
-        out=tmp_path / "run",
-        overrides=["shift=1"],
-        device="cpu",
-    )
+    result = _scrambled(unsure_pkg, target_dir, tmp_path / "run")
     gate = result.report["gate"]
     assert gate["decision"] == gate["verdict"] == "adapted"
     assert gate["estimated_gain"] == pytest.approx(1.0)
@@ -243,14 +235,7 @@ def test_gate_lets_an_estimated_better_model_through(
 def test_uncalibrated_gate_catches_permuted_classes(
     plain_pkg: Path, target_dir: Path, tmp_path: Path
 ) -> None:
-    result = adapt(
-        plain_pkg,
-        target_dir,
-        method="scramble-test",
-        out=tmp_path / "run",
-        overrides=["shift=1"],
-        device="cpu",
-    )
+    result = _scrambled(plain_pkg, target_dir, tmp_path / "run")
     gate = result.report["gate"]
     assert gate["decision"] == "source" and gate["criterion"] == "uncalibrated"
     assert gate["scores"]["adapted"]["kappa"] < 0
@@ -287,15 +272,7 @@ def test_force_and_no_gate_export_the_adapted_model(
     forced = load_package(tmp_path / "forced" / "package")
     assert forced.manifest.provenance["method"] == "scramble-test"
 
-    result = adapt(
-        confident_pkg,
-        target_dir,
-        method="scramble-test",
-        out=tmp_path / "nogate",
-        overrides=["shift=1"],
-        device="cpu",
-        gate=False,
-    )
+    result = _scrambled(confident_pkg, target_dir, tmp_path / "nogate", gate=False)
     assert result.report["gate"]["enabled"] is False
     assert result.report["gate"]["decision"] == "adapted"
     assert result.report["gate"]["scores"] is None
@@ -306,13 +283,15 @@ def test_select_auto_keeps_the_best_label_free_score(
     plain_pkg: Path, target_dir: Path, eval_csv: Path, tmp_path: Path
 ) -> None:
     result = adapt(
-        plain_pkg,
-        target_dir,
-        method="scramble-test",
-        out=tmp_path / "run",
-        select="auto",
-        device="cpu",
-        eval_labels=eval_csv,
+        AdaptRequest(
+            plain_pkg,
+            target_dir,
+            method="scramble-test",
+            out=tmp_path / "run",
+            select="auto",
+            device="cpu",
+            eval_labels=eval_csv,
+        )
     )
     sel = result.report["selection"]
     assert sel["mode"] == "grid" and sel["criterion"] == "im"
@@ -352,13 +331,15 @@ def test_select_auto_with_a_calibration_ranks_by_the_gates_rule(
     # the gate -> agreement with the source; unsure: every candidate overrules
     # predictions ATC counts as wrong, all pass -> agreement with the consensus.
     result = adapt(
-        request.getfixturevalue(pkg),
-        target_dir,
-        method="scramble-test",
-        out=tmp_path / "run",
-        overrides=[f"shift={shift}"],
-        select="auto",
-        device="cpu",
+        AdaptRequest(
+            request.getfixturevalue(pkg),
+            target_dir,
+            method="scramble-test",
+            out=tmp_path / "run",
+            overrides=[f"shift={shift}"],
+            select="auto",
+            device="cpu",
+        )
     )
     sel = result.report["selection"]
     assert sel["criterion"] == rule
@@ -375,18 +356,28 @@ def test_select_auto_refuses_a_set_grid_key(
 ) -> None:
     with pytest.raises(ConfigError, match="--select auto varies 'scale'"):
         adapt(
-            plain_pkg,
-            target_dir,
-            method="scramble-test",
-            out=tmp_path / "run",
-            select="auto",
-            overrides=["scale=2"],
-            device="cpu",
+            AdaptRequest(
+                plain_pkg,
+                target_dir,
+                method="scramble-test",
+                out=tmp_path / "run",
+                select="auto",
+                overrides=["scale=2"],
+                device="cpu",
+            )
         )
     with pytest.raises(ResumeError, match="cannot resume"):
-        adapt(plain_pkg, target_dir, method="shot", out=tmp_path / "r", select="auto", resume=True)
+        adapt(
+            AdaptRequest(
+                plain_pkg, target_dir, method="shot", out=tmp_path / "r", select="auto", resume=True
+            )
+        )
     with pytest.raises(ConfigError, match="-m auto takes no config"):
-        adapt(plain_pkg, target_dir, method="auto", out=tmp_path / "r", overrides=["lr=1"])
+        adapt(
+            AdaptRequest(
+                plain_pkg, target_dir, method="auto", out=tmp_path / "r", overrides=["lr=1"]
+            )
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -430,13 +421,15 @@ def test_auto_method_with_a_tiny_budget_exports_the_source(
         time.sleep(0.3)
 
     result = adapt(
-        plain_pkg,
-        target_dir,
-        method="auto",
-        out=tmp_path / "run",
-        device="cpu",
-        budget_s=0.2,
-        on_step=slow,
+        AdaptRequest(
+            plain_pkg,
+            target_dir,
+            method="auto",
+            out=tmp_path / "run",
+            device="cpu",
+            budget_s=0.2,
+            on_step=slow,
+        )
     )
     rows = result.report["selection"]["candidates"]
     assert [r["status"] for r in rows] == ["stopped", "not started"]
@@ -458,7 +451,9 @@ def test_auto_method_skips_a_method_the_package_cannot_serve(
 ) -> None:
     # adafer needs the vendor's AU detector, which this package does not carry.
     monkeypatch.setattr(selection, "auto_methods", lambda n: ["adafer", "sharpen-test"])
-    result = adapt(plain_pkg, target_dir, method="auto", out=tmp_path / "run", device="cpu")
+    result = adapt(
+        AdaptRequest(plain_pkg, target_dir, method="auto", out=tmp_path / "run", device="cpu")
+    )
     rows = {r["candidate"]: r for r in result.report["selection"]["candidates"]}
     assert rows["adafer"]["status"] == "skipped"
     assert "carries no action-unit detector" in rows["adafer"]["detail"]
@@ -490,16 +485,18 @@ def test_select_auto_scores_one_seeded_subsample_and_the_source_once(
 ) -> None:
     calls = _record_model_outputs(monkeypatch)
     result = adapt(
-        unsure_pkg,
-        target_dir,
-        method="scramble-test",
-        out=tmp_path / "run",
-        overrides=["shift=1"],  # every candidate differs from the source
-        select="auto",
-        device="cpu",
-        seed=5,
-        gate_sample=16,
-        eval_labels=eval_csv,
+        AdaptRequest(
+            unsure_pkg,
+            target_dir,
+            method="scramble-test",
+            out=tmp_path / "run",
+            overrides=["shift=1"],  # every candidate differs from the source
+            select="auto",
+            device="cpu",
+            seed=5,
+            gate_sample=16,
+            eval_labels=eval_csv,
+        )
     )
     expected = selection.sample_indices(64, 16, seed=5)
     assert expected is not None and len(expected) == 16
@@ -536,14 +533,16 @@ def test_a_target_below_the_sample_size_is_scored_whole_as_before(
     runs = {}
     for name, value in (("default", None), ("all", "all"), ("exact", 64)):
         runs[name] = adapt(
-            confident_pkg,
-            target_dir,
-            method="scramble-test",
-            out=tmp_path / name,
-            overrides=["scale=2.0"],
-            device="cpu",
-            force=True,  # the adapted model is exported: its weights are read back below
-            gate_sample=value,
+            AdaptRequest(
+                confident_pkg,
+                target_dir,
+                method="scramble-test",
+                out=tmp_path / name,
+                overrides=["scale=2.0"],
+                device="cpu",
+                force=True,  # the adapted model is exported: its weights are read back below
+                gate_sample=value,
+            )
         ).report["gate"]
     assert all(idx is None for _, idx in calls)  # every image, in order
     assert runs["default"] == runs["all"] == runs["exact"]
@@ -581,7 +580,11 @@ def test_cli_refuses_a_bad_gate_sample(
     assert "9" * 30 not in res.output
     assert not (tmp_path / "run").exists() and not any(tmp_path.iterdir())
     with pytest.raises(ConfigError, match="gate-sample"):
-        adapt(plain_pkg, target_dir, method="scramble-test", out=tmp_path / "r", gate_sample=True)
+        adapt(
+            AdaptRequest(
+                plain_pkg, target_dir, method="scramble-test", out=tmp_path / "r", gate_sample=True
+            )
+        )
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -592,7 +595,9 @@ def test_resume_scores_the_same_subsample_again(
     # them on the same subsample (a pure function of N, size and seed) and gets the same gate.
     sets = ["batch_size=16", "epochs=2"]
     common: dict[str, Any] = {"method": "tent", "overrides": sets, "device": "cpu"}
-    ref = adapt(source_pkg, target_dir, out=tmp_path / "ref", gate_sample=20, **common)
+    ref = adapt(
+        AdaptRequest(source_pkg, target_dir, out=tmp_path / "ref", gate_sample=20, **common)
+    )
 
     def kill(info: StepInfo) -> None:
         if info.global_step == 3:
@@ -601,23 +606,27 @@ def test_resume_scores_the_same_subsample_again(
     wd = tmp_path / "wd"
     with pytest.raises(RunInterruptedError):
         adapt(
+            AdaptRequest(
+                source_pkg,
+                target_dir,
+                out=tmp_path / "run",
+                workdir=wd,
+                on_step=kill,
+                gate_sample=20,
+                **common,
+            )
+        )
+    calls = _record_model_outputs(monkeypatch)
+    done = adapt(
+        AdaptRequest(
             source_pkg,
             target_dir,
             out=tmp_path / "run",
             workdir=wd,
-            on_step=kill,
+            resume=True,
             gate_sample=20,
             **common,
         )
-    calls = _record_model_outputs(monkeypatch)
-    done = adapt(
-        source_pkg,
-        target_dir,
-        out=tmp_path / "run",
-        workdir=wd,
-        resume=True,
-        gate_sample=20,
-        **common,
     )
     assert done.report["resumed"] is True
     expected = selection.sample_indices(64, 20, seed=0)

@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors
 from sourcefree.engine.trainer import StepInfo
 from sourcefree.errors import RunInterruptedError
 from sourcefree.package.loader import load_package
-from sourcefree.pipeline.adaptation import adapt
+from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 
 WORKER = Path(__file__).with_name("torchrun_worker.py")
 TENT = ["batch_size=16", "epochs=2"]
@@ -92,14 +92,16 @@ def test_resume_across_world_sizes(source_pkg: Path, target_dir: Path, tmp_path:
     assert run.returncode != 0 and "--resume" in run.stderr, run.stderr[-3000:]
     assert sorted(p.name for p in (two / "wd" / "checkpoints").iterdir()) == ["ckpt-00000001"]
     done = adapt(
-        source_pkg,
-        target_dir,
-        method="tent",
-        out=two / "out",
-        overrides=TENT,
-        workdir=two / "wd",
-        resume=True,
-        device="cpu",
+        AdaptRequest(
+            source_pkg,
+            target_dir,
+            method="tent",
+            out=two / "out",
+            overrides=TENT,
+            workdir=two / "wd",
+            resume=True,
+            device="cpu",
+        )
     )
     assert done.report["resumed"] is True and done.report["world_size"] == 1
 
@@ -113,14 +115,16 @@ def test_resume_across_world_sizes(source_pkg: Path, target_dir: Path, tmp_path:
 
     with pytest.raises(RunInterruptedError):
         adapt(
-            source_pkg,
-            target_dir,
-            method="tent",
-            out=one / "out",
-            overrides=TENT,
-            workdir=one / "wd",
-            device="cpu",
-            on_step=stop,
+            AdaptRequest(
+                source_pkg,
+                target_dir,
+                method="tent",
+                out=one / "out",
+                overrides=TENT,
+                workdir=one / "wd",
+                device="cpu",
+                on_step=stop,
+            )
         )
     spec = _spec(source_pkg, target_dir, one, "tent", TENT)
     spec.update(workdir=str(one / "wd"), resume=True)
@@ -142,13 +146,15 @@ def test_clup_two_processes_select_the_same_pseudo_labels(
     source_pkg: Path, target_dir: Path, eval_csv: Path, tmp_path: Path
 ) -> None:
     one = adapt(
-        source_pkg,
-        target_dir,
-        method="clup",
-        out=tmp_path / "one",
-        overrides=CLUP,
-        device="cpu",
-        eval_labels=eval_csv,
+        AdaptRequest(
+            source_pkg,
+            target_dir,
+            method="clup",
+            out=tmp_path / "one",
+            overrides=CLUP,
+            device="cpu",
+            eval_labels=eval_csv,
+        )
     )
     spec = _spec(source_pkg, target_dir, tmp_path, "clup", CLUP)
     spec["eval_labels"] = str(eval_csv)

@@ -1,4 +1,4 @@
-"""Run directory: privacy, lock, atomic checkpoints, fallback, full disk."""
+"""Run directory and checkpoint store: privacy, lock, atomic checkpoints, fallback, full disk."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from sourcefree.engine.trainer import flatten_optimizer, unflatten_optimizer
+from sourcefree.engine.checkpoint_state import flatten_optimizer, unflatten_optimizer
+from sourcefree.engine.checkpoints import CheckpointStore, broadcast_checkpoint
+from sourcefree.engine.rundir import RunDir
 from sourcefree.engine.workdir import Workdir
 from sourcefree.errors import CheckpointError, WorkdirError
 
@@ -108,3 +110,52 @@ def test_optimizer_state_round_trips_without_pickle(kind: str) -> None:
     for pid, entries in a["state"].items():
         for key, value in entries.items():
             assert torch.equal(value, b["state"][pid][key])
+
+
+def test_linked_checkpoint_file_is_refused_unread(tmp_path: Path) -> None:
+    with Workdir(tmp_path / "run") as wd:
+        _save(wd, 1.0)
+        last = _save(wd, 2.0)
+        (tmp_path / "elsewhere.json").write_bytes((last / "state.json").read_bytes())
+        (last / "state.json").unlink()
+        (last / "state.json").symlink_to(tmp_path / "elsewhere.json")
+        with pytest.warns(RuntimeWarning, match="state.json is not a regular file"):
+            ckpt = wd.load_latest()
+        assert ckpt is not None and ckpt.meta["value"] == 1.0
+
+
+def test_workdir_is_a_run_dir_and_a_store(tmp_path: Path) -> None:
+    with Workdir(tmp_path / "run") as wd:
+        assert isinstance(wd.run, RunDir) and isinstance(wd.checkpoints, CheckpointStore)
+        assert wd.run.path == wd.checkpoints.run_dir == wd.path
+        wd.write_identity({"method": "tent"})
+        _save(wd, 1.0)
+        _save(wd, 2.0)
+    with RunDir(tmp_path / "run") as run:
+        assert run.read_identity() == {"method": "tent"}
+        (run.path / "checkpoints" / ".tmp-00000003-dead").mkdir()
+        store = CheckpointStore(run.path)  # not opened: the first save opens it
+        assert store.sequences() == [1, 2]
+        folder = store.save({"w": torch.zeros(1)}, {"value": 3.0})
+        assert folder.name == "ckpt-00000003"
+        assert sorted(p.name for p in store.root.iterdir()) == ["ckpt-00000002", "ckpt-00000003"]
+        with pytest.raises(WorkdirError, match="in use by another run"):
+            Workdir(run.path).open()
+
+
+def test_checkpoint_broadcast_round_trips_through_the_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sourcefree.engine import distributed as dist
+
+    with Workdir(tmp_path / "run") as wd:
+        _save(wd, 1.5)
+        ckpt = wd.load_latest()
+    assert ckpt is not None
+    assert broadcast_checkpoint(ckpt) is ckpt, "one process: nothing is sent"
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    got = broadcast_checkpoint(ckpt)
+    assert got is not None and got is not ckpt
+    assert (got.sequence, got.meta) == (ckpt.sequence, ckpt.meta)
+    assert torch.equal(got.tensors["w"], ckpt.tensors["w"])
+    assert broadcast_checkpoint(None) is None

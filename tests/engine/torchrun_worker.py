@@ -17,7 +17,7 @@ from typing import Any
 from sourcefree.engine import distributed
 from sourcefree.engine.trainer import StepInfo
 from sourcefree.errors import SourcefreeError
-from sourcefree.pipeline.adaptation import adapt
+from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 
 
 def main(spec: dict[str, Any]) -> int:
@@ -29,7 +29,9 @@ def main(spec: dict[str, Any]) -> int:
             info.request_stop()
 
     try:
-        result = adapt(spec.pop("packages"), spec.pop("data"), on_step=on_step, **spec)
+        result = adapt(
+            AdaptRequest(spec.pop("packages"), spec.pop("data"), on_step=on_step, **spec)
+        )
     except SourcefreeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,0 +1,414 @@
+"""Stage 1 of ``adapt``: config, packages, data, device and run directory.
+
+Everything here is checked before any training: the method's config and the
+candidates' overrides, the number and agreement of the source packages, each
+model.onnx against its weights, the target images, and (rank 0) the run
+directory's identity when resuming. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sourcefree._version import __version__
+from sourcefree.errors import ConfigError, DatasetError, ResumeError, WorkdirError
+from sourcefree.fsutil import check_output_dir
+from sourcefree.package import strictjson
+from sourcefree.package.loader import Package, load_package
+from sourcefree.pipeline.report import SampleInfo
+from sourcefree.pipeline.request import AdaptRequest, PackageSource
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from sourcefree.data.dataset import ImageDataset
+    from sourcefree.engine.method import Method, TargetData
+    from sourcefree.engine.models import Classifier
+    from sourcefree.engine.workdir import Workdir
+    from sourcefree.pipeline import selection
+
+
+def default_workdir(out: str | os.PathLike[str]) -> Path:
+    """The run directory used when none is given: ``.<OUT>.work`` beside OUT."""
+    target = Path(out).absolute()
+    return target.with_name(f".{target.name}.work")
+
+
+def load_packages(packages: PackageSource | Sequence[PackageSource]) -> list[Package]:
+    """The packages of a request, loaded and verified (loaded ones are kept as they are)."""
+    single = isinstance(packages, (str, os.PathLike, Package))
+    items: list[Any] = [packages] if single else list(packages)  # type: ignore[arg-type]
+    return [p if isinstance(p, Package) else load_package(p) for p in items]
+
+
+def fresh_model(pkg: Package, dev: Any, *, check: bool = False) -> Classifier:
+    """A fresh copy of a package's model on ``dev`` (methods may train theirs in place).
+
+    ``check``: first refuse a package whose model.onnx computes another function
+    (done once per package, at its first load; later copies reuse the same bytes).
+    """
+    from sourcefree.engine.models import load_classifier
+    from sourcefree.export.onnx import check_package_agreement
+
+    model = load_classifier(pkg.manifest.architecture, pkg.weights_bytes)
+    if check:
+        check_package_agreement(pkg, model)
+    return model.to(dev).eval()
+
+
+def _check_sources(pkgs: Sequence[Package], method: str, lo: int, hi: int) -> None:
+    if not lo <= len(pkgs) <= hi:
+        want = str(lo) if lo == hi else f"{lo} to {hi}"
+        raise ConfigError(
+            f"method {method!r} takes {want} source package(s), got {len(pkgs)}",
+            "each method declares how many source models it adapts",
+            "pass the right number of packages before DATA"
+            + (" (la-cmfer takes several)" if hi == 1 else ""),
+        )
+    first = pkgs[0].manifest
+    for other in pkgs[1:]:
+        m = other.manifest
+        if m.labels != first.labels or m.input != first.input:
+            raise ConfigError(
+                f"source packages {first.name!r} and {m.name!r} do not match",
+                "several sources must share labels (same order) and input spec",
+                "use packages exported for the same classes and preprocessing",
+            )
+
+
+@dataclass(frozen=True)
+class EvalLabels:
+    """``--eval-labels``, checked before anything starts: the listed data folder and its labels."""
+
+    packages: tuple[Package, ...]
+    folder: ImageDataset
+    """The data folder as listed once; the target images are read from this listing."""
+    lookup: dict[str, int]
+    """Label index of each labelled image, by its key (path relative to the data folder)."""
+
+
+def check_eval_labels(request: AdaptRequest) -> EvalLabels | None:
+    """Parse and check ``request.eval_labels`` once (the packages are loaded for their labels).
+
+    Raises:
+        DatasetError: see :func:`sourcefree.runtime.evaluation.labelled_keys`.
+    """
+    if request.eval_labels is None:
+        return None
+    from sourcefree.data.readers import read_image_folder
+    from sourcefree.runtime.evaluation import labelled_keys
+
+    pkgs = load_packages(request.packages)
+    folder = read_image_folder(request.data)
+    lookup = labelled_keys(folder, request.eval_labels, pkgs[0].manifest.labels)
+    return EvalLabels(tuple(pkgs), folder, lookup)
+
+
+def load_target(
+    data: str | os.PathLike[str],
+    spec: Any,
+    *,
+    max_bad_fraction: float = 0.05,
+    strict: bool = False,
+) -> TargetData:
+    """Read every image under ``data`` (unlabelled) at the package's input size.
+
+    Raises:
+        DatasetError: no image, too many unreadable images, or one with ``strict``.
+    """
+    from sourcefree.data.readers import read_image_folder
+
+    folder = read_image_folder(data)
+    return read_target(folder, spec, max_bad_fraction=max_bad_fraction, strict=strict)[0]
+
+
+def read_target(
+    folder: ImageDataset, spec: Any, *, max_bad_fraction: float, strict: bool
+) -> tuple[TargetData, list[str]]:
+    """The images of a listed folder as :class:`TargetData`, and the key of each image kept.
+
+    The keys stay in the pipeline to match evaluation labels after the run;
+    they never reach a method or a report.
+    """
+    from sourcefree.engine.method import TargetData
+    from sourcefree.runtime.evaluation import load_images
+
+    loaded = load_images(folder, spec, max_bad_fraction=max_bad_fraction, strict=strict)
+    fp = folder.fingerprint()
+    report = loaded.report
+    summary = {
+        "total": report.total,
+        "ok": report.ok,
+        "bad": report.bad,
+        "reasons": dict(sorted(report.reasons.items())),
+        "ignored": report.ignored,
+    }
+    target = TargetData(
+        images=loaded.images,
+        spec=spec,
+        fingerprint=strictjson.dumps(
+            {"digest": fp.digest, "files": fp.files, "bytes": fp.bytes}
+        ).decode(),
+        read_summary=summary,
+    )
+    return target, [folder.samples[int(i)].key for i in loaded.indices]
+
+
+def _eval_truth(labels: EvalLabels, target: TargetData, keys: Sequence[str]) -> np.ndarray:
+    """Evaluation label of every kept target image (-1: unlabelled), before any training.
+
+    Raises:
+        DatasetError: no labelled image was readable (all were skipped at load).
+    """
+    from sourcefree.runtime.evaluation import labels_of
+
+    truth = labels_of(labels.lookup, keys)
+    if not (truth >= 0).any():
+        raise DatasetError(
+            "no image that the labels CSV labels could be read",
+            f"its {len(labels.lookup)} labelled images were all skipped as unreadable "
+            f"({len(target)} target images read)",
+            "label readable images, or replace the unreadable ones",
+        )
+    return truth
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the later stages run on: the request and everything read and checked for it."""
+
+    request: AdaptRequest
+    target: Path
+    """OUT, absolute."""
+    pkgs: list[Package]
+    method_cls: type[Method] | None
+    """The named method; None for ``method="auto"``."""
+    cfg: Any
+    config: dict[str, Any]
+    """The resolved config of the named method (``{}`` for ``method="auto"``)."""
+    base: Mapping[str, Any] | None
+    """The request's config as a mapping (the base of every candidate's config)."""
+    plan: list[selection.Candidate]
+    dev: torch.device
+    models: list[Classifier]
+    """One checked model per package (the single run and the other ranks train them)."""
+    data: TargetData
+    truth: np.ndarray | None
+    """Evaluation labels of the target images (-1: none), with ``--eval-labels``."""
+    sample: np.ndarray | None
+    """The gate's subsample (indices), None: every image."""
+    t0: float
+    t_loaded: float
+
+    def named_method(self) -> type[Method]:
+        """The class of the named method (a single run, or a rank under torchrun).
+
+        Raises:
+            ConfigError: ``method="auto"`` names none.
+        """
+        if self.method_cls is None:
+            raise ConfigError(
+                "-m auto names no single method",
+                "only a named method trains as one run (or under torchrun)",
+                "name the method",
+            )
+        return self.method_cls
+
+    @property
+    def sample_info(self) -> SampleInfo:
+        n = len(self.data)
+        return SampleInfo(n if self.sample is None else len(self.sample), n)
+
+
+def _method_config(
+    request: AdaptRequest,
+) -> tuple[type[Method] | None, Any, Mapping[str, Any] | None]:
+    """The named method's class and resolved config, and the request's config as a base."""
+    from sourcefree.engine import config as cfgmod
+    from sourcefree.engine.registry import get_method
+
+    config = request.config
+    if config is not None and dataclasses.is_dataclass(config) and not isinstance(config, type):
+        base: Mapping[str, Any] | None = cfgmod.to_dict(config)
+    else:
+        base = config
+    if request.auto:
+        return None, None, base
+    cls = get_method(request.method)
+    file, overrides = request.config_file, request.overrides
+    return (
+        cls,
+        cfgmod.load_config(cls.config_class, file=file, overrides=overrides, base=base),
+        base,
+    )
+
+
+def _plan(
+    request: AdaptRequest, n_sources: int, cls: type[Method] | None, config: dict[str, Any]
+) -> list[selection.Candidate]:
+    """The candidates of ``-m auto`` / ``--select auto`` (none for a single run)."""
+    from sourcefree.pipeline import selection
+
+    if not request.multi:
+        return []
+    names = selection.auto_methods(n_sources) if request.auto else [request.method]
+    if not names:
+        raise ConfigError(
+            f"-m auto: no registered method takes {n_sources} source package(s)",
+            "every method declares how many source models it adapts",
+            "pass one package, or name a method",
+        )
+    plan = selection.plan_candidates(names, grid=request.select == "auto")
+    if cls is not None:
+        for cand in plan:  # a --set of a grid key is refused before any training
+            selection.apply_overrides(cls.config_class, config, cand.overrides)
+    return plan
+
+
+def prepare(request: AdaptRequest, labels: EvalLabels | None) -> Prepared:
+    """Config, packages, device, checked models and target images (``labels``: checked early).
+
+    Raises:
+        ConfigError, PackageError, DatasetError, DeviceError, SourcefreeError (OUT exists).
+    """
+    from sourcefree.data.readers import read_image_folder
+    from sourcefree.engine import config as cfgmod
+    from sourcefree.engine import distributed
+    from sourcefree.engine.device import resolve_device
+    from sourcefree.engine.registry import load_builtin_methods
+    from sourcefree.pipeline import selection
+
+    t0 = time.perf_counter()
+    load_builtin_methods()  # the methods and the architecture families they export
+    if request.multi and distributed.is_distributed():
+        raise ConfigError(
+            f"{'-m auto' if request.auto else '--select auto'} does not run under torchrun",
+            "candidates are trained one after the other in one process",
+            "run it in one process, or name one method and its config",
+        )
+    cls, cfg, base = _method_config(request)
+    config = {} if cfg is None else cfgmod.to_dict(cfg)
+    target = Path(request.out).absolute()
+    if distributed.is_main():
+        check_output_dir(target, request.overwrite)
+    pkgs = list(labels.packages) if labels is not None else load_packages(request.packages)
+    if cls is not None:
+        _check_sources(pkgs, request.method, cls.min_sources, cls.max_sources)
+    plan = _plan(request, len(pkgs), cls, config)
+    dev = distributed.device_for_rank(resolve_device(request.device))
+    models = [fresh_model(p, dev, check=True) for p in pkgs]
+    folder = labels.folder if labels is not None else read_image_folder(request.data)
+    spec = pkgs[0].manifest.input
+    data, keys = read_target(
+        folder, spec, max_bad_fraction=request.max_bad_fraction, strict=request.strict
+    )
+    truth = None if labels is None else _eval_truth(labels, data, keys)
+    t_loaded = time.perf_counter()
+    # The gate's subsample: one for every model and candidate of the run, and for a
+    # resumed run (a pure function of N, size and seed; outputs are recomputed).
+    sample = selection.sample_indices(len(data), request.sample_size, request.seed)
+    return Prepared(
+        request=request,
+        target=target,
+        pkgs=pkgs,
+        method_cls=cls,
+        cfg=cfg,
+        config=config,
+        base=base,
+        plan=plan,
+        dev=dev,
+        models=models,
+        data=data,
+        truth=truth,
+        sample=sample,
+        t0=t0,
+        t_loaded=t_loaded,
+    )
+
+
+def identity(prep: Prepared) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one (``Workdir`` identity)."""
+    return {
+        "format": "sourcefree-run-v1",
+        "method": prep.request.method,
+        "config": prep.config,
+        "dataset": strictjson.loads(
+            prep.data.fingerprint.encode(), what="fingerprint", max_bytes=1 << 16
+        ),
+        "sources": [p.sha256 for p in prep.pkgs],
+        "seed": prep.request.seed,
+        "sdk_version": __version__,
+    }
+
+
+def _identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    from sourcefree.data.dataset import Fingerprint
+    from sourcefree.engine.config import diff
+
+    out: list[str] = []
+    if old.get("method") != new.get("method"):
+        out.append(f"the method changed ({old.get('method')} -> {new.get('method')})")
+    if old.get("sources") != new.get("sources"):
+        before = ", ".join(s[:12] for s in old.get("sources", []))
+        after = ", ".join(s[:12] for s in new.get("sources", []))
+        out.append(f"the source package changed (sha256 {before}... -> {after}...)")
+    if old.get("dataset") != new.get("dataset"):
+        a, b = old.get("dataset", {}), new.get("dataset", {})
+        try:
+            change = Fingerprint(**a).describe_change(Fingerprint(**b))
+        except TypeError:
+            change = "its fingerprint differs"
+        out.append(f"the target dataset changed ({change})")
+    if old.get("config") != new.get("config"):
+        changes = diff(old.get("config", {}), new.get("config", {}))
+        out.append("the config changed (" + "; ".join(changes[:5]) + ")")
+    if old.get("seed") != new.get("seed"):
+        out.append(f"the seed changed ({old.get('seed')} -> {new.get('seed')})")
+    return out
+
+
+def open_run_dir(prep: Prepared) -> Workdir:
+    """Rank 0's run directory, locked (``request.workdir`` or ``.<OUT>.work``)."""
+    from sourcefree.engine.workdir import Workdir
+
+    workdir = prep.request.workdir
+    return Workdir(workdir if workdir is not None else default_workdir(prep.target)).open()
+
+
+def check_run_dir(prep: Prepared, wd: Workdir) -> None:
+    """Refuse a resume that differs from the interrupted run, or a fresh run over checkpoints.
+
+    A fresh single run records its identity for a later ``--resume``.
+    """
+    now = identity(prep)
+    previous = wd.read_identity()
+    if prep.request.resume:
+        if previous is None or not wd.has_checkpoints():
+            raise ResumeError(
+                f"nothing to resume in {str(wd.path)!r}",
+                "no checkpoint was written there",
+                "run without --resume (or pass the --workdir of the interrupted run)",
+            )
+        changes = _identity_diff(previous, now)
+        if changes:
+            raise ResumeError(
+                "cannot resume: the inputs differ from the interrupted run",
+                "; ".join(changes),
+                "run again with the original inputs, or start a fresh run without "
+                f"--resume after removing {str(wd.path)!r}",
+            )
+    elif wd.has_checkpoints():
+        raise WorkdirError(
+            f"run directory {str(wd.path)!r} holds checkpoints of an earlier run",
+            "a fresh run would overwrite them",
+            "pass --resume to continue that run, or remove the directory",
+        )
+    elif not prep.request.multi:
+        wd.write_identity(now)

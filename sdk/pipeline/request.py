@@ -1,0 +1,171 @@
+"""``AdaptRequest``: the one frozen request that the CLI and the Python API build for ``adapt``.
+
+Its checks are pure (no file, no device, no environment): a bad value is refused
+when the request is built, before anything is read or written. Importing this
+module does not import torch (building a request does, lazily).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import KW_ONLY, dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from sourcefree.errors import ConfigError, ResumeError
+from sourcefree.package.loader import Package
+
+if TYPE_CHECKING:
+    from sourcefree.engine.trainer import StepInfo
+
+PackageSource: TypeAlias = "str | os.PathLike[str] | Package"
+"""A package folder or a loaded (verified) :class:`~sourcefree.package.loader.Package`."""
+SELECT_MODES = ("none", "auto")
+
+
+@dataclass(frozen=True)
+class AdaptRequest:
+    """What :func:`sourcefree.adapt` adapts, where it writes, and how (checked when built).
+
+    Args:
+        packages: one source package (or several, for methods that take them).
+        data: folder of unlabelled target images (read recursively).
+        method: registered method name (``sourcefree methods``), or ``auto``: every
+            method that takes this many packages, cheapest first; the best by
+            label-free score is kept.
+        out: output directory (package + report); must not exist unless ``overwrite``.
+        config: a config instance or a dict of overrides of the method's defaults.
+        config_file: YAML file of overrides.
+        overrides: ``key=value`` strings (dotted keys for nested sections).
+        resume: continue from the newest checkpoint in the run directory.
+        workdir: private run directory (default ``.<OUT>.work`` beside OUT).
+        keep_workdir: keep the run directory after success.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        eval_labels: labels CSV for reporting source vs adapted metrics only.
+        seed: seed of all randomness.
+        max_bad_fraction: tolerated fraction of unreadable images.
+        strict: stop at the first unreadable image.
+        overwrite: replace an existing ``out``.
+        progress: progress bars on stderr.
+        checkpoint_every_s: interval of timer checkpoints.
+        on_step: callback after each training step (tests, custom progress).
+        select: ``none``, or ``auto``: run the method's ``selection_grid`` and keep
+            the candidate with the best label-free score (docs/selection.md).
+        gate: run the do-no-harm gate: export the source model instead when the
+            adapted one is estimated worse without labels (``report["gate"]``).
+        force: export the adapted model even when the gate estimates it worse.
+        budget_s: wall-clock budget of ``-m auto`` / ``--select auto`` candidates
+            (checked before each candidate and after every training step).
+        amp: bf16 autocast of the training steps: ``auto`` (on for CUDA GPUs with
+            bf16, off on the CPU), ``bf16`` or ``off``; losses stay fp32 (``report["amp"]``).
+        gate_sample: how many target images the gate and the label-free scores
+            look at (a seeded random subsample, the same for every model of the
+            run): a count, ``0`` or ``"all"`` (every image); None: 8,192
+            (``selection.GATE_SAMPLE``, docs/selection.md "Cost and subsample").
+
+    Raises:
+        ConfigError: ``gate_sample``, ``select`` or ``budget_s`` out of range,
+            ``overrides`` given as one string, or a config with ``method="auto"``.
+        ResumeError: ``resume`` with ``method="auto"`` or ``select="auto"``.
+
+    Examples:
+        >>> from sourcefree import AdaptRequest, adapt
+        >>> request = AdaptRequest("vendor-pkg/", "faces/", method="tent", out="adapted/")
+        >>> request.seed, request.gate, request.select
+        (0, True, 'none')
+        >>> AdaptRequest("vendor-pkg/", "faces/", method="tent", out="a/", gate_sample=-1)
+        Traceback (most recent call last):
+        sourcefree.errors.ConfigError: --gate-sample -1. The gate's subsample is ...
+        >>> import dataclasses
+        >>> result = adapt(dataclasses.replace(request, resume=True))  # after an interruption
+    """
+
+    packages: PackageSource | Sequence[PackageSource]
+    data: str | os.PathLike[str]
+    _: KW_ONLY
+    method: str
+    out: str | os.PathLike[str]
+    config: Any = None
+    config_file: str | os.PathLike[str] | None = None
+    overrides: Sequence[str] = ()
+    resume: bool = False
+    workdir: str | os.PathLike[str] | None = None
+    keep_workdir: bool = False
+    device: str = "auto"
+    eval_labels: str | os.PathLike[str] | None = None
+    seed: int = 0
+    max_bad_fraction: float = 0.05
+    strict: bool = False
+    overwrite: bool = False
+    progress: bool = False
+    checkpoint_every_s: float = 600.0
+    on_step: Callable[[StepInfo], None] | None = None
+    select: str = "none"
+    gate: bool = True
+    force: bool = False
+    budget_s: float | None = None
+    amp: str = "auto"
+    gate_sample: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.overrides, (str, bytes)):
+            raise ConfigError(
+                f"overrides {self.overrides[:40]!r} is one string",
+                "overrides are a sequence of key=value strings",
+                f"pass [{str(self.overrides)[:40]!r}]",
+            )
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        if not isinstance(self.packages, (str, os.PathLike, Package)):
+            object.__setattr__(self, "packages", tuple(self.packages))
+        _ = self.sample_size  # --gate-sample is refused before anything starts
+        if self.select not in SELECT_MODES:
+            raise ConfigError(
+                f"--select {self.select!r} is not known",
+                "selection is 'none' (the config as given) or 'auto' (the method's grid)",
+                "pass --select auto or leave it out",
+            )
+        if self.budget_s is not None and not self.budget_s > 0:
+            raise ConfigError(
+                f"--budget-s {self.budget_s}",
+                "the budget must be positive",
+                "pass a number of seconds above 0, or no budget",
+            )
+        if self.multi:
+            self._check_multi()
+
+    @property
+    def auto(self) -> bool:
+        """``method="auto"``: try every method that takes this many packages."""
+        from sourcefree.pipeline.selection import AUTO_METHOD
+
+        return self.method == AUTO_METHOD
+
+    @property
+    def multi(self) -> bool:
+        """Several candidates are trained (``method="auto"`` or ``select="auto"``)."""
+        return self.auto or self.select == "auto"
+
+    @property
+    def sample_size(self) -> int:
+        """The gate's subsample size (0: every image), from ``gate_sample``."""
+        from sourcefree.pipeline.selection import gate_sample_size
+
+        return gate_sample_size(self.gate_sample)
+
+    def _check_multi(self) -> None:
+        """Refuse what ``-m auto`` / ``--select auto`` cannot honour (torchrun: at prepare)."""
+        flag = "-m auto" if self.auto else "--select auto"
+        if self.resume:
+            raise ResumeError(
+                f"{flag} cannot resume",
+                "candidates run without checkpoints, one after the other",
+                f"run {flag} again without --resume, or resume a run of one method",
+            )
+        if self.auto and (
+            self.config is not None or self.config_file is not None or self.overrides
+        ):
+            raise ConfigError(
+                "-m auto takes no config",
+                "each method runs with its own defaults; --set and --config name one method's keys",
+                "drop --set/--config, or name the method",
+            )
