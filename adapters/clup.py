@@ -72,7 +72,7 @@ from sourcefree.engine.method import (
     batchnorm_layers,
     bn_statistics_phase,
 )
-from sourcefree.engine.models import Classifier, build_classifier
+from sourcefree.engine.models import Classifier, build_classifier, resolve_architecture
 from sourcefree.engine.registry import register_method
 from sourcefree.errors import ConfigError, TrainingError
 from sourcefree.ops.augment import (
@@ -90,6 +90,7 @@ from sourcefree.ops.pseudo_labels import (
     cluster_pseudo_labels,
     default_n_clusters,
 )
+from sourcefree.package.manifest import InputSpec
 
 __all__ = ["CluP", "CluPConfig", "FineTuneConfig", "SSLConfig", "finetune_augment", "multi_crop"]
 
@@ -307,6 +308,29 @@ class CluPConfig:
 # --- batched tensor augmentations ----------------------------------------------------------
 
 
+def _check_local_crops(backbone: nn.Module, ssl: SSLConfig, spec: InputSpec) -> None:
+    """Refuse local crops a fixed-input-size model cannot take (a ViT built with img_size).
+
+    One forward of a blank local crop in eval mode (no statistics change, no draw).
+    """
+    if ssl.local_crops == 0:
+        return
+    side = max(8, round(spec.size[0] * ssl.local_size_ratio))
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            backbone(torch.zeros(1, spec.channels, side, side))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise ConfigError(
+            f"clup's local crops ({side}x{side} px) do not fit this model",
+            f"it takes a fixed input size ({type(exc).__name__}: {str(exc)[:80]})",
+            "set ssl.local_crops=0, or export a timm ViT with --arch-option dynamic_img_size=true",
+        ) from None
+    finally:
+        backbone.train(was_training)
+
+
 def multi_crop(
     x: torch.Tensor,
     gen: torch.Generator,
@@ -444,12 +468,12 @@ class CluP(Method):
         dev = context.device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_derive(context.seed, 1))
-            if ssl.init == "scratch":
-                fresh = build_classifier(arch.name, arch.num_classes, arch.in_channels)
-                backbone = fresh.backbone
-            else:
-                backbone = build_classifier(arch.name, arch.num_classes, arch.in_channels).backbone
+            # The manifest's architecture record (a timm model keeps its options).
+            built = resolve_architecture(arch)
+            backbone = build_classifier(built, arch.num_classes, arch.in_channels).backbone
+            if ssl.init != "scratch":
                 backbone.load_state_dict(self.source.backbone.state_dict())
+            _check_local_crops(backbone, ssl, spec)
             head = nn.Linear(arch.feature_dim, c)
             self.model = Classifier(backbone, head).to(dev)
             self.projector: nn.Module = SwaVProjectionHead(

@@ -79,7 +79,12 @@ def adapted_package(
             version=version or first.version,
             labels=first.labels,
             input_spec=first.input,
-            architecture=architecture or first.architecture.name,
+            # The source's record (timm options and version) unless the method names another.
+            architecture=(
+                first.architecture
+                if architecture in (None, first.architecture.name)
+                else architecture
+            ),
             out=out,
             provenance=provenance,
             overwrite=overwrite,

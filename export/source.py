@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sourcefree.engine.models import Classifier, from_vendor_state, get_architecture
+from sourcefree.engine.models import Classifier, from_vendor_state, resolve_architecture
 from sourcefree.errors import ExportError
 from sourcefree.export.onnx import (
     Parity,
@@ -20,7 +20,14 @@ from sourcefree.export.onnx import (
 )
 from sourcefree.export.writer import write_package
 from sourcefree.package.loader import Package
-from sourcefree.package.manifest import AUDetectorSpec, Auxiliary, InputSpec, SourceStats
+from sourcefree.package.manifest import (
+    ArchitectureSpec,
+    ArchOption,
+    AUDetectorSpec,
+    Auxiliary,
+    InputSpec,
+    SourceStats,
+)
 
 
 def source_package(
@@ -30,6 +37,7 @@ def source_package(
     labels: Sequence[str],
     input_spec: InputSpec,
     out: str | os.PathLike[str],
+    architecture_options: Mapping[str, ArchOption] | None = None,
     source_stats: SourceStats | dict[str, Any] | None = None,
     au_detector: nn.Module | None = None,
     au_names: Sequence[str] | None = None,
@@ -44,11 +52,15 @@ def source_package(
     Args:
         model: a :class:`~sourcefree.engine.models.Classifier`, or the registered
             architecture's own module (e.g. ``torchvision.models.resnet18``
-            with ``num_classes=len(labels)``).
-        architecture: registry name (``sourcefree.engine.models.ARCHITECTURES``).
+            with ``num_classes=len(labels)``, or the timm model itself).
+        architecture: registry name (``sourcefree.engine.models.ARCHITECTURES``),
+            or ``timm:NAME`` for a model of ``timm.create_model(NAME, ...)``.
         labels: class names in output order.
         input_spec: preprocessing contract (size, colour, mean, std).
         out: package directory to create (must not exist or be empty).
+        architecture_options: ``timm:NAME`` only: the ``timm.create_model``
+            options the model was built with (allowlisted, e.g. ``{"img_size": 32}``);
+            recorded with the timm version in the manifest.
         source_stats: optional aggregate statistics (class counts, per-class
             feature means, AU frequencies); never per-image data.
         au_detector: optional action-unit detector shipped with the model (AdaFER):
@@ -77,19 +89,58 @@ def source_package(
         >>> model = torchvision.models.resnet18(num_classes=3)  # ... trained on your faces
         >>> pkg = source_package(model, architecture="resnet18", labels=["surprise", "fear",
         ...     "happiness"], input_spec=InputSpec(size=(64, 64)), out="fer-pkg")
+        >>> vit = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32,
+        ...     patch_size=4)  # ... trained
+        >>> pkg = source_package(vit, architecture="timm:vit_tiny_patch16_224",
+        ...     architecture_options={"img_size": 32, "patch_size": 4}, labels=[...],
+        ...     input_spec=InputSpec(size=(32, 32)), out="fer-vit")
     """
-    get_architecture(architecture)
+    arch = resolve_architecture(architecture, architecture_options)
     if isinstance(model, Classifier):
         classifier = model
     else:
         state = model.state_dict()
-        classifier = from_vendor_state(architecture, state, len(labels), input_spec.channels)
+        classifier = from_vendor_state(arch, state, len(labels), input_spec.channels)
+    record = ArchitectureSpec(
+        name=arch.name,
+        num_classes=len(labels),
+        feature_dim=classifier.head.in_features,
+        in_channels=input_spec.channels,
+        options=arch.options,
+        timm_version=arch.timm_version,
+    )
     stats = (
         SourceStats.from_dict(source_stats, len(labels))
         if isinstance(source_stats, dict)
         else source_stats
     )
     pkg_name = name or Path(out).name or "model"
+    auxiliary, aux_files = _au_auxiliary(au_detector, au_names, au_threshold, stats, input_spec)
+    pkg, _ = export_classifier(
+        classifier,
+        architecture=record,
+        labels=labels,
+        input_spec=input_spec,
+        out=out,
+        source_stats=stats,
+        name=pkg_name,
+        version=version,
+        overwrite=overwrite,
+        fp16=fp16,
+        auxiliary=auxiliary,
+        auxiliary_files=aux_files,
+    )
+    return pkg
+
+
+def _au_auxiliary(
+    au_detector: nn.Module | None,
+    au_names: Sequence[str] | None,
+    au_threshold: float,
+    stats: SourceStats | None,
+    input_spec: InputSpec,
+) -> tuple[Auxiliary | None, dict[str, bytes]]:
+    """The action-unit detector's manifest entry and graph (exported, parity-checked)."""
     auxiliary = None
     aux_files: dict[str, bytes] = {}
     if au_detector is not None:
@@ -116,21 +167,7 @@ def source_package(
             "the names describe the detector's outputs",
             "pass au_detector= as well, or leave au_names out",
         )
-    pkg, _ = export_classifier(
-        classifier,
-        architecture=architecture,
-        labels=labels,
-        input_spec=input_spec,
-        out=out,
-        source_stats=stats,
-        name=pkg_name,
-        version=version,
-        overwrite=overwrite,
-        fp16=fp16,
-        auxiliary=auxiliary,
-        auxiliary_files=aux_files,
-    )
-    return pkg
+    return auxiliary, aux_files
 
 
 def _au_spec(au_names: Sequence[str] | None, threshold: float) -> AUDetectorSpec:
@@ -149,7 +186,7 @@ def _au_spec(au_names: Sequence[str] | None, threshold: float) -> AUDetectorSpec
 def export_classifier(
     classifier: Classifier,
     *,
-    architecture: str,
+    architecture: str | ArchitectureSpec,
     labels: Sequence[str],
     input_spec: InputSpec,
     out: str | os.PathLike[str],

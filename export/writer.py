@@ -55,7 +55,7 @@ def write_package(
     version: str,
     labels: list[str] | tuple[str, ...],
     input_spec: InputSpec,
-    architecture: str,
+    architecture: str | ArchitectureSpec,
     out: str | os.PathLike[str],
     provenance: dict[str, Any] | None = None,
     source_stats: SourceStats | None = None,
@@ -84,8 +84,8 @@ def write_package(
             "pass another --name",
         )
     model = model.eval().to("cpu", torch.float32)
-    arch = ArchitectureSpec(
-        name=architecture,
+    arch = dataclasses.replace(
+        ArchitectureSpec(architecture, 0, 0) if isinstance(architecture, str) else architecture,
         num_classes=len(labels),
         feature_dim=model.head.in_features,
         in_channels=input_spec.channels,

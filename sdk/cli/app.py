@@ -59,8 +59,39 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _arch_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
+    """``KEY=VALUE`` pairs; VALUE is read as a JSON scalar (a bare word is a string)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        if not eq or not key:
+            raise click.BadParameter(
+                f"expected KEY=VALUE, got {pair[:80]!r}", param_hint="--arch-option"
+            )
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        if value is None or isinstance(value, (list, dict)) or key in out:
+            why = "is given twice" if key in out else "must be a number, true/false or a name"
+            raise click.BadParameter(f"{key[:40]!r} {why}", param_hint="--arch-option")
+        out[key] = value
+    return out or None
+
+
 @main.command("export")
-@click.option("--arch", required=True, help=f"Architecture: {', '.join(ARCHITECTURE_NAMES)}.")
+@click.option(
+    "--arch",
+    required=True,
+    help=f"Architecture: {', '.join(ARCHITECTURE_NAMES)}, or timm:NAME (a timm model).",
+)
+@click.option(
+    "--arch-option",
+    "arch_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="timm:NAME only: a timm.create_model option (allowlisted, e.g. img_size=32); repeatable.",
+)
 @click.option(
     "--weights",
     required=True,
@@ -88,6 +119,7 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
 def export_cmd(
     arch: str,
+    arch_options: tuple[str, ...],
     weights: Path,
     labels: str,
     input_size: int,
@@ -112,12 +144,15 @@ def export_cmd(
       sourcefree export --arch resnet18 --weights fer.safetensors \\
         --labels surprise,fear,disgust,happiness,sadness,anger,neutral \\
         --input-size 64 --out fer-resnet18
+      sourcefree export --arch timm:vit_tiny_patch16_224 --arch-option img_size=32 \\
+        --arch-option patch_size=4 --weights vit.safetensors --labels ... \\
+        --input-size 32 --out fer-vit
     """
     from sourcefree.engine.models import (
         first_conv_channels,
         from_vendor_state,
-        get_architecture,
         read_vendor_weights,
+        resolve_architecture,
     )
     from sourcefree.errors import PackageError
     from sourcefree.export import source_package
@@ -126,7 +161,8 @@ def export_cmd(
 
     check_output_dir(out.absolute(), overwrite)
     names = [s.strip() for s in labels.split(",") if s.strip()]
-    a = get_architecture(arch)
+    options = _arch_options(arch_options)
+    a = resolve_architecture(arch, options)
     state = read_vendor_weights(weights)
     in_channels = first_conv_channels(a, state)  # by the registry's key, never dict order
     if in_channels == 1 and not grayscale:
@@ -144,13 +180,14 @@ def export_cmd(
         std=_floats(std, "--std") or default,
         interpolation=interpolation,
     )
-    model = from_vendor_state(arch, state, len(names), in_channels)
+    model = from_vendor_state(a, state, len(names), in_channels)
     stats = None
     if class_counts:
         stats = {"class_counts": [int(v) for v in class_counts.split(",")]}
     pkg = source_package(
         model,
         architecture=arch,
+        architecture_options=options,
         labels=names,
         input_spec=spec,
         out=out,

@@ -5,6 +5,11 @@ linear ``head`` (features -> logits). The package's weights are the state dict
 of :class:`Classifier`, so tensor names are ``backbone.*`` and ``head.*``.
 Vendors hand in the torchvision model's own state dict; :func:`from_vendor_state`
 maps it (the head's module path becomes ``head``).
+
+``timm:NAME`` architectures are built by timm (``pretrained=False``, offline,
+never from code in the package) and split through timm's own API:
+:class:`TimmBackbone` runs ``forward_head(forward_features(x), pre_logits=True)``
+and the head is ``get_classifier()``; :func:`resolve_architecture` finds either kind.
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
 
 from sourcefree.errors import PackageError
-from sourcefree.package.manifest import ArchitectureSpec
+from sourcefree.package.manifest import TIMM_PREFIX, ArchitectureSpec, ArchOption, timm_options
 
 
 class Classifier(nn.Module):
@@ -70,8 +76,9 @@ class Architecture:
     build: Callable[[int, int], nn.Module]
     """``build(num_classes, in_channels)`` -> the vendor-facing module (random init)."""
     head_path: str
-    """Dotted path of the final nn.Linear inside the vendor-facing module."""
+    """Dotted path of the final nn.Linear inside the vendor-facing module ("" with ``split``)."""
     feature_dim: int
+    """Width of the features; 0 for timm models (it depends on the options: see the head)."""
     first_conv: str
     """State-dict key of the first convolution's weight in the vendor-facing module.
 
@@ -82,6 +89,16 @@ class Architecture:
     """Input channel counts the architecture accepts."""
     min_size: int = 32
     description: str = ""
+    split: Callable[[nn.Module], tuple[nn.Module, nn.Linear]] | None = None
+    """``split(module)`` -> (backbone, head); None: the head at ``head_path`` becomes Identity."""
+    options: Mapping[str, ArchOption] | None = None
+    """timm only: the ``timm.create_model`` options the module is built with."""
+    timm_version: str | None = None
+    """timm only: the installed timm version that builds the module."""
+
+    def split_module(self, module: nn.Module) -> tuple[nn.Module, nn.Linear]:
+        """The vendor-facing module as (backbone, linear head), sharing its parameters."""
+        return self.split(module) if self.split is not None else _split(module, self.head_path)
 
 
 def _tv(name: str) -> Callable[[int, int], nn.Module]:
@@ -165,11 +182,16 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 
 def get_architecture(name: str) -> Architecture:
-    """Look up an architecture; unknown names get close matches and the full list."""
+    """Look up an architecture; unknown names get close matches and the full list.
+
+    ``timm:NAME`` resolves with timm's default options (:func:`resolve_architecture`).
+    """
     if name in ARCHITECTURES:
         return ARCHITECTURES[name]
     close = difflib.get_close_matches(name, list(ARCHITECTURES), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
+    if _resolver(name) is not None:
+        return resolve_architecture(name)
     raise PackageError(
         f"unknown architecture {name!r}",
         "it is not in this SDK's architecture registry",
@@ -236,7 +258,7 @@ def register_architecture_family(prefix: str, build: FamilyBuilder) -> None:
 
 def _family(name: str) -> FamilyBuilder | None:
     prefix, dot, _ = name.partition(".")
-    if not dot or name in ARCHITECTURES:
+    if not dot or name in ARCHITECTURES or _resolver(name) is not None:
         return None
     if prefix not in _FAMILIES:
         raise PackageError(
@@ -259,7 +281,7 @@ def build_classifier(
             "its first convolution is fixed",
             "use 3 channels (grey images are replicated to RGB), or the smallcnn architecture",
         )
-    backbone, head = _split(a.build(num_classes, in_channels), a.head_path)
+    backbone, head = a.split_module(a.build(num_classes, in_channels))
     return Classifier(backbone, head)
 
 
@@ -305,14 +327,21 @@ def _check_state(
 
 
 def from_vendor_state(
-    arch: str, state: Mapping[str, torch.Tensor], num_classes: int, in_channels: int = 3
+    arch: str | Architecture,
+    state: Mapping[str, torch.Tensor],
+    num_classes: int,
+    in_channels: int = 3,
 ) -> Classifier:
-    """Build a Classifier from the architecture's own (torchvision-style) state dict."""
-    a = get_architecture(arch)
+    """Build a Classifier from the architecture's own (torchvision- or timm-style) state dict.
+
+    The head's module path (``fc``, ``classifier``, ``head.fc``) becomes ``head``;
+    weights of another model or configuration are refused (:class:`PackageError`).
+    """
+    a = get_architecture(arch) if isinstance(arch, str) else arch
     vendor = a.build(num_classes, in_channels)
     checked = _check_state(vendor, state, "the weights")
     vendor.load_state_dict(checked)
-    backbone, head = _split(vendor, a.head_path)
+    backbone, head = a.split_module(vendor)
     return Classifier(backbone, head)
 
 
@@ -355,8 +384,9 @@ def first_conv_channels(arch: str | Architecture, state: Mapping[str, torch.Tens
 def load_classifier(spec: ArchitectureSpec, weights: bytes) -> Classifier:
     """Rebuild a package's model from verified safetensors bytes (never torch.load).
 
-    Registered architectures, and composite ones (``<family>.<details>``) whose
-    family a method registered with :func:`register_architecture_family`.
+    Registered architectures, ``timm:NAME`` ones (:func:`resolve_architecture`),
+    and composite ones (``<family>.<details>``) whose family a method registered
+    with :func:`register_architecture_family`.
     """
     from safetensors.torch import load as load_safetensors
 
@@ -364,7 +394,7 @@ def load_classifier(spec: ArchitectureSpec, weights: bytes) -> Classifier:
     if family is not None:
         model = family(spec)
     else:
-        model = build_classifier(spec.name, spec.num_classes, spec.in_channels)
+        model = build_classifier(resolve_architecture(spec), spec.num_classes, spec.in_channels)
     if model.head.in_features != spec.feature_dim:
         raise PackageError(
             f"architecture.feature_dim is {spec.feature_dim}",
@@ -397,3 +427,147 @@ def read_vendor_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]
         raise PackageError(
             f"{p.name} is not a valid safetensors file", str(exc), "save it with safetensors"
         ) from None
+
+
+class TimmBackbone(nn.Module):
+    """A timm model up to its pre-logits features (its classifier replaced by Identity)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        out: torch.Tensor = model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+        return out
+
+
+def import_timm() -> ModuleType:
+    """timm with the Hugging Face hub switched offline first (nothing ever downloads)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import timm
+    except ImportError:
+        raise PackageError(
+            "timm is not installed",
+            "timm:NAME architectures are built by timm",
+            "pip install 'sourcefree[adapt]'",
+        ) from None
+    return timm
+
+
+def _timm_split(model_name: str) -> Callable[[nn.Module], tuple[nn.Module, nn.Linear]]:
+    def split(module: nn.Module) -> tuple[nn.Module, nn.Linear]:
+        head = module.get_classifier()  # type: ignore[operator]
+        if not isinstance(head, nn.Linear):
+            raise PackageError(
+                f"the timm model {model_name!r} has a {type(head).__name__} classifier",
+                "a package's head is one linear layer (features -> logits)",
+                "use a timm model whose get_classifier() is an nn.Linear",
+            )
+        path = next((p for p, m in module.named_modules() if m is head), None)
+        if not path:
+            raise PackageError(
+                f"the timm model {model_name!r}'s classifier is not one of its submodules",
+                "the head is split off by its module path",
+                "use another timm model",
+            )
+        # MobileNetV3-style models widen the pooled features before the classifier:
+        # timm's head_hidden_size is then the pre-logits width, num_features is not.
+        width = getattr(module, "head_hidden_size", None) or module.num_features
+        if head.in_features != width:
+            raise PackageError(
+                f"the timm model {model_name!r} has {width} features but its classifier "
+                f"takes {head.in_features}",
+                "forward_head(pre_logits=True) must feed the classifier directly",
+                "use another timm model",
+            )
+        trunk, head = _split(module, path)
+        return TimmBackbone(trunk), head
+
+    return split
+
+
+def _timm_architecture(name: str, options: Mapping[str, ArchOption] | None) -> Architecture:
+    """``timm:NAME``: built by ``timm.create_model(NAME, pretrained=False, ...)``, offline."""
+    timm = import_timm()
+    model_name = name[len(TIMM_PREFIX) :]
+    known = timm.list_models()
+    if model_name not in known:
+        close = difflib.get_close_matches(model_name, known, n=1)
+        hint = f"did you mean 'timm:{close[0]}'? " if close else ""
+        raise PackageError(
+            f"unknown timm model {model_name[:100]!r}",
+            f"timm {timm.__version__} has no model of that name "
+            "(models are built by timm, never from code in a package)",
+            f"{hint}see timm.list_models(), or upgrade timm to the version that exported it",
+        )
+    opts = timm_options(dict(options or {}))
+
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        try:
+            module: nn.Module = timm.create_model(
+                model_name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **opts
+            )
+        except Exception as exc:  # timm raises many types for bad option combinations
+            raise PackageError(
+                f"timm cannot build {model_name!r} with options {opts}",
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                "drop or change the options (they must be keywords this model accepts)",
+            ) from None
+        return module
+
+    first = timm.models.get_pretrained_cfg_value(model_name, "first_conv")
+    return Architecture(
+        name,
+        build,
+        head_path="",
+        feature_dim=0,
+        first_conv=f"{first if isinstance(first, str) else ''}.weight",
+        channels=(1, 3),
+        min_size=8,
+        description=f"timm {model_name}",
+        split=_timm_split(model_name),
+        options=opts or None,
+        timm_version=str(timm.__version__),
+    )
+
+
+Resolver = Callable[[str, Mapping[str, ArchOption] | None], Architecture]
+"""``resolve(name, options)`` -> the Architecture of a prefixed name (``timm:NAME``)."""
+
+_RESOLVERS: dict[str, Resolver] = {TIMM_PREFIX: _timm_architecture}
+
+
+def _resolver(name: str) -> Resolver | None:
+    prefix, colon, _ = name.partition(":")
+    return _RESOLVERS.get(prefix + colon) if colon else None
+
+
+def resolve_architecture(
+    spec: ArchitectureSpec | str, options: Mapping[str, ArchOption] | None = None
+) -> Architecture:
+    """The Architecture a manifest names: a registered one, or one a prefix resolver builds.
+
+    ``options`` (or ``spec.options``) only apply to prefixed names (``timm:NAME``).
+
+    Raises:
+        PackageError: unknown name (with a close match), options outside the
+            allowlist, or options given for a registered architecture.
+
+    Examples:
+        >>> resolve_architecture("timm:resnet26d").timm_version is not None
+        True
+    """
+    name = spec if isinstance(spec, str) else spec.name
+    opts = options if isinstance(spec, str) else spec.options
+    resolve = _resolver(name)
+    if resolve is not None:
+        return resolve(name, opts)
+    if opts:
+        raise PackageError(
+            f"architecture options were given for {name[:64]!r}",
+            "only timm:NAME architectures take options",
+            "drop the options, or name a timm model",
+        )
+    return get_architecture(name)

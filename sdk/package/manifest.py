@@ -309,34 +309,168 @@ def check_batch_bytes(spec: InputSpec, batch_size: int, option: str = "batch_siz
         )
 
 
+#: Prefix of architecture names built by timm (``timm:NAME``, see docs/package-format.md).
+TIMM_PREFIX = "timm:"
+#: A registry name, or ``timm:`` and a timm model name (timm's own style, at most 100).
+ARCH_NAME_RE = re.compile(r"^(?:timm:[a-z0-9][a-z0-9_.]{0,99}|[A-Za-z0-9][A-Za-z0-9._-]{0,63})\Z")
+TIMM_VERSION_RE = re.compile(r"^[0-9][0-9A-Za-z.+_-]{0,31}\Z")
+#: ``timm.create_model`` keyword options a package may set, by value kind. Shape and
+#: regularisation knobs only: never ``pretrained``, ``pretrained_cfg``,
+#: ``checkpoint_path``, ``cache_dir`` or any path, layer class or device (a
+#: package must not make the customer download, read a file or run named code);
+#: ``in_chans`` comes from ``in_channels``, ``num_classes`` from the labels.
+TIMM_OPTIONS: dict[str, str] = {
+    "img_size": "int",
+    "patch_size": "int",
+    "embed_dim": "int",
+    "depth": "int",
+    "num_heads": "int",
+    "reg_tokens": "int",
+    "stem_width": "int",
+    "mlp_ratio": "float",
+    "init_values": "float",
+    "ls_init_value": "float",
+    "drop_rate": "float",
+    "drop_path_rate": "float",
+    "attn_drop_rate": "float",
+    "proj_drop_rate": "float",
+    "pos_drop_rate": "float",
+    "qkv_bias": "bool",
+    "class_token": "bool",
+    "no_embed_class": "bool",
+    "global_pool": "str",
+}
+MAX_TIMM_OPTIONS = 16
+MAX_OPTION_INT = 4096
+MAX_OPTION_FLOAT = 1e3
+OPTION_STR_RE = re.compile(r"^[a-z0-9_]{1,32}\Z")
+OPTION_KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
+
+ArchOption = bool | int | float | str
+"""A timm option's value: a JSON scalar (see :data:`TIMM_OPTIONS` for the kind per key)."""
+
+
+def _option(key: str, value: Any, path: str, shown: str) -> ArchOption:
+    """One allowlisted timm option, its value checked against its kind and bounds."""
+    kind = TIMM_OPTIONS.get(key)
+    if kind is None:
+        raise _err(
+            path,
+            f"option {shown} is not allowed; packages may set only "
+            f"{', '.join(sorted(TIMM_OPTIONS))} (never weights, paths or downloads)",
+            "drop the option; the package's own weights replace pretrained ones",
+        )
+    fix = "pass a value in range (--arch-option KEY=VALUE parses VALUE as JSON)"
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise _err(path, f"expected true or false, got {type(value).__name__}", fix)
+        return value
+    if isinstance(value, bool):
+        raise _err(path, f"expected a {kind}, got a boolean", fix)
+    if kind == "int":
+        if not isinstance(value, int):
+            raise _err(path, f"expected an integer, got {type(value).__name__}", fix)
+        if not 0 <= value <= MAX_OPTION_INT:
+            raise _err(path, f"{value} is outside [0, {MAX_OPTION_INT}]", fix)
+        return value
+    if kind == "float":
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _err(path, f"expected a finite number, got {str(value)[:20]}", fix)
+        if not 0 <= value <= MAX_OPTION_FLOAT:
+            raise _err(path, f"{value} is outside [0, {MAX_OPTION_FLOAT:g}]", fix)
+        return value
+    if not isinstance(value, str) or not OPTION_STR_RE.fullmatch(value):
+        raise _err(path, f"expected a short name matching {OPTION_STR_RE.pattern}", fix)
+    return value
+
+
+def timm_options(value: Any, path: str = "architecture.options") -> dict[str, ArchOption]:
+    """Check a timm option object: at most 16 allowlisted keys with bounded scalar values.
+
+    Raises:
+        PackageError: not an object, too many options, a key outside
+            :data:`TIMM_OPTIONS`, or a value of the wrong kind or out of bounds.
+    """
+    if not isinstance(value, Mapping):
+        raise _err(path, f"expected an object, got {type(value).__name__}")
+    if len(value) > MAX_TIMM_OPTIONS:
+        raise _err(
+            path,
+            f"has {len(value)} options, at most {MAX_TIMM_OPTIONS} are allowed",
+            "keep the options that differ from the model's defaults",
+        )
+    out: dict[str, ArchOption] = {}
+    for key in sorted(value, key=str):
+        if not isinstance(key, str):
+            raise _err(path, f"option names are strings, got {type(key).__name__}")
+        shown = key[:40] if OPTION_KEY_RE.fullmatch(key) else ascii(key[:40])
+        out[key] = _option(key, value[key], f"{path}.{shown}", shown)
+    return out
+
+
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """Which registered architecture the weights belong to."""
+    """Which architecture the weights belong to: a registry name or ``timm:NAME``."""
 
     name: str
-    """Registry name, e.g. ``resnet18`` or ``smallcnn``."""
+    """Registry name (``resnet18``, ``smallcnn``) or ``timm:NAME`` (e.g. ``timm:resnet26d``)."""
     num_classes: int
     feature_dim: int
     """Width of the ``features`` output (the input of the head)."""
     in_channels: int = 3
+    options: Mapping[str, ArchOption] | None = None
+    """timm only: keyword options of ``timm.create_model`` (:data:`TIMM_OPTIONS`)."""
+    timm_version: str | None = None
+    """timm only: the timm version the vendor exported with."""
+
+    def __post_init__(self) -> None:
+        path = "architecture"
+        timm = self.name.startswith(TIMM_PREFIX)
+        if not timm and (self.options is not None or self.timm_version is not None):
+            field_name = "options" if self.options is not None else "timm_version"
+            raise _err(
+                f"{path}.{field_name}",
+                f"only timm architectures ({TIMM_PREFIX}NAME) carry it, not {self.name[:64]!r}",
+                "drop the field, or name a timm model",
+            )
+        if timm and self.timm_version is None:
+            raise _err(f"{path}.timm_version", "a timm architecture records the timm version")
+        if self.timm_version is not None:
+            _str(self.timm_version, f"{path}.timm_version", TIMM_VERSION_RE)
+        if self.options is not None:
+            object.__setattr__(self, "options", timm_options(self.options, f"{path}.options"))
+
+    @property
+    def is_timm(self) -> bool:
+        """Whether timm builds the module (``timm:NAME``)."""
+        return self.name.startswith(TIMM_PREFIX)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "num_classes": self.num_classes,
             "feature_dim": self.feature_dim,
             "in_channels": self.in_channels,
         }
+        if self.options is not None:
+            out["options"] = dict(self.options)
+        if self.timm_version is not None:
+            out["timm_version"] = self.timm_version
+        return out
 
     @classmethod
     def from_dict(cls, value: Any, path: str = "architecture") -> ArchitectureSpec:
         keys = {"name", "num_classes", "feature_dim", "in_channels"}
-        obj = _obj(value, path, keys, keys)
+        obj = _obj(value, path, keys | {"options", "timm_version"}, keys)
+        options = obj.get("options")
+        version = obj.get("timm_version")
         return cls(
-            name=_str(obj["name"], f"{path}.name", NAME_RE),
+            name=_str(obj["name"], f"{path}.name", ARCH_NAME_RE),
             num_classes=_int(obj["num_classes"], f"{path}.num_classes", 2, MAX_CLASSES),
             feature_dim=_int(obj["feature_dim"], f"{path}.feature_dim", 1, 1 << 16),
             in_channels=_int(obj["in_channels"], f"{path}.in_channels", 1, 3),
+            options=None if options is None else timm_options(options, f"{path}.options"),
+            timm_version=None if version is None else _str(version, f"{path}.timm_version"),
         )
 
 

@@ -46,6 +46,8 @@ ALLOWED_OPS = frozenset(
         "ReduceL2", "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Selu",
         "Shape", "Sigmoid", "Slice", "Softmax", "Softplus", "Split", "Sqrt", "Squeeze",
         "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
+        # ViT/DeiT (timm): the class token is broadcast to the batch by Expand.
+        "Expand",
     }
 )  # fmt: skip
 STANDARD_DOMAINS = ("", "ai.onnx")
