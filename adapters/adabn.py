@@ -8,6 +8,10 @@ Pattern Recognition 80, 2018, DOI 10.1016/j.patcog.2018.03.005
 Every BatchNorm layer's running mean and variance are replaced by their
 average over the target images (Algorithm 1), all weights unchanged. The
 exact average is accumulated with ``momentum=None`` over full batches.
+
+A model without BatchNorm (LayerNorm / GroupNorm normalise each sample by its
+own statistics, and keep none) has nothing to re-estimate: AdaBN refuses it
+rather than export an unchanged model labelled "adapted".
 """
 
 from __future__ import annotations
@@ -17,7 +21,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from sourcefree.engine.method import Method, MethodContext, Phase, bn_statistics_phase
+from sourcefree.engine.method import (
+    Method,
+    MethodContext,
+    Phase,
+    batchnorm_layers,
+    bn_statistics_phase,
+)
 from sourcefree.engine.models import Classifier
 from sourcefree.engine.registry import register_method
 from sourcefree.errors import ConfigError
@@ -53,6 +63,13 @@ class AdaBN(Method):
     def __init__(self, config: AdaBNConfig, context: MethodContext) -> None:
         super().__init__(config, context)
         self.model = context.sources[0].model
+        if not batchnorm_layers(self.model):
+            raise ConfigError(
+                "adabn has nothing to adapt: the model has no BatchNorm layers",
+                f"{self.export_architecture()} normalises without running statistics "
+                "(LayerNorm / GroupNorm, or none), so the adapted model would equal the source",
+                "use tent (which trains LayerNorm / GroupNorm scale and shift) or shot",
+            )
 
     def phases(self) -> Sequence[Phase]:
         return [bn_statistics_phase(self.model, self.config.batch_size, self.config.epochs)]

@@ -90,8 +90,6 @@ from sourcefree.engine.method import (
     Phase,
     ScheduleSpec,
     StepOutput,
-    batchnorm_layers,
-    bn_statistics_phase,
 )
 from sourcefree.engine.models import Classifier
 from sourcefree.engine.registry import register_method
@@ -586,10 +584,9 @@ class AdaFER(Method):
 
     def phases(self) -> Sequence[Phase]:
         cfg, opt = self.config, self.config.optim
-        has_bn = bool(batchnorm_layers(self.model))
         out: list[Phase] = []
-        if cfg.target_bn_init and has_bn:
-            out.append(bn_statistics_phase(self.model, cfg.label_batch_size, name="target-bn"))
+        if cfg.target_bn_init:
+            out += self.bn_statistics_phases(self.model, cfg.label_batch_size, name="target-bn")
         out.append(
             Phase(
                 name="pseudo-label",
@@ -616,8 +613,8 @@ class AdaFER(Method):
                 on_phase_end=self._leave,
             )
         )
-        if cfg.recalibrate and has_bn:
-            out.append(bn_statistics_phase(self.model, cfg.label_batch_size))
+        if cfg.recalibrate:
+            out += self.bn_statistics_phases(self.model, cfg.label_batch_size)
         return out
 
     def modules(self) -> Mapping[str, nn.Module]:

@@ -70,7 +70,6 @@ from sourcefree.engine.method import (
     ScheduleSpec,
     StepOutput,
     batchnorm_layers,
-    bn_statistics_phase,
 )
 from sourcefree.engine.models import Classifier, build_classifier, resolve_architecture
 from sourcefree.engine.registry import register_method
@@ -325,7 +324,7 @@ def _check_local_crops(backbone: nn.Module, ssl: SSLConfig, spec: InputSpec) -> 
         raise ConfigError(
             f"clup's local crops ({side}x{side} px) do not fit this model",
             f"it takes a fixed input size ({type(exc).__name__}: {str(exc)[:80]})",
-            "set ssl.local_crops=0, or export a timm ViT with --arch-option dynamic_img_size=true",
+            "set ssl.local_crops=0 (global crops only, at the input size)",
         ) from None
     finally:
         backbone.train(was_training)
@@ -840,6 +839,8 @@ class CluP(Method):
 
     def phases(self) -> Sequence[Phase]:
         cfg, ssl, ft = self.config, self.config.ssl, self.config.finetune
+        if cfg.labeler == "adabn" and not batchnorm_layers(self.source):
+            self.note_bn_skipped("labeler=adabn")  # _labeler() falls back to the source model
         out = [
             Phase(
                 name="pseudo-label",
@@ -921,8 +922,8 @@ class CluP(Method):
                 on_phase_end=self._ft_end,
             )
         )
-        if cfg.recalibrate and batchnorm_layers(self.model):
-            out.append(bn_statistics_phase(self.model, max(2, cfg.label_batch_size)))
+        if cfg.recalibrate:
+            out += self.bn_statistics_phases(self.model, max(2, cfg.label_batch_size))
         return out
 
     def modules(self) -> Mapping[str, nn.Module]:

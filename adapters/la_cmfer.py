@@ -103,7 +103,6 @@ from sourcefree.engine.method import (
     ParamGroup,
     Phase,
     StepOutput,
-    bn_statistics_phase,
 )
 from sourcefree.engine.models import (
     Classifier,
@@ -718,9 +717,13 @@ class LaCmfer(Method):
     def phases(self) -> Sequence[Phase]:
         cfg = self.config
         opt = cfg.optim
-        init = [bn_statistics_phase(self.net, cfg.label_batch_size, name="target-bn")]
+        init = (
+            self.bn_statistics_phases(self.net, cfg.label_batch_size, name="target-bn")
+            if cfg.target_bn_init
+            else []
+        )
         return [
-            *(init if cfg.target_bn_init else []),
+            *init,
             Phase(
                 name="adapt",
                 epochs=cfg.epochs,

@@ -84,7 +84,6 @@ from sourcefree.engine.method import (
     Phase,
     StepOutput,
     batchnorm_layers,
-    bn_statistics_phase,
 )
 from sourcefree.engine.models import Classifier
 from sourcefree.engine.registry import register_method
@@ -611,8 +610,10 @@ class Pocan(Method):
                     on_phase_end=self._leave,
                 )
             )
-        if cfg.recalibrate_bn and batchnorm_layers(self.model):
-            out.append(bn_statistics_phase(self.model, cfg.label_batch_size))
+        if cfg.recalibrate_bn:
+            if not batchnorm_layers(self.model):  # _recalibrate_bn before each labelling
+                self.note_bn_skipped("recalibrate_bn")
+            out += self.bn_statistics_phases(self.model, cfg.label_batch_size)
         return out
 
     def _label_epoch(self, info: EpochInfo, round_index: int) -> None:

@@ -74,7 +74,6 @@ from sourcefree.engine.method import (
     ParamGroup,
     Phase,
     StepOutput,
-    bn_statistics_phase,
 )
 from sourcefree.engine.models import Classifier
 from sourcefree.engine.registry import register_method
@@ -298,9 +297,13 @@ class Shot(Method):
     def phases(self) -> Sequence[Phase]:
         cfg = self.config
         opt = cfg.optim
-        init = [bn_statistics_phase(self.model, cfg.label_batch_size, name="target-bn")]
+        init = (
+            self.bn_statistics_phases(self.model, cfg.label_batch_size, name="target-bn")
+            if cfg.target_bn_init
+            else []
+        )
         return [
-            *(init if cfg.target_bn_init else []),
+            *init,
             Phase(
                 name="adapt",
                 epochs=cfg.epochs,

@@ -1,16 +1,24 @@
-"""Tent: test-time entropy minimisation of the BatchNorm affine parameters.
+"""Tent: test-time entropy minimisation of the normalisation layers' affine parameters.
 
 [0] Wang, Shelhamer, Liu, Olshausen, Darrell. "Tent: Fully Test-time
 Adaptation by Entropy Minimization", ICLR 2021, arXiv 2006.10726
 (https://arxiv.org/abs/2006.10726)
 
 Loss (eq. 2): the Shannon entropy of the prediction, ``H(y) = -sum_c p(y_c) log p(y_c)``,
-averaged over the batch. Only the BatchNorm scale and shift (gamma, beta) are
-updated (Sec. 3, "modulation parameters"), with Adam at lr 1e-3 (Sec. 4), and
-BatchNorm normalises with the statistics of each target batch. Since an
-exported model runs in eval mode with fixed statistics, a final no-gradient
-pass re-estimates the running statistics on the target images under the
-adapted parameters (``recalibrate``), as AdaBN does.
+averaged over the batch. Only the normalisation layers' scale and shift
+(gamma, beta) are updated (Sec. 3, "modulation parameters"), with Adam at lr
+1e-3 (Sec. 4), and BatchNorm normalises with the statistics of each target
+batch. Since an exported model runs in eval mode with fixed statistics, a
+final no-gradient pass re-estimates the BatchNorm running statistics on the
+target images under the adapted parameters (``recalibrate``), as AdaBN does.
+
+The paper's networks normalise with BatchNorm. On models normalised by
+LayerNorm or GroupNorm (ViT, ConvNeXt, PoolFormer: no running statistics, each
+sample normalised by its own), the same modulation parameters, the affine
+weight and bias of every LayerNorm / GroupNorm layer, are what trains; the
+BatchNorm steps have nothing to act on there and are skipped (reported as
+``bn_statistics``). A model with BatchNorm trains exactly what it did before:
+the BatchNorm parameters in module order, in one group.
 """
 
 from __future__ import annotations
@@ -29,8 +37,8 @@ from sourcefree.engine.method import (
     Phase,
     StepOutput,
     batchnorm_layers,
-    bn_statistics_phase,
     entropy,
+    norm_layers,
 )
 from sourcefree.engine.models import Classifier
 from sourcefree.engine.registry import register_method
@@ -46,13 +54,14 @@ class TentConfig:
     beta1: float = 0.9
     """Adam beta1."""
     weight_decay: float = 0.0
-    """Weight decay on the BatchNorm affine parameters (the paper uses none)."""
+    """Weight decay on the normalisation affine parameters (the paper uses none)."""
     batch_size: int = 64
     """Images per step; BatchNorm uses each batch's own statistics."""
     epochs: int = 1
     """Passes over the target images (the paper adapts online, in one pass)."""
     recalibrate: bool = True
-    """Re-estimate BatchNorm running statistics on the target images after training."""
+    """Re-estimate BatchNorm running statistics on the target images after training
+    (skipped, and reported, on a model without BatchNorm)."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or self.batch_size < 2 or self.epochs < 1:
@@ -65,30 +74,36 @@ class TentConfig:
 
 @register_method("tent")
 class Tent(Method):
-    """Entropy minimisation of the BatchNorm affine parameters."""
+    """Entropy minimisation of the normalisation layers' affine parameters."""
 
-    description = "Tent: entropy minimisation of BatchNorm scale and shift (Wang et al. 2021)"
+    description = "Tent: entropy minimisation of normalisation scale and shift (Wang et al. 2021)"
     config_class = TentConfig
     config: TentConfig
-    relative_cost = 0.2  # one epoch on the BatchNorm affine parameters
+    relative_cost = 0.2  # one epoch on the normalisation affine parameters
 
     def __init__(self, config: TentConfig, context: MethodContext) -> None:
         super().__init__(config, context)
         self.model = context.sources[0].model
-        if not batchnorm_layers(self.model):
+        if not self._affine()[0].params:
+            arch = self.export_architecture()
+            why = (
+                f"{arch}'s normalisation layers have no affine scale or shift"
+                if norm_layers(self.model)
+                else f"{arch} has no BatchNorm, LayerNorm or GroupNorm layer"
+            )
             raise ConfigError(
-                "tent needs a model with BatchNorm layers",
-                f"{self.export_architecture()} has none, so nothing would train",
-                "use another method (e.g. shot)",
+                "tent needs normalisation layers with a scale and shift to train",
+                f"{why}, so nothing would train",
+                "use another method (e.g. shot, which trains the whole feature extractor)",
             )
 
     def _affine(self) -> list[ParamGroup]:
+        """Eq. 2's parameters: weight and bias of every normalisation layer, in module order."""
         params = []
-        for bn in batchnorm_layers(self.model):
-            if bn.weight is not None:
-                params.append(bn.weight)
-            if bn.bias is not None:
-                params.append(bn.bias)
+        for layer in norm_layers(self.model):
+            for p in (layer.weight, layer.bias):
+                if isinstance(p, nn.Parameter):
+                    params.append(p)
         return [ParamGroup(params)]
 
     def _enter(self) -> None:
@@ -125,7 +140,7 @@ class Tent(Method):
             )
         ]
         if cfg.recalibrate:
-            out.append(bn_statistics_phase(self.model, cfg.batch_size))
+            out += self.bn_statistics_phases(self.model, cfg.batch_size)
         return out
 
     def modules(self) -> Mapping[str, nn.Module]:

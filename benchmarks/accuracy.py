@@ -31,10 +31,19 @@ Training lengths: by default every method runs the shortened schedule of :data:`
 runs the methods' own defaults (what ``sourcefree adapt`` does; about 2 h 45 min for
 the whole table); ``--quick`` is the smaller version (seed 0 only unless ``--seeds``).
 
+Vendor architecture: ``--arch timm:NAME`` (with repeatable ``--arch-option KEY=VALUE``,
+as ``sourcefree export`` takes them) trains and exports that model instead of
+``smallcnn`` (issue 22). Its rows carry an ``arch`` field and end in ``@ARCH`` (e.g.
+``tent @timm:resnet26d``), and their gains are over the source-only row of the same
+architecture, so they never mix with the smallcnn rows.
+
     python benchmarks/accuracy.py            # whole table: every method, 5 presets, 3 seeds
     python benchmarks/accuracy.py --quick    # the same on seed 0
     python benchmarks/accuracy.py --full --methods clup-grid --presets wild-mild  # CluP grid
     python benchmarks/accuracy.py --full --methods shot clup --presets wild-mild --seeds 0
+    python benchmarks/accuracy.py --methods source-only adabn tent shot clup \\
+        --presets wild-mild --arch timm:vit_tiny_patch16_224 \\
+        --arch-option img_size=32 --arch-option patch_size=4
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -49,16 +59,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import torch
 
+from sourcefree.cli.app import _arch_options
 from sourcefree.data.synthetic import AU_NAMES, CLASSES, generate
 from sourcefree.engine import config as cfgmod
 from sourcefree.engine.method import MethodContext, SourceModel, TargetData
-from sourcefree.engine.models import Classifier, load_classifier
+from sourcefree.engine.models import Architecture, Classifier, load_classifier, resolve_architecture
 from sourcefree.engine.registry import get_method, list_methods
 from sourcefree.engine.reproducibility import seed_everything
 from sourcefree.engine.trainer import Trainer
+from sourcefree.errors import SourcefreeError
 from sourcefree.export import source_package
 from sourcefree.fsutil import replace_marked_block
 from sourcefree.package.loader import load_package
@@ -136,13 +149,51 @@ DEFAULT_VENDORS = ("studio", "nir")
 """Vendors' presets of the multi-source rows; another ``--vendors`` set names its rows."""
 #: Keys of a results file that describe one run, not the rows: a merge keeps them per file.
 RUN_KEYS = ("argv", "seeds", "presets", "methods", "vendors", "schedule", "quick", "wall_seconds",
-            "source_train_seconds")  # fmt: skip
+            "source_train_seconds", "arch")  # fmt: skip
+DEFAULT_ARCH = "smallcnn"
+"""The vendors' architecture unless ``--arch``: its rows carry no ``arch`` field or tag."""
+VendorArch = tuple[str, dict[str, Any] | None]
+"""An architecture name and its ``--arch-option`` options (None: timm's defaults)."""
+
+
+def arch_label(arch: VendorArch) -> str:
+    """``timm:NAME``, then its options in brackets: how rows of that architecture are named."""
+    name, options = arch
+    if not options:
+        return name
+    return f"{name}({','.join(f'{k}={json.dumps(v)}' for k, v in sorted(options.items()))})"
+
+
+def parse_arch(name: str, pairs: list[str] | None) -> VendorArch:
+    """``--arch`` and its ``--arch-option KEY=VALUE`` pairs, checked as ``sourcefree export``
+    checks them (allowlisted options, known timm model); ValueError names the problem."""
+    try:
+        options = _arch_options(tuple(pairs or ()))
+        resolve_architecture(name, options)
+    except click.BadParameter as err:
+        raise ValueError(f"--arch-option: {err.format_message()}") from None
+    except SourcefreeError as err:
+        raise ValueError(f"--arch {name}: {err}") from None
+    return name, options
+
+
+def tag_arch(row: dict[str, Any], arch: VendorArch) -> dict[str, Any]:
+    """Name a row of another architecture after it (``shot (short) @timm:resnet26d``)."""
+    if arch != (DEFAULT_ARCH, None):
+        row["arch"] = arch_label(arch)
+        row["variant"] += f" @{row['arch']}"
+    return row
 
 
 def _source(
-    seed: int, workdir: Path, preset: str = "studio", au: bool = False
+    seed: int,
+    workdir: Path,
+    preset: str = "studio",
+    au: bool = False,
+    arch: VendorArch = (DEFAULT_ARCH, None),
 ) -> tuple[Path, float]:
-    """Train a vendor's smallcnn on ``preset`` and export it with its source_stats.
+    """Train a vendor's model (``arch``; default smallcnn) on ``preset`` and export it with
+    its source_stats.
 
     The package carries what a vendor may ship (DESIGN.md section 3): class counts
     (DIFC margins) and class feature means (LA-CMFER alignment). With ``au`` (runs
@@ -157,6 +208,10 @@ def _source(
     of that seed were measured with it) and gains the detector.
     """
     out = workdir / f"{preset}-{seed}"
+    if arch != (DEFAULT_ARCH, None):  # a cache keeps one package per architecture
+        out = workdir / re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{preset}-{seed}-{arch_label(arch)}")
+    name, options = arch
+    model_arch: str | Architecture = resolve_architecture(name, options) if options else name
     cached = load_package(out) if (out / "manifest.json").exists() else None
     if cached is not None and (not au or cached.au_detector is not None):
         return out, 0.0
@@ -167,7 +222,7 @@ def _source(
         model = load_classifier(cached.manifest.architecture, cached.weights_bytes)
     else:
         t0 = time.perf_counter()
-        cfg = TrainConfig(seed=seed)
+        cfg = TrainConfig(seed=seed, arch=model_arch)
         model = train_classifier(train.images, train.labels, len(CLASSES), spec, cfg)
         seconds = time.perf_counter() - t0
     source_stats = {
@@ -187,7 +242,8 @@ def _source(
         print(f"seed {seed}: AU detector trained in {time.perf_counter() - t_au:.0f} s")
     source_package(
         model.eval(),
-        architecture="smallcnn",
+        architecture=name,
+        architecture_options=options,
         labels=list(CLASSES),
         input_spec=spec,
         out=out,
@@ -344,13 +400,15 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             vals = [float(r[k]) for r in group if k in r]
             if vals:
                 s[k] = _mean_std(vals)
+        arch = group[0].get("arch")  # the source-only row of the same vendor architecture
+        reference = "source-only" + (f" @{arch}" if arch else "")
         src = {
             r["seed"]: r["accuracy"]
             for r in rows
-            if r["variant"] == "source-only" and r["preset"] == preset
+            if r["variant"] == reference and r["preset"] == preset
         }
         gains = [r["accuracy"] - src[r["seed"]] for r in group if r["seed"] in src]
-        if gains and variant != "source-only":
+        if gains and variant != reference:
             s["gain_over_source"] = _mean_std(gains)
             s["min_gain_over_source"] = round(min(gains), 4)
             s["source_accuracy_by_seed"] = {str(k): round(v, 4) for k, v in src.items()}
@@ -366,10 +424,12 @@ def _fmt(s: dict[str, Any], key: str) -> str:
 
 def markdown(payload: dict[str, Any]) -> str:
     """The table of the "## Accuracy" section."""
+    tagged = any("arch" in r for r in payload.get("rows", []))
+    arch_note = " (rows tagged `@ARCH`: that vendor architecture, `--arch`)" if tagged else ""
     lines = [
         f"`python benchmarks/accuracy.py`: studio -> target, {SIZE} px, "
-        f"{N_TARGET} target images, smallcnn source trained on {N_SOURCE} studio images "
-        "per seed, CPU. Rows accumulate over runs (last run: "
+        f"{N_TARGET} target images, smallcnn source{arch_note} trained on {N_SOURCE} "
+        "studio images per seed, CPU. Rows accumulate over runs (last run: "
         f"`{payload['argv']}`, {payload['machine']['threads']} threads). Mean ± std over "
         "the seeds listed; `gain` = adapted - source-only accuracy of the same seed (min "
         f"over seeds in brackets); `PL prec.` = precision of the selected pseudo-labels "
@@ -403,7 +463,8 @@ def write_docs(block: str) -> None:
     replace_marked_block(DOCS, START, END, block, "Accuracy")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main`."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument(
         "--methods",
@@ -428,6 +489,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick", action="store_true", help="the smaller version: seed 0 only unless --seeds"
     )
+    p.add_argument(
+        "--arch",
+        default=DEFAULT_ARCH,
+        help="the vendors' architecture, e.g. timm:resnet26d (default: smallcnn); its rows "
+        "are tagged '@ARCH'",
+    )
+    p.add_argument(
+        "--arch-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a timm.create_model option of --arch (repeatable; VALUE is read as JSON)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-docs", action="store_true")
@@ -446,7 +519,16 @@ def main(argv: list[str] | None = None) -> int:
         help="run nothing: fold the rows of these result files (e.g. from parallel "
         "runs with --out) into --out and rewrite the docs table",
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
+    try:
+        arch = parse_arch(args.arch, args.arch_option)
+    except ValueError as err:
+        p.error(str(err))
     args.methods = expand_methods(args.methods)
     if args.seeds is None:
         args.seeds = [0] if args.quick else [0, 1, 2]
@@ -467,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
         },
     }
+    if arch != (DEFAULT_ARCH, None):
+        payload["arch"] = arch_label(arch)
     t_all = time.perf_counter()
     multi = any(_split(v)[0] in MULTI_SOURCE for v in args.methods)
     single = any(_split(v)[0] not in MULTI_SOURCE for v in args.methods)
@@ -478,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             for vendor in [*(["studio"] if single else []), *(args.vendors if multi else [])]:
                 if (vendor, seed) not in trained:
                     au = vendor == "studio" and any(_split(v)[0] == "adafer" for v in args.methods)
-                    trained[vendor, seed], secs = _source(seed, Path(tmp), vendor, au)
+                    trained[vendor, seed], secs = _source(seed, Path(tmp), vendor, au, arch=arch)
                     train_seconds[f"{vendor}-{seed}"] = round(secs, 1)
                     print(f"seed {seed}: {vendor} vendor trained in {secs:.0f} s", flush=True)
         sources = {seed: trained["studio", seed] for seed in args.seeds if single}
@@ -501,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
                     if many and tuple(args.vendors) != DEFAULT_VENDORS:
                         # Another set of vendors is another row (e.g. "la-cmfer [studio]").
                         row["variant"] += f" [{'+'.join(args.vendors)}]"
-                    rows.append(row)
+                    rows.append(tag_arch(row, arch))
                     prec = row.get("pseudo_label_precision")
                     print(
                         f"{preset} {variant} seed {seed}: acc {row['accuracy']:.4f} "

@@ -77,12 +77,17 @@ def test_short_overrides_name_registered_methods_and_real_keys(
 
 
 def _run_main_faked(
-    acc: ModuleType, monkeypatch: Any, out: Path, args: list[str]
+    acc: ModuleType, monkeypatch: Any, out: Path, args: list[str], archs: list[Any] | None = None
 ) -> tuple[list[tuple[str, int, tuple[str, ...]]], dict[str, Any]]:
-    """``main(args)`` with vendor training and adaptation replaced by recorders."""
+    """``main(args)`` with vendor training and adaptation replaced by recorders (``archs``
+    collects the vendor architecture of every source trained)."""
     calls: list[tuple[str, int, tuple[str, ...]]] = []
 
-    def fake_source(seed: int, tmp: Path, preset: str = "studio", au: bool = False) -> Any:
+    def fake_source(
+        seed: int, tmp: Path, preset: str = "studio", au: bool = False, arch: Any = None
+    ) -> Any:
+        if archs is not None:
+            archs.append(arch)
         return tmp / f"{preset}-{seed}", 0.0
 
     def fake_run(variant: str, pkgs: Any, preset: str, seed: int, extra: Any) -> dict[str, Any]:
@@ -170,3 +175,70 @@ def test_defaults_cover_every_registered_method_and_clup_grid_expands(
     grid = acc.expand_methods(["source-only", "clup-grid", "clup"])
     assert grid[:2] == ["source-only", "clup"] and len(grid) == 5
     assert "clup:ssl.method=deepclusterv2,score=confidence" in grid
+
+
+def test_arch_option_trains_that_vendor_and_names_its_rows(
+    tmp_path: Path, load_benchmark: Callable[[str], ModuleType], monkeypatch: Any
+) -> None:
+    acc = load_benchmark("accuracy")
+    archs: list[Any] = []
+    vit = ["--arch", "timm:vit_tiny_patch16_224", "--arch-option", "img_size=32",
+           "--arch-option", "patch_size=4"]  # fmt: skip
+    args = ["--methods", "source-only", "tent", "--seeds", "0", *vit]
+    _, payload = _run_main_faked(acc, monkeypatch, tmp_path / "acc.json", args, archs)
+    options = {"img_size": 32, "patch_size": 4}
+    assert archs == [("timm:vit_tiny_patch16_224", options)]
+    label = "timm:vit_tiny_patch16_224(img_size=32,patch_size=4)"
+    assert payload["arch"] == label
+    assert {(r["variant"], r["arch"]) for r in payload["rows"]} == {
+        (f"source-only @{label}", label),
+        (f"tent @{label}", label),
+    }
+    # The default run: smallcnn, plain names, no arch field anywhere.
+    archs.clear()
+    _, default = _run_main_faked(
+        acc, monkeypatch, tmp_path / "d.json", ["--methods", "tent", "--seeds", "0"], archs
+    )
+    assert archs == [("smallcnn", None)] and "arch" not in default
+    assert [(r["variant"], "arch" in r) for r in default["rows"]] == [("tent", False)]
+
+
+def test_arch_rows_gain_over_the_source_of_their_own_arch(
+    load_benchmark: Callable[[str], ModuleType],
+) -> None:
+    acc = load_benchmark("accuracy")
+    arch = "timm:resnet26d"
+    rows = [_row("source-only", 0, 0.4), _row("tent", 0, 0.5),
+            {**_row(f"source-only @{arch}", 0, 0.7), "arch": arch},
+            {**_row(f"tent @{arch}", 0, 0.75), "arch": arch}]  # fmt: skip
+    summary = {s["variant"]: s for s in acc.summarise(rows)}
+    assert summary["tent"]["gain_over_source"]["mean"] == 0.1
+    assert summary[f"tent @{arch}"]["gain_over_source"]["mean"] == 0.05
+    assert "gain_over_source" not in summary[f"source-only @{arch}"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--arch", "timm:resnet26dx"], "unknown timm model 'resnet26dx'"),
+        (["--arch", "timm:resnet26d", "--arch-option", "pretrained=true"],
+         "Option pretrained is not allowed"),
+        (["--arch", "timm:resnet26d", "--arch-option", "drop_rate"], "expected KEY=VALUE"),
+        (["--arch-option", "drop_rate=0.1"], "Only timm:NAME architectures take options"),
+    ],
+)  # fmt: skip
+def test_bad_arch_is_refused_before_any_training(
+    tmp_path: Path,
+    load_benchmark: Callable[[str], ModuleType],
+    monkeypatch: Any,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    acc = load_benchmark("accuracy")
+    archs: list[Any] = []
+    with pytest.raises(SystemExit) as err:
+        _run_main_faked(acc, monkeypatch, tmp_path / "acc.json", ["--methods", "tent", *args],
+                        archs)  # fmt: skip
+    assert err.value.code == 2 and message in capsys.readouterr().err
+    assert archs == [] and not (tmp_path / "acc.json").exists()

@@ -69,3 +69,17 @@ def test_vendor_then_customer_then_application(tmp_path: Path) -> None:
         str(adapted), str(tmp_path / "adapted" / "site.pub"), [str(image)]
     )
     assert len(labels) == 1
+
+
+def test_timm_vendor_then_application(tmp_path: Path) -> None:
+    from sourcefree.package.loader import load_package
+
+    options = {"img_size": 32, "patch_size": 4, "depth": 2}
+    package = _load("vendor_timm").main(tmp_path, "deit_tiny_patch16_224", **options)
+    pkg = load_package(package, public_key=tmp_path / "vendor.pub")
+    arch = pkg.manifest.architecture
+    assert (arch.name, arch.options) == ("timm:deit_tiny_patch16_224", options)
+    image = tmp_path / "face.png"
+    Image.new("RGB", (48, 48), (200, 160, 140)).save(image)
+    labels = _load("app_inference").main(str(package), str(tmp_path / "vendor.pub"), [str(image)])
+    assert len(labels) == 1 and labels[0] in pkg.manifest.labels

@@ -296,6 +296,9 @@ class Method(ABC):
     def __init__(self, config: Any, context: MethodContext) -> None:
         self.config = config
         self.context = context
+        self.notes: dict[str, JSON] = {}
+        """What the run skipped for this model (e.g. :data:`BN_SKIPPED`); merged into
+        :meth:`diagnostics`, empty when nothing was skipped."""
 
     @abstractmethod
     def phases(self) -> Sequence[Phase]:
@@ -331,6 +334,30 @@ class Method(ABC):
         """
         return {}
 
+    def diagnostics(self) -> dict[str, JSON]:
+        """:meth:`report` plus :attr:`notes`: the ``method_report`` of ``report.json``."""
+        return {**self.report(), **self.notes}
+
+    def bn_statistics_phases(
+        self, model: nn.Module, batch_size: int, epochs: int = 1, name: str = "bn-stats"
+    ) -> list[Phase]:
+        """``[bn_statistics_phase(...)]``, or ``[]`` and a note when ``model`` has no BatchNorm.
+
+        A model normalised only by LayerNorm / GroupNorm has no running statistics
+        to re-estimate: the step is skipped and :meth:`diagnostics` says so.
+        """
+        if batchnorm_layers(model):
+            return [bn_statistics_phase(model, batch_size, epochs, name)]
+        self.note_bn_skipped(name)
+        return []
+
+    def note_bn_skipped(self, step: str) -> None:
+        """Note that the BatchNorm step ``step`` was skipped: the model has no BatchNorm layers."""
+        self.notes["bn_statistics"] = BN_SKIPPED
+        steps = self.notes.setdefault("bn_statistics_skipped", [])
+        if step not in steps:
+            steps.append(step)
+
     def pseudo_label_selection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The pseudo-labels the method trained on: (dataset indices, labels), int64, CPU.
 
@@ -344,9 +371,26 @@ class Method(ABC):
 # --- helpers shared by several methods -------------------------------------------------
 
 
+BN_SKIPPED = "no BatchNorm layers: skipped"
+"""The ``bn_statistics`` note of a method whose BatchNorm step found no BatchNorm layer."""
+
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
+"""Normalisation layer types (subclasses included, e.g. timm's LayerNorm2d, GroupNorm1)."""
+
+
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """Every BatchNorm layer of ``model``."""
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def norm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm, LayerNorm and GroupNorm layer of ``model`` (:data:`NORM_LAYERS`), in
+    module order: on a BatchNorm-only model, the layers of :func:`batchnorm_layers`."""
+    return [m for m in model.modules() if isinstance(m, NORM_LAYERS)]
 
 
 def bn_statistics_phase(

@@ -224,7 +224,7 @@ def _export_and_report(
 ) -> AdaptReport:
     """Export, then report, into a staged OUT (renamed into place when both are written)."""
     instance = trained.instance
-    method_report = instance.report() if instance is not None else {}
+    method_report = instance.diagnostics() if instance is not None else {}
     with staged_directory(prep.target, overwrite=prep.request.overwrite) as stage:
         adapted, export = _export(prep, decision, stage / PACKAGE_DIR)
         marks = (prep.t0, prep.t_loaded, t_trained, time.perf_counter())

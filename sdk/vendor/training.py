@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sourcefree.data.imaging import normalise, rgb_to_grey
-from sourcefree.engine.models import Classifier, build_classifier
+from sourcefree.engine.models import Architecture, Classifier, build_classifier
 from sourcefree.errors import ConfigError
 from sourcefree.ops.augment import (
     affine_sample,
@@ -37,7 +37,8 @@ class TrainConfig:
     in 6 epochs (benchmarks/synthetic_baselines.py).
     """
 
-    arch: str = "smallcnn"
+    arch: str | Architecture = "smallcnn"
+    """A registered name, or a resolved one (``resolve_architecture("timm:NAME", options)``)."""
     epochs: int = 6
     batch_size: int = 64
     lr: float = 2e-3
