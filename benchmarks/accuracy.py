@@ -49,6 +49,7 @@ architecture, so they never mix with the smallcnn rows.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import re
@@ -63,7 +64,7 @@ import click
 import numpy as np
 import torch
 
-from sourcefree.cli.app import _arch_options
+from sourcefree.cli.commands_export import _arch_options
 from sourcefree.data.synthetic import AU_NAMES, CLASSES, generate
 from sourcefree.engine import config as cfgmod
 from sourcefree.engine.method import MethodContext, SourceModel, TargetData
@@ -185,6 +186,15 @@ def tag_arch(row: dict[str, Any], arch: VendorArch) -> dict[str, Any]:
     return row
 
 
+def _package_dir_name(label: str) -> str:
+    """A folder (and so package) name for ``label``: the characters package names allow,
+    at most 64 of them (a long label keeps a hash of the whole so two never collide)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", label)
+    if len(name) <= 64:
+        return name
+    return f"{name[:55]}-{hashlib.sha256(label.encode()).hexdigest()[:8]}"
+
+
 def _source(
     seed: int,
     workdir: Path,
@@ -209,7 +219,7 @@ def _source(
     """
     out = workdir / f"{preset}-{seed}"
     if arch != (DEFAULT_ARCH, None):  # a cache keeps one package per architecture
-        out = workdir / re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{preset}-{seed}-{arch_label(arch)}")
+        out = workdir / _package_dir_name(f"{preset}-{seed}-{arch_label(arch)}")
     name, options = arch
     model_arch: str | Architecture = resolve_architecture(name, options) if options else name
     cached = load_package(out) if (out / "manifest.json").exists() else None

@@ -242,3 +242,16 @@ def test_bad_arch_is_refused_before_any_training(
                         archs)  # fmt: skip
     assert err.value.code == 2 and message in capsys.readouterr().err
     assert archs == [] and not (tmp_path / "acc.json").exists()
+
+
+def test_rows_of_a_timm_model_with_options_get_a_valid_package_name(
+    load_benchmark: Callable[[str], ModuleType],
+) -> None:
+    from sourcefree.package.manifest import NAME_RE
+
+    acc = load_benchmark("accuracy")
+    vit = ("timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4})
+    names = [acc._package_dir_name(f"studio-{s}-{acc.arch_label(vit)}") for s in (0, 1)]
+    long = acc._package_dir_name("studio-0-" + "x" * 80)
+    assert all(NAME_RE.match(n) for n in [*names, long]) and names[0] != names[1]
+    assert long != acc._package_dir_name("studio-0-" + "x" * 81)
