@@ -319,8 +319,12 @@ def run_variant(
     ctx = MethodContext(
         tuple(SourceModel(p, m) for p, m in zip(pkgs, models, strict=True)), data, device, seed
     )
-    method = cls(cfg, ctx)
-    result = Trainer(method, data, device=device, seed=seed).run()
+    try:
+        method = cls(cfg, ctx)
+        result = Trainer(method, data, device=device, seed=seed).run()
+    except SourcefreeError as err:  # a typed refusal (adabn without BatchNorm) is a row too
+        row["refused"] = err.what
+        return row
     row["seconds"] = round(time.perf_counter() - t0, 1)
     row["phase_seconds"] = {log.name: round(log.seconds, 1) for log in result.phases}
     row.update(_metrics(_predict(method.export_model(), target.images, spec), truth))
@@ -398,6 +402,18 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     }
 
 
+def _outcome(row: dict[str, Any]) -> str:
+    """One run's result as the progress line prints it."""
+    if "refused" in row:
+        return f"refused: {row['refused']}"
+    prec = row.get("pseudo_label_precision")
+    return (
+        f"acc {row['accuracy']:.4f} mcr {row['mean_class_recall']:.4f}"
+        + (f" PL prec {prec:.4f}" if prec is not None else "")
+        + f" ({row['seconds']} s)"
+    )
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and std over seeds per (variant, preset), with the source-only reference."""
     out = []
@@ -417,7 +433,12 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for r in rows
             if r["variant"] == reference and r["preset"] == preset
         }
-        gains = [r["accuracy"] - src[r["seed"]] for r in group if r["seed"] in src]
+        gains = [
+            r["accuracy"] - src[r["seed"]] for r in group if r["seed"] in src and "accuracy" in r
+        ]
+        refused = sorted({r["refused"] for r in group if "refused" in r})
+        if refused:
+            s["refused"] = "; ".join(refused)
         if gains and variant != reference:
             s["gain_over_source"] = _mean_std(gains)
             s["min_gain_over_source"] = round(min(gains), 4)
@@ -459,9 +480,10 @@ def markdown(payload: dict[str, Any]) -> str:
             g = s["gain_over_source"]
             gain = f"{g['mean']:+.3f} ({s['min_gain_over_source']:+.3f})"
         secs = f"{s['seconds']['mean']:.0f}" if "seconds" in s else "-"
+        accuracy = f"refused: {s['refused']}" if "refused" in s else _fmt(s, "accuracy")
         lines.append(
             f"| {s['preset']} | `{s['variant']}` | {','.join(map(str, s['seeds']))} | "
-            f"{_fmt(s, 'accuracy')} | "
+            f"{accuracy} | "
             f"{_fmt(s, 'mean_class_recall')} | {gain} | "
             f"{_fmt(s, 'pseudo_label_precision')} | {secs} |"
         )
@@ -596,14 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                         # Another set of vendors is another row (e.g. "la-cmfer [studio]").
                         row["variant"] += f" [{'+'.join(args.vendors)}]"
                     rows.append(tag_arch(row, arch))
-                    prec = row.get("pseudo_label_precision")
-                    print(
-                        f"{preset} {variant} seed {seed}: acc {row['accuracy']:.4f} "
-                        f"mcr {row['mean_class_recall']:.4f}"
-                        + (f" PL prec {prec:.4f}" if prec is not None else "")
-                        + f" ({row['seconds']} s)",
-                        flush=True,
-                    )
+                    print(f"{preset} {variant} seed {seed}: {_outcome(row)}", flush=True)
                     merged = _merge(_previous_rows(args.out), rows)
                     payload["rows"] = merged
                     payload["summary"] = summarise(merged)

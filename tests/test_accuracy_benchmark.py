@@ -255,3 +255,20 @@ def test_rows_of_a_timm_model_with_options_get_a_valid_package_name(
     long = acc._package_dir_name("studio-0-" + "x" * 80)
     assert all(NAME_RE.match(n) for n in [*names, long]) and names[0] != names[1]
     assert long != acc._package_dir_name("studio-0-" + "x" * 81)
+
+
+def test_a_refused_method_is_a_row_of_the_table_not_a_crash(
+    load_benchmark: Callable[[str], ModuleType],
+) -> None:
+    acc = load_benchmark("accuracy")
+    why = "adabn has nothing to adapt: the model has no BatchNorm layers"
+    rows = [
+        _row("source-only @vit", 0, 0.5) | {"arch": "vit"},
+        {"variant": "adabn @vit", "preset": "wild-mild", "seed": 0, "arch": "vit", "refused": why},
+    ]
+    summary = acc.summarise(rows)
+    adabn = next(s for s in summary if s["variant"] == "adabn @vit")
+    assert adabn["refused"] == why and "accuracy" not in adabn and "gain_over_source" not in adabn
+    payload = {"rows": rows, "summary": summary, "argv": "x", "machine": {"threads": 2}}
+    assert f"| `adabn @vit` | 0 | refused: {why} | - | - |" in acc.markdown(payload)
+    assert acc._outcome(rows[1]) == f"refused: {why}"
