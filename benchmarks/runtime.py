@@ -1,10 +1,17 @@
 """Runtime speed: the same model in torch eager and through the sourcefree runtime (CPU).
 
 Both run in this process with the same thread count, on the same inputs; the
-ratio is torch time / runtime time (> 1 means the runtime is faster). Writes
-benchmarks/results/runtime.json and benchmarks/results/runtime.md.
+ratio is torch time / runtime time (> 1 means the runtime is faster). Then the
+deployment variants of ``sourcefree optimize`` (fp16, int8) against the fp32
+package in the same run: images/s at batch 64 through the runtime, the speed-up
+over fp32 and the top-1 agreement with fp32 on the calibration images
+(synthetic ``wild-mild`` faces; with ``--package`` and ``--calibration``, a
+package and images of your own, e.g. the demo's adapted package and its
+customer photos). Writes benchmarks/results/runtime.json and runtime.md.
 
-Run: python benchmarks/runtime.py [--threads 2] [--repeats 20]
+Run: python benchmarks/runtime.py [--threads 2] [--repeats 20] [--models smallcnn]
+     python benchmarks/runtime.py --package demo-out/adapted/package \
+         --calibration demo-out/customer-photos
 """
 
 from __future__ import annotations
@@ -22,14 +29,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from sourcefree.data.synthetic import write_domain
 from sourcefree.engine.models import build_classifier
 from sourcefree.export import source_package
-from sourcefree.package.manifest import InputSpec
+from sourcefree.export.optimize import calibration_inputs, optimize_package
+from sourcefree.package.loader import load_package
+from sourcefree.package.manifest import DEFAULT_MAX_CALIBRATION_IMAGES, InputSpec
 from sourcefree.runtime.predictor import Predictor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = (("smallcnn", 32), ("resnet18", 64))
 BATCHES = (1, 64)
+#: Batch of the variant rows, and the synthetic calibration images per model.
+VARIANT_BATCH = 64
+CALIBRATION_IMAGES = 256
 
 
 def _time(fn: Callable[[], object], repeats: int, min_seconds: float = 0.3) -> float:
@@ -50,11 +63,66 @@ def _time(fn: Callable[[], object], repeats: int, min_seconds: float = 0.3) -> f
     return statistics.median(samples)
 
 
-def run(threads: int, repeats: int) -> dict[str, Any]:
+def variant_rows(
+    package: Path, calibration: Path, work: Path, threads: int, repeats: int, label: str
+) -> list[dict[str, Any]]:
+    """fp32, fp16 and int8 of ``package`` at batch 64: images/s, speed-up, top-1 agreement.
+
+    The variants are written with ``min_agreement=0`` so every row is measured;
+    ``sourcefree optimize`` itself refuses one below 0.99.
+    """
+    pkg = load_package(package)
+    x = calibration_inputs(calibration, pkg, DEFAULT_MAX_CALIBRATION_IMAGES, 0.05)
+    batch = np.resize(x, (VARIANT_BATCH, *x.shape[1:]))  # the images, repeated to 64
+    paths = {"fp32": (package, 1.0)}
+    for precision in ("fp16", "int8"):
+        done = optimize_package(
+            pkg, calibration, work / precision, precision=precision, min_agreement=0.0
+        )
+        paths[precision] = (done.package.path, done.top1_agreement)
+    rows: list[dict[str, Any]] = []
+    for precision, (path, agreement) in paths.items():
+        predictor = Predictor(path, device="cpu", threads=threads, batch_size=VARIANT_BATCH)
+
+        def runtime(predictor: Predictor = predictor) -> object:
+            return predictor.predict_array(batch)
+
+        seconds = _time(runtime, repeats)
+        rows.append(
+            {
+                "model": label,
+                "precision": precision,
+                "batch": VARIANT_BATCH,
+                "runtime_ms": round(seconds * 1e3, 3),
+                "runtime_images_per_s": round(VARIANT_BATCH / seconds, 1),
+                "top1_agreement_with_fp32": round(agreement, 4),
+                "calibration_images": len(x),
+            }
+        )
+        print(rows[-1])
+    fp32 = rows[0]["runtime_images_per_s"]
+    for row in rows:
+        row["speedup_vs_fp32"] = round(row["runtime_images_per_s"] / fp32, 2)
+    return rows
+
+
+def run(
+    threads: int,
+    repeats: int,
+    models: tuple[tuple[str, int], ...] = MODELS,
+    package: Path | None = None,
+    calibration: Path | None = None,
+) -> dict[str, Any]:
     torch.set_num_threads(threads)
     rows = []
+    variants: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for arch, size in MODELS:
+        if package is not None and calibration is not None:
+            work = Path(tmp) / "own"
+            work.mkdir()
+            name = load_package(package).manifest.name
+            variants += variant_rows(package, calibration, work, threads, repeats, name)
+        for arch, size in models:
             torch.manual_seed(0)
             model = build_classifier(arch, 7).eval()
             out = Path(tmp) / arch
@@ -91,6 +159,10 @@ def run(threads: int, repeats: int) -> dict[str, Any]:
                     }
                 )
                 print(rows[-1])
+            site = write_domain(Path(tmp) / f"site-{arch}", "wild-mild", CALIBRATION_IMAGES, size)
+            work = Path(tmp) / f"variants-{arch}"
+            work.mkdir()
+            variants += variant_rows(out, site, work, threads, repeats, f"{arch} {size}px")
     return {
         "benchmark": "runtime",
         "device": "cpu",
@@ -99,6 +171,13 @@ def run(threads: int, repeats: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "note": "ratio = torch eager time / sourcefree runtime time; > 1 means the runtime wins",
         "rows": rows,
+        "variants_note": (
+            "sourcefree optimize variants through the runtime at batch 64; speedup = images/s "
+            "over the fp32 package's in the same run; agreement = share of the calibration "
+            "images whose top-1 class equals fp32's (the built-in models are untrained: "
+            "their agreement says little, a trained package's does)"
+        ),
+        "variants": variants,
     }
 
 
@@ -115,6 +194,22 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['model']} | {r['batch']} | {r['torch_eager_ms']} | {r['runtime_ms']} | "
             f"{r['runtime_images_per_s']} | {r['ratio_torch_over_runtime']} |"
         )
+    if result.get("variants"):
+        lines += [
+            "",
+            "Deployment variants (`sourcefree optimize`), batch "
+            f"{VARIANT_BATCH}, same run; agreement: top-1 equal to fp32 on the calibration "
+            "images (untrained built-in models: not indicative).",
+            "",
+            "| model | precision | runtime (ms) | img/s | speed-up vs fp32 | top-1 agreement |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for v in result["variants"]:
+            lines.append(
+                f"| {v['model']} | {v['precision']} | {v['runtime_ms']} | "
+                f"{v['runtime_images_per_s']} | {v['speedup_vs_fp32']} | "
+                f"{v['top1_agreement_with_fp32']:.2%} ({v['calibration_images']} images) |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -122,8 +217,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=[arch for arch, _ in MODELS],
+        choices=[arch for arch, _ in MODELS],
+        help="built-in models to run (none: only --package)",
+    )
+    parser.add_argument("--package", type=Path, help="also measure the variants of this package")
+    parser.add_argument("--calibration", type=Path, help="its calibration images (a folder)")
     args = parser.parse_args()
-    result = run(args.threads, args.repeats)
+    if (args.package is None) != (args.calibration is None):
+        parser.error("--package and --calibration go together")
+    models = tuple(m for m in MODELS if m[0] in args.models)
+    result = run(args.threads, args.repeats, models, args.package, args.calibration)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "runtime.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "runtime.md").write_text(markdown(result))

@@ -38,7 +38,10 @@ LABEL_BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"})
 KINDS = ("source", "adapted")
 COLORS = ("rgb", "gray")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-PRECISIONS = ("fp32", "fp16")
+#: Graph precisions: ``fp32`` and ``fp16`` (``export``), ``int8`` (``optimize`` only: a QDQ
+#: graph whose provenance records the fp32 package it came from, ``provenance.optimization``).
+#: Inputs and outputs stay float32 and model.safetensors stays the fp32 weights in every case.
+PRECISIONS = ("fp32", "fp16", "int8")
 #: IR versions a package may declare (the SDK writes 10; onnxruntime 1.20 and later load 7..10).
 MIN_IR_VERSION = 7
 MAX_IR_VERSION = 10
@@ -89,7 +92,16 @@ PROVENANCE_KEYS = {
     "config",
     "num_target_images",
     "note",
+    "optimization",
 }
+#: ``provenance.optimization`` (written by ``sourcefree optimize``): aggregates only.
+OPTIMIZATION_KEYS = {"from_sha256", "top1_agreement", "min_agreement", "calibration_images"}
+#: ``optimize`` defaults (here, torch-free, for the CLI and the writer): the top-1 agreement
+#: with the fp32 graph a variant must reach, the fewest readable calibration images (with 16,
+#: one disagreement already moves the agreement by 6%), the most used (a seeded subset).
+DEFAULT_MIN_AGREEMENT = 0.99
+MIN_CALIBRATION_IMAGES = 16
+DEFAULT_MAX_CALIBRATION_IMAGES = 512
 SOURCE_STATS_KEYS = {"class_counts", "class_feature_means", "au_frequencies", "calibration"}
 #: Roles of auxiliary models a package may carry (manifest ``auxiliary``).
 AUXILIARY_ROLES = ("au_detector",)
@@ -724,6 +736,78 @@ class Auxiliary:
         return cls(au_detector=detector)
 
 
+@dataclass(frozen=True)
+class Optimization:
+    """How a deployment variant was made (``provenance.optimization``, ``sourcefree optimize``).
+
+    Aggregates only: the calibration images stay on site, the manifest holds how many
+    there were and how often the variant's top-1 class agreed with the fp32 graph's.
+    """
+
+    from_sha256: str
+    """Identity (sha256 of manifest.json) of the verified fp32 package it was made from."""
+    top1_agreement: float
+    """Share of the calibration images whose top-1 class equals the fp32 package's."""
+    min_agreement: float
+    """The threshold the agreement had to reach (``--min-agreement``)."""
+    calibration_images: int
+    """How many images calibrated and checked it."""
+
+    def __post_init__(self) -> None:
+        path = "provenance.optimization"
+        _str(self.from_sha256, f"{path}.from_sha256", SHA256_RE)
+        for key in ("top1_agreement", "min_agreement"):
+            value = _float(getattr(self, key), f"{path}.{key}")
+            if not 0.0 <= value <= 1.0:
+                raise _err(f"{path}.{key}", f"{value} is outside [0, 1]")
+        if self.top1_agreement < self.min_agreement:
+            raise _err(
+                f"{path}.top1_agreement",
+                f"{self.top1_agreement} is below min_agreement {self.min_agreement}",
+            )
+        _int(self.calibration_images, f"{path}.calibration_images", 1, 1 << 40)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "from_sha256": self.from_sha256,
+            "top1_agreement": self.top1_agreement,
+            "min_agreement": self.min_agreement,
+            "calibration_images": self.calibration_images,
+        }
+
+    @classmethod
+    def from_dict(cls, value: Any, path: str = "provenance.optimization") -> Optimization:
+        obj = _obj(value, path, OPTIMIZATION_KEYS, OPTIMIZATION_KEYS)
+        return cls(
+            from_sha256=_str(obj["from_sha256"], f"{path}.from_sha256", SHA256_RE),
+            top1_agreement=_float(obj["top1_agreement"], f"{path}.top1_agreement"),
+            min_agreement=_float(obj["min_agreement"], f"{path}.min_agreement"),
+            calibration_images=_int(
+                obj["calibration_images"], f"{path}.calibration_images", 1, 1 << 40
+            ),
+        )
+
+
+def _check_precision(onnx: OnnxSpec, provenance: Mapping[str, Any]) -> None:
+    """An int8 graph names the fp32 package it was optimised from; an fp32 graph names none."""
+    record = provenance.get("optimization")
+    if record is not None:
+        Optimization.from_dict(record)
+    if onnx.precision == "int8" and record is None:
+        raise PackageError(
+            "manifest field 'provenance.optimization' is missing",
+            "an int8 graph is made by `sourcefree optimize`, which records the fp32 package "
+            "it came from and the measured agreement",
+            "optimize the fp32 package again with `sourcefree optimize --int8`",
+        )
+    if onnx.precision == "fp32" and record is not None:
+        raise _err(
+            "provenance.optimization",
+            "an fp32 graph is not an optimised variant",
+            "drop the field, or re-export the package with the SDK",
+        )
+
+
 def _json_value(value: Any, path: str, depth: int = 0) -> Any:
     """Accept plain JSON scalars, lists and objects of short strings (provenance)."""
     if depth > 6:
@@ -763,6 +847,12 @@ class Manifest:
     auxiliary: Auxiliary | None = None
     """Auxiliary models (an action-unit detector), each in its own listed file."""
     schema_version: int = SCHEMA_VERSION
+
+    @property
+    def optimization(self) -> Optimization | None:
+        """How this deployment variant was made (``sourcefree optimize``), if it is one."""
+        record = self.provenance.get("optimization")
+        return None if record is None else Optimization.from_dict(record)
 
     def to_dict(self, *, with_files: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -849,6 +939,7 @@ class Manifest:
                 )
         prov = _obj(obj["provenance"], "provenance", PROVENANCE_KEYS, set())
         provenance = {k: _json_value(v, f"provenance.{k}") for k, v in prov.items()}
+        _check_precision(onnx, provenance)
         stats = None
         if "source_stats" in obj:
             stats = SourceStats.from_dict(obj["source_stats"], arch.num_classes)

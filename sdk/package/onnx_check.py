@@ -50,6 +50,13 @@ ALLOWED_OPS = frozenset(
         "Expand",
     }
 )  # fmt: skip
+#: The two ops of an int8 graph in QDQ format (``sourcefree optimize --int8``: onnxruntime's
+#: ``quantize_static``, QuantFormat.QDQ): quantise a float tensor to 8 bits and back, around
+#: the allowlisted ops above; onnxruntime fuses them into its integer kernels. Across the
+#: seven registry architectures and timm's resnet, mobilenetv3 and vit, quantize_static
+#: emits no other new op. Read by every graph walk (``audit`` summarises int8 packages),
+#: accepted only where the manifest's ``onnx.precision`` is ``int8``.
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 STANDARD_DOMAINS = ("", "ai.onnx")
 #: Most elements one tensor may declare (2**28; a sparse tensor counts its dense size).
 MAX_TENSOR_ELEMENTS = 1 << 28
@@ -66,8 +73,21 @@ MAX_TEXTS = 1_000_000
 #: Deepest nesting of subgraphs, and of types in types.
 MAX_DEPTH = 8
 _FLOAT = 1
+_UINT8 = 2
+_INT8 = 3
+_INT32 = 6
 _INT64 = 7
 _STRING = 8
+_FLOAT16 = 10
+#: Data types a package's tensors (initializers, attribute tensors) may have, as the SDK's
+#: exporters write them: float32 weights, float16 weights (``--fp16`` graphs), int64 shapes
+#: and axes (Reshape, Slice, Unsqueeze, ...). Everything else (strings, bool, float64,
+#: 8-bit floats, 4-bit ints, complex, ...) is refused: no exported classifier holds it.
+TENSOR_TYPES = {_FLOAT: "float32", _FLOAT16: "float16", _INT64: "int64"}
+#: And in an int8 graph (QDQ) only: int8 weights and their zero points (per-channel, symmetric),
+#: uint8 activation zero points (asymmetric activations), int32 biases (scale = input scale x
+#: weight scale). The scales themselves are float32.
+QDQ_TENSOR_TYPES = {_INT8: "int8", _UINT8: "uint8", _INT32: "int32"}
 #: Longest prefix of a name quoted in an error message.
 _QUOTE = 40
 
@@ -245,6 +265,8 @@ class GraphSummary:
     outputs: dict[str, list[int | str]] = field(default_factory=dict)
     input_types: dict[str, int] = field(default_factory=dict)
     initializer_names: set[str] = field(default_factory=set)
+    tensor_types: dict[int, int] = field(default_factory=dict)
+    """Tensors (initializers, attribute tensors, sparse parts) by data type."""
     doc_strings: int = 0
     node_metadata: int = 0
     sparse_tensors: int = 0
@@ -464,7 +486,7 @@ class _Walker:
                 "custom domains need native code that a package must never bring",
                 "export with standard ONNX ops only",
             )
-        if op not in ALLOWED_OPS:
+        if op not in ALLOWED_OPS and op not in QDQ_OPS:
             raise PackageError(
                 f"{ONNX_NAME} uses the op {_quote(op)}, which is not on the allowlist",
                 "packages may use the standard ops an image classifier needs "
@@ -608,6 +630,7 @@ class _Walker:
                 self.metadata("tensor metadata", _expect_bytes(wire, value, "metadata"))
         count = self.elements(dims, what)
         _check_data(dtype, count, raw, typed, what)
+        self.summary.tensor_types[dtype] = self.summary.tensor_types.get(dtype, 0) + 1
         return name, dims, dtype
 
     def dims(self, dims: list[int], wire: int, value: Value, what: str) -> None:
@@ -711,10 +734,35 @@ def summarize(data: bytes) -> GraphSummary:
     return walker.summary
 
 
-def _check_graph(summary: GraphSummary, name: str, manifest: Manifest, input_name: str) -> None:
+def _check_precision(summary: GraphSummary, name: str, precision: str) -> None:
+    """QDQ ops and 8/32-bit integer tensors in int8 graphs only; known tensor types only."""
+    int8 = precision == "int8"
+    qdq = sorted(op for op in summary.ops if op in QDQ_OPS)
+    if qdq and not int8:
+        raise PackageError(
+            f"{name} uses the op {qdq[0]}, but its precision is {precision}",
+            "quantise/dequantise ops belong to int8 graphs (onnx.precision int8), "
+            "which `sourcefree optimize --int8` writes",
+            "re-export the package with the SDK, or optimize its fp32 package with --int8",
+        )
+    allowed = {**TENSOR_TYPES, **(QDQ_TENSOR_TYPES if int8 else {})}
+    for dtype in sorted(set(summary.tensor_types) - set(allowed)):
+        kind = QDQ_TENSOR_TYPES.get(dtype, f"data type {dtype}")
+        raise PackageError(
+            f"{name} holds a tensor of {kind}",
+            f"{precision} graphs hold {', '.join(allowed.values())} tensors only"
+            + ("" if int8 else "; 8-bit and int32 tensors belong to int8 graphs"),
+            "re-export the package with the SDK",
+        )
+
+
+def _check_graph(
+    summary: GraphSummary, name: str, manifest: Manifest, input_name: str, precision: str
+) -> None:
     """What every graph of a package satisfies: no sparse tensors or duplicate metadata,
-    a supported IR version and opset equal to the manifest's, standard domains only, and
-    one float32 input ``[batch, channels, height, width]`` with a dynamic batch."""
+    a supported IR version and opset equal to the manifest's, standard domains only, ops
+    and tensor types of its ``precision``, and one float32 input
+    ``[batch, channels, height, width]`` with a dynamic batch."""
     onnx = manifest.onnx
 
     def refuse(what: str, why: str, fix: str = "re-export the package with the SDK") -> None:
@@ -771,6 +819,7 @@ def _check_graph(summary: GraphSummary, name: str, manifest: Manifest, input_nam
         )
     if summary.input_types[input_name] != _FLOAT:
         refuse("input is not float32", "the runtime feeds float32")
+    _check_precision(summary, name, precision)
 
 
 def _check_output(summary: GraphSummary, what: str, output: str, width: int, why: str) -> None:
@@ -794,7 +843,7 @@ def check_model(data: bytes, manifest: Manifest) -> GraphSummary:
     """Validate the graph against the manifest's ``onnx`` and ``input`` contracts."""
     summary = summarize(data)
     spec = manifest.onnx
-    _check_graph(summary, ONNX_NAME, manifest, spec.input)
+    _check_graph(summary, ONNX_NAME, manifest, spec.input, spec.precision)
     for out in (spec.logits, spec.features):
         if out not in summary.outputs:
             raise PackageError(
@@ -857,7 +906,7 @@ def check_au_detector(data: bytes, spec: AUDetectorSpec, manifest: Manifest) -> 
     """
     name = spec.file
     summary = summarize_auxiliary(data, name)
-    _check_graph(summary, name, manifest, spec.input)
+    _check_graph(summary, name, manifest, spec.input, "fp32")  # auxiliary graphs are fp32
     if list(summary.outputs) != [spec.output]:
         raise PackageError(
             f"{name} has outputs {_names(list(summary.outputs))}",
