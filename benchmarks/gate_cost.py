@@ -92,7 +92,8 @@ def measure(
             gate_sample=gate_sample,
         )
     )
-    t, gate = result.report["timings_s"], result.report["gate"]
+    report = result.report.to_dict()
+    t, gate = report["timings_s"], report["gate"]
     return {
         "images": n,
         "size": size,

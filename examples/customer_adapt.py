@@ -47,7 +47,7 @@ def main(
     sign_package(result.out / "package", private_key)
     print(f"adapted package: {result.out / 'package'} (signed; applications verify {public_key})")
     print(f"report:          {result.out / 'report.json'} (and report.html)")
-    return result.report
+    return result.report.to_dict()
 
 
 if __name__ == "__main__":

@@ -40,13 +40,14 @@ def adapted_package(
     version: str | None = None,
     overwrite: bool = False,
     note: str | None = None,
+    progress: bool = False,
 ) -> tuple[Package, Parity]:
     """Export an adapted classifier as a verified ``kind=adapted`` package at ``out``.
 
     Labels and input spec are the first source package's (all sources share them).
     ``note`` (at most 256 characters) goes into the provenance: ``adapt`` writes
     the do-no-harm gate's reason there when it exports the source model
-    (``method="source"``).
+    (``method="source"``). ``progress``: an export bar on stderr.
 
     Raises:
         ExportError: no source, non-finite weights, export or parity failure.
@@ -88,4 +89,5 @@ def adapted_package(
             out=out,
             provenance=provenance,
             overwrite=overwrite,
+            progress=progress,
         )

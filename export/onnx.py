@@ -205,9 +205,11 @@ def check_au_detector_parity(
     if not worst <= FP32_ATOL:
         raise ExportError(
             f"onnxruntime disagrees with torch on the AU detector by {worst:.2e} "
-            f"(limit {FP32_ATOL:.0e})",
-            "the exported graph does not compute what the detector computes",
-            "nothing was written; check for non-deterministic or custom layers",
+            f"(limit {FP32_ATOL:.0e}: its outputs lie in [0, 1])",
+            "the exported graph does not compute what the detector computes; plausible "
+            "causes: a layer that the exporter translates differently from eager torch (a "
+            "custom or non-deterministic module), non-finite weights",
+            "nothing was written; check the detector's layers and weights, then export again",
         )
     return worst
 
@@ -257,9 +259,14 @@ def _cpu_session(onnx_bytes: bytes) -> Any:
     return ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
 
 
+def _tolerances(precision: str) -> tuple[float, float]:
+    """(ATOL, RTOL) of the parity gate for a graph's precision."""
+    return (FP32_ATOL, FP32_RTOL) if precision == "fp32" else (FP16_ATOL, FP16_RTOL)
+
+
 def _limit(precision: str, ref: np.ndarray) -> float:
     """The allowed max abs difference from the reference output ``ref``."""
-    atol, rtol = (FP32_ATOL, FP32_RTOL) if precision == "fp32" else (FP16_ATOL, FP16_RTOL)
+    atol, rtol = _tolerances(precision)
     return atol + rtol * float(np.abs(ref).max())
 
 
@@ -270,6 +277,8 @@ class _Gap:
     output: str
     diff: float
     limit: float
+    scale: float
+    """max |torch| of that output (the limit is ATOL + RTOL x scale)."""
 
     @property
     def ok(self) -> bool:
@@ -293,7 +302,7 @@ def _compare(
         for g, r in zip(got, ref, strict=True)
     ]
     gaps = [
-        _Gap(name, d, _limit(onnx_spec.precision, r))
+        _Gap(name, d, _limit(onnx_spec.precision, r), float(np.abs(r).max()))
         for name, d, r in zip(("logits", "features"), diffs, ref, strict=True)
     ]
     parity = Parity(
@@ -305,6 +314,27 @@ def _compare(
         samples=x.shape[0],
     )
     return parity, next((g for g in gaps if not g.ok), gaps[0])
+
+
+def _parity_error(gap: _Gap, precision: str) -> ExportError:
+    """The parity failure: the measured error, the limit and how it is made, likely causes."""
+    atol, rtol = _tolerances(precision)
+    causes = [
+        "a layer that the exporter translates differently from eager torch (a custom or "
+        "non-deterministic module, an op without an exact ONNX form)",
+        "non-finite values (NaN or inf) in the weights or activations",
+        "activations so large that float32 rounding alone passes the limit",
+    ]
+    if precision == "fp16":
+        causes.append("fp16 rounding (export in fp32: drop --fp16)")
+    return ExportError(
+        f"onnxruntime disagrees with torch by {gap.diff:.2e} on {gap.output} "
+        f"(limit {gap.limit:.2e} = {atol:g} + {rtol:g} x max|torch| {gap.scale:.3g}, "
+        f"{precision}, seeded random inputs)",
+        "the exported graph does not compute what the model computes; plausible causes: "
+        + "; ".join(causes),
+        "nothing was written; check the model's layers and weights",
+    )
 
 
 def check_parity(
@@ -331,13 +361,7 @@ def check_parity(
         onnx_spec,
     )
     if not gap.ok:
-        raise ExportError(
-            f"onnxruntime disagrees with torch by {gap.diff:.2e} on {gap.output} "
-            f"(limit {gap.limit:.2e})",
-            "the exported graph does not compute what the model computes",
-            "nothing was written; check for non-deterministic or custom layers"
-            + ("; or export in fp32 (drop --fp16)" if onnx_spec.precision == "fp16" else ""),
-        )
+        raise _parity_error(gap, onnx_spec.precision)
     if onnx_spec.precision == "fp16" and not parity.top1_agreement >= FP16_MIN_AGREEMENT:
         raise ExportError(
             f"the fp16 graph agrees with fp32 on {parity.top1_agreement:.0%} of top-1 predictions",

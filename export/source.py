@@ -144,7 +144,7 @@ def _au_auxiliary(
     auxiliary = None
     aux_files: dict[str, bytes] = {}
     if au_detector is not None:
-        detector = _au_spec(au_names, au_threshold)
+        detector = au_detector_spec(au_names, au_threshold)
         freqs = stats.au_frequencies if stats is not None else None
         if freqs is not None and len(freqs[0]) != len(detector.au_names):
             raise ExportError(
@@ -170,7 +170,12 @@ def _au_auxiliary(
     return auxiliary, aux_files
 
 
-def _au_spec(au_names: Sequence[str] | None, threshold: float) -> AUDetectorSpec:
+def au_detector_spec(au_names: Sequence[str] | None, threshold: float) -> AUDetectorSpec:
+    """The manifest entry of an AU detector, checked as the reader checks it (before any export).
+
+    Raises:
+        ExportError: no names. PackageError: a bad name, duplicate names or threshold.
+    """
     if au_names is None or isinstance(au_names, str) or len(au_names) == 0:
         raise ExportError(
             "an au_detector was given without au_names",

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from sourcefree._version import __version__
+from sourcefree.data.progress import progress_bar
 from sourcefree.engine.models import Classifier
 from sourcefree.errors import ExportError
 from sourcefree.export.onnx import IR_VERSION, OPSET, Parity, check_parity, to_onnx
@@ -63,12 +64,15 @@ def write_package(
     auxiliary_files: Mapping[str, bytes] | None = None,
     overwrite: bool = False,
     fp16: bool = False,
+    progress: bool = False,
 ) -> tuple[Package, Parity]:
     """Export ``model`` as a package at ``out``; verify it before it appears there.
 
     ``auxiliary`` describes auxiliary models (an action-unit detector) whose
     already exported graphs are ``auxiliary_files`` (file name -> bytes); they are
-    listed in ``files`` with size and sha256 like the model files.
+    listed in ``files`` with size and sha256 like the model files. ``progress``: an
+    ``export`` bar on stderr over its four steps (weights, ONNX graph, parity
+    check, write and read back; :mod:`sourcefree.data.progress`).
 
     Raises:
         ExportError: export, checker or parity failure, non-finite weights.
@@ -127,20 +131,26 @@ def write_package(
     Manifest.from_dict(
         {**manifest.to_dict(with_files=False), "files": _placeholder_files(*sorted(extra))}
     )
-    weights = _weights_bytes(model)
-    onnx_bytes = to_onnx(model, input_spec, onnx_spec, manifest.to_dict(with_files=False))
-    parity = check_parity(model, onnx_bytes, input_spec, onnx_spec, samples=64 if fp16 else 16)
-    blobs = {WEIGHTS_NAME: weights, ONNX_NAME: onnx_bytes, **extra}
-    files = {
-        k: FileEntry(size=len(v), sha256=hashlib.sha256(v).hexdigest()) for k, v in blobs.items()
-    }
-    final = dataclasses.replace(manifest, files=files)
-    blobs[MANIFEST_NAME] = strictjson.dumps(final.to_dict())
-    with staged_directory(out, overwrite=overwrite) as stage:
-        for fname, data in blobs.items():
-            with write_errors(Path(out) / fname):
-                (stage / fname).write_bytes(data)
-        load_package(stage)  # the package must read back before it is published
+    with progress_bar(4, "export", enabled=progress, unit="step") as bar:
+        weights = _weights_bytes(model)
+        bar.update()
+        onnx_bytes = to_onnx(model, input_spec, onnx_spec, manifest.to_dict(with_files=False))
+        bar.update()
+        parity = check_parity(model, onnx_bytes, input_spec, onnx_spec, samples=64 if fp16 else 16)
+        bar.update()
+        blobs = {WEIGHTS_NAME: weights, ONNX_NAME: onnx_bytes, **extra}
+        files = {
+            k: FileEntry(size=len(v), sha256=hashlib.sha256(v).hexdigest())
+            for k, v in blobs.items()
+        }
+        final = dataclasses.replace(manifest, files=files)
+        blobs[MANIFEST_NAME] = strictjson.dumps(final.to_dict())
+        with staged_directory(out, overwrite=overwrite) as stage:
+            for fname, data in blobs.items():
+                with write_errors(Path(out) / fname):
+                    (stage / fname).write_bytes(data)
+            load_package(stage)  # the package must read back before it is published
+        bar.update()
     return load_package(Path(out)), parity
 
 

@@ -132,9 +132,9 @@ def test_doctor_reports_telemetry_and_providers() -> None:
     code, out = _run("doctor", "--json")
     assert code == 0
     report = json.loads(out)
-    assert report["telemetry"].startswith("off")
-    assert "CPUExecutionProvider" in report["onnxruntime providers (usable)"]
-    assert "CONFLICT" not in report
+    assert report["telemetry_disabled"] is True
+    assert "CPUExecutionProvider" in report["providers_usable"]
+    assert report["conflict"] is None
 
 
 def test_module_entry_point_runs() -> None:

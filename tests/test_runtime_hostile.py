@@ -16,6 +16,7 @@ from PIL import Image
 
 from sourcefree.errors import PackageError
 from sourcefree.runtime.predictor import AUDetector, Predictor
+from tests.parity_helpers import make_large_logit_package as _large_logit_package
 
 Forge = Callable[[Path, str, bytes], None]
 
@@ -179,7 +180,7 @@ def test_au_detector_failures_are_typed(au_source_pkg: Path, forge: Forge, tmp_p
 def test_doctor_reports_a_provider_that_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
-    from sourcefree.cli.doctor import diagnose
+    from sourcefree.cli.doctor import diagnose, format_report
     from sourcefree.runtime.predictor import import_onnxruntime
 
     ort = import_onnxruntime()
@@ -189,9 +190,13 @@ def test_doctor_reports_a_provider_that_fails(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(ort, "InferenceSession", refuse)
     report = diagnose()
-    assert report["onnxruntime providers (usable)"] == "none"
-    failed = report["onnxruntime providers (failed)"]
-    assert "CPUExecutionProvider ('[ONNXRuntimeError] : 1 : FAIL : no such library')" in failed
+    assert report["providers_usable"] == []
+    failed = report["providers_failed"]
+    reason = "'[ONNXRuntimeError] : 1 : FAIL : no such library'"
+    assert {"provider": "CPUExecutionProvider", "reason": reason} in failed
+    rows = dict(format_report(report))
+    assert rows["onnxruntime providers (usable)"] == "none"
+    assert f"CPUExecutionProvider ({reason})" in rows["onnxruntime providers (failed)"]
 
 
 # -- the two model files of a package compute the same function ---------------------
@@ -234,31 +239,6 @@ def test_adapt_refuses_weights_that_differ_from_the_graph(
         )
     assert steps == [], "refused before any training"
     assert not out.exists() and not (tmp_path / ".o.work").exists()
-
-
-def _large_logit_package(out: Path, fp16: bool = False) -> Path:
-    """A legitimate package whose logits reach ~1e4 (head scaled before export)."""
-    from sourcefree.engine.models import build_classifier
-    from sourcefree.export import source_package
-    from sourcefree.package.manifest import InputSpec
-
-    torch.manual_seed(0)
-    model = build_classifier("smallcnn", 3)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(16, 3, 32, 32) * 2 + 0.3)
-        model.head.weight.mul_(1e4)
-        model.head.bias.mul_(1e4)
-    source_package(
-        model.eval(),
-        architecture="smallcnn",
-        labels=["a", "b", "c"],
-        input_spec=InputSpec(size=(32, 32)),
-        out=out,
-        fp16=fp16,
-    )
-    return out
 
 
 def test_large_logits_pass_the_agreement_check(

@@ -221,8 +221,8 @@ def test_sigterm_in_the_report_stage_of_adapt_then_resume(source_pkg: Path, tmp_
     assert "--resume" in err and "Traceback" not in err
     assert _entries(runs) == [".adapted.work"], "OUT absent, no staging, no lock; run dir kept"
     done = adapt(AdaptRequest(source_pkg, data, method="adabn", out=out, resume=True, device="cpu"))
-    assert done.report["resumed"] is True
-    assert done.report["checkpoints_written"] == 0, "training is not run again"
+    assert done.report.resumed is True
+    assert done.report.checkpoints_written == 0, "training is not run again"
     assert _entries(runs) == ["adapted"]
     assert _entries(out) == ["package", "report.html", "report.json"]
 

@@ -21,7 +21,6 @@ from sourcefree.cli.errors import EXIT_INTERRUPTED as EXIT_INTERRUPTED
 from sourcefree.cli.errors import EXIT_OK as EXIT_OK
 from sourcefree.cli.errors import typed_errors
 from sourcefree.errors import SourcefreeError
-from sourcefree.package.manifest import ARCHITECTURE_NAMES
 
 
 class _Group(click.Group):
@@ -36,7 +35,14 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sourcefree")
-def main() -> None:
+@click.option(
+    "-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr: no status, no bars."
+)
+@click.option(
+    "-v", "--verbose", count=True, help="More detail on stderr (the library's debug lines)."
+)
+@click.pass_context
+def main(ctx: click.Context, quiet: bool, verbose: int) -> None:
     """Source-free domain adaptation with a privacy story.
 
     \b
@@ -46,160 +52,16 @@ def main() -> None:
     Application: sourcefree predict PKG photos/ -o preds.csv
     Everything:  sourcefree demo
 
-    Nothing is ever sent over the network.
+    Stdout carries only a command's data; status and errors go to stderr
+    (-q: warnings and errors only). Nothing is ever sent over the network.
     """
+    from sourcefree.cli.logs import configure_logging
 
-
-def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _arch_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
-    """``KEY=VALUE`` pairs; VALUE is read as a JSON scalar (a bare word is a string)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, eq, text = pair.partition("=")
-        if not eq or not key:
-            raise click.BadParameter(
-                f"expected KEY=VALUE, got {pair[:80]!r}", param_hint="--arch-option"
-            )
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = text
-        if value is None or isinstance(value, (list, dict)) or key in out:
-            why = "is given twice" if key in out else "must be a number, true/false or a name"
-            raise click.BadParameter(f"{key[:40]!r} {why}", param_hint="--arch-option")
-        out[key] = value
-    return out or None
-
-
-@main.command("export")
-@click.option(
-    "--arch",
-    required=True,
-    help=f"Architecture: {', '.join(ARCHITECTURE_NAMES)}, or timm:NAME (a timm model).",
-)
-@click.option(
-    "--arch-option",
-    "arch_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="timm:NAME only: a timm.create_model option (allowlisted, e.g. img_size=32); repeatable.",
-)
-@click.option(
-    "--weights",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="safetensors file with the architecture's own state_dict (num_classes = #labels).",
-)
-@click.option("--labels", required=True, help="Class names in output order, comma-separated.")
-@click.option("--input-size", required=True, type=click.IntRange(1, 4096), help="Side in px.")
-@click.option("--mean", default=None, help="Per-channel mean, e.g. 0.485,0.456,0.406.")
-@click.option("--std", default=None, help="Per-channel std, e.g. 0.229,0.224,0.225.")
-@click.option("--grayscale", is_flag=True, help="The model was trained on grey images.")
-@click.option(
-    "--interpolation",
-    type=click.Choice(["nearest", "bilinear", "bicubic"]),
-    default="bilinear",
-    show_default=True,
-)
-@click.option("--name", default=None, help="Package name (default: the --out folder name).")
-@click.option("--version", "pkg_version", default="1.0.0", show_default=True)
-@click.option(
-    "--class-counts", default=None, help="Training images per class (aggregate source stats)."
-)
-@click.option("--fp16", is_flag=True, help="Store an fp16 graph (checked by top-1 agreement).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Package directory.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
-def export_cmd(
-    arch: str,
-    arch_options: tuple[str, ...],
-    weights: Path,
-    labels: str,
-    input_size: int,
-    mean: str | None,
-    std: str | None,
-    grayscale: bool,
-    interpolation: str,
-    name: str | None,
-    pkg_version: str,
-    class_counts: str | None,
-    fp16: bool,
-    out: Path,
-    overwrite: bool,
-) -> None:
-    """Vendor: package a trained model (safetensors + ONNX + manifest).
-
-    The model is exported to ONNX and checked against torch on random inputs
-    (max abs error <= 1e-4 in fp32); on any failure nothing is written.
-
-    \b
-    Example:
-      sourcefree export --arch resnet18 --weights fer.safetensors \\
-        --labels surprise,fear,disgust,happiness,sadness,anger,neutral \\
-        --input-size 64 --out fer-resnet18
-      sourcefree export --arch timm:vit_tiny_patch16_224 --arch-option img_size=32 \\
-        --arch-option patch_size=4 --weights vit.safetensors --labels ... \\
-        --input-size 32 --out fer-vit
-    """
-    from sourcefree.engine.models import (
-        first_conv_channels,
-        from_vendor_state,
-        read_vendor_weights,
-        resolve_architecture,
-    )
-    from sourcefree.errors import PackageError
-    from sourcefree.export import source_package
-    from sourcefree.fsutil import check_output_dir
-    from sourcefree.package.manifest import InputSpec
-
-    check_output_dir(out.absolute(), overwrite)
-    names = [s.strip() for s in labels.split(",") if s.strip()]
-    options = _arch_options(arch_options)
-    a = resolve_architecture(arch, options)
-    state = read_vendor_weights(weights)
-    in_channels = first_conv_channels(a, state)  # by the registry's key, never dict order
-    if in_channels == 1 and not grayscale:
-        raise PackageError(
-            f"{a.name}'s first convolution {a.first_conv!r} takes 1 channel",
-            "a one-channel model was trained on grey images",
-            "pass --grayscale",
-        )
-    default = (0.5,) * in_channels
-    spec = InputSpec(
-        size=(input_size, input_size),
-        channels=in_channels,
-        color="gray" if grayscale else "rgb",
-        mean=_floats(mean, "--mean") or default,
-        std=_floats(std, "--std") or default,
-        interpolation=interpolation,
-    )
-    model = from_vendor_state(a, state, len(names), in_channels)
-    stats = None
-    if class_counts:
-        stats = {"class_counts": [int(v) for v in class_counts.split(",")]}
-    pkg = source_package(
-        model,
-        architecture=arch,
-        architecture_options=options,
-        labels=names,
-        input_spec=spec,
-        out=out,
-        source_stats=stats,
-        name=name,
-        version=pkg_version,
-        overwrite=overwrite,
-        fp16=fp16,
-    )
-    click.echo(
-        f"wrote {out} ({pkg.manifest.name} {pkg.manifest.version}, sha256 {pkg.sha256[:16]})"
-    )
+    if quiet and verbose:
+        raise click.UsageError("-q/--quiet and -v/--verbose contradict each other")
+    verbosity = -1 if quiet else verbose
+    ctx.obj = {"verbosity": verbosity}  # commands run from the group skip their own set-up
+    configure_logging(verbosity)
 
 
 @main.command()
@@ -340,7 +202,34 @@ def _expand(paths: tuple[Path, ...]) -> Iterator[Path]:
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write a CSV here.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, allow_dash=True),
+    help="Write the predictions to this file (default, or -: stdout).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl"]),
+    default="csv",
+    show_default=True,
+    help="csv: a header and one row per image; jsonl: one JSON object per image.",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(1, None),
+    default=1,
+    show_default=True,
+    help="Also write the K most probable labels (CSV: label_2, probability_2, ...; "
+    "JSON Lines: top_k).",
+)
+@click.option(
+    "--probabilities",
+    is_flag=True,
+    help="Write every class probability, in the package's label order "
+    "(CSV: one prob_LABEL column per label; JSON Lines: probabilities).",
+)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 65536))
 @click.option(
     "--device",
@@ -353,39 +242,109 @@ def predict(
     package: Path,
     paths: tuple[Path, ...],
     output: Path | None,
+    fmt: str,
+    top_k: int,
+    probabilities: bool,
     batch_size: int,
     device: str,
     key: Path | None,
 ) -> None:
     """Predict images or folders of images (no torch needed).
 
-    Unreadable images are reported and skipped; the rest are predicted.
+    Unreadable images are reported and skipped; the rest are predicted. Stdout
+    carries only the predictions; status, skipped files and the progress bar
+    (folders, on a terminal) go to stderr.
+
+    \b
+    Example:
+      sourcefree predict adapted/package photos/ -o preds.csv
+      sourcefree -q predict PKG photos/ --format jsonl --top-k 3 > preds.jsonl
     """
+    from sourcefree.cli.logs import LOG, progress
+    from sourcefree.errors import InputError
     from sourcefree.fsutil import atomic_write_bytes, check_output_file
     from sourcefree.package.loader import load_package
     from sourcefree.package.manifest import check_batch_bytes
     from sourcefree.runtime.predictor import Predictor
 
-    if output is not None:
+    to_file = output is not None and str(output) != "-"
+    if output is not None and to_file:
         check_output_file(output)  # before any work; its folder is not created
     pkg = load_package(package, public_key=key)
+    labels = list(pkg.manifest.labels)
+    if top_k > len(labels):
+        raise InputError(
+            f"--top-k {top_k} asks for more labels than the package has ({len(labels)})",
+            "each image gets one probability per label",
+            f"pass --top-k {len(labels)} or less (or --probabilities for all of them)",
+        )
     check_batch_bytes(pkg.manifest.input, batch_size, "--batch-size")
     predictor = Predictor(pkg, device=device, batch_size=batch_size)
-    click.echo(f"running on {predictor.device} ({predictor.providers[0]})", err=True)
-    done, failed = predictor.predict_paths(_expand(paths))
+    LOG.info("running on %s (%s)", predictor.device, predictor.providers[0])
+    files = list(_expand(paths))
+    folders = any(p.is_dir() and not p.is_symlink() for p in paths)
+    with progress(len(files) if folders else 0, "predict") as advance:
+        done, failed = predictor.predict_files(files, on_file=advance)
     for path, reason in failed:
-        click.echo(f"skipped {path}: {reason}", err=True)
-    rows = ["path,label,probability"] + [
-        ",".join(csv_cell(c) for c in (str(p), lbl, f"{prob:.6f}")) for p, lbl, prob in done
-    ]
-    if output is not None:
-        atomic_write_bytes(output, ("\n".join(rows) + "\n").encode("utf-8"))
-        click.echo(f"wrote {len(done)} predictions to {output}", err=True)
+        LOG.warning("skipped %s: %s", path, reason)
+    write = _jsonl_lines if fmt == "jsonl" else _csv_lines
+    text = "".join(line + "\n" for line in write(done, labels, top_k, probabilities))
+    if output is not None and to_file:
+        atomic_write_bytes(output, text.encode("utf-8"))
+        LOG.info("wrote %d predictions to %s", len(done), output)
     else:
-        click.echo("\n".join(rows))
-    click.echo(f"{len(done)} predicted, {len(failed)} skipped", err=True)
+        click.echo(text, nl=False)
+    LOG.info("%d predicted, %d skipped", len(done), len(failed))
     if not done:
         sys.exit(EXIT_ERROR)
+
+
+def _ranked(probs: Any, labels: list[str], top_k: int) -> list[tuple[str, float]]:
+    """The ``top_k`` (label, probability) pairs, most probable first; ties by label order."""
+    import numpy as np
+
+    order = np.argsort(-probs, kind="stable")[:top_k]
+    return [(labels[int(i)], float(probs[int(i)])) for i in order]
+
+
+def _csv_lines(
+    done: list[tuple[Path, Any]], labels: list[str], top_k: int, probabilities: bool
+) -> Iterator[str]:
+    """``predict``'s CSV: path,label,probability[,label_K,probability_K...][,prob_LABEL...]."""
+    header = ["path", "label", "probability"]
+    for k in range(2, top_k + 1):
+        header += [f"label_{k}", f"probability_{k}"]
+    if probabilities:
+        header += [f"prob_{label}" for label in labels]
+    yield ",".join(csv_cell(c) for c in header)
+    for path, probs in done:
+        cells = [str(path)]
+        for label, prob in _ranked(probs, labels, top_k):
+            cells += [label, f"{prob:.6f}"]
+        if probabilities:
+            cells += [f"{float(p):.6f}" for p in probs]
+        yield ",".join(csv_cell(c) for c in cells)
+
+
+def _jsonl_lines(
+    done: list[tuple[Path, Any]], labels: list[str], top_k: int, probabilities: bool
+) -> Iterator[str]:
+    """``predict``'s JSON Lines: one object per image (path, label, probability, ...)."""
+    names = [_plain(label) for label in labels]
+    for path, probs in done:
+        ranked = _ranked(probs, names, top_k)
+        record: dict[str, Any] = {
+            "path": _plain(str(path)),
+            "label": ranked[0][0],
+            "probability": round(ranked[0][1], 6),
+        }
+        if top_k > 1:
+            record["top_k"] = [{"label": n, "probability": round(p, 6)} for n, p in ranked]
+        if probabilities:
+            record["probabilities"] = {
+                n: round(float(p), 6) for n, p in zip(names, probs, strict=True)
+            }
+        yield json.dumps(record, ensure_ascii=False)
 
 
 #: First characters that make a spreadsheet read a cell as a formula (OWASP).
@@ -399,12 +358,18 @@ def csv_cell(text: str) -> str:
     a cell starting with ``= + - @``, tab or CR gets a leading ``'`` (no formula
     runs); cells with ``,``, ``"`` or line breaks are quoted.
     """
-    if any("\ud800" <= c <= "\udfff" for c in text):
-        text = "".join(_escape_surrogate(c) for c in text)
+    text = _plain(text)
     if text.startswith(FORMULA_STARTS):
         text = "'" + text
     if any(c in text for c in ',"\n\r'):
         return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def _plain(text: str) -> str:
+    """Text that encodes as UTF-8: undecodable bytes (surrogate escapes) become ``\\xNN``."""
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        return "".join(_escape_surrogate(c) for c in text)
     return text
 
 
@@ -418,15 +383,21 @@ def _escape_surrogate(char: str) -> str:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def doctor(as_json: bool) -> None:
-    """Environment check: torch and CUDA, onnxruntime and its providers, conflicts, telemetry."""
-    from sourcefree.cli.doctor import diagnose
+    """Environment check: torch and CUDA, onnxruntime and its providers, conflicts, telemetry.
+
+    \b
+    Example:
+      sourcefree doctor
+      sourcefree doctor --json   # snake_case keys, null for what is not installed
+    """
+    from sourcefree.cli.doctor import diagnose, format_report
 
     report = diagnose()
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    for key, value in report.items():
-        click.echo(f"{key:28s} {value}")
+    for label, text in format_report(report):
+        click.echo(f"{label:30s} {text}")
 
 
 @main.command()
@@ -456,8 +427,10 @@ def demo(out: Path, overwrite: bool, method: str, seed: int) -> None:
 def _register() -> None:
     from sourcefree.cli.commands_adapt import COMMANDS
     from sourcefree.cli.commands_data import synth
+    from sourcefree.cli.commands_export import COMMANDS as EXPORT_COMMANDS
+    from sourcefree.cli.commands_optimize import COMMANDS as OPTIMIZE_COMMANDS
 
-    for command in (*COMMANDS, synth):
+    for command in (*EXPORT_COMMANDS, *COMMANDS, *OPTIMIZE_COMMANDS, synth):
         main.add_command(command)
 
 

@@ -9,13 +9,21 @@ commands behave the same when invoked on their own (tests) or from the
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from sourcefree.cli.errors import EXIT_KEPT_SOURCE
+
 # The CLI's one error wrapper (the group's too): error line, exit code, signals.
 from sourcefree.cli.errors import typed_errors_command as _typed_errors
+from sourcefree.cli.logs import LOG, status_enabled
+
+#: Where a human line goes: stdout, or the status logger (stderr) under --json.
+Say = Callable[[str], None]
 
 
 @click.command("adapt")
@@ -104,9 +112,15 @@ from sourcefree.cli.errors import typed_errors_command as _typed_errors
     help="bf16 autocast of training steps (auto: on for CUDA GPUs, off on the CPU); "
     "losses stay fp32. Recorded in report.json.",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the run's summary as one JSON object on stdout (human lines go to stderr).",
+)
 @_typed_errors
 def adapt_command(
-    paths: tuple[Path, ...], no_progress: bool, no_gate: bool, **options: Any
+    paths: tuple[Path, ...], no_progress: bool, no_gate: bool, as_json: bool, **options: Any
 ) -> None:
     """Adapt source package(s) PKG [PKG2 ...] to the unlabelled images in DATA.
 
@@ -124,7 +138,8 @@ def adapt_command(
 
     After adaptation the do-no-harm gate compares the adapted model with the
     source model without labels; when the adapted one is estimated worse, the
-    source model is exported (provenance method "source") unless --force.
+    source model is exported (provenance method "source") unless --force, and
+    the command exits with code 4 (the package is still written).
     """
     # Every other option is named as the AdaptRequest field it sets.
     if len(paths) < 2:
@@ -133,41 +148,91 @@ def adapt_command(
     from sourcefree.pipeline.request import AdaptRequest
 
     *pkgs, data = paths
-    request = AdaptRequest(tuple(pkgs), data, progress=not no_progress, gate=not no_gate, **options)
+    progress = not no_progress and status_enabled()  # -q: no bars
+    request = AdaptRequest(tuple(pkgs), data, progress=progress, gate=not no_gate, **options)
     result = adapt(request)
     if result.rank != 0:
         return  # under torchrun only rank 0 reports
-    click.echo(f"adapted package: {result.out / 'package'}")
-    click.echo(f"report:          {result.out / 'report.json'}")
-    click.echo(f"html report:     {result.out / 'report.html'}")
-    _echo_selection(result.report)
-    _echo_evaluation(result.report)
+    report = _report_dict(result.report)
+    say: Say = LOG.info if as_json else click.echo
+    say(f"adapted package: {result.out / 'package'}")
+    say(f"report:          {result.out / 'report.json'}")
+    say(f"html report:     {result.out / 'report.html'}")
+    _echo_selection(report, say)
+    _echo_evaluation(report, say)
+    kept_source = report["gate"]["decision"] == "source"
+    if as_json:
+        click.echo(json.dumps(adapt_summary(report, result.out), indent=2))
+    if kept_source:
+        LOG.info("exit code %d: the gate kept the source model", EXIT_KEPT_SOURCE)
+        sys.exit(EXIT_KEPT_SOURCE)
 
 
-def _echo_evaluation(report: dict[str, Any]) -> None:
+def _report_dict(report: Any) -> dict[str, Any]:
+    """report.json's object, from a typed report (``to_dict``) or the object itself."""
+    to_dict = getattr(report, "to_dict", None)
+    return dict(to_dict() if callable(to_dict) else report)
+
+
+#: The gate's keys that ``adapt --json`` repeats.
+GATE_SUMMARY_KEYS = (
+    *("enabled", "decision", "verdict", "forced", "reason", "estimated_gain", "accuracy"),
+)
+
+
+def adapt_summary(report: dict[str, Any], out: Path) -> dict[str, Any]:
+    """What ``adapt --json`` prints: the decision, the gate, accuracies, paths, timings."""
+    gate = report["gate"]
+    accuracy = None
+    evaluation = report.get("evaluation")
+    if evaluation:
+        accuracy = {
+            "source": [
+                {k: src[k] for k in ("accuracy", "mean_class_recall")}
+                for src in evaluation["source"]
+            ],
+            "adapted": {k: evaluation["adapted"][k] for k in ("accuracy", "mean_class_recall")},
+        }
+    selection = report.get("selection")
+    return {
+        "decision": gate["decision"],
+        "kept_source": gate["decision"] == "source",
+        "exit_code": EXIT_KEPT_SOURCE if gate["decision"] == "source" else 0,
+        "method": report["method"],
+        "chosen": None if selection is None else selection["chosen"],
+        "gate": {k: gate.get(k) for k in GATE_SUMMARY_KEYS},
+        "accuracy": accuracy,
+        "out": str(out),
+        "package": str(out / report.get("package", "package")),
+        "package_sha256": report["export"]["sha256"],
+        "report": str(out / "report.json"),
+        "report_html": str(out / "report.html"),
+        "timings_s": report["timings_s"],
+    }
+
+
+def _echo_evaluation(report: dict[str, Any], say: Say = click.echo) -> None:
     """Source vs adapted metrics and pseudo-label quality, with --eval-labels."""
     evaluation = report.get("evaluation")
     if not evaluation:
         return
     for i, src in enumerate(evaluation["source"]):
-        click.echo(
+        say(
             f"source{'' if len(evaluation['source']) == 1 else i + 1}: "
             f"accuracy {src['accuracy']:.4f}, mean class recall {src['mean_class_recall']:.4f}"
         )
     ad = evaluation["adapted"]
-    click.echo(
-        f"adapted: accuracy {ad['accuracy']:.4f}, mean class recall {ad['mean_class_recall']:.4f}"
-    )
+    say(f"adapted: accuracy {ad['accuracy']:.4f}, mean class recall {ad['mean_class_recall']:.4f}")
     pl = evaluation.get("pseudo_labels")
     if pl is not None:
         precision = "-" if pl["precision"] is None else f"{pl['precision']:.4f}"
-        click.echo(
+        say(
             f"pseudo-labels: precision {precision} "
             f"({pl['labelled_selected']} labelled of {pl['selected']} selected), "
             f"coverage {pl['coverage']:.4f} ({pl['selected']}/{pl['images']}); "
             f"source accuracy {pl['source_accuracy']:.4f}"
         )
-        click.echo(
+        say(
             "  selected per class: "
             + ", ".join(f"{n} {c}" for n, c in pl["selected_per_class"].items())
         )
@@ -177,31 +242,31 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _echo_selection(report: dict[str, Any]) -> None:
+def _echo_selection(report: dict[str, Any], say: Say = click.echo) -> None:
     """Candidates of -m auto / --select auto, then the gate's decision."""
     sel = report.get("selection")
     if sel is not None:
         rule = sel["criterion"] or "nothing: no candidate finished"
-        click.echo(f"candidates (ranked by {rule}, higher is better):")
+        say(f"candidates (ranked by {rule}, higher is better):")
         if sel.get("criterion_reason"):
-            click.echo(f"  {sel['criterion_reason']}")
+            say(f"  {sel['criterion_reason']}")
         for row in sel["candidates"]:
             mark = "*" if row["chosen"] else " "
             acc = f"  accuracy {_fmt(row['accuracy'])}" if "accuracy" in row else ""
             detail = f" ({row['detail']})" if row.get("detail") else ""
-            click.echo(
+            say(
                 f" {mark} {row['candidate']:<32} {row['status']:<11} "
                 f"score {_fmt(row['value'])}{acc}{detail}"
             )
     gate = report.get("gate")
     if gate is not None:
-        click.echo(f"gate: exported the {gate['decision']} model; {gate['reason']}")
+        say(f"gate: exported the {gate['decision']} model; {gate['reason']}")
         scored, total = gate.get("sample_size"), gate.get("target_images")
         if gate.get("scores") is not None and scored is not None and scored != total:
-            click.echo(f"  (scored on a seeded subsample of {scored} of {total} images)")
+            say(f"  (scored on a seeded subsample of {scored} of {total} images)")
         acc = gate.get("accuracy")
         if acc is not None:
-            click.echo(
+            say(
                 f"  (with --eval-labels: source accuracy {_fmt(acc['source'])}, "
                 f"adapted {_fmt(acc['adapted'])})"
             )

@@ -6,7 +6,8 @@ SIGINT/SIGTERM raise :class:`~sourcefree.errors.Interrupted` inside it, so parti
 outputs are removed before the process exits (130 or 143). The ``sourcefree``
 group wraps every command in it, and the commands that tests also invoke on
 their own carry it as a decorator (:func:`typed_errors_command`), so they end the
-same either way.
+same either way; on their own they also set up the status logger (the group does it
+otherwise, with its -q/-v).
 """
 
 from __future__ import annotations
@@ -21,11 +22,19 @@ import click
 
 from sourcefree.errors import Interrupted, SourcefreeError
 
-__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "typed_errors", "typed_errors_command"]
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_KEPT_SOURCE",
+    "EXIT_OK",
+    "typed_errors",
+    "typed_errors_command",
+]
 
 #: Exit codes (also in docs/cli.md).
 EXIT_OK = 0
 EXIT_ERROR = 2  # a typed SourcefreeError: bad input, refused package, ...
+EXIT_KEPT_SOURCE = 4  # adapt: the do-no-harm gate exported the source model (still written)
 EXIT_INTERRUPTED = 130  # SIGINT; SIGTERM exits with 143 (128 + signal number)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,6 +66,11 @@ def typed_errors_command(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context(silent=True)
+        if ctx is None or ctx.find_root().obj is None:  # not run from the group
+            from sourcefree.cli.logs import configure_logging
+
+            configure_logging()
         with typed_errors():
             return func(*args, **kwargs)
 

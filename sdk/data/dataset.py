@@ -31,6 +31,7 @@ from sourcefree.data.imaging import (
     resample_filter,
     resized_pixels,
 )
+from sourcefree.data.progress import progress_bar
 from sourcefree.errors import ConfigError, DatasetError
 from sourcefree.package.manifest import InputSpec
 
@@ -425,6 +426,7 @@ class ImageDataset:
         log_path: str | os.PathLike[str] | None = None,
         detect_faces: bool = False,
         face_margin: float = 0.25,
+        progress: bool = False,
     ) -> LoadedImages:
         """Decode, crop and resize every readable image into one uint8 array.
 
@@ -440,6 +442,7 @@ class ImageDataset:
             detect_faces: crop the largest detected face (OpenCV Haar
                 cascade) from samples that have no box from the format.
             face_margin: margin around a detected face, as a fraction of its side.
+            progress: a ``decoding`` bar on stderr (:mod:`sourcefree.data.progress`).
 
         Examples:
             >>> data = read_image_folder("photos/")
@@ -463,9 +466,11 @@ class ImageDataset:
             detector = FaceDetector()
         images = np.empty((len(self.samples), height, width, channels), dtype=np.uint8)
         kept: list[int] = []
+        bar = progress_bar(len(self.samples), "decoding", enabled=progress, unit="img")
         try:
             for i in range(len(self.samples)):
                 img = reader.decode(i)
+                bar.update(1)
                 if img is None:
                     continue
                 if detector is not None and self.samples[i].box is None:
@@ -478,6 +483,7 @@ class ImageDataset:
                 kept.append(i)
             report = reader.finish()
         finally:
+            bar.close()
             reader.close()
         idx = np.asarray(kept, dtype=np.int64)
         return LoadedImages(

@@ -11,7 +11,9 @@ An image becomes model input in two steps, each written once here:
 adaptation (through the torch wrapper ``sourcefree.engine.method.pixels_to_tensor``)
 and vendor training all call :func:`normalise`, so their inputs are bitwise equal
 (tests/test_preprocess_parity.py). :func:`rgb_to_grey` is Pillow's ``convert("L")``
-on arrays. No torch import.
+on arrays. Numpy frames (RGB, OpenCV's BGR, grey) enter through :func:`image_from_array`
+and then take the PIL path, so a frame and the same pixels as a PIL image give bitwise
+equal inputs. No torch import.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ RESAMPLE = {
 }
 #: Pillow's ITU-R 601-2 luma weights in 16-bit fixed point (``convert("L")``).
 _LUMA_FIXED = (19595, 38470, 7471)
+#: Channel orders of a 3-channel numpy frame: ``rgb``, or ``bgr`` (OpenCV's order).
+CHANNEL_ORDERS = ("rgb", "bgr")
 
 
 class ImageDecodeError(InputError):
@@ -103,20 +107,74 @@ def _read_stream(source: BinaryIO) -> io.BytesIO:
     return out
 
 
+def _check_channel_order(channel_order: str) -> None:
+    if channel_order not in CHANNEL_ORDERS:
+        raise InputError(
+            f"unknown channel order {str(channel_order)[:20]!r}",
+            f"choose one of {', '.join(CHANNEL_ORDERS)}",
+            'pass channel_order="bgr" for OpenCV frames, "rgb" otherwise',
+        )
+
+
+def image_from_array(frame: np.ndarray, channel_order: str = "rgb") -> Image.Image:
+    """A uint8 frame as a PIL image: (H, W, 3) as ``RGB``, (H, W) or (H, W, 1) as ``L``.
+
+    ``channel_order="bgr"`` reads a 3-channel frame in OpenCV's order. Type, dtype,
+    shape and size (at most :data:`MAX_PIXELS`) are checked before any copy.
+
+    Raises:
+        InputError: an unknown channel order, not a uint8 array of those shapes, or empty.
+        ImageDecodeError: more than :data:`MAX_PIXELS` pixels.
+    """
+    _check_channel_order(channel_order)
+    if not isinstance(frame, np.ndarray):
+        raise InputError(
+            f"expected a numpy array, got {type(frame).__name__}",
+            "frames are numpy arrays",
+            "pass a path, a PIL image or a uint8 numpy frame",
+        )
+    shape = tuple(frame.shape)
+    if frame.dtype != np.uint8 or frame.ndim not in (2, 3) or shape[2:] not in ((), (1,), (3,)):
+        raise InputError(
+            f"a frame of dtype {frame.dtype} and shape {shape[:8]} is not an image",
+            "frames are uint8 (H, W, 3) in RGB or BGR order, or (H, W) grey",
+            "convert with frame.astype(np.uint8); drop an alpha channel; pass a list of "
+            "frames for a batch; preprocessed float32 arrays go to predict_array",
+        )
+    height, width = shape[:2]
+    if height == 0 or width == 0:
+        raise InputError(f"a frame of shape {shape} is empty", "it has no pixels", "pass 1+")
+    if height * width > MAX_PIXELS:
+        raise _too_large(f"{width}x{height} pixels exceeds {MAX_PIXELS}")
+    if frame.ndim == 2 or shape[2] == 1:
+        return Image.fromarray(np.ascontiguousarray(frame.reshape(height, width)))
+    pixels = frame[..., ::-1] if channel_order == "bgr" else frame
+    return Image.fromarray(np.ascontiguousarray(pixels))
+
+
 def decode_image(
-    source: str | os.PathLike[str] | Image.Image | BinaryIO, color: str
+    source: str | os.PathLike[str] | Image.Image | np.ndarray | BinaryIO,
+    color: str,
+    *,
+    channel_order: str = "rgb",
 ) -> Image.Image:
     """Decode fully and return a PIL image in mode ``RGB`` or ``L``.
 
     Args:
-        source: a path, an open binary file, or a PIL image.
+        source: a path, an open binary file, a PIL image, or a uint8 numpy frame
+            (see :func:`image_from_array`).
         color: ``rgb`` or ``gray``, the model's colour.
+        channel_order: ``rgb`` or ``bgr``; used for 3-channel numpy frames only.
 
     Raises:
         ImageDecodeError: unreadable, not an image, a refused format, or a
             decompression bomb. The message never contains the path.
+        InputError: a numpy frame of another dtype or shape.
     """
-    if isinstance(source, Image.Image):
+    _check_channel_order(channel_order)
+    if isinstance(source, np.ndarray):
+        img = image_from_array(source, channel_order)
+    elif isinstance(source, Image.Image):
         img = source
     else:
         data = (

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -693,16 +692,7 @@ class Trainer:
         )
 
     def _bar(self, phase: Phase, pos: _Position, total: int) -> Any:
-        if not self.progress or self.rank != 0:
-            return None
-        from tqdm import tqdm  # type: ignore[import-untyped]
+        from sourcefree.data.progress import progress_bar
 
-        return tqdm(
-            total=total,
-            initial=pos.global_step,
-            desc=f"{phase.name}",
-            unit="step",
-            file=sys.stderr,
-            leave=True,
-            dynamic_ncols=True,
-        )
+        on = self.progress and self.rank == 0
+        return progress_bar(total, phase.name, enabled=on, unit="step", initial=pos.global_step)

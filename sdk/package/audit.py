@@ -35,7 +35,13 @@ from sourcefree.errors import SourcefreeError
 from sourcefree.fsutil import IMAGE_SUFFIXES
 from sourcefree.package import strictjson
 from sourcefree.package.inspect import _size
-from sourcefree.package.loader import Package, _list_dir, _open_regular, load_package
+from sourcefree.package.loader import (
+    Package,
+    _list_dir,
+    _open_regular,
+    load_package,
+    resolve_package_dir,
+)
 from sourcefree.package.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -461,7 +467,8 @@ def audit_package(path: str | os.PathLike[str], *, home: str | None = None) -> A
     """List what a package holds and flag what looks private.
 
     Args:
-        path: the package directory (verified or not).
+        path: the package directory (verified or not), or an adapt output folder
+            (its package/ is audited: :func:`~sourcefree.package.loader.resolve_package_dir`).
         home: home directory whose path and user name count as private
             (default: ``$HOME``).
 
@@ -474,7 +481,7 @@ def audit_package(path: str | os.PathLike[str], *, home: str | None = None) -> A
         >>> report.clean, [(f.kind, f.where) for f in report.findings]
         >>> print(format_report(report))  # what `sourcefree audit` prints
     """
-    return _Audit(Path(path), _Scanner.from_env(home)).run()
+    return _Audit(resolve_package_dir(path), _Scanner.from_env(home)).run()
 
 
 def _graph_lines(title: str, g: dict[str, Any], row: tuple[str, str]) -> list[str]:

@@ -10,13 +10,14 @@ graphs: the classifier and any auxiliary model). No torch import, no pickle.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sourcefree.errors import IntegrityError, PackageError, SignatureError
-from sourcefree.fsutil import atomic_write_bytes
+from sourcefree.fsutil import atomic_write_bytes, shown
 from sourcefree.package import onnx_check, signing, strictjson, weights
 from sourcefree.package.manifest import (
     MANIFEST_NAME,
@@ -29,6 +30,11 @@ from sourcefree.package.manifest import (
 )
 
 _CHUNK = 1 << 20
+#: The layout of ``sourcefree adapt -o OUT``: ``OUT/package`` beside ``OUT/report.json``
+#: (:mod:`sourcefree.pipeline.report` re-exports both names).
+PACKAGE_DIR = "package"
+REPORT_NAME = "report.json"
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,51 @@ def _list_dir(root: Path) -> set[str]:
     return {entry.name for entry in os.scandir(root)}
 
 
+def _is_dir(path: Path) -> bool:
+    """A real directory (not a link to one)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    """A regular file (not a link to one)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def resolve_package_dir(path: str | os.PathLike[str]) -> Path:
+    """The package directory that ``path`` names: itself, or the package of an adapt output.
+
+    ``sourcefree adapt -o OUT`` writes ``OUT/package`` beside ``OUT/report.json``.
+    When ``path`` is such a folder (no manifest.json of its own; report.json and
+    package/manifest.json present, none of them links), ``path/package`` is
+    returned and an info line on the ``sourcefree`` logger names it (the CLI
+    prints it on stderr unless ``--quiet``). Any other path comes back unchanged:
+    :func:`load_package` then checks it as a package. Every command and
+    :class:`~sourcefree.runtime.predictor.Predictor` load packages through it.
+    """
+    root = Path(path)
+    inner = root / PACKAGE_DIR
+    if (
+        _is_dir(root)
+        and not os.path.lexists(root / MANIFEST_NAME)
+        and _is_file(root / REPORT_NAME)
+        and _is_dir(inner)
+        and _is_file(inner / MANIFEST_NAME)
+    ):
+        _LOG.info(
+            "%s is an adapt output folder; its package is %s (using it)",
+            shown(root),
+            shown(inner),
+        )
+        return inner
+    return root
+
+
 def load_package(
     path: str | os.PathLike[str],
     public_key: str | os.PathLike[str] | bytes | None = None,
@@ -185,7 +236,8 @@ def load_package(
     """Verify a package and return it; nothing is parsed before it is verified.
 
     Args:
-        path: the package directory.
+        path: the package directory, or an ``adapt`` output folder (its ``package/``
+            is used and named on stderr: :func:`resolve_package_dir`).
         public_key: the vendor's Ed25519 public key (PEM path or bytes). When
             given, the package must carry a valid signature by that key.
         require_signature: refuse unsigned packages even without a key.
@@ -206,13 +258,14 @@ def load_package(
         (True, '...')
         >>> pinned = load_package("fer-pkg", public_key="vendor.pub", expected_sha256=pkg.sha256)
     """
-    root = Path(path)
+    root = resolve_package_dir(path)
     entries = _list_dir(root)
     if MANIFEST_NAME not in entries:
         raise PackageError(
             f"{str(root)!r} has no manifest.json",
             "every package starts with its manifest",
-            "pass a directory written by `sourcefree export` or `sourcefree adapt`",
+            "pass a package directory: the folder written by `sourcefree export`, or the "
+            "package/ folder inside the output of `sourcefree adapt`",
         )
     manifest_bytes = _open_regular(root, MANIFEST_NAME, MAX_MANIFEST_BYTES)
     if expected_sha256 is not None:

@@ -18,7 +18,9 @@ OUT appears atomically (staged beside it, renamed at the end) and is claimed
 for the whole run (an fcntl lock on ``.OUT.lock`` beside it): a second run
 into the same OUT is refused while this one lives. A signal after training
 (export, evaluation, report) removes the staging folder and keeps the run
-directory, so ``--resume`` exports again without training again. Evaluation
+directory, so ``--resume`` exports again without training again; so does a
+typed error after training (a failed export parity check, a full disk), whose
+message names the run directory and the ``--resume`` command. Evaluation
 labels are read and checked once, before anything starts (a bad row fails in
 the first second, not after training), and used only after adaptation finished,
 to report; they never enter a decision. Importing this module does not import torch.
@@ -41,7 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sourcefree.errors import DistributedError, Interrupted, RunInterruptedError
+from sourcefree.errors import (
+    DistributedError,
+    Interrupted,
+    RunInterruptedError,
+    SourcefreeError,
+)
 from sourcefree.fsutil import claimed_output, shown, staged_directory, write_errors
 from sourcefree.package import strictjson
 from sourcefree.package.loader import Package, load_package
@@ -72,6 +79,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from sourcefree.engine.method import Method
+    from sourcefree.engine.workdir import Workdir
 
 __all__ = [
     "PACKAGE_DIR",
@@ -91,8 +99,9 @@ class AdaptResult:
     out: Path
     package: Package
     """The adapted package, read back and verified from ``out/package``."""
-    report: dict[str, Any]
-    """The content of ``out/report.json`` (:meth:`AdaptReport.to_dict`)."""
+    report: AdaptReport
+    """The typed ``out/report.json``: ``report.to_dict()`` is its content, key for key.
+    Under torchrun every rank holds rank 0's report (the one written to ``out``)."""
     rank: int = 0
     """This process's rank under torchrun (only rank 0 wrote ``out``)."""
 
@@ -116,13 +125,15 @@ def adapt(request: AdaptRequest) -> AdaptResult:
     Examples:
         >>> from sourcefree import AdaptRequest, adapt
         >>> result = adapt(AdaptRequest("vendor-pkg/", "faces/", method="tent", out="adapted/"))
-        >>> result.package.manifest.kind, result.report["gate"]["decision"]
+        >>> result.package.manifest.kind, result.report.gate.decision
         ('adapted', 'adapted')
+        >>> result.report.timings.total, result.report.to_dict()["timings_s"]["total"]  # seconds
         >>> request = AdaptRequest(
         ...     "vendor-pkg/", "faces/", method="auto", out="auto/", budget_s=1800,
         ...     eval_labels="labels.csv",  # for the report only, after the decisions
         ... )
-        >>> chosen = adapt(request).report["selection"]["chosen"]  # a candidate's label
+        >>> report = adapt(request).report
+        >>> report.selection.chosen, report.evaluation.adapted["accuracy"]  # a candidate's label
     """
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     from sourcefree.engine import distributed
@@ -150,6 +161,7 @@ def _run(request: AdaptRequest, labels: EvalLabels | None) -> AdaptResult:
     if not distributed.is_main():
         return _other_rank(prep)
     wd = open_run_dir(prep)
+    trained: Trained | None = None
     try:
         check_run_dir(prep, wd)
         trained = train(prep, wd)
@@ -161,20 +173,64 @@ def _run(request: AdaptRequest, labels: EvalLabels | None) -> AdaptResult:
             raise RunInterruptedError(
                 f"the run stopped ({exc.signal_name}) before finishing {shown(prep.target)}",
                 "a partial output is never left there; the run directory keeps the last checkpoint",
-                "run the same command again with --resume: it continues from that "
-                "checkpoint (after training: only the export and the report are redone)",
+                f"run the same command again with --resume ({request.command(resume=True)}): "
+                "it continues from that checkpoint (after training: only the export and the "
+                "report are redone)",
             ) from None
+        if trained is not None and isinstance(exc, SourcefreeError):
+            raise _after_training(exc, prep, trained, wd) from exc
         raise
     if request.keep_workdir:
         wd.close()
     else:
         wd.remove()
     package = load_package(prep.target / PACKAGE_DIR)
-    done = AdaptResult(out=prep.target, package=package, report=report.to_dict())
+    done = AdaptResult(out=prep.target, package=package, report=report)
     if distributed.is_distributed():
         distributed.barrier()
         return _share_result(prep.target, done)
     return done
+
+
+def _after_training(
+    exc: SourcefreeError, prep: Prepared, trained: Trained, wd: Workdir
+) -> SourcefreeError:
+    """``exc``, raised after training finished, saying what was kept and how to retry.
+
+    A single run's weights are in its run directory's last checkpoint: ``--resume``
+    redoes only the gate, the export and the report. The candidates of ``-m auto``
+    / ``--select auto`` lived in memory only: they are lost.
+    """
+    request = prep.request
+    if isinstance(exc, RunInterruptedError):
+        return exc
+    if not request.multi:
+        if not wd.has_checkpoints():
+            return exc
+        kept = f"training finished; its weights are kept in the run directory {shown(wd.path)}"
+        retry = (
+            "then retry without training again, with the same command and --resume: "
+            f"{request.command(resume=True)} (Python: the same AdaptRequest with resume=True); "
+            "only the gate, the export and the report are redone"
+        )
+    else:
+        chosen = next((r.candidate for r in trained.runs if r.chosen), None)
+        if chosen is None:
+            return exc
+        flag = "-m auto" if request.auto else "--select auto"
+        kept = (
+            f"the trained candidates were held in memory only ({flag} writes no checkpoint "
+            "and cannot resume), so their training is lost"
+        )
+        settings = " and --set KEY=VALUE for each of its settings" if chosen.overrides else ""
+        retry = (
+            "then run the command again (training runs again), or train the chosen "
+            f"candidate {chosen.label} alone: -m {chosen.method}{settings} instead of {flag}; "
+            "a single run writes checkpoints and can retry its export with --resume"
+        )
+    why = f"{exc.why.rstrip('.')}. {kept[:1].upper()}{kept[1:]}" if exc.why else kept
+    fix = f"{exc.fix.rstrip('.')}; {retry}" if exc.fix else retry[len("then ") :]
+    return type(exc)(exc.what, why, fix)
 
 
 def _evaluation(
@@ -246,6 +302,7 @@ def _export(prep: Prepared, decision: Decision, out: Path) -> tuple[Package, Exp
         architecture=decision.architecture,
         out=out,
         note=decision.gate.note if decision.keep_source else None,
+        progress=prep.request.progress,
     )
     return adapted, ExportReport(
         sha256=adapted.sha256,
@@ -348,7 +405,7 @@ def _share_result(target: Path, result: AdaptResult | None) -> AdaptResult:
     head: dict[str, Any] | None = None
     body = b""
     if result is not None:
-        files = {REPORT_NAME: strictjson.dumps(result.report)}
+        files = {REPORT_NAME: strictjson.dumps(result.report.to_dict())}
         files.update({f"{PACKAGE_DIR}/{k}": v for k, v in result.package.blobs.items()})
         files[f"{PACKAGE_DIR}/{MANIFEST_NAME}"] = result.package.manifest_bytes
         head = {name: {"size": len(data)} for name, data in files.items()}
@@ -364,7 +421,9 @@ def _share_result(target: Path, result: AdaptResult | None) -> AdaptResult:
         files[name] = body[offset : offset + entry["size"]]
         offset += entry["size"]
     manifest_bytes = files.pop(f"{PACKAGE_DIR}/{MANIFEST_NAME}")
-    report = strictjson.loads(files.pop(REPORT_NAME), what=REPORT_NAME, max_bytes=len(body))
+    report = AdaptReport.from_dict(
+        strictjson.loads(files.pop(REPORT_NAME), what=REPORT_NAME, max_bytes=len(body))
+    )
     manifest = Manifest.from_dict(
         strictjson.loads(manifest_bytes, what=MANIFEST_NAME, max_bytes=len(manifest_bytes))
     )

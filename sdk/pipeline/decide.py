@@ -85,9 +85,14 @@ def score_sources(prep: Prepared, *, with_scores: bool = False) -> Sources:
 
     outputs = [
         selection.model_outputs(
-            fresh_model(p, prep.dev), prep.data, device=prep.dev, indices=prep.sample
+            fresh_model(p, prep.dev),
+            prep.data,
+            device=prep.dev,
+            indices=prep.sample,
+            progress=prep.request.progress,
+            desc="scoring source" if len(prep.pkgs) == 1 else f"scoring source {i + 1}",
         )
-        for p in prep.pkgs
+        for i, p in enumerate(prep.pkgs)
     ]
     ref = reference_source(outputs, prep.pkgs)
     stats = prep.pkgs[ref].manifest.source_stats
@@ -181,7 +186,14 @@ def decide(prep: Prepared, trained: Trained) -> Decision:
         sources = score_sources(prep)
     adapted = trained.adapted
     if model is not None and adapted is None and request.gate:
-        adapted = selection.model_outputs(model, prep.data, device=prep.dev, indices=prep.sample)
+        adapted = selection.model_outputs(
+            model,
+            prep.data,
+            device=prep.dev,
+            indices=prep.sample,
+            progress=request.progress,
+            desc="scoring adapted",
+        )
     verdict = gate_report(
         gate=request.gate,
         force=request.force,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sourcefree._version import __version__
-from sourcefree.errors import ConfigError, DatasetError, ResumeError, WorkdirError
+from sourcefree.errors import ConfigError, DatasetError, PackageError, ResumeError, WorkdirError
 from sourcefree.fsutil import check_output_dir
 from sourcefree.package import strictjson
 from sourcefree.package.loader import Package, load_package
@@ -45,7 +45,17 @@ def load_packages(packages: PackageSource | Sequence[PackageSource]) -> list[Pac
     """The packages of a request, loaded and verified (loaded ones are kept as they are)."""
     single = isinstance(packages, (str, os.PathLike, Package))
     items: list[Any] = [packages] if single else list(packages)  # type: ignore[arg-type]
-    return [p if isinstance(p, Package) else load_package(p) for p in items]
+    pkgs = [p if isinstance(p, Package) else load_package(p) for p in items]
+    for pkg in pkgs:
+        record = pkg.manifest.optimization
+        if pkg.manifest.onnx.precision == "int8" and record is not None:
+            raise PackageError(
+                f"package {pkg.manifest.name!r} is an int8 deployment variant",
+                "its graph is quantised, so it cannot be trained or compared with its weights",
+                f"adapt the fp32 package you optimised from (sha256 {record.from_sha256[:16]}...), "
+                "then optimize again",
+            )
+    return pkgs
 
 
 def fresh_model(pkg: Package, dev: Any, *, check: bool = False) -> Classifier:
@@ -130,7 +140,12 @@ def load_target(
 
 
 def read_target(
-    folder: ImageDataset, spec: Any, *, max_bad_fraction: float, strict: bool
+    folder: ImageDataset,
+    spec: Any,
+    *,
+    max_bad_fraction: float,
+    strict: bool,
+    progress: bool = False,
 ) -> tuple[TargetData, list[str]]:
     """The images of a listed folder as :class:`TargetData`, and the key of each image kept.
 
@@ -140,7 +155,9 @@ def read_target(
     from sourcefree.engine.method import TargetData
     from sourcefree.runtime.evaluation import load_images
 
-    loaded = load_images(folder, spec, max_bad_fraction=max_bad_fraction, strict=strict)
+    loaded = load_images(
+        folder, spec, max_bad_fraction=max_bad_fraction, strict=strict, progress=progress
+    )
     fp = folder.fingerprint()
     report = loaded.report
     summary = {
@@ -307,7 +324,11 @@ def prepare(request: AdaptRequest, labels: EvalLabels | None) -> Prepared:
     folder = labels.folder if labels is not None else read_image_folder(request.data)
     spec = pkgs[0].manifest.input
     data, keys = read_target(
-        folder, spec, max_bad_fraction=request.max_bad_fraction, strict=request.strict
+        folder,
+        spec,
+        max_bad_fraction=request.max_bad_fraction,
+        strict=request.strict,
+        progress=request.progress,
     )
     truth = None if labels is None else _eval_truth(labels, data, keys)
     t_loaded = time.perf_counter()

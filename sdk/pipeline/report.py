@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-PACKAGE_DIR = "package"
-REPORT_NAME = "report.json"
+from sourcefree.package.loader import PACKAGE_DIR as PACKAGE_DIR
+from sourcefree.package.loader import REPORT_NAME as REPORT_NAME
+
 REPORT_FORMAT = "sourcefree-adapt-report-v1"
 EVALUATION_NOTE = "labels were checked before adaptation and used after it, for this report only"
 
@@ -219,6 +220,16 @@ class EvaluationReport:
     pseudo_labels: Json | None = None
     note: str = EVALUATION_NOTE
 
+    @property
+    def source_accuracy(self) -> tuple[float, ...]:
+        """Top-1 accuracy of each source package on the labelled target images."""
+        return tuple(float(m["accuracy"]) for m in self.source)
+
+    @property
+    def adapted_accuracy(self) -> float:
+        """Top-1 accuracy of the exported package on the labelled target images."""
+        return float(self.adapted["accuracy"])
+
     def to_dict(self) -> Json:
         out: Json = {"note": self.note, "source": list(self.source), "adapted": self.adapted}
         if self.pseudo_labels is not None:
@@ -260,7 +271,18 @@ class SourceRef(_Flat):
 
 @dataclass(frozen=True)
 class AdaptReport:
-    """The whole ``report.json``: the run, its training, the gate, the export, the timings."""
+    """The whole ``report.json``: the run, its training, the gate, the export, the timings.
+
+    ``AdaptResult.report`` of :func:`sourcefree.adapt`; :meth:`to_dict` is the
+    ``report.json`` object, key for key.
+
+    Examples:
+        >>> report = adapt(request).report
+        >>> report.gate.decision, report.gate.reason  # "adapted", or "source" when kept
+        >>> report.timings.train, report.timings.total  # seconds
+        >>> report.evaluation.adapted_accuracy  # with eval_labels (else evaluation is None)
+        >>> report.to_dict()["gate"]["decision"]  # the JSON object
+    """
 
     method: str
     config: Json

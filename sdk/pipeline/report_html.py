@@ -14,7 +14,7 @@ import html
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 REPORT_HTML_NAME = "report.html"
 
@@ -33,6 +33,11 @@ text-align:left;font-size:.9em}th{background:#f5f5f5}td.n{text-align:right;
 font-variant-numeric:tabular-nums}
 svg{display:block;margin:.5em 0}svg text{font-size:11px;fill:#333}
 .note{color:#666;font-size:.9em}
+.summary{border:2px solid #2ca02c;border-radius:6px;padding:.2em 1.2em .8em;background:#f6fbf6}
+.summary h2{border:0;margin-top:.6em}.summary.source,.summary.forced{border-color:#ff7f0e;
+background:#fff8ef}.summary.off{border-color:#9e9e9e;background:#fafafa}
+.decision{font-size:1.1em;font-weight:600}tr.flag td:last-child{color:#d62728;font-weight:600}
+dl.glossary dt{font-weight:600;margin-top:.3em}dl.glossary dd{margin-left:1.5em;font-size:.9em}
 """
 
 
@@ -41,19 +46,31 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _num(value: Any, digits: int = 4) -> str:
+def fmt(value: Any, *, signed: bool = False) -> str:
+    """The report's one number format, as escaped text.
+
+    Counts with thousands separators (``12,345``); every other number with three
+    decimals (``0.943``, ``+0.012`` when ``signed``), in scientific notation below
+    0.001 or from a million on (``3.81e-06``); ``-`` for a missing value,
+    ``yes``/``no`` for a flag.
+    """
     if value is None:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    sign = "+" if signed else ""
     if isinstance(value, int):
-        return f"{value:,}"
+        return f"{value:{sign},}"
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and not 1e-3 <= abs(value) < 1e6:
+            return f"{value:{sign}.2e}"
+        return f"{value:{sign},.3f}"
     return _e(value)
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -207,7 +224,7 @@ def bar_chart(
             parts.append(
                 f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(width - 1, 1):.1f}" '
                 f'height="{max(bottom - y, 0):.1f}" fill="{color}">'
-                f"<title>{_e(gname)} {_e(cat)}: {_num(v)}</title></rect>"
+                f"<title>{_e(gname)} {_e(cat)}: {fmt(v)}</title></rect>"
             )
     if len(groups) > 1:
         _legend(parts, [(gname, color) for gname, _, color in groups])
@@ -237,7 +254,7 @@ def heatmap_table(title: str, matrix: Sequence[Sequence[int]], labels: Sequence[
 
 
 def _table(rows: Sequence[tuple[str, Any]]) -> str:
-    body = "".join(f'<tr><th>{_e(k)}</th><td class="n">{_num(v)}</td></tr>' for k, v in rows)
+    body = "".join(f'<tr><th>{_e(k)}</th><td class="n">{fmt(v)}</td></tr>' for k, v in rows)
     return f"<table>{body}</table>"
 
 
@@ -250,9 +267,253 @@ def _flat(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
         return out
     if isinstance(value, list):
         if len(value) <= 12 and all(not isinstance(v, (list, Mapping)) for v in value):
-            return [(prefix, ", ".join(_num(v, 3) for v in value))]
+            return [(prefix, ", ".join(fmt(v) for v in value))]
         return [(prefix, f"[{len(value)} values]")]
     return [(prefix, value)]
+
+
+#: The do-no-harm gate's margin in standard errors (``selection.GATE_Z``; that module
+#: imports torch, so the value is repeated here and tests/test_report_summary.py pins it).
+GATE_Z = 2.0
+#: A class whose recall changed by more than this is flagged in the summary box.
+CLASS_CHANGE_FLAG = 0.1
+
+#: One line per score of the gate and the selectors, as docs/selection.md defines them.
+GLOSSARY: tuple[tuple[str, str], ...] = (
+    (
+        "estimated gain",
+        "the adapted model's anchored accuracy estimate minus the source's ATC estimate, "
+        "computed without labels; the adapted model is kept only when it is above zero by "
+        "more than two standard errors",
+    ),
+    (
+        "± (two standard errors)",
+        "the uncertainty of an estimate that scored a sample of the target images",
+    ),
+    (
+        "im",
+        "information maximisation: entropy of the mean prediction minus the mean entropy "
+        "of the predictions, in [0, log C]; high when confident on each image and diverse "
+        "across classes",
+    ),
+    (
+        "stability",
+        "share of images whose top-1 class survives a horizontal flip and a 2-pixel shift",
+    ),
+    ("agreement", "share of images with the same top-1 class as the source model"),
+    (
+        "snd",
+        "soft neighbourhood density: mean entropy of each image's softmax similarity to "
+        "the other images' predictions (temperature 0.05); higher is better",
+    ),
+    (
+        "kappa",
+        "Cohen's kappa of the two models' top-1 classes: agreement corrected for chance; "
+        "below 0 agrees less than chance, as permuted classes would",
+    ),
+    ("entropy", "mean Shannon entropy of the softmax (nats); lower is more confident"),
+    (
+        "atc",
+        "the vendor-calibrated accuracy estimate of the source model: share of images "
+        "more confident than the vendor's threshold (needs a calibration)",
+    ),
+    (
+        "anchored",
+        "accuracy estimate anchored on the calibrated source: share of images where the "
+        "model keeps a source prediction ATC counts as right, plus share where it "
+        "overrules one ATC counts as wrong",
+    ),
+)
+
+
+def _what(report: Mapping[str, Any]) -> str:
+    """What was adapted: method, source package(s), target images (escaped)."""
+    method = _e(report.get("method"))
+    sel = report.get("selection")
+    if isinstance(sel, Mapping) and sel.get("chosen"):
+        method += f" (chose {_e(sel['chosen'])})"
+    sources = [s for s in report.get("sources") or [] if isinstance(s, Mapping)]
+    names = ", ".join(f"{_e(s.get('name'))} {_e(s.get('version'))}" for s in sources)
+    plural = "s" if len(sources) > 1 else ""
+    target = report.get("target") or {}
+    text = f"<b>{method}</b> adapted the source package{plural} {names or '-'} "
+    text += f"to {fmt(target.get('images'))} target images"
+    bad = (target.get("read") or {}).get("bad")
+    if isinstance(bad, int) and bad:
+        text += f" ({fmt(bad)} unreadable images skipped)"
+    return text + "."
+
+
+def _gain(gate: Mapping[str, Any]) -> str | None:
+    """``+0.120 ± 0.020 (two standard errors)``, or None without an estimate."""
+    gain = gate.get("estimated_gain")
+    if not _finite(gain):
+        return None
+    se = (gate.get("standard_errors") or {}).get("estimated_gain")
+    margin = f" ± {fmt(GATE_Z * se)} (two standard errors)" if _finite(se) else ""
+    return fmt(float(gain), signed=True) + margin
+
+
+def _plain_reason(gate: Mapping[str, Any]) -> str:
+    """The gate's reason without its closing clause (the summary says what was kept)."""
+    reason = str(gate.get("reason") or "")
+    for tail in ("; exported anyway (--force)", "; the source model is kept"):
+        reason = reason.removesuffix(tail)
+    return reason.removesuffix("; the source model is exported")
+
+
+def decision_text(report: Mapping[str, Any]) -> tuple[str, str]:
+    """The gate's decision in plain words (escaped), and its kind: adapted, source, forced, off.
+
+    ``("", "")`` when the report has no gate.
+    """
+    gate = report.get("gate")
+    if not isinstance(gate, Mapping):
+        return "", ""
+    gain = _gain(gate)
+    if gate.get("decision") == "source":
+        why = (
+            "the adapted model is not estimated better by more than its uncertainty: "
+            f"estimated accuracy {gain} over the source"
+            if gain is not None
+            else _e(_plain_reason(gate))
+        )
+        return "source", f"Source model kept because {why}."
+    if not gate.get("enabled"):
+        return "off", (
+            "Adapted model exported without the do-no-harm gate (--no-gate): it was not "
+            "compared with the source model."
+        )
+    if gate.get("forced"):
+        why = f"estimated accuracy {gain} over the source" if gain else _e(_plain_reason(gate))
+        return "forced", (
+            "Adapted model exported anyway (--force); the gate would have kept the source "
+            f"model: {why}."
+        )
+    if gain is not None:
+        return "adapted", f"Adapted model kept: estimated accuracy {gain} over the source."
+    return "adapted", (
+        "Adapted model kept: it passed the checks against a degenerate model (IM at least "
+        "the source's, kappa at least 0); without a vendor calibration its accuracy change "
+        "cannot be estimated."
+    )
+
+
+def _estimate_line(gate: Mapping[str, Any]) -> str:
+    """The label-free accuracy change and the images it was estimated on."""
+    if not gate.get("enabled") or "criterion" not in gate:
+        return ""
+    gain = _gain(gate)
+    scored = f"{fmt(gate.get('sample_size'))} of {fmt(gate.get('target_images'))}"
+    if gain is None:
+        return (
+            "<li>Estimated accuracy change: not available; the source package carries no "
+            "vendor calibration, so accuracy cannot be estimated without labels.</li>"
+        )
+    return f"<li>Estimated accuracy change, without labels: {gain}, on {scored} target images.</li>"
+
+
+def _labels_lines(report: Mapping[str, Any], gate: Mapping[str, Any]) -> str:
+    """With evaluation labels: measured accuracy, and whether it agrees with the gate."""
+    parts: list[str] = []
+    ev = report.get("evaluation")
+    if isinstance(ev, Mapping) and ev.get("source"):
+        src = _reference(ev, gate)
+        ada = ev.get("adapted") or {}
+        change = ""
+        if _finite(src.get("accuracy")) and _finite(ada.get("accuracy")):
+            change = f", {fmt(float(ada['accuracy']) - float(src['accuracy']), signed=True)}"
+        parts.append(
+            f"<li>Measured with your evaluation labels on {fmt(ada.get('images'))} labelled "
+            f"images: accuracy {fmt(src.get('accuracy'))} (source) &rarr; "
+            f"{fmt(ada.get('accuracy'))} (exported model){change}; mean class recall "
+            f"{fmt(src.get('mean_class_recall'))} &rarr; {fmt(ada.get('mean_class_recall'))}."
+            "</li>"
+        )
+    acc = gate.get("accuracy")
+    if isinstance(acc, Mapping) and _finite(acc.get("source")) and _finite(acc.get("adapted")):
+        better = float(acc["adapted"]) > float(acc["source"])
+        worse = float(acc["adapted"]) < float(acc["source"])
+        kept_adapted = gate.get("verdict") == "adapted"
+        agree = (kept_adapted and not worse) or (not kept_adapted and not better)
+        parts.append(
+            "<li>Judged afterwards with your labels on the images the gate scored: adapted "
+            f"model {fmt(acc['adapted'])}, source {fmt(acc['source'])}; the labels "
+            f"{'agree' if agree else 'disagree'} with the gate's decision.</li>"
+        )
+    return "".join(parts)
+
+
+def _reference(ev: Mapping[str, Any], gate: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The evaluation of the source the gate compared with (the first one by default)."""
+    sources = list(ev.get("source") or [])
+    ref = gate.get("reference_source")
+    index = ref if isinstance(ref, int) and 0 <= ref < len(sources) else 0
+    found = sources[index] if sources else {}
+    return found if isinstance(found, Mapping) else {}
+
+
+def class_changes(report: Mapping[str, Any]) -> list[tuple[str, float, float]]:
+    """(class, source recall, exported recall) of every class whose recall changed by more
+    than :data:`CLASS_CHANGE_FLAG`, largest change first (empty without evaluation labels)."""
+    ev = report.get("evaluation")
+    if not isinstance(ev, Mapping) or not ev.get("source"):
+        return []
+    gate = report.get("gate")
+    src = _reference(ev, gate if isinstance(gate, Mapping) else {}).get("per_class_recall")
+    ada = (ev.get("adapted") or {}).get("per_class_recall")
+    if not isinstance(src, Mapping) or not isinstance(ada, Mapping):
+        return []
+    rows = [
+        (str(name), float(src[name]), float(value))
+        for name, value in ada.items()
+        if _finite(value) and _finite(src.get(name))
+    ]
+    flagged = [r for r in rows if abs(r[2] - r[1]) > CLASS_CHANGE_FLAG]
+    return sorted(flagged, key=lambda r: -abs(r[2] - r[1]))
+
+
+def _class_table(report: Mapping[str, Any]) -> str:
+    if not isinstance(report.get("evaluation"), Mapping):
+        return ""
+    rows = class_changes(report)
+    limit = fmt(CLASS_CHANGE_FLAG)
+    if not rows:
+        return f"<p>No class's recall changed by more than {limit} (exported model vs source).</p>"
+    body = "".join(
+        f'<tr class="flag"><th>{_e(name)}</th><td class="n">{fmt(s)}</td>'
+        f'<td class="n">{fmt(a)}</td><td class="n">{fmt(a - s, signed=True)}</td>'
+        f"<td>{'better' if a > s else 'worse'}</td></tr>"
+        for name, s, a in rows
+    )
+    return (
+        f"<table><caption>Classes whose recall changed by more than {limit} (exported model "
+        "vs source)</caption><tr><th>class</th><th>source</th><th>exported</th>"
+        f"<th>change</th><th>flag</th></tr>{body}</table>"
+    )
+
+
+def summary_box(report: Mapping[str, Any]) -> str:
+    """The answer first: what was adapted, the gate's decision, the accuracy change."""
+    kind, decision = decision_text(report)
+    gate = report.get("gate")
+    gate = gate if isinstance(gate, Mapping) else {}
+    items = [f"<li>{_what(report)}</li>", _estimate_line(gate), _labels_lines(report, gate)]
+    return (
+        f'<section class="summary {kind}" aria-label="summary"><h2>Summary</h2>'
+        + (f'<p class="decision">{decision}</p>' if decision else "")
+        + "<ul>"
+        + "".join(items)
+        + "</ul>"
+        + _class_table(report)
+        + "</section>"
+    )
+
+
+def glossary() -> str:
+    """One line per score, true to docs/selection.md."""
+    rows = "".join(f"<dt>{_e(term)}</dt><dd>{_e(text)}</dd>" for term, text in GLOSSARY)
+    return f'<h2>Glossary of the scores</h2><dl class="glossary">{rows}</dl>'
 
 
 def _summary(report: Mapping[str, Any]) -> str:
@@ -298,7 +559,7 @@ def _phases(report: Mapping[str, Any]) -> str:
         rows.append(
             "<tr>"
             + "".join(
-                f'<td class="n">{_num(v, 3)}</td>' if i else f"<td>{_e(v)}</td>"
+                f'<td class="n">{fmt(v)}</td>' if i else f"<td>{_e(v)}</td>"
                 for i, v in enumerate(
                     (
                         p.get("name"),
@@ -392,9 +653,9 @@ def _evaluation(report: Mapping[str, Any]) -> str:
     named.append(("adapted", adapted))
     for name, m in named:
         parts.append(
-            f"<tr><td>{_e(name)}</td><td class='n'>{_num(m.get('images'))}</td>"
-            f"<td class='n'>{_num(m.get('accuracy'))}</td>"
-            f"<td class='n'>{_num(m.get('mean_class_recall'))}</td></tr>"
+            f"<tr><td>{_e(name)}</td><td class='n'>{fmt(m.get('images'))}</td>"
+            f"<td class='n'>{fmt(m.get('accuracy'))}</td>"
+            f"<td class='n'>{fmt(m.get('mean_class_recall'))}</td></tr>"
         )
     parts.append("</table>")
     groups: list[tuple[str, Sequence[float | None], str]] = []
@@ -453,9 +714,9 @@ def _selection(report: Mapping[str, Any]) -> str:
         for row in sel.get("candidates", []):
             parts.append(
                 f"<tr><td>{_e(row.get('candidate'))}</td><td>{_e(row.get('status'))}</td>"
-                f"<td class='n'>{_num(row.get('seconds'), 1)}</td>"
-                f"<td class='n'>{_num(row.get('value'))}</td>"
-                f"<td class='n'>{_num(row.get('accuracy'))}</td>"
+                f"<td class='n'>{fmt(row.get('seconds'))}</td>"
+                f"<td class='n'>{fmt(row.get('value'))}</td>"
+                f"<td class='n'>{fmt(row.get('accuracy'))}</td>"
                 f"<td>{'yes' if row.get('chosen') else ''}</td></tr>"
             )
         parts.append("</table>")
@@ -469,8 +730,8 @@ def _selection(report: Mapping[str, Any]) -> str:
             parts.append("<table><tr><th>score</th><th>source</th><th>adapted</th></tr>")
             for key in src:
                 parts.append(
-                    f"<tr><th>{_e(key)}</th><td class='n'>{_num(src.get(key))}</td>"
-                    f"<td class='n'>{_num(ada.get(key))}</td></tr>"
+                    f"<tr><th>{_e(key)}</th><td class='n'>{fmt(src.get(key))}</td>"
+                    f"<td class='n'>{fmt(ada.get(key))}</td></tr>"
                 )
             parts.append("</table>")
         acc = gate.get("accuracy")
@@ -486,6 +747,8 @@ def render_report(report: Mapping[str, Any], labels: Sequence[str] = ()) -> str:
     body = [
         f"<h1>sourcefree adaptation report: {_e(report.get('method'))}</h1>",
         '<p class="note">Aggregates only: no image, path or file name of the target data.</p>',
+        summary_box(report),
+        glossary(),
         _summary(report),
         _phases(report),
         _method(report, labels),

@@ -7,6 +7,7 @@ module does not import torch (building a request does, lazily).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass
@@ -133,6 +134,34 @@ class AdaptRequest:
         if self.multi:
             self._check_multi()
 
+    def command(self, *, resume: bool = False) -> str:
+        """The ``sourcefree adapt`` command line of this request (shell-quoted).
+
+        Every field that has a CLI option and differs from its default is given;
+        ``on_step`` and a ``config`` object or dict have none (Python only).
+        ``resume``: with ``--resume``, the command that continues this run.
+        """
+        import shlex
+
+        given = self.packages
+        packages = [given] if isinstance(given, (str, os.PathLike, Package)) else list(given)
+        words = ["sourcefree", "adapt"]
+        words += [str(p.path if isinstance(p, Package) else p) for p in packages]
+        words += [str(self.data), "-m", self.method, "-o", str(self.out)]
+        if self.config_file is not None:
+            words += ["--config", str(self.config_file)]
+        for item in self.overrides:
+            words += ["--set", item]
+        for name, flag in _OPTIONS.items():
+            value = getattr(self, name)
+            if value != _DEFAULTS[name]:
+                words += [flag, str(value)]
+        words += [flag for name, flag in _SWITCHES.items() if getattr(self, name)]
+        words += [flag for name, flag in _NEGATED.items() if not getattr(self, name)]
+        if resume or self.resume:
+            words.append("--resume")
+        return shlex.join(words)
+
     @property
     def auto(self) -> bool:
         """``method="auto"``: try every method that takes this many packages."""
@@ -169,3 +198,26 @@ class AdaptRequest:
                 "each method runs with its own defaults; --set and --config name one method's keys",
                 "drop --set/--config, or name the method",
             )
+
+
+#: CLI options of ``sourcefree adapt`` that take a value, by request field.
+_OPTIONS = {
+    "workdir": "--workdir",
+    "device": "--device",
+    "eval_labels": "--eval-labels",
+    "seed": "--seed",
+    "max_bad_fraction": "--max-bad-fraction",
+    "select": "--select",
+    "budget_s": "--budget-s",
+    "gate_sample": "--gate-sample",
+    "amp": "--amp",
+}
+#: Flags set when the field is true, and flags set when it is false.
+_SWITCHES = {
+    "keep_workdir": "--keep-workdir",
+    "strict": "--strict",
+    "overwrite": "--overwrite",
+    "force": "--force",
+}
+_NEGATED = {"progress": "--no-progress", "gate": "--no-gate"}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AdaptRequest)}

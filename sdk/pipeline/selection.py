@@ -64,6 +64,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sourcefree.data.progress import progress_bar
 from sourcefree.errors import ConfigError
 from sourcefree.package.manifest import Calibration, InputSpec
 
@@ -217,6 +218,8 @@ def model_outputs(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     indices: np.ndarray | torch.Tensor | None = None,
+    progress: bool = False,
+    desc: str = "scoring",
 ) -> Outputs:
     """Eval-mode logits of ``model`` on the images, and top-1 of flipped/shifted views.
 
@@ -226,7 +229,8 @@ def model_outputs(
     gate's subsample, :func:`sample_indices`), or None for every image. With
     ``views`` each batch and its two views go through one forward pass of
     ``batch_size`` images in all (a third of them clean), so memory stays that of
-    one batch. The model's train/eval mode is restored afterwards.
+    one batch. The model's train/eval mode is restored afterwards. ``progress``: a
+    bar named ``desc`` on stderr, in images (:mod:`sourcefree.data.progress`).
     """
     was_training = model.training
     model.eval()
@@ -241,17 +245,21 @@ def model_outputs(
         return first.float().cpu()
 
     per_pass = max(1, batch_size // 3) if views else batch_size
+    total = len(data) if idx is None else int(idx.numel())
+    bar = progress_bar(total, desc, enabled=progress, unit="img")
     try:
         for x in _batches(data, per_pass, idx):
-            if not views:
-                logits.append(run(x))
-                continue
             k = x.shape[0]
-            out = run(torch.cat([x, *_views(x, STABILITY_SHIFT)]))
-            logits.append(out[:k])
-            preds[0].append(out[k : 2 * k].argmax(1))
-            preds[1].append(out[2 * k :].argmax(1))
+            if views:
+                out = run(torch.cat([x, *_views(x, STABILITY_SHIFT)]))
+                logits.append(out[:k])
+                preds[0].append(out[k : 2 * k].argmax(1))
+                preds[1].append(out[2 * k :].argmax(1))
+            else:
+                logits.append(run(x))
+            bar.update(k)
     finally:
+        bar.close()
         model.train(was_training)
     if not logits:
         raise ConfigError("no target images to score", "the target set is empty", "")

@@ -219,7 +219,12 @@ def _train_candidate(
         models = [fresh_model(p, prep.dev) for p in prep.pkgs]
         instance, result = train_one(cls, cfg, prep, models, on_step=hook)
         outputs = selection.model_outputs(
-            instance.export_model(), prep.data, device=prep.dev, indices=prep.sample
+            instance.export_model(),
+            prep.data,
+            device=prep.dev,
+            indices=prep.sample,
+            progress=request.progress,
+            desc=f"scoring {cand.label}",
         )
     except RunInterruptedError:
         if not spent[0]:

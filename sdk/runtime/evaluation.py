@@ -205,11 +205,17 @@ def labels_of(by_key: Mapping[str, int], keys: Sequence[str]) -> np.ndarray:
 
 
 def load_images(
-    dataset: ImageDataset, spec: InputSpec, *, max_bad_fraction: float = 0.05, strict: bool = False
+    dataset: ImageDataset,
+    spec: InputSpec,
+    *,
+    max_bad_fraction: float = 0.05,
+    strict: bool = False,
+    progress: bool = False,
 ) -> LoadedImages:
     """Decode ``dataset`` as uint8 at the spec's size, colour and interpolation.
 
-    The one decode of evaluation images and of the adaptation's target images.
+    The one decode of evaluation images and of the adaptation's target images
+    (``progress``: a bar on stderr, :mod:`sourcefree.data.progress`).
     """
     return dataset.load(
         spec.size,
@@ -217,6 +223,7 @@ def load_images(
         interpolation=spec.interpolation,
         max_bad_fraction=max_bad_fraction,
         strict=strict,
+        progress=progress,
     )
 
 

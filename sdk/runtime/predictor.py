@@ -7,11 +7,12 @@ sha256 was verified, so a file swapped after verification is never run.
 from __future__ import annotations
 
 import functools
+import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 from PIL import Image
@@ -21,6 +22,12 @@ from sourcefree.errors import DeviceError, InputError, PackageError, Requirement
 from sourcefree.package.audit import _excerpt
 from sourcefree.package.loader import Package, load_package
 from sourcefree.package.manifest import ONNX_NAME, InputSpec, check_batch_bytes
+
+_log = logging.getLogger(__name__)
+
+#: What :meth:`Predictor.predict` takes per image: a path, a PIL image, or a uint8
+#: numpy frame (H, W, 3) RGB / BGR or (H, W) grey.
+ImageSource: TypeAlias = str | os.PathLike[str] | Image.Image | np.ndarray
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 _PROVIDER_OF = {
@@ -252,6 +259,7 @@ class Predictor:
         self.spec = manifest.input
         self._onnx = manifest.onnx
         self._feature_dim = manifest.architecture.feature_dim
+        _log.debug("serving %s on %s (%s)", manifest.name, self.device, ", ".join(self.providers))
 
     def __repr__(self) -> str:
         return f"Predictor({self.package.manifest.name!r}, device={self.device!r})"
@@ -310,49 +318,68 @@ class Predictor:
             features=feats,
         )
 
-    def preprocess(self, image: str | os.PathLike[str] | Image.Image) -> np.ndarray:
-        """Decode one image (path or PIL image) into the model's (C, H, W) float32 input.
+    def preprocess(self, image: ImageSource, *, channel_order: str = "rgb") -> np.ndarray:
+        """Decode one image (path, PIL image or uint8 frame) into the model's (C, H, W) input.
+
+        A numpy frame is uint8 (H, W, 3) RGB, or BGR with ``channel_order="bgr"``
+        (OpenCV), or (H, W) grey; it takes the same path as a PIL image of its pixels.
+
+        Raises:
+            ImageDecodeError: a file or frame cannot be decoded or is too large.
+            InputError: a frame of another dtype or shape, or an unknown channel order.
 
         Examples:
             >>> x = predictor.preprocess("face1.jpg")
             >>> x.shape == (predictor.spec.channels, *predictor.spec.size)
             True
+            >>> x = predictor.preprocess(cv2.imread("face1.jpg"), channel_order="bgr")
         """
-        return preprocess(decode_image(image, self.spec.color), self.spec)
+        img = decode_image(image, self.spec.color, channel_order=channel_order)
+        return preprocess(img, self.spec)
 
     def predict(
         self,
-        images: Sequence[str | os.PathLike[str] | Image.Image]
-        | str
-        | os.PathLike[str]
-        | Image.Image,
+        images: Sequence[ImageSource] | ImageSource,
         *,
         features: bool = False,
+        channel_order: str = "rgb",
     ) -> Prediction:
-        """Decode, preprocess and predict images (paths or PIL images).
+        """Decode, preprocess and predict images (paths, PIL images or uint8 numpy frames).
+
+        Args:
+            images: one image or a sequence; a numpy array is one frame (see
+                :meth:`preprocess`), never a batch.
+            features: also return the backbone features.
+            channel_order: ``rgb``, or ``bgr`` for OpenCV frames (numpy frames only).
 
         Raises:
             ImageDecodeError: an image cannot be decoded (wrong kind, empty,
                 truncated, decompression bomb). Use :meth:`predict_paths` to skip
                 such files instead.
+            InputError: a frame of another dtype or shape.
 
         Examples:
             >>> predictor.predict("face1.jpg").labels
             ['happiness']
             >>> from PIL import Image
             >>> predictor.predict([Image.open("face2.png")], features=True).features
+            >>> ok, frame = cv2.VideoCapture(0).read()
+            >>> predictor.predict(frame, channel_order="bgr").labels
         """
-        if isinstance(images, (str, os.PathLike, Image.Image)):
+        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
             images = [images]
         if len(images) == 0:
             raise InputError("no images were given", "there is nothing to predict", "pass 1+")
-        arrays = [self.preprocess(img) for img in images]
+        arrays = [self.preprocess(img, channel_order=channel_order) for img in images]
         return self.predict_array(np.stack(arrays), features=features)
 
     def predict_paths(
-        self, paths: Iterable[Path]
+        self, paths: Iterable[Path], *, on_file: Callable[[], None] | None = None
     ) -> tuple[list[tuple[Path, str, float]], list[tuple[Path, str]]]:
         """Predict files one batch at a time; unreadable files are skipped and returned.
+
+        ``on_file`` is called once per file handled (predicted or skipped), e.g. to
+        advance a progress bar.
 
         Returns:
             (results as (path, label, probability), failures as (path, reason)).
@@ -363,9 +390,22 @@ class Predictor:
             >>> for path, label, probability in done:
             ...     print(path.name, label, f"{probability:.2f}")
         """
+        done, failed = self.predict_files(paths, on_file=on_file)
+        rows = [(p, self.labels[int(probs.argmax())], float(probs.max())) for p, probs in done]
+        return rows, failed
+
+    def predict_files(
+        self, paths: Iterable[Path], *, on_file: Callable[[], None] | None = None
+    ) -> tuple[list[tuple[Path, np.ndarray]], list[tuple[Path, str]]]:
+        """As :meth:`predict_paths`, with every class probability of each file.
+
+        Returns:
+            (results as (path, probabilities of shape (C,) in label order),
+            failures as (path, reason)).
+        """
         from sourcefree.data.imaging import ImageDecodeError
 
-        done: list[tuple[Path, str, float]] = []
+        done: list[tuple[Path, np.ndarray]] = []
         failed: list[tuple[Path, str]] = []
         batch: list[tuple[Path, np.ndarray]] = []
 
@@ -373,10 +413,7 @@ class Predictor:
             if not batch:
                 return
             pred = self.predict_array(np.stack([a for _, a in batch]))
-            for (p, _), label, prob in zip(
-                batch, pred.labels, pred.probabilities.max(1), strict=True
-            ):
-                done.append((p, label, float(prob)))
+            done.extend((p, probs) for (p, _), probs in zip(batch, pred.probabilities, strict=True))
             batch.clear()
 
         for path in paths:
@@ -384,6 +421,8 @@ class Predictor:
                 batch.append((path, self.preprocess(path)))
             except ImageDecodeError as exc:
                 failed.append((path, exc.what))
+            if on_file is not None:
+                on_file()
             if len(batch) >= self.batch_size:
                 flush()
         flush()

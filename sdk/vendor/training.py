@@ -9,6 +9,7 @@ gains of AdaBN-style adaptation (research notes, data.md pitfall 1).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,8 +17,15 @@ import torch
 from torch import nn
 
 from sourcefree.data.imaging import normalise, rgb_to_grey
-from sourcefree.engine.models import Architecture, Classifier, build_classifier
-from sourcefree.errors import ConfigError
+from sourcefree.engine.models import (
+    Architecture,
+    Classifier,
+    build_classifier,
+    first_conv_channels,
+    from_vendor_state,
+    get_architecture,
+)
+from sourcefree.errors import ConfigError, PackageError
 from sourcefree.ops.augment import (
     affine_sample,
     color_jitter,
@@ -210,6 +218,64 @@ class AUDetectorNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits, _ = self.net(x)
         return torch.sigmoid(logits)
+
+
+def au_detector_from_state(
+    arch: str | Architecture,
+    state: Mapping[str, torch.Tensor],
+    num_aus: int,
+    in_channels: int = 3,
+) -> AUDetectorNet:
+    """An AU detector from saved weights (what ``sourcefree export --au-detector`` reads).
+
+    ``state`` is either the architecture's own ``state_dict()`` with one output per AU
+    (as ``export --weights``; its logits get a sigmoid), or the ``state_dict()`` of an
+    :class:`AUDetectorNet` (what :func:`train_au_detector` returns; keys ``net.*``).
+    The detector takes the classifier's input (``in_channels``); eval mode.
+
+    Raises:
+        ConfigError: the detector has another number of outputs than ``num_aus``.
+        PackageError: the weights belong to another architecture or channel count.
+    """
+    a = get_architecture(arch) if isinstance(arch, str) else arch
+    wrapped = any(k.startswith("net.") for k in state)
+    head = state.get("net.head.weight" if wrapped else f"{a.head_path}.weight")
+    if head is not None and head.ndim == 2 and head.shape[0] != num_aus:
+        raise ConfigError(
+            f"the AU detector has {head.shape[0]} outputs but {num_aus} AU names were given",
+            "each output is one action unit, named in output order",
+            f"name all {head.shape[0]} outputs, or pass the matching detector",
+        )
+    if not wrapped:
+        channels = first_conv_channels(a, state)
+        if channels != in_channels:
+            raise PackageError(
+                f"the AU detector takes {channels}-channel input, the classifier {in_channels}",
+                "the detector runs on the classifier's input",
+                "train the detector on the same input (colour or grey) as the classifier",
+            )
+        return AUDetectorNet(from_vendor_state(a, state, num_aus, in_channels)).eval()
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        raise PackageError(
+            f"the AU detector's tensor {bad[0]!r} contains NaN or Inf",
+            "a detector with non-finite weights finds nothing",
+            "retrain or fix the detector",
+        )
+    detector = AUDetectorNet(build_classifier(a, num_aus, in_channels))
+    expected = detector.state_dict()
+    wrong = sorted(set(expected) ^ set(state)) or [
+        k for k, t in expected.items() if tuple(state[k].shape) != tuple(t.shape)
+    ]
+    if wrong:
+        raise PackageError(
+            f"the AU detector's weights do not match {a.name} with {num_aus} outputs "
+            f"and {in_channels} input channels (first mismatch: {wrong[0][:80]!r})",
+            "the tensor names or shapes come from another architecture",
+            "pass the state_dict() of a detector of that architecture (--au-arch)",
+        )
+    detector.load_state_dict(dict(state), strict=True)
+    return detector.eval()
 
 
 def train_au_detector(

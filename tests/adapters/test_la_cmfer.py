@@ -373,5 +373,5 @@ def test_adapt_two_packages_exports_the_more_confident_branch(
     assert torch.equal(logits, want)
     got = Predictor(pkg, device="cpu").predict_array(x.numpy()).probabilities
     np.testing.assert_allclose(got, torch.softmax(logits, 1).numpy(), atol=1e-4)
-    report = result.report["method_report"]
+    report = result.report.method_report
     assert report["sources"] == 2 and report["aligned_sources"] == [True, True]

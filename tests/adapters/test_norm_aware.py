@@ -259,7 +259,7 @@ def test_adapt_reports_the_skipped_step(vit_pkg: Path, target_small: Path, tmp_p
     )
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert (
-        result.report["method_report"]
+        result.report.method_report
         == on_disk["method_report"]
         == {
             "bn_statistics": BN_SKIPPED,

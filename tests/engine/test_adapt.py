@@ -111,11 +111,11 @@ def test_sigterm_then_resume_gives_the_same_weights(
             device="cpu",
         )
     )
-    assert done.report["resumed"] is True
+    assert done.report.resumed is True
     a, b = _weights(tmp_path / "ref" / "package"), _weights(tmp_path / "run" / "package")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resume must be bitwise on CPU"
-    assert ref.report["phases"][0]["epoch_loss"] == done.report["phases"][0]["epoch_loss"]
+    assert ref.report.phases[0]["epoch_loss"] == done.report.phases[0]["epoch_loss"]
     assert not wd.exists(), "the run directory is removed after success"
 
 

@@ -71,9 +71,9 @@ def test_cpu_report_records_amp_and_layout_and_results_do_not_move(
     default = adapt(AdaptRequest(source_pkg, target_dir, out=tmp_path / "a", **common))
     off = adapt(AdaptRequest(source_pkg, target_dir, out=tmp_path / "b", amp="off", **common))
     for run in (default, off):
-        assert run.report["amp"] == "off"
-        assert run.report["memory_format"] == "contiguous"
-    assert default.report["phases"][0]["epoch_loss"] == off.report["phases"][0]["epoch_loss"]
+        assert run.report.amp == "off"
+        assert run.report.memory_format == "contiguous"
+    assert default.report.phases[0]["epoch_loss"] == off.report.phases[0]["epoch_loss"]
     a = (tmp_path / "a" / "package" / "model.safetensors").read_bytes()
     b = (tmp_path / "b" / "package" / "model.safetensors").read_bytes()
     assert a == b, "--amp off is the CPU default: bitwise the same weights"

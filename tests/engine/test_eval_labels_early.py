@@ -160,7 +160,7 @@ def test_good_labels_are_read_once_and_not_decoded_again(
     )
     assert len(reads) == 1, "the labels CSV is parsed once"
     assert loads == ["folder"], "only the target images are decoded"
-    got = result.report["evaluation"]
+    got = result.report.to_dict()["evaluation"]
     assert got["source"] == [expected], "same metrics as `sourcefree evaluate`"
     assert got["adapted"]["images"] == expected["images"] > 0
 
@@ -196,7 +196,8 @@ def test_one_adapt_reads_the_csv_once_and_decodes_each_image_once(
     result = adapt(dataclasses.replace(request, device="cpu"))
     images = sorted(p for p in target_dir.rglob("*.png"))
     assert reads == [eval_csv], "the labels CSV is read once"
-    assert len(decodes) == len(images) == result.report["target"]["read"]["ok"] == 64
+    assert len(decodes) == len(images) == result.report.target_read["ok"] == 64
     assert len(set(map(str, decodes))) == 64, "each image once"
     labelled = sum(1 for _ in eval_csv.open()) - 1
-    assert result.report["evaluation"]["adapted"]["images"] == labelled
+    assert result.report.evaluation is not None
+    assert result.report.evaluation.adapted["images"] == labelled

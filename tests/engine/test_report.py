@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from sourcefree.cli.commands_adapt import adapt_command
 from sourcefree.data.imaging import is_image_name
+from sourcefree.package import strictjson
 from sourcefree.package.audit import audit_package
 from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 from sourcefree.pipeline.report import AdaptReport
@@ -276,7 +277,9 @@ def test_selection_report_keys_in_order_and_round_trip(
     """-m auto whose budget is spent before the first candidate: the source is exported."""
     request = AdaptRequest(source_pkg, target_dir, method="auto", out=tmp_path / "out")
     request = dataclasses.replace(request, device="cpu", budget_s=1e-9, eval_labels=eval_csv)
-    report = adapt(request).report
+    typed = adapt(request).report
+    assert isinstance(typed, AdaptReport) and typed.gate.decision == "source"
+    report = typed.to_dict()
     assert list(report) == [*REPORT_KEYS, "selection", "export", "evaluation", "timings_s"]
     assert list(report["gate"]) == [
         *("enabled", "decision", "verdict", "forced", "reason", "note", "scores"),
@@ -294,6 +297,8 @@ def test_selection_report_keys_in_order_and_round_trip(
         *("chosen", "detail", "accuracy"),
     ]
     assert rows[0]["accuracy"] is None and report["gate"]["decision"] == "source"
-    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    raw = (tmp_path / "out" / "report.json").read_bytes()
+    assert raw == strictjson.dumps(report), "report.json is the typed report's to_dict()"
+    written = json.loads(raw)
     assert _plain(report) == written
     assert _plain(AdaptReport.from_dict(written).to_dict()) == written

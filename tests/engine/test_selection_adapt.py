@@ -190,7 +190,7 @@ def test_gate_keeps_the_source_when_the_head_is_scrambled(
     confident_pkg: Path, target_dir: Path, eval_csv: Path, tmp_path: Path
 ) -> None:
     result = _scrambled(confident_pkg, target_dir, tmp_path / "run", eval_labels=eval_csv)
-    gate = result.report["gate"]
+    gate = result.report.to_dict()["gate"]
     assert gate["decision"] == gate["verdict"] == "source" and not gate["forced"]
     assert gate["criterion"] == "anchored" and gate["calibrated"]
     assert gate["estimated_gain"] == pytest.approx(-1.0)
@@ -198,7 +198,7 @@ def test_gate_keeps_the_source_when_the_head_is_scrambled(
     assert gate["scores"]["source"]["atc"] == 1.0
     assert "source model is kept" in gate["reason"]
     assert set(gate["accuracy"]) == {"source", "adapted", "note"}
-    assert result.report["export"]["model"] == "source"
+    assert result.report.export.model == "source"
     manifest = result.package.manifest
     assert manifest.kind == "adapted"
     assert manifest.provenance["method"] == "source"
@@ -213,7 +213,7 @@ def test_gate_keeps_the_source_when_the_head_is_scrambled(
     assert exported.keys() == original.keys()
     assert all(torch.equal(exported[k], original[k]) for k in original)
     # The report still names what was tried.
-    assert result.report["method"] == "scramble-test"
+    assert result.report.method == "scramble-test"
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert on_disk["gate"]["decision"] == "source"
     html = (tmp_path / "run" / "report.html").read_text()
@@ -224,19 +224,19 @@ def test_gate_lets_an_estimated_better_model_through(
     unsure_pkg: Path, target_dir: Path, tmp_path: Path
 ) -> None:
     result = _scrambled(unsure_pkg, target_dir, tmp_path / "run")
-    gate = result.report["gate"]
+    gate = result.report.to_dict()["gate"]
     assert gate["decision"] == gate["verdict"] == "adapted"
     assert gate["estimated_gain"] == pytest.approx(1.0)
     assert result.package.manifest.provenance["method"] == "scramble-test"
     assert "note" not in result.package.manifest.provenance
-    assert result.report["export"]["model"] == "adapted"
+    assert result.report.export.model == "adapted"
 
 
 def test_uncalibrated_gate_catches_permuted_classes(
     plain_pkg: Path, target_dir: Path, tmp_path: Path
 ) -> None:
     result = _scrambled(plain_pkg, target_dir, tmp_path / "run")
-    gate = result.report["gate"]
+    gate = result.report.to_dict()["gate"]
     assert gate["decision"] == "source" and gate["criterion"] == "uncalibrated"
     assert gate["scores"]["adapted"]["kappa"] < 0
     assert gate["scores"]["adapted"]["atc"] is None
@@ -273,9 +273,9 @@ def test_force_and_no_gate_export_the_adapted_model(
     assert forced.manifest.provenance["method"] == "scramble-test"
 
     result = _scrambled(confident_pkg, target_dir, tmp_path / "nogate", gate=False)
-    assert result.report["gate"]["enabled"] is False
-    assert result.report["gate"]["decision"] == "adapted"
-    assert result.report["gate"]["scores"] is None
+    assert result.report.gate.enabled is False
+    assert result.report.gate.decision == "adapted"
+    assert result.report.gate.measure is None  # "scores": null
     assert result.package.manifest.provenance["method"] == "scramble-test"
 
 
@@ -293,7 +293,7 @@ def test_select_auto_keeps_the_best_label_free_score(
             eval_labels=eval_csv,
         )
     )
-    sel = result.report["selection"]
+    sel = result.report.to_dict()["selection"]
     assert sel["mode"] == "grid" and sel["criterion"] == "im"
     rows = sel["candidates"]
     assert [r["candidate"] for r in rows] == [
@@ -307,12 +307,33 @@ def test_select_auto_keeps_the_best_label_free_score(
     assert [r["chosen"] for r in rows] == [i == best for i in range(3)]
     assert all(r["value"] == r["scores"]["im"] for r in rows)
     assert sel["chosen"] == rows[best]["candidate"]
-    assert result.report["config"]["scale"] == [0.5, 1.0, 2.0][best]
+    assert result.report.config["scale"] == [0.5, 1.0, 2.0][best]
     # True accuracy of each candidate, computed after the choice (same predictions here).
     assert len({r["accuracy"] for r in rows}) == 1 and "after the decisions" in sel["note"]
     html = (tmp_path / "run" / "report.html").read_text()
     assert "scramble-test:scale=2.0" in html and "Candidates (ranked by im)" in html
-    assert result.report["gate"]["enabled"]
+    assert result.report.gate.enabled
+
+
+def test_select_auto_export_failure_says_the_candidates_are_lost(
+    plain_pkg: Path, target_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sourcefree.errors import ExportError
+    from tests.parity_helpers import fail_adapted_parity
+
+    fail_adapted_parity(monkeypatch, times=1)
+    request = AdaptRequest(
+        plain_pkg, target_dir, method="scramble-test", out=tmp_path / "run", select="auto"
+    )
+    with pytest.raises(ExportError) as err:
+        adapt(dataclasses.replace(request, device="cpu"))
+    text = str(err.value)
+    assert "held in memory only (--select auto writes no checkpoint" in text
+    assert "so their training is lost" in text
+    assert "train the chosen candidate scramble-test:scale=" in text
+    assert "-m scramble-test and --set KEY=VALUE for each of its settings" in text
+    assert "--resume:" not in text, "no resume is offered where there is none"
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
@@ -341,7 +362,7 @@ def test_select_auto_with_a_calibration_ranks_by_the_gates_rule(
             device="cpu",
         )
     )
-    sel = result.report["selection"]
+    sel = result.report.to_dict()["selection"]
     assert sel["criterion"] == rule
     assert ("3 of 3 candidates pass" in sel["criterion_reason"]) == (rule == "consensus")
     rows = sel["candidates"]
@@ -431,14 +452,15 @@ def test_auto_method_with_a_tiny_budget_exports_the_source(
             on_step=slow,
         )
     )
-    rows = result.report["selection"]["candidates"]
+    rows = result.report.to_dict()["selection"]["candidates"]
     assert [r["status"] for r in rows] == ["stopped", "not started"]
     assert "budget" in rows[0]["detail"] and "budget" in rows[1]["detail"]
-    gate = result.report["gate"]
+    gate = result.report.to_dict()["gate"]
     assert gate["decision"] == "source" and "no candidate finished" in gate["reason"]
     assert result.package.manifest.provenance["method"] == "source"
-    assert result.report["method"] == "auto"
-    assert result.report["selection"]["criterion"] is None  # nothing was ranked
+    assert result.report.method == "auto"
+    assert result.report.selection is not None
+    assert result.report.selection.criterion is None  # nothing was ranked
     html = (tmp_path / "run" / "report.html").read_text()
     assert "ranked by nothing: no candidate finished" in html
 
@@ -454,10 +476,10 @@ def test_auto_method_skips_a_method_the_package_cannot_serve(
     result = adapt(
         AdaptRequest(plain_pkg, target_dir, method="auto", out=tmp_path / "run", device="cpu")
     )
-    rows = {r["candidate"]: r for r in result.report["selection"]["candidates"]}
+    rows = {r["candidate"]: r for r in result.report.to_dict()["selection"]["candidates"]}
     assert rows["adafer"]["status"] == "skipped"
     assert "carries no action-unit detector" in rows["adafer"]["detail"]
-    assert rows["sharpen-test"]["chosen"] and result.report["method"] == "sharpen-test"
+    assert rows["sharpen-test"]["chosen"] and result.report.method == "sharpen-test"
 
 
 # --- issue 24: the gate's subsample --------------------------------------------------
@@ -505,7 +527,7 @@ def test_select_auto_scores_one_seeded_subsample_and_the_source_once(
     source_head = _weights(unsure_pkg)["head.weight"]
     same = [torch.equal(cast(Any, m).head.weight, source_head) for m, _ in calls]
     assert same == [True, False, False, False]
-    report = result.report
+    report = result.report.to_dict()
     gate, sel = report["gate"], report["selection"]
     assert gate["sample_size"] == sel["sample_size"] == 16
     assert gate["target_images"] == sel["target_images"] == 64
@@ -543,7 +565,7 @@ def test_a_target_below_the_sample_size_is_scored_whole_as_before(
                 force=True,  # the adapted model is exported: its weights are read back below
                 gate_sample=value,
             )
-        ).report["gate"]
+        ).report.to_dict()["gate"]
     assert all(idx is None for _, idx in calls)  # every image, in order
     assert runs["default"] == runs["all"] == runs["exact"]
     gate = runs["default"]
@@ -628,12 +650,12 @@ def test_resume_scores_the_same_subsample_again(
             **common,
         )
     )
-    assert done.report["resumed"] is True
+    assert done.report.resumed is True
     expected = selection.sample_indices(64, 20, seed=0)
     assert expected is not None
     assert len(calls) == 2 and all(np.array_equal(i, expected) for _, i in calls)
-    assert done.report["gate"] == ref.report["gate"]
-    assert done.report["gate"]["sample_size"] == 20
+    assert done.report.gate == ref.report.gate
+    assert done.report.gate.sample.sample_size == 20
 
 
 def test_cli_gate_sample_is_reported(plain_pkg: Path, target_dir: Path, tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ def test_resume_across_world_sizes(source_pkg: Path, target_dir: Path, tmp_path:
             device="cpu",
         )
     )
-    assert done.report["resumed"] is True and done.report["world_size"] == 1
+    assert done.report.resumed is True and done.report.world_size == 1
 
     # 1 process stops after step 3, 2 processes resume.
     one = tmp_path / "one"
@@ -136,7 +136,7 @@ def test_resume_across_world_sizes(source_pkg: Path, target_dir: Path, tmp_path:
     # Both runs kept the interrupted run's first steps and finished the phase. (BatchNorm
     # in train mode sees 16 images per batch on one process, 8 per rank on two, so the
     # losses of the two world sizes differ slightly.)
-    for rep in (done.report, report):
+    for rep in (done.report.to_dict(), report):
         assert [p[0] for p in rep["phases"][0]["loss_curve"]] == list(range(1, 9))
     assert _weights(two / "out").keys() == _weights(one / "out").keys()
 
@@ -163,8 +163,9 @@ def test_clup_two_processes_select_the_same_pseudo_labels(
     load_package(tmp_path / "out" / "package")
     two = json.loads((tmp_path / "out" / "report.json").read_text())
     assert two["world_size"] == 2
-    assert two["method_report"] == one.report["method_report"]
-    assert two["evaluation"]["pseudo_labels"] == one.report["evaluation"]["pseudo_labels"]
+    assert two["method_report"] == one.report.method_report
+    assert one.report.evaluation is not None
+    assert two["evaluation"]["pseudo_labels"] == one.report.evaluation.pseudo_labels
     names = [p["name"] for p in two["phases"]]
-    assert names == [p["name"] for p in one.report["phases"]]
+    assert names == [p["name"] for p in one.report.phases]
     assert all(p["done"] for p in two["phases"])

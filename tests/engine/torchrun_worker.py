@@ -38,7 +38,7 @@ def main(spec: dict[str, Any]) -> int:
     summary = {
         "rank": result.rank,
         "package_sha256": result.package.sha256,
-        "report_world_size": result.report["world_size"],
+        "report_world_size": result.report.world_size,
         "blobs": sorted(result.package.blobs),
     }
     (results / f"rank{result.rank}.json").write_text(json.dumps(summary))

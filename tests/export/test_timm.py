@@ -156,7 +156,7 @@ def test_adapt_and_serve(
     if name.startswith("vit"):
         # LayerNorm only: tent trains the LayerNorm scale and shift, and the BatchNorm
         # steps (tent's recalibrate, shot's target-bn) are skipped and reported.
-        assert result.report["method_report"]["bn_statistics"] == "no BatchNorm layers: skipped"
+        assert result.report.method_report["bn_statistics"] == "no BatchNorm layers: skipped"
     assert manifest.architecture == load_package(source).manifest.architecture
     _serve_matches_torch(result.package)
 
