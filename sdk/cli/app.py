@@ -71,6 +71,12 @@ def keygen(out: Path, overwrite: bool) -> None:
     """Create an Ed25519 key pair: OUT.key (private, mode 0600) and OUT.pub.
 
     Keep OUT.key secret; give OUT.pub to your customers so they can verify.
+    The folder of OUT must exist.
+
+    \b
+    Example:
+      sourcefree keygen vendor              # vendor.key and vendor.pub
+      sourcefree sign fer-resnet18 --key vendor.key
     """
     from sourcefree.fsutil import check_output_file
     from sourcefree.package.signing import fingerprint, load_public_key
@@ -94,7 +100,14 @@ def keygen(out: Path, overwrite: bool) -> None:
     "--key", required=True, type=click.Path(path_type=Path), help="Private key (OUT.key)."
 )
 def sign(package: Path, key: Path) -> None:
-    """Sign a verified package with an Ed25519 private key (writes PACKAGE/signature)."""
+    """Sign a verified package with an Ed25519 private key (writes PACKAGE/signature).
+
+    \b
+    Example:
+      sourcefree keygen vendor
+      sourcefree sign fer-resnet18 --key vendor.key
+      sourcefree verify fer-resnet18 --key vendor.pub --require-signature
+    """
     from sourcefree.package.loader import sign_package
 
     click.echo(f"signed {package} with {sign_package(package, key)}")
@@ -115,7 +128,12 @@ def verify(
 ) -> None:
     """Check hashes, layout, schema, graph and (with --key) the signature.
 
-    Example: sourcefree verify fer-pkg --key vendor.pub --sha256 3f5a...e1
+    PACKAGE may be an `adapt` output folder: its package/ is checked.
+
+    \b
+    Example:
+      sourcefree verify fer-pkg --key vendor.pub --sha256 3f5a...e1
+      sourcefree verify adapted/             # the package/ of an adapt output
     """
     from sourcefree.package.loader import load_package
 
@@ -142,7 +160,13 @@ def verify(
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(package: Path, as_json: bool) -> None:
-    """Human-readable summary of a package: labels, input, architecture, sizes, signature."""
+    """Human-readable summary of a package: labels, input, architecture, sizes, signature.
+
+    \b
+    Example:
+      sourcefree inspect fer-pkg
+      sourcefree inspect adapted/ --json     # the package/ of an adapt output
+    """
     from sourcefree.package.inspect import summarize_package
 
     summary = summarize_package(package)
@@ -169,10 +193,12 @@ def audit(package: Path, as_json: bool) -> None:
     ONNX metadata and doc strings, safetensors metadata. A package that fails
     verification is still audited; the failure is a finding.
 
-    \b
     Exit codes: 0 nothing found, 3 findings, 2 not a package directory.
+
+    \b
     Example:
       sourcefree audit adapted/package
+      sourcefree audit fer-pkg --json
     """
     from sourcefree.package.audit import EXIT_FINDINGS, audit_package, format_report
 
@@ -418,6 +444,11 @@ def demo(out: Path, overwrite: bool, method: str, seed: int) -> None:
     vendor model; verifies it on the customer's side, adapts it to the
     customer's photos ('wild-mild'), evaluates source and adapted packages and
     serves the adapted one through the runtime. Writes OUT/report.json.
+
+    \b
+    Example:
+      sourcefree demo
+      sourcefree demo --out demo-shot -m shot --seed 1
     """
     from sourcefree.cli.demo import run_demo
 

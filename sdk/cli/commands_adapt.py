@@ -118,6 +118,24 @@ Say = Callable[[str], None]
     is_flag=True,
     help="Print the run's summary as one JSON object on stdout (human lines go to stderr).",
 )
+@click.option(
+    "--key",
+    "keys",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    metavar="VENDOR.pub",
+    help="Vendor public key: every source package's signature must verify with one of the "
+    "keys given (repeat for sources signed by several vendors); checked before anything else.",
+)
+@click.option(
+    "--require-signature", is_flag=True, help="Refuse unsigned source packages (needs --key)."
+)
+@click.option(
+    "--plan-probe/--no-plan-probe",
+    default=True,
+    help="Time a few forward/backward passes on a copy of the model for the estimated "
+    "training time of the plan printed before training (results are identical either way).",
+)
 @_typed_errors
 def adapt_command(
     paths: tuple[Path, ...], no_progress: bool, no_gate: bool, as_json: bool, **options: Any
@@ -125,11 +143,13 @@ def adapt_command(
     """Adapt source package(s) PKG [PKG2 ...] to the unlabelled images in DATA.
 
     \b
-    sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/
-    sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/ --set lr=0.0005
-    sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/ --resume
-    sourcefree adapt vendor-pkg/ faces/ -m shot -o adapted/ --select auto
-    sourcefree adapt vendor-pkg/ faces/ -m auto -o adapted/ --budget-s 1800
+    Example:
+      sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/
+      sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/ --set lr=0.0005
+      sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/ --resume
+      sourcefree adapt vendor-pkg/ faces/ -m shot -o adapted/ --select auto
+      sourcefree adapt vendor-pkg/ faces/ -m auto -o adapted/ --budget-s 1800
+      sourcefree adapt vendor-pkg/ faces/ -m shot -o adapted/ --eval-labels faces/labels.csv
 
     Writes OUT/package (the adapted package), OUT/report.json and
     OUT/report.html (aggregates only, plots inline). SIGINT/SIGTERM write a
@@ -276,7 +296,14 @@ def _echo_selection(report: dict[str, Any], say: Say = click.echo) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_typed_errors
 def methods_command(as_json: bool) -> None:
-    """List adaptation methods, their one-line descriptions and options."""
+    """List adaptation methods, their one-line descriptions and options.
+
+    \b
+    Example:
+      sourcefree methods
+      sourcefree methods --json
+      sourcefree adapt vendor-pkg/ faces/ -m shot -o adapted/ --set epochs=5
+    """
     from sourcefree.engine.config import describe
     from sourcefree.engine.registry import get_method, list_methods
 
@@ -337,7 +364,13 @@ def evaluate_command(
 ) -> None:
     """Accuracy, mean class recall, per-class recall and confusion of PACKAGE on DATA.
 
-    Runs the package through onnxruntime, as an application would.
+    Runs the package through onnxruntime, as an application would. PACKAGE may
+    be an `adapt` output folder: its package/ is evaluated.
+
+    \b
+    Example:
+      sourcefree evaluate fer-pkg faces/ --labels faces/labels.csv
+      sourcefree evaluate adapted/ faces/ --labels faces/labels.csv --json
     """
     from sourcefree.runtime.evaluation import evaluate, format_metrics
 

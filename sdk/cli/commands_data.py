@@ -20,7 +20,10 @@ def _domains_help() -> str:
         "aus.csv (action units) and domain.json.\n\n"
         "Cartoon faces with seven expressions and a controllable domain shift; "
         "deterministic by --seed. `studio` is the source domain, the others are "
-        "targets.\n\n\b\nDomains:\n" + _domains_help()
+        "targets.\n\n\b\nDomains:\n" + _domains_help() + "\n\n\b\nExample:\n"
+        "  sourcefree synth studio --n 2000            # the vendor's labelled faces\n"
+        "  sourcefree synth faces -d wild-mild --n 500 --seed 1\n"
+        "  sourcefree evaluate fer-pkg faces/ --labels faces/labels.csv"
     )
 )
 @click.argument("out", type=click.Path(path_type=Path, file_okay=True, dir_okay=True))

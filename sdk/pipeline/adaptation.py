@@ -9,8 +9,10 @@ The output directory holds the adapted package and an aggregate report::
       report.html    the same as one self-contained page with inline SVG plots
 
 :func:`adapt` takes one :class:`~sourcefree.pipeline.request.AdaptRequest` and
-runs named stages: prepare (config, packages, data, device, run directory;
-:mod:`~sourcefree.pipeline.prepare`) -> train (:mod:`~sourcefree.pipeline.train`)
+runs named stages: preflight (vendor keys and signatures, evaluation labels) ->
+prepare (config, OUT, free disk space, packages, data, device, run directory;
+:mod:`~sourcefree.pipeline.prepare`) -> the run's plan, logged before training
+(:mod:`~sourcefree.pipeline.runplan`) -> train (:mod:`~sourcefree.pipeline.train`)
 -> decide (gate, selection; :mod:`~sourcefree.pipeline.decide`) -> export ->
 report (:class:`~sourcefree.pipeline.report.AdaptReport`).
 
@@ -54,13 +56,13 @@ from sourcefree.package import strictjson
 from sourcefree.package.loader import Package, load_package
 from sourcefree.pipeline.decide import Decision, decide, judge_with_labels
 from sourcefree.pipeline.prepare import (
-    EvalLabels,
+    Preflight,
     Prepared,
-    check_eval_labels,
     check_run_dir,
     default_workdir,
     load_target,
     open_run_dir,
+    preflight,
     prepare,
 )
 from sourcefree.pipeline.report import (
@@ -73,6 +75,7 @@ from sourcefree.pipeline.report import (
     Timings,
 )
 from sourcefree.pipeline.request import AdaptRequest
+from sourcefree.pipeline.runplan import log_plan, plan_run
 from sourcefree.pipeline.train import Trained, train, train_one
 
 if TYPE_CHECKING:
@@ -139,34 +142,39 @@ def adapt(request: AdaptRequest) -> AdaptResult:
     from sourcefree.engine import distributed
     from sourcefree.engine.device import amp_policy
 
-    labels = check_eval_labels(request)  # a bad labels CSV fails before anything starts
+    # Keys and signatures, then a bad labels CSV, fail before anything starts.
+    early = preflight(request)
     started_group = distributed.init_from_env(request.device)
     claim = contextlib.ExitStack()
     try:
         claim.enter_context(amp_policy(request.amp, request.device))  # before anything is written
         if distributed.is_main():  # rank 0 alone writes OUT
             claim.enter_context(claimed_output(request.out))
-        return _run(request, labels)
+        return _run(request, early)
     finally:
         claim.close()
         if started_group:
             distributed.shutdown()
 
 
-def _run(request: AdaptRequest, labels: EvalLabels | None) -> AdaptResult:
+def _run(request: AdaptRequest, early: Preflight) -> AdaptResult:
     """The stages on this rank: rank 0 holds the run directory and writes OUT."""
     from sourcefree.engine import distributed
 
-    prep = prepare(request, labels)
+    prep = prepare(request, early)
     if not distributed.is_main():
         return _other_rank(prep)
     wd = open_run_dir(prep)
     trained: Trained | None = None
     try:
         check_run_dir(prep, wd)
+        plan = plan_run(prep)
+        log_plan(plan)  # stderr of the CLI, before training starts
+        t_started = time.perf_counter()
         trained = train(prep, wd)
         t_trained = time.perf_counter()
-        report = _export_and_report(prep, trained, decide(prep, trained), t_trained)
+        planned = plan.to_dict(actual_train_s=round(t_trained - t_started, 3))
+        report = _export_and_report(prep, trained, decide(prep, trained), t_trained, planned)
     except BaseException as exc:
         wd.close()
         if isinstance(exc, Interrupted) and not request.multi and wd.has_checkpoints():
@@ -276,15 +284,18 @@ def _pseudo_label_report(
 
 
 def _export_and_report(
-    prep: Prepared, trained: Trained, decision: Decision, t_trained: float
+    prep: Prepared, trained: Trained, decision: Decision, t_trained: float, plan: dict[str, Any]
 ) -> AdaptReport:
-    """Export, then report, into a staged OUT (renamed into place when both are written)."""
+    """Export, then report, into a staged OUT (renamed into place when both are written).
+
+    ``plan``: ``report["plan"]``, its measured training time filled in.
+    """
     instance = trained.instance
     method_report = instance.diagnostics() if instance is not None else {}
     with staged_directory(prep.target, overwrite=prep.request.overwrite) as stage:
         adapted, export = _export(prep, decision, stage / PACKAGE_DIR)
         marks = (prep.t0, prep.t_loaded, t_trained, time.perf_counter())
-        report = _report(prep, trained, decision, adapted, export, method_report, marks)
+        report = _report(prep, trained, decision, adapted, export, method_report, marks, plan)
         _write_report(stage, prep.target, report, prep.pkgs[0].manifest.labels)
     return report
 
@@ -320,10 +331,12 @@ def _report(
     export: ExportReport,
     method_report: dict[str, Any],
     marks: tuple[float, float, float, float],
+    plan: dict[str, Any] | None = None,
 ) -> AdaptReport:
     """The typed report; with ``--eval-labels`` metrics and judged decisions are added.
 
-    ``marks``: ``time.perf_counter()`` at start, data loaded, trained and exported.
+    ``marks``: ``time.perf_counter()`` at start, data loaded, trained and exported;
+    ``plan``: ``report["plan"]``.
     """
     gate, selection = decision.gate, trained.selection_report(prep)
     evaluation = None
@@ -341,6 +354,7 @@ def _report(
         timings=Timings.between(*marks, time.perf_counter()),
         selection=selection,
         evaluation=evaluation,
+        plan=plan,
     )
 
 
@@ -369,7 +383,7 @@ def _run_fields(prep: Prepared, trained: Trained) -> dict[str, Any]:
         "amp": result.amp if result is not None else "off",
         "memory_format": result.memory_format if result is not None else "contiguous",
         "sources": tuple(
-            SourceRef(p.manifest.name, p.manifest.version, p.sha256) for p in prep.pkgs
+            SourceRef(p.manifest.name, p.manifest.version, p.sha256, p.signer) for p in prep.pkgs
         ),
         "target_images": len(prep.data),
         "target_read": dict(prep.data.read_summary),

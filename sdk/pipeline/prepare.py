@@ -1,15 +1,19 @@
 """Stage 1 of ``adapt``: config, packages, data, device and run directory.
 
-Everything here is checked before any training: the method's config and the
-candidates' overrides, the number and agreement of the source packages, each
-model.onnx against its weights, the target images, and (rank 0) the run
-directory's identity when resuming. Importing this module does not import torch.
+Everything here is checked before any training, and everything but the images
+before any image is decoded: the vendor keys and each source package's signature
+(:func:`preflight`, first of all), the evaluation labels, the method's config and
+the candidates' overrides, the output directory, the number and agreement of the
+source packages, the free disk space (:func:`check_disk_space`), each model.onnx
+against its weights; then the target images, and (rank 0) the run directory's
+identity when resuming. Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,12 +21,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sourcefree._version import __version__
-from sourcefree.errors import ConfigError, DatasetError, PackageError, ResumeError, WorkdirError
-from sourcefree.fsutil import check_output_dir
-from sourcefree.package import strictjson
+from sourcefree.errors import (
+    ConfigError,
+    DatasetError,
+    PackageError,
+    ResumeError,
+    SignatureError,
+    WorkdirError,
+    WriteError,
+)
+from sourcefree.fsutil import check_output_dir, shown
+from sourcefree.package import signing, strictjson
+from sourcefree.package.inspect import _size as size_text
 from sourcefree.package.loader import Package, load_package
 from sourcefree.pipeline.report import SampleInfo
-from sourcefree.pipeline.request import AdaptRequest, PackageSource
+from sourcefree.pipeline.request import AdaptRequest, KeySource, PackageSource
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,11 +54,34 @@ def default_workdir(out: str | os.PathLike[str]) -> Path:
     return target.with_name(f".{target.name}.work")
 
 
-def load_packages(packages: PackageSource | Sequence[PackageSource]) -> list[Package]:
-    """The packages of a request, loaded and verified (loaded ones are kept as they are)."""
+def load_packages(
+    packages: PackageSource | Sequence[PackageSource],
+    keys: Sequence[KeySource] = (),
+    require_signature: bool = False,
+) -> list[Package]:
+    """The packages of a request, loaded and verified (loaded ones are kept as they are).
+
+    ``keys``: vendor public keys, all read before any package; each package must
+    carry a signature that verifies with one of them (``Package.signer`` names it).
+    A loaded package not verified by one of them is verified again from its folder,
+    pinned to its sha256. ``require_signature``: as ``sourcefree verify``.
+
+    Raises:
+        SignatureError: a key file is unreadable or not an Ed25519 public key, a
+            package is unsigned, or its signature verifies with none of ``keys``.
+        PackageError, IntegrityError: see :func:`~sourcefree.package.loader.load_package`.
+    """
     single = isinstance(packages, (str, os.PathLike, Package))
     items: list[Any] = [packages] if single else list(packages)  # type: ignore[arg-type]
-    pkgs = [p if isinstance(p, Package) else load_package(p) for p in items]
+    vendor = [(key, signing.fingerprint(signing.load_public_key(key))) for key in keys]
+    pkgs = []
+    for item in items:
+        pkg = _verified(item, vendor, require_signature)
+        pkgs.append(pkg)
+        # The key that verified this package is tried first for the next one.
+        vendor = [e for e in vendor if e[1] == pkg.signer] + [
+            e for e in vendor if e[1] != pkg.signer
+        ]
     for pkg in pkgs:
         record = pkg.manifest.optimization
         if pkg.manifest.onnx.precision == "int8" and record is not None:
@@ -56,6 +92,42 @@ def load_packages(packages: PackageSource | Sequence[PackageSource]) -> list[Pac
                 "then optimize again",
             )
     return pkgs
+
+
+def _verified(
+    item: PackageSource, keys: Sequence[tuple[KeySource, str]], require_signature: bool
+) -> Package:
+    """One package, verified with one of ``keys`` (key source, fingerprint) when any.
+
+    The check is :func:`~sourcefree.package.loader.load_package`'s (``sourcefree verify``'s),
+    tried with each key in turn.
+    """
+    if isinstance(item, Package):
+        trusted = item.signer in {fp for _, fp in keys}
+        if trusted or not (keys or require_signature):
+            return item
+        path: str | os.PathLike[str] = item.path
+        pin: str | None = item.sha256
+    else:
+        path, pin = item, None
+    if not keys:
+        return load_package(path, require_signature=require_signature, expected_sha256=pin)
+    failed: SignatureError | None = None
+    for key, _ in keys:
+        try:
+            return load_package(
+                path, public_key=key, require_signature=require_signature, expected_sha256=pin
+            )
+        except SignatureError as exc:
+            failed = exc
+    if failed is None or len(keys) == 1:
+        raise failed or SignatureError(f"package {shown(path)} was not verified")
+    tried = ", ".join(fp for _, fp in keys)
+    raise SignatureError(
+        f"{failed.what} (package {shown(path)}; tried each of the {len(keys)} keys given: {tried})",
+        failed.why,
+        failed.fix,
+    )
 
 
 def fresh_model(pkg: Package, dev: Any, *, check: bool = False) -> Classifier:
@@ -97,15 +169,14 @@ def _check_sources(pkgs: Sequence[Package], method: str, lo: int, hi: int) -> No
 class EvalLabels:
     """``--eval-labels``, checked before anything starts: the listed data folder and its labels."""
 
-    packages: tuple[Package, ...]
     folder: ImageDataset
     """The data folder as listed once; the target images are read from this listing."""
     lookup: dict[str, int]
     """Label index of each labelled image, by its key (path relative to the data folder)."""
 
 
-def check_eval_labels(request: AdaptRequest) -> EvalLabels | None:
-    """Parse and check ``request.eval_labels`` once (the packages are loaded for their labels).
+def check_eval_labels(request: AdaptRequest, pkgs: Sequence[Package]) -> EvalLabels | None:
+    """Parse and check ``request.eval_labels`` once, against the packages' labels.
 
     Raises:
         DatasetError: see :func:`sourcefree.runtime.evaluation.labelled_keys`.
@@ -115,10 +186,109 @@ def check_eval_labels(request: AdaptRequest) -> EvalLabels | None:
     from sourcefree.data.readers import read_image_folder
     from sourcefree.runtime.evaluation import labelled_keys
 
-    pkgs = load_packages(request.packages)
     folder = read_image_folder(request.data)
     lookup = labelled_keys(folder, request.eval_labels, pkgs[0].manifest.labels)
-    return EvalLabels(tuple(pkgs), folder, lookup)
+    return EvalLabels(folder, lookup)
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What ``adapt`` checks first, before it claims OUT: the source packages and the labels."""
+
+    packages: tuple[Package, ...]
+    """Verified (with the request's keys, when given)."""
+    labels: EvalLabels | None
+
+
+def preflight(request: AdaptRequest) -> Preflight:
+    """The vendor keys and every package's signature, then ``--eval-labels`` (nothing decoded).
+
+    Raises:
+        SignatureError, PackageError: see :func:`load_packages`.
+        DatasetError: a bad labels CSV (:func:`check_eval_labels`).
+    """
+    pkgs = load_packages(request.packages, request.key_sources, request.require_signature)
+    return Preflight(tuple(pkgs), check_eval_labels(request, pkgs))
+
+
+#: One checkpoint holds the modules' weights and at most two optimizer moments per
+#: parameter (Adam and AdamW; SGD's momentum is one): about this many times the weights.
+CHECKPOINT_WEIGHTS_FACTOR = 3
+#: report.json and report.html beside the adapted package (a generous bound).
+REPORT_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class DiskNeed:
+    """What one part of a run writes, where, and roughly how much."""
+
+    where: Path
+    """The folder written into (it may not exist yet)."""
+    bytes: int
+    what: str
+
+
+def disk_needs(request: AdaptRequest, pkgs: Sequence[Package], target: Path) -> list[DiskNeed]:
+    """The run's writes, estimated before it starts: the package and the checkpoints.
+
+    The adapted package is about the size of the source package(s), staged beside
+    OUT. A single run's checkpoints (:mod:`sourcefree.engine.checkpoints`) hold
+    about :data:`CHECKPOINT_WEIGHTS_FACTOR` times the weights each; the newest
+    ``KEEP`` are kept and a new one is written before the oldest is removed, so
+    ``KEEP + 1`` are on disk at the peak (resuming: one more, the others are there).
+    ``-m auto`` / ``--select auto`` write no checkpoint.
+    """
+    from sourcefree.engine.checkpoints import KEEP
+
+    package = sum(
+        len(p.manifest_bytes) + sum(e.size for e in p.manifest.files.values()) for p in pkgs
+    )
+    needs = [DiskNeed(target.parent, package + REPORT_BYTES, "the adapted package beside OUT")]
+    if not request.multi:
+        run_dir = Path(request.workdir) if request.workdir is not None else default_workdir(target)
+        count = 1 if request.resume else KEEP + 1
+        one = CHECKPOINT_WEIGHTS_FACTOR * sum(len(p.weights_bytes) for p in pkgs)
+        what = f"{count} checkpoint(s) of the weights and optimizer state in the run directory"
+        needs.append(DiskNeed(run_dir.absolute(), count * one, what))
+    return needs
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor (the disk it will be written on)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_disk_space(needs: Sequence[DiskNeed]) -> None:
+    """Refuse a run whose writes do not fit the free space of their disks.
+
+    Writes on the same file system are added up.
+
+    Raises:
+        WriteError: names the space needed, the space free and the fix.
+    """
+    disks: dict[int, list[DiskNeed]] = {}
+    for need in needs:
+        disks.setdefault(os.stat(_existing(need.where)).st_dev, []).append(need)
+    for group in disks.values():
+        total = sum(n.bytes for n in group)
+        where = _existing(group[0].where)
+        free = shutil.disk_usage(where).free
+        if total > free:
+            parts = "; ".join(
+                f"{n.what} {shown(n.where)}: about {size_text(n.bytes)}" for n in group
+            )
+            need_text, free_text = size_text(total), size_text(free)
+            if need_text == free_text:  # rounded alike: the exact numbers
+                need_text, free_text = f"{total:,} bytes", f"{free:,} bytes"
+            raise WriteError(
+                f"not enough free space on the disk of {shown(where)}: this run writes about "
+                f"{need_text} there and {free_text} is free",
+                f"checked before any image is decoded ({parts})",
+                "free space on that disk, or pass another -o OUT (and --workdir for the "
+                "checkpoints) on a disk with more room",
+            )
 
 
 def load_target(
@@ -289,11 +459,14 @@ def _plan(
     return plan
 
 
-def prepare(request: AdaptRequest, labels: EvalLabels | None) -> Prepared:
-    """Config, packages, device, checked models and target images (``labels``: checked early).
+def prepare(request: AdaptRequest, early: Preflight) -> Prepared:
+    """Config, output directory, disk space, device, checked models, then the target images.
+
+    ``early``: the packages and labels :func:`preflight` checked.
 
     Raises:
-        ConfigError, PackageError, DatasetError, DeviceError, SourcefreeError (OUT exists).
+        ConfigError, PackageError, DatasetError, DeviceError, SourcefreeError (OUT exists),
+        WriteError (not enough free disk space: :func:`check_disk_space`).
     """
     from sourcefree.data.readers import read_image_folder
     from sourcefree.engine import config as cfgmod
@@ -315,10 +488,12 @@ def prepare(request: AdaptRequest, labels: EvalLabels | None) -> Prepared:
     target = Path(request.out).absolute()
     if distributed.is_main():
         check_output_dir(target, request.overwrite)
-    pkgs = list(labels.packages) if labels is not None else load_packages(request.packages)
+    pkgs, labels = list(early.packages), early.labels
     if cls is not None:
         _check_sources(pkgs, request.method, cls.min_sources, cls.max_sources)
     plan = _plan(request, len(pkgs), cls, config)
+    if distributed.is_main():  # rank 0 alone writes OUT and the checkpoints
+        check_disk_space(disk_needs(request, pkgs, target))
     dev = distributed.device_for_rank(resolve_device(request.device))
     models = [fresh_model(p, dev, check=True) for p in pkgs]
     folder = labels.folder if labels is not None else read_image_folder(request.data)

@@ -261,12 +261,21 @@ class Timings(_Flat):
 
 
 @dataclass(frozen=True)
-class SourceRef(_Flat):
-    """A source package by name, version and manifest hash."""
+class SourceRef:
+    """A source package by name, version and manifest hash (and the key that verified it)."""
 
     name: str
     version: str
     sha256: str
+    signer: str | None = None
+    """Fingerprint of the vendor key that verified its signature (``adapt --key``); never
+    a path. Left out of the JSON when no key verified it."""
+
+    def to_dict(self) -> Json:
+        out: Json = {"name": self.name, "version": self.version, "sha256": self.sha256}
+        if self.signer is not None:
+            out["signer"] = self.signer
+        return out
 
 
 @dataclass(frozen=True)
@@ -306,6 +315,9 @@ class AdaptReport:
     evaluation: EvaluationReport | None = None
     package: str = PACKAGE_DIR
     format: str = REPORT_FORMAT
+    plan: Json | None = None
+    """The run's plan (``sourcefree.pipeline.runplan.RunPlan.to_dict``): phases, steps,
+    the estimated and the measured training seconds."""
 
     def to_dict(self) -> Json:
         out: Json = {
@@ -327,6 +339,8 @@ class AdaptReport:
         out["export"] = self.export.to_dict()
         if self.evaluation is not None:
             out["evaluation"] = self.evaluation.to_dict()
+        if self.plan is not None:
+            out["plan"] = self.plan
         out["timings_s"] = self.timings.to_dict()
         return out
 
@@ -351,4 +365,5 @@ class AdaptReport:
             evaluation=None if evaluation is None else EvaluationReport.from_dict(evaluation),
             package=d["package"],
             format=d["format"],
+            plan=d.get("plan"),
         )

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 PackageSource: TypeAlias = "str | os.PathLike[str] | Package"
 """A package folder or a loaded (verified) :class:`~sourcefree.package.loader.Package`."""
+KeySource: TypeAlias = "str | os.PathLike[str] | bytes"
+"""A vendor's public key: a PEM file (``sourcefree keygen``'s ``.pub``) or its bytes."""
 SELECT_MODES = ("none", "auto")
 
 
@@ -63,10 +65,19 @@ class AdaptRequest:
             look at (a seeded random subsample, the same for every model of the
             run): a count, ``0`` or ``"all"`` (every image); None: 8,192
             (``selection.GATE_SAMPLE``, docs/selection.md "Cost and subsample").
+        keys: vendor public keys (one, or several for several sources): every
+            source package must carry a signature that verifies with one of them,
+            checked before anything else (``report["sources"][i]["signer"]``: the
+            fingerprint of the key that verified it).
+        require_signature: refuse unsigned source packages (needs ``keys``).
+        plan_probe: time a few forward/backward passes of a copy of the model to
+            estimate the training time in the run's plan (``report["plan"]``);
+            False: the plan has no estimate. Results are identical either way.
 
     Raises:
         ConfigError: ``gate_sample``, ``select`` or ``budget_s`` out of range,
-            ``overrides`` given as one string, or a config with ``method="auto"``.
+            ``overrides`` given as one string, a config with ``method="auto"``,
+            or ``require_signature`` without ``keys``.
         ResumeError: ``resume`` with ``method="auto"`` or ``select="auto"``.
 
     Examples:
@@ -107,6 +118,9 @@ class AdaptRequest:
     budget_s: float | None = None
     amp: str = "auto"
     gate_sample: int | str | None = None
+    keys: KeySource | Sequence[KeySource] = ()
+    require_signature: bool = False
+    plan_probe: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.overrides, (str, bytes)):
@@ -118,6 +132,13 @@ class AdaptRequest:
         object.__setattr__(self, "overrides", tuple(self.overrides))
         if not isinstance(self.packages, (str, os.PathLike, Package)):
             object.__setattr__(self, "packages", tuple(self.packages))
+        object.__setattr__(self, "keys", self.key_sources)
+        if self.require_signature and not self.keys:
+            raise ConfigError(
+                "--require-signature without --key",
+                "a signature proves nothing until it is checked with the vendor's public key",
+                "pass --key VENDOR.pub (repeat it for sources signed by several keys)",
+            )
         _ = self.sample_size  # --gate-sample is refused before anything starts
         if self.select not in SELECT_MODES:
             raise ConfigError(
@@ -152,6 +173,9 @@ class AdaptRequest:
             words += ["--config", str(self.config_file)]
         for item in self.overrides:
             words += ["--set", item]
+        for key in self.key_sources:
+            if not isinstance(key, bytes):  # PEM bytes have no CLI form
+                words += ["--key", str(key)]
         for name, flag in _OPTIONS.items():
             value = getattr(self, name)
             if value != _DEFAULTS[name]:
@@ -161,6 +185,12 @@ class AdaptRequest:
         if resume or self.resume:
             words.append("--resume")
         return shlex.join(words)
+
+    @property
+    def key_sources(self) -> tuple[KeySource, ...]:
+        """``keys`` as a tuple (one key given alone is a tuple of one)."""
+        given = self.keys
+        return (given,) if isinstance(given, (str, os.PathLike, bytes)) else tuple(given)
 
     @property
     def auto(self) -> bool:
@@ -218,6 +248,7 @@ _SWITCHES = {
     "strict": "--strict",
     "overwrite": "--overwrite",
     "force": "--force",
+    "require_signature": "--require-signature",
 }
-_NEGATED = {"progress": "--no-progress", "gate": "--no-gate"}
+_NEGATED = {"progress": "--no-progress", "gate": "--no-gate", "plan_probe": "--no-plan-probe"}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(AdaptRequest)}

@@ -264,7 +264,7 @@ def test_report_json_round_trips_through_the_typed_report(
     typed = AdaptReport.from_dict(report)
     again = typed.to_dict()
     assert _plain(again) == report
-    assert list(again) == [*REPORT_KEYS, "export", "evaluation", "timings_s"]
+    assert list(again) == [*REPORT_KEYS, "export", "evaluation", "plan", "timings_s"]
     assert list(again["gate"]) == GATE_KEYS
     assert list(again["evaluation"]) == ["note", "source", "adapted", "pseudo_labels"]
     assert typed.gate.measure is not None and typed.gate.accuracy is not None
@@ -280,7 +280,7 @@ def test_selection_report_keys_in_order_and_round_trip(
     typed = adapt(request).report
     assert isinstance(typed, AdaptReport) and typed.gate.decision == "source"
     report = typed.to_dict()
-    assert list(report) == [*REPORT_KEYS, "selection", "export", "evaluation", "timings_s"]
+    assert list(report) == [*REPORT_KEYS, "selection", "export", "evaluation", "plan", "timings_s"]
     assert list(report["gate"]) == [
         *("enabled", "decision", "verdict", "forced", "reason", "note", "scores"),
         *("sample_size", "target_images"),
