@@ -308,3 +308,41 @@ def test_weights_file_is_untouched_and_listed(int8_pkg: Path, source_pkg: Path) 
     assert sorted(new) == sorted(old)
     assert new[WEIGHTS_NAME] == old[WEIGHTS_NAME]
     assert new[ONNX_NAME] != old[ONNX_NAME]
+
+
+@pytest.mark.parametrize(
+    ("scores", "kept"),
+    [
+        ({b"minmax": 0.98, b"percentile": 0.995}, (b"percentile", 0.995)),
+        ({b"minmax": 0.995, b"percentile": 0.99}, (b"minmax", 0.995)),
+        ({b"minmax": 0.99, b"percentile": 0.99}, (b"minmax", 0.99)),  # a tie keeps the first
+    ],
+)
+def test_int8_keeps_the_range_estimator_that_agrees_most(
+    source_pkg: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    scores: dict[bytes, float],
+    kept: tuple[bytes, float],
+) -> None:
+    tried: list[str] = []
+
+    def quantize(pkg: Any, x: Any, ranges: str = "minmax") -> bytes:
+        tried.append(ranges)
+        return ranges.encode()
+
+    monkeypatch.setattr(optmod, "quantize_int8", quantize)
+    monkeypatch.setattr(optmod, "top1_agreement", lambda pkg, graph, x: scores[graph])
+    assert optmod._best_int8(load_package(source_pkg), np.zeros((1, 3, 32, 32))) == kept
+    assert tried == list(optmod.INT8_RANGES)
+
+
+def test_percentile_ranges_print_nothing_on_stdout(
+    source_pkg: Path, calibration: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pkg = load_package(source_pkg)
+    x = calibration_inputs(calibration, pkg, 64, 0.05)
+    graph = optmod.quantize_int8(pkg, x, "percentile")
+    assert optmod.top1_agreement(pkg, graph, x) >= 0.9
+    assert capsys.readouterr().out == ""
+    with pytest.raises(ConfigError, match="unknown int8 range estimator"):
+        optmod.quantize_int8(pkg, x, "mse")
