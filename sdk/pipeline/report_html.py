@@ -16,6 +16,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeGuard
 
+from sourcefree.pipeline.report import GATE_Z
+
 REPORT_HTML_NAME = "report.html"
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
@@ -272,9 +274,6 @@ def _flat(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, value)]
 
 
-#: The do-no-harm gate's margin in standard errors (``selection.GATE_Z``; that module
-#: imports torch, so the value is repeated here and tests/test_report_summary.py pins it).
-GATE_Z = 2.0
 #: A class whose recall changed by more than this is flagged in the summary box.
 CLASS_CHANGE_FLAG = 0.1
 

@@ -67,6 +67,7 @@ from torch import nn
 from sourcefree.data.progress import progress_bar
 from sourcefree.errors import ConfigError
 from sourcefree.package.manifest import Calibration, InputSpec
+from sourcefree.pipeline.report import GATE_Z as GATE_Z
 
 if TYPE_CHECKING:
     from sourcefree.engine.method import TargetData
@@ -630,9 +631,6 @@ def standard_errors(
 
 #: ``adapt -m auto``: try the registered methods.
 AUTO_METHOD = "auto"
-#: The adapted model passes the calibrated gate when its estimated gain exceeds this
-#: many standard errors of the per-image changes (a one-sided test at about 97.7 %).
-GATE_Z = 2.0
 
 
 def consensus_agreement(pool: Sequence[ArrayLike]) -> list[float]:
