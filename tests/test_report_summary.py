@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from sourcefree.data import progress as progress_mod
+from sourcefree.pipeline.report import GATE_Z
 from sourcefree.pipeline.report_html import (
     CLASS_CHANGE_FLAG,
-    GATE_Z,
     GLOSSARY,
     class_changes,
     decision_text,
