@@ -274,3 +274,27 @@ def test_doctor_json_has_snake_case_keys_and_the_table_stays() -> None:
         r"^onnxruntime providers \(usable\) +.*CPUExecutionProvider", table.stdout, re.M
     )
     assert re.search(r"^telemetry +off", table.stdout, re.M)
+
+
+def test_a_path_that_does_not_exist_is_refused_before_any_work(
+    source_pkg: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "preds.csv"
+    result = _invoke("predict", str(source_pkg), str(tmp_path / "photos"), "-o", str(out))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "photos' does not exist" in result.stderr and "Fix: check the path" in result.stderr
+    assert not out.exists()
+
+
+def test_no_image_or_none_readable_leaves_no_output_file(source_pkg: Path, tmp_path: Path) -> None:
+    empty, broken = tmp_path / "empty", tmp_path / "broken"
+    empty.mkdir()
+    broken.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    (broken / "x.png").write_bytes(b"not a png")
+    out = tmp_path / "preds.csv"
+    result = _invoke("predict", str(source_pkg), str(empty), "-o", str(out))
+    assert result.exit_code == 2 and "no image to predict" in result.stderr
+    result = _invoke("predict", str(source_pkg), str(broken), "-o", str(out), "--device", "cpu")
+    assert result.exit_code == 2 and "0 predicted, 1 skipped; nothing written" in result.stderr
+    assert not out.exists()

@@ -211,6 +211,19 @@ def audit(package: Path, as_json: bool) -> None:
         sys.exit(EXIT_FINDINGS)
 
 
+def _check_inputs_exist(paths: tuple[Path, ...]) -> None:
+    """A path that names nothing is a typed error before any work (a typo, not a bad image)."""
+    from sourcefree.errors import InputError
+
+    for p in paths:
+        if not p.exists() and not p.is_symlink():
+            raise InputError(
+                f"{str(p)[:200]!r} does not exist",
+                "predict reads image files and folders of images (folders recursively)",
+                "check the path",
+            )
+
+
 def _expand(paths: tuple[Path, ...]) -> Iterator[Path]:
     from sourcefree.data.imaging import is_image_name
 
@@ -296,6 +309,7 @@ def predict(
     to_file = output is not None and str(output) != "-"
     if output is not None and to_file:
         check_output_file(output)  # before any work; its folder is not created
+    _check_inputs_exist(paths)
     pkg = load_package(package, public_key=key)
     labels = list(pkg.manifest.labels)
     if top_k > len(labels):
@@ -308,11 +322,21 @@ def predict(
     predictor = Predictor(pkg, device=device, batch_size=batch_size)
     LOG.info("running on %s (%s)", predictor.device, predictor.providers[0])
     files = list(_expand(paths))
+    if not files:
+        raise InputError(
+            "no image to predict",
+            f"the folder(s) {', '.join(str(p) for p in paths)[:200]} hold no file with an "
+            "image extension (.jpg, .png, ...)",
+            "pass image files or folders that contain images",
+        )
     folders = any(p.is_dir() and not p.is_symlink() for p in paths)
     with progress(len(files) if folders else 0, "predict") as advance:
         done, failed = predictor.predict_files(files, on_file=advance)
     for path, reason in failed:
         LOG.warning("skipped %s: %s", path, reason)
+    if not done:  # nothing to write: no empty file is left behind
+        LOG.info("0 predicted, %d skipped; nothing written", len(failed))
+        sys.exit(EXIT_ERROR)
     write = _jsonl_lines if fmt == "jsonl" else _csv_lines
     text = "".join(line + "\n" for line in write(done, labels, top_k, probabilities))
     if output is not None and to_file:
@@ -321,8 +345,6 @@ def predict(
     else:
         click.echo(text, nl=False)
     LOG.info("%d predicted, %d skipped", len(done), len(failed))
-    if not done:
-        sys.exit(EXIT_ERROR)
 
 
 def _ranked(probs: Any, labels: list[str], top_k: int) -> list[tuple[str, float]]:
