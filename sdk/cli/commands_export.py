@@ -173,7 +173,8 @@ def export_cmd(
     """Vendor: package a trained model (safetensors + ONNX + manifest).
 
     The model is exported to ONNX and checked against torch on random inputs
-    (fp32: max|onnx - torch| <= 1e-4 + 1e-3 x max|torch|, and the same top-1);
+    (fp32: max|onnx - torch| <= 1e-4 + 1e-3 x max|torch| on the logits and features;
+    fp16: 1e-3 + 3e-2 x max|torch| and top-1 agreement >= 95%);
     on any failure nothing is written.
 
     With --val-dir/--val-labels the package also carries aggregates of those

@@ -26,7 +26,9 @@ def dataset_root(path: str | os.PathLike[str], what: str = "dataset folder") -> 
     p = Path(path)
     if not p.exists():
         raise DatasetError(
-            f"the {what} does not exist", "nothing is at the given path", "check the path"
+            f"the {what} {str(p)[:200]!r} does not exist",
+            "nothing is at the given path",
+            "check the path",
         )
     if not p.is_dir():
         raise DatasetError(
@@ -42,7 +44,7 @@ def annotation_file(path: str | os.PathLike[str], what: str) -> Path:
         st = os.stat(p)
     except OSError:
         raise DatasetError(
-            f"the {what} does not exist",
+            f"the {what} {str(p)[:200]!r} does not exist",
             "the reader needs it to know the images and labels",
             f"pass the path of the {what}",
         ) from None

@@ -124,7 +124,7 @@ def test_labels_csv_errors(tmp_path: Path, text: str, match: str) -> None:
 
 
 def test_missing_csv(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="the labels CSV does not exist"):
+    with pytest.raises(DatasetError, match=r"the labels CSV '.*nope\.csv' does not exist"):
         read_labels_csv(tmp_path / "nope.csv")
 
 
