@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -276,6 +276,25 @@ def _vendor_input(
     return a, state, spec
 
 
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+def _pair(name_a: str, a: A | None, name_b: str, b: B | None, why: str) -> tuple[A, B] | None:
+    """Two options that only work together: both given, or None for neither; one alone is
+    a ConfigError that names the other."""
+    from sourcefree.errors import ConfigError
+
+    if a is None and b is None:
+        return None
+    if a is None or b is None:
+        given, missing = (name_a, name_b) if b is None else (name_b, name_a)
+        raise ConfigError(
+            f"{given} was given without {missing}", why, f"pass {missing} or leave {given} out"
+        )
+    return a, b
+
+
 def _au_spec(
     detector: Path | None, au_names: str | None, threshold: float, has_val: bool
 ) -> AUDetectorSpec | None:
@@ -283,17 +302,13 @@ def _au_spec(
     from sourcefree.errors import ConfigError, SourcefreeError
     from sourcefree.export.source import au_detector_spec
 
-    if detector is None and au_names is None:
+    pair = _pair(
+        "--au-detector", detector, "--au-names", au_names,
+        "the package names every output of the detector it ships",
+    )  # fmt: skip
+    if pair is None:
         return None
-    if detector is None or au_names is None:
-        given, missing = (
-            ("--au-detector", "--au-names") if au_names is None else ("--au-names", "--au-detector")
-        )
-        raise ConfigError(
-            f"{given} was given without {missing}",
-            "the package names every output of the detector it ships",
-            f"pass {missing} as well, or leave {given} out",
-        )
+    detector, au_names = pair
     if not has_val:
         raise ConfigError(
             "--au-detector was given without --val-dir and --val-labels",
@@ -337,20 +352,16 @@ def _val_dataset(
     val_dir: Path | None, val_labels: Path | None, names: list[str]
 ) -> ImageDataset | None:
     """The labelled validation images (listed and matched to the CSV, not decoded)."""
-    from sourcefree.errors import ConfigError, DatasetError
+    from sourcefree.errors import DatasetError
     from sourcefree.runtime.evaluation import labelled_dataset
 
-    if val_dir is None and val_labels is None:
+    pair = _pair(
+        "--val-dir", val_dir, "--val-labels", val_labels,
+        "the source statistics need labelled images: a folder and its path,label CSV",
+    )  # fmt: skip
+    if pair is None:
         return None
-    if val_dir is None or val_labels is None:
-        given, missing = (
-            ("--val-dir", "--val-labels") if val_labels is None else ("--val-labels", "--val-dir")
-        )
-        raise ConfigError(
-            f"{given} was given without {missing}",
-            "the source statistics need labelled images: a folder and its path,label CSV",
-            f"pass {missing} as well, or leave {given} out",
-        )
+    val_dir, val_labels = pair
     try:
         dataset = labelled_dataset(val_dir, val_labels, names)
     except DatasetError as exc:
