@@ -147,3 +147,14 @@ def test_module_entry_point_runs() -> None:
         timeout=60,
     )
     assert result.returncode == 0 and "sourcefree" in result.stdout
+
+
+def test_methods_lists_each_setting_with_its_help_in_one_column() -> None:
+    from sourcefree.cli.app import main
+
+    out = CliRunner().invoke(main, ["methods"]).output
+    rows = [line for line in out.splitlines() if line.startswith("    --set ")]
+    fitting = [r for r in rows if len(r[10:].split(" ", 1)[0]) <= 28]
+    assert len(fitting) > 20
+    # "    --set " + KEY=VALUE padded to 28 + two spaces: the help starts at column 40.
+    assert all(r[38:40] == "  " and r[40] != " " for r in fitting), fitting[:3]

@@ -327,7 +327,8 @@ def methods_command(as_json: bool) -> None:
     for row in rows:
         click.echo(f"{row['name']:<10} {row['description']}")
         for opt in row["options"]:
-            click.echo(f"    --set {opt['key']}={opt['default']:<10}  {opt['help']}")
+            setting = f"{opt['key']}={opt['default']}"
+            click.echo(f"    --set {setting:<28}  {opt['help']}")
         if row["selection_grid"]:
             grid = " | ".join(
                 ",".join(f"{k}={v}" for k, v in entry.items()) for entry in row["selection_grid"]
