@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sourcefree.errors import ExportError, PackageError
+from sourcefree.errors import ExportError, PackageError, exception_summary
 from sourcefree.package import strictjson
 from sourcefree.package.loader import Package
 from sourcefree.package.manifest import (
@@ -145,7 +145,7 @@ def _export_proto(
     except Exception as exc:  # the exporter raises many unrelated types
         raise ExportError(
             "the model could not be exported to ONNX",
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            exception_summary(exc),
             "use a registered architecture without custom ops",
         ) from exc
     if program is None:

@@ -41,7 +41,13 @@ import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from sourcefree.errors import ConfigError, DatasetError, ExportError, PackageError
+from sourcefree.errors import (
+    ConfigError,
+    DatasetError,
+    ExportError,
+    PackageError,
+    exception_summary,
+)
 from sourcefree.fsutil import check_output_dir, staged_directory, write_errors
 from sourcefree.package import signing, strictjson
 from sourcefree.package.loader import Package, load_package
@@ -349,7 +355,7 @@ def quantize_int8(pkg: Package, x: np.ndarray, ranges: str = "minmax") -> bytes:
         except Exception as exc:  # the quantiser raises many unrelated types
             raise ExportError(
                 "onnxruntime could not quantise the graph to int8",
-                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                exception_summary(exc),
                 "nothing was written; serve the fp32 package, or try --fp16",
             ) from exc
         return dst.read_bytes()

@@ -23,6 +23,13 @@ class SourcefreeError(Exception):
         super().__init__(_message(what, why, fix))
 
 
+def exception_summary(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (at most ``limit`` characters of it), for the
+    "why" of an error that wraps a third-party exception."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+
+
 def _message(what: str, why: str, fix: str) -> str:
     """``What. Why. Fix: fix.`` (empty parts left out)."""
     parts = [what]

@@ -24,7 +24,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from sourcefree.errors import PackageError
+from sourcefree.errors import PackageError, exception_summary
 from sourcefree.package.manifest import TIMM_PREFIX, ArchitectureSpec, ArchOption, timm_options
 
 
@@ -512,7 +512,7 @@ def _timm_architecture(name: str, options: Mapping[str, ArchOption] | None) -> A
         except Exception as exc:  # timm raises many types for bad option combinations
             raise PackageError(
                 f"timm cannot build {model_name!r} with options {opts}",
-                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                exception_summary(exc),
                 "drop or change the options (they must be keywords this model accepts)",
             ) from None
         return module
