@@ -196,13 +196,20 @@ def _report_dict(report: Any) -> dict[str, Any]:
 
 #: The gate's keys that ``adapt --json`` repeats.
 GATE_SUMMARY_KEYS = (
-    *("enabled", "decision", "verdict", "forced", "reason", "estimated_gain", "accuracy"),
+    "enabled",
+    "decision",
+    "verdict",
+    "forced",
+    "reason",
+    "estimated_gain",
+    "accuracy",
 )
 
 
 def adapt_summary(report: dict[str, Any], out: Path) -> dict[str, Any]:
     """What ``adapt --json`` prints: the decision, the gate, accuracies, paths, timings."""
     gate = report["gate"]
+    kept_source = gate["decision"] == "source"
     accuracy = None
     evaluation = report.get("evaluation")
     if evaluation:
@@ -216,8 +223,8 @@ def adapt_summary(report: dict[str, Any], out: Path) -> dict[str, Any]:
     selection = report.get("selection")
     return {
         "decision": gate["decision"],
-        "kept_source": gate["decision"] == "source",
-        "exit_code": EXIT_KEPT_SOURCE if gate["decision"] == "source" else 0,
+        "kept_source": kept_source,
+        "exit_code": EXIT_KEPT_SOURCE if kept_source else 0,
         "method": report["method"],
         "chosen": None if selection is None else selection["chosen"],
         "gate": {k: gate.get(k) for k in GATE_SUMMARY_KEYS},

@@ -33,7 +33,9 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+        raise click.BadParameter(
+            f"expected comma-separated numbers, got {text!r}", param_hint=option
+        ) from None
 
 
 def _counts(text: str | None, num_classes: int) -> list[int] | None:

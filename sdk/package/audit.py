@@ -34,7 +34,7 @@ from typing import Any
 from sourcefree.errors import SourcefreeError
 from sourcefree.fsutil import IMAGE_SUFFIXES
 from sourcefree.package import strictjson
-from sourcefree.package.inspect import _size
+from sourcefree.package.inspect import size_text
 from sourcefree.package.loader import (
     Package,
     _list_dir,
@@ -512,7 +512,7 @@ def format_report(report: AuditReport) -> str:
     width = max([4, *(len(row["name"]) for row in report.files)])
     lines.append(f"  {'name':<{width}}  {'size':>10}  {'sha256':<16}  status")
     for f in report.files:
-        size = _size(f["size"]) if "size" in f else "?"
+        size = size_text(f["size"]) if "size" in f else "?"
         lines.append(
             f"  {f['name']:<{width}}  {size:>10}  {f.get('sha256', '?'):<16}  {f['status']}"
         )

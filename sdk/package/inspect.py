@@ -10,7 +10,8 @@ from sourcefree.package.manifest import ONNX_NAME
 from sourcefree.package.onnx_check import summarize
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """A byte count for people: ``512 B``, ``3.4 MiB``."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":
@@ -56,7 +57,7 @@ def summarize_package(path: str | os.PathLike[str]) -> dict[str, Any]:
             "nodes": sum(graph.ops.values()),
             "ops": ", ".join(sorted(graph.ops)),
         },
-        "files": {name: _size(entry.size) for name, entry in sorted(m.files.items())},
+        "files": {name: size_text(entry.size) for name, entry in sorted(m.files.items())},
         "signature": signature,
         "provenance": {k: v for k, v in m.provenance.items() if k != "config"},
     }
@@ -66,7 +67,7 @@ def summarize_package(path: str | os.PathLike[str]) -> dict[str, Any]:
     if det is not None:
         aux_graph = summarize(pkg.read(det.file))
         out["auxiliary"] = {
-            "au_detector": f"{det.file} ({_size(m.files[det.file].size)}, "
+            "au_detector": f"{det.file} ({size_text(m.files[det.file].size)}, "
             f"{sum(aux_graph.ops.values())} nodes)",
             "action_units": ", ".join(det.au_names),
             "au_threshold": det.threshold,

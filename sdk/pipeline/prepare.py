@@ -32,7 +32,7 @@ from sourcefree.errors import (
 )
 from sourcefree.fsutil import check_output_dir, shown
 from sourcefree.package import signing, strictjson
-from sourcefree.package.inspect import _size as size_text
+from sourcefree.package.inspect import size_text
 from sourcefree.package.loader import Package, load_package
 from sourcefree.pipeline.report import SampleInfo
 from sourcefree.pipeline.request import AdaptRequest, KeySource, PackageSource

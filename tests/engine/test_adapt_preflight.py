@@ -26,7 +26,7 @@ from sourcefree.cli.app import main
 from sourcefree.engine.checkpoints import KEEP
 from sourcefree.engine.trainer import Trainer
 from sourcefree.errors import SignatureError, WriteError
-from sourcefree.package.inspect import _size as size_text
+from sourcefree.package.inspect import size_text
 from sourcefree.package.loader import load_package, sign_package
 from sourcefree.package.signing import fingerprint, keygen, load_public_key
 from sourcefree.pipeline import runplan
