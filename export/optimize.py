@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import logging
 import os
@@ -38,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sourcefree.errors import (
@@ -48,19 +46,16 @@ from sourcefree.errors import (
     PackageError,
     exception_summary,
 )
-from sourcefree.fsutil import check_output_dir, staged_directory, write_errors
+from sourcefree.fsutil import check_output_dir
 from sourcefree.package import signing, strictjson
-from sourcefree.package.loader import Package, load_package
+from sourcefree.package.loader import Package, load_package, publish_package
 from sourcefree.package.manifest import (
     DEFAULT_MAX_CALIBRATION_IMAGES,
     DEFAULT_MIN_AGREEMENT,
-    MANIFEST_NAME,
     MIN_CALIBRATION_IMAGES,
     NAME_RE,
     ONNX_MANIFEST_KEY,
     ONNX_NAME,
-    SIGNATURE_NAME,
-    FileEntry,
     Manifest,
     Optimization,
     check_batch_bytes,
@@ -439,24 +434,4 @@ def _write(
     """Stage the package (weights and auxiliary graphs copied, new graph and manifest),
     sign it, verify it, then rename it into place; on any error nothing is left."""
     blobs = {**pkg.blobs, ONNX_NAME: graph}
-    files = {
-        k: FileEntry(size=len(v), sha256=hashlib.sha256(v).hexdigest()) for k, v in blobs.items()
-    }
-    final = dataclasses.replace(manifest, files=files)
-    manifest_bytes = strictjson.dumps(final.to_dict())
-    blobs[MANIFEST_NAME] = manifest_bytes
-    if private is not None:
-        blobs[SIGNATURE_NAME] = signing.sign_bytes(manifest_bytes, private)
-    public = (
-        None
-        if private is None
-        else private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    with staged_directory(target, overwrite=overwrite) as stage:
-        for fname, data in blobs.items():
-            with write_errors(target / fname):
-                (stage / fname).write_bytes(data)
-        load_package(stage, public_key=public)  # it must read back before it is published
-    return load_package(target, public_key=public)
+    return publish_package(blobs, manifest, target, overwrite=overwrite, private=private)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,17 +16,13 @@ from sourcefree.data.progress import progress_bar
 from sourcefree.engine.models import Classifier
 from sourcefree.errors import ExportError
 from sourcefree.export.onnx import IR_VERSION, OPSET, Parity, check_parity, to_onnx
-from sourcefree.fsutil import staged_directory, write_errors
-from sourcefree.package import strictjson
-from sourcefree.package.loader import Package, load_package
+from sourcefree.package.loader import Package, publish_package
 from sourcefree.package.manifest import (
-    MANIFEST_NAME,
     NAME_RE,
     ONNX_NAME,
     WEIGHTS_NAME,
     ArchitectureSpec,
     Auxiliary,
-    FileEntry,
     InputSpec,
     Manifest,
     OnnxSpec,
@@ -139,19 +133,9 @@ def write_package(
         parity = check_parity(model, onnx_bytes, input_spec, onnx_spec, samples=64 if fp16 else 16)
         bar.update()
         blobs = {WEIGHTS_NAME: weights, ONNX_NAME: onnx_bytes, **extra}
-        files = {
-            k: FileEntry(size=len(v), sha256=hashlib.sha256(v).hexdigest())
-            for k, v in blobs.items()
-        }
-        final = dataclasses.replace(manifest, files=files)
-        blobs[MANIFEST_NAME] = strictjson.dumps(final.to_dict())
-        with staged_directory(out, overwrite=overwrite) as stage:
-            for fname, data in blobs.items():
-                with write_errors(Path(out) / fname):
-                    (stage / fname).write_bytes(data)
-            load_package(stage)  # the package must read back before it is published
+        pkg = publish_package(blobs, manifest, out, overwrite=overwrite)
         bar.update()
-    return load_package(Path(out)), parity
+    return pkg, parity
 
 
 def _placeholder_files(*extra: str) -> dict[str, dict[str, Any]]:

@@ -147,7 +147,7 @@ def test_sigterm_during_export_leaves_no_staging_and_no_package(tmp_path: Path) 
         assert _staging(work), "the signal must arrive while the staging directory exists"
 
     code, err = _stop_cli_at(
-        "sourcefree.export.writer:load_package",
+        "sourcefree.package.loader:load_package",
         _export_args(weights, out),
         tmp_path,
         when="str(args[0]).endswith('.staging')",
@@ -164,7 +164,7 @@ def test_sigint_during_export_overwrite_keeps_the_previous_package(
     weights = _vendor_weights(tmp_path / "W.safetensors")
     before = {p.name: p.read_bytes() for p in pkg_copy.iterdir()}
     code, err = _stop_cli_at(
-        "sourcefree.export.writer:load_package",
+        "sourcefree.package.loader:load_package",
         [*_export_args(weights, pkg_copy), "--overwrite"],
         tmp_path,
         sig=signal.SIGINT,

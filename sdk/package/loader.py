@@ -9,15 +9,18 @@ graphs: the classifier and any auxiliary model). No torch import, no pickle.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sourcefree.errors import IntegrityError, PackageError, SignatureError
-from sourcefree.fsutil import atomic_write_bytes, shown
+from sourcefree.fsutil import atomic_write_bytes, shown, staged_directory, write_errors
 from sourcefree.package import onnx_check, signing, strictjson, weights
 from sourcefree.package.manifest import (
     MANIFEST_NAME,
@@ -26,8 +29,12 @@ from sourcefree.package.manifest import (
     SIGNATURE_NAME,
     WEIGHTS_NAME,
     AUDetectorSpec,
+    FileEntry,
     Manifest,
 )
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 _CHUNK = 1 << 20
 #: The layout of ``sourcefree adapt -o OUT``: ``OUT/package`` beside ``OUT/report.json``
@@ -341,6 +348,41 @@ def load_package(
         signer=signer,
         blobs=blobs,
     )
+
+
+def publish_package(
+    blobs: Mapping[str, bytes],
+    manifest: Manifest,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    private: Ed25519PrivateKey | None = None,
+) -> Package:
+    """Write ``blobs`` (file name -> bytes) and ``manifest`` (its ``files`` set from them)
+    as a package at ``out``, signed with ``private`` if given.
+
+    The package is staged, must read back (and verify with the key) before it is
+    renamed into place; on any error nothing is left at ``out``.
+
+    Raises:
+        WriteError: ``out`` cannot be written; PackageError: it does not read back.
+    """
+    files = {
+        k: FileEntry(size=len(v), sha256=hashlib.sha256(v).hexdigest()) for k, v in blobs.items()
+    }
+    manifest_bytes = strictjson.dumps(dataclasses.replace(manifest, files=files).to_dict())
+    written = {**blobs, MANIFEST_NAME: manifest_bytes}
+    public = None
+    if private is not None:
+        written[SIGNATURE_NAME] = signing.sign_bytes(manifest_bytes, private)
+        public = signing.public_pem(private)
+    target = Path(out)
+    with staged_directory(target, overwrite=overwrite) as stage:
+        for fname, data in written.items():
+            with write_errors(target / fname):
+                (stage / fname).write_bytes(data)
+        load_package(stage, public_key=public)  # it must read back before it is published
+    return load_package(target, public_key=public)
 
 
 def sign_package(path: str | os.PathLike[str], key: str | os.PathLike[str] | bytes) -> str:

@@ -62,9 +62,7 @@ def keygen(out: str | os.PathLike[str], *, overwrite: bool = False) -> tuple[Pat
     priv = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    pub = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    pub = public_pem(key)
     atomic_write_files({priv_path: (priv, 0o600), pub_path: (pub, 0o644)})  # both or neither
     return priv_path, pub_path
 
@@ -164,6 +162,13 @@ def load_public_key(source: str | os.PathLike[str] | bytes) -> Ed25519PublicKey:
             "ask the vendor for the .pub file written by `sourcefree keygen`",
         )
     return key
+
+
+def public_pem(key: Ed25519PrivateKey) -> bytes:
+    """The PEM (SubjectPublicKeyInfo) of ``key``'s public half, as ``keygen`` writes it."""
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def sign_bytes(manifest_bytes: bytes, key: Ed25519PrivateKey) -> bytes:
