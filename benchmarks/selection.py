@@ -154,6 +154,97 @@ def rank_pools(group: list[dict[str, Any]], outputs_of: dict[str, sel.Outputs]) 
             r[POOL_KEYS[key]] = ranking.rule
 
 
+def subsample_rows(
+    group: list[dict[str, Any]],
+    outputs_of: dict[str, sel.Outputs],
+    source: sel.Outputs,
+    cal: Calibration | None,
+    *,
+    size: int,
+    draw: int,
+) -> list[dict[str, Any]]:
+    """The rows of one (preset, seed) scored on ``adapt``'s gate subsample of ``size`` images.
+
+    The same outputs as the full rows, restricted to ``sel.sample_indices(n, size, draw)``
+    (what ``adapt --gate-sample size --seed draw`` would score); accuracies stay those
+    of the whole target set, which the decisions are judged against.
+    """
+    idx = sel.sample_indices(int(source.logits.shape[0]), size, draw)
+    if idx is None:
+        return [dict(r) for r in group]
+    src = source.rows(idx)
+    subsets = {key: out.rows(idx) for key, out in outputs_of.items()}
+    rows = []
+    for r in group:
+        out = src if r["candidate"] == "source-only" else subsets[r["config_key"]]
+        rows.append({**r, "scores": sel.score_outputs(out, src, cal).to_dict(), "draw": draw})
+    rank_pools(rows, subsets)
+    return rows
+
+
+def compare_analyses(full: dict[str, Any], sub: dict[str, Any]) -> dict[str, Any]:
+    """What a subsample changes: gate and ``-m auto`` decisions, Spearman and regret."""
+    gates = list(zip(full["gate"], sub["gate"], strict=True))
+    autos = list(zip(full["auto"], sub["auto"], strict=True))
+
+    def delta(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round(b - a, 4)
+
+    return {
+        "gate_unchanged": sum(f["calibrated"] == s["calibrated"] for f, s in gates),
+        "uncalibrated_unchanged": sum(f["uncalibrated"] == s["uncalibrated"] for f, s in gates),
+        "gates": len(gates),
+        "auto_unchanged": sum(
+            (f["chosen"], f["gate"]) == (s["chosen"], s["gate"]) for f, s in autos
+        ),
+        "autos": len(autos),
+        "calibrated_right": sub["gate_summary"]["calibrated"]["correct"],
+        "harmful_passed": sub["gate_summary"]["calibrated"]["harmful_passed"],
+        "spearman_delta": {
+            k: delta(full["spearman_mean"].get(k), sub["spearman_mean"].get(k))
+            for k in ("value", "anchored", "snd", "agreement", "stability")
+        },
+        "regret_delta": delta(
+            full["select_auto_regret_overall"], sub["select_auto_regret_overall"]
+        ),
+    }
+
+
+def summarise_subsamples(
+    full: dict[str, Any], by_size: dict[str, list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Per subsample size: the comparisons of every draw, summed or at their worst."""
+    out = []
+    for size, comparisons in by_size.items():
+        spear = {
+            k: [c["spearman_delta"][k] for c in comparisons if c["spearman_delta"][k] is not None]
+            for k in comparisons[0]["spearman_delta"]
+        }
+        regrets = [c["regret_delta"] for c in comparisons if c["regret_delta"] is not None]
+        out.append(
+            {
+                "size": int(size),
+                "draws": len(comparisons),
+                "gate_unchanged": sum(c["gate_unchanged"] for c in comparisons),
+                "uncalibrated_unchanged": sum(c["uncalibrated_unchanged"] for c in comparisons),
+                "gates": sum(c["gates"] for c in comparisons),
+                "auto_unchanged": sum(c["auto_unchanged"] for c in comparisons),
+                "autos": sum(c["autos"] for c in comparisons),
+                "calibrated_right": sum(c["calibrated_right"] for c in comparisons),
+                "harmful_passed": sum(c["harmful_passed"] for c in comparisons),
+                "full_calibrated_right": full["gate_summary"]["calibrated"]["correct"]
+                * len(comparisons),
+                "spearman_delta_mean": {k: _mean(v) for k, v in spear.items()},
+                "spearman_delta_max": {
+                    k: (round(max(abs(x) for x in v), 4) if v else None) for k, v in spear.items()
+                },
+                "regret_delta_mean": _mean(regrets),
+                "regret_delta_max": round(max(abs(x) for x in regrets), 4) if regrets else None,
+            }
+        )
+    return out
+
+
 def _ranks(x: np.ndarray) -> np.ndarray:
     order = np.argsort(x, kind="stable")
     ranks = np.empty(len(x))
@@ -414,12 +505,62 @@ def markdown(payload: dict[str, Any]) -> str:
             f"| {g['preset']} | {g['seed']} | `{g['candidate']}` | {g['gain']:+.3f} | {est} | "
             f"{g['calibrated']} | {g['uncalibrated']} |"
         )
+    lines += subsample_markdown(payload)
     return "\n".join(lines)
 
 
 def write_docs(block: str) -> None:
     """Replace this benchmark's block in docs/benchmarks.md, leaving other sections alone."""
     replace_marked_block(DOCS, START, END, block, "Label-free selection")
+
+
+def _subsample_analysis(payload: dict[str, Any], methods: list[str]) -> list[dict[str, Any]]:
+    """Each subsample size's analysis, draw by draw, compared with the full-set analysis."""
+    by_size: dict[str, list[dict[str, Any]]] = {}
+    for size, rows in payload["subsample_rows"].items():
+        for draw in range(payload["gate_sample"]["draws"]):
+            drawn = [r for r in rows if r["draw"] == draw]
+            sub = analyse(drawn, methods, int(size))
+            by_size.setdefault(size, []).append(compare_analyses(payload["analysis"], sub))
+    return summarise_subsamples(payload["analysis"], by_size)
+
+
+def subsample_markdown(payload: dict[str, Any]) -> list[str]:
+    """The table of what the gate's subsample changes (empty without ``--gate-sample``)."""
+    rows = payload.get("subsample") or []
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"The same runs scored on `adapt`'s gate subsample (`--gate-sample`: the same "
+        f"outputs restricted to `sample_indices(n, size, seed)`, {rows[0]['draws']} draws = "
+        f"seeds per size) against the full {payload['n_target']} images: decisions that "
+        "stay the same, calibrated gate decisions right (against the full-set accuracy), "
+        "and the change of the mean Spearman and of the overall `--select auto` regret "
+        "(mean over draws, and the largest in absolute value):",
+        "",
+        "| sample | gate unchanged | uncalibrated unchanged | `-m auto` unchanged "
+        "| gate right (full set) | harmful passed | Spearman `value` mean / max "
+        "| Spearman `anchored` mean / max | regret mean / max |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        dm, dx = r["spearman_delta_mean"], r["spearman_delta_max"]
+
+        def pair(mean: float | None, worst: float | None) -> str:
+            return f"{_signed(mean)} / {'-' if worst is None else f'{worst:.2f}'}"
+
+        lines.append(
+            f"| {r['size']} | {r['gate_unchanged']}/{r['gates']} "
+            f"({r['gate_unchanged'] / max(1, r['gates']):.1%}) | "
+            f"{r['uncalibrated_unchanged']}/{r['gates']} | "
+            f"{r['auto_unchanged']}/{r['autos']} | "
+            f"{r['calibrated_right']}/{r['gates']} ({r['full_calibrated_right']}) | "
+            f"{r['harmful_passed']} | {pair(dm['value'], dx['value'])} | "
+            f"{pair(dm['anchored'], dx['anchored'])} | "
+            f"{pair(r['regret_delta_mean'], r['regret_delta_max'])} |"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,6 +575,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--n-source", type=int, default=None, help="vendor training images")
     p.add_argument("--n-target", type=int, default=None, help="target images per preset")
+    p.add_argument(
+        "--gate-sample",
+        nargs="*",
+        type=int,
+        default=[],
+        help="also score every run on adapt's gate subsample of these sizes (the same "
+        "outputs restricted to sample_indices) and compare decisions, Spearman and regret",
+    )
+    p.add_argument("--draws", type=int, default=5, help="subsample draws (adapt --seed) per size")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-docs", action="store_true")
@@ -473,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
         },
         "rows": [],
+        "gate_sample": {"sizes": args.gate_sample, "draws": args.draws},
+        "subsample_rows": {str(size): [] for size in args.gate_sample},
     }
     t_all = time.perf_counter()
     cands = _candidates(methods)
@@ -522,9 +674,16 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                 group = [r for r in payload["rows"] if r["preset"] == preset and r["seed"] == seed]
-                rank_pools(group, {k: o for k, (o, _) in done.items()})
+                outputs_of = {k: o for k, (o, _) in done.items()}
+                rank_pools(group, outputs_of)
+                for size in args.gate_sample:
+                    for draw in range(args.draws):
+                        payload["subsample_rows"][str(size)] += subsample_rows(
+                            group, outputs_of, source, cal, size=size, draw=draw
+                        )
                 payload["wall_seconds"] = round(time.perf_counter() - t_all, 1)
                 payload["analysis"] = analyse(payload["rows"], methods, n_target)
+                payload["subsample"] = _subsample_analysis(payload, methods)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(payload, indent=2) + "\n")
     block = markdown(payload)

@@ -493,3 +493,66 @@ def test_gate_reports_the_standard_error_of_the_images_scored() -> None:
     uncalibrated = sel.gate_decision(_scores(), _scores(im=2.0))
     assert uncalibrated.standard_error is None
     assert uncalibrated.to_dict()["standard_error"] is None
+
+
+def test_views_of_every_kth_image_are_those_rows_of_the_full_views() -> None:
+    model, x = _small_cnn_and_images()
+    full = sel.model_outputs(model, x)
+    for batch in (7, 64, 256):
+        part = sel.model_outputs(model, x, view_images=40, batch_size=batch)
+        # other batch compositions: the same values up to float rounding
+        assert torch.allclose(part.logits, full.logits, rtol=0, atol=1e-5)
+        assert torch.equal(part.predictions, full.predictions)
+        rows = part.view_rows
+        assert rows is not None and rows.tolist() == list(range(0, 300, 8))  # ceil(300 / 40)
+        for a, b in zip(part.view_predictions, full.view_predictions, strict=True):
+            assert torch.equal(a, b[rows])
+        expected = np.mean([float((b[rows] == full.predictions[rows]).double().mean())
+                            for b in full.view_predictions])  # fmt: skip
+        assert sel.augmentation_stability(part) == pytest.approx(expected)
+        same = torch.stack([(b[rows] == full.predictions[rows]).double()
+                            for b in full.view_predictions]).mean(0)  # fmt: skip
+        se = float(same.std(unbiased=False)) / math.sqrt(len(rows))
+        assert sel.standard_errors(part, part)["stability"] == pytest.approx(se, abs=1e-6)
+    same = sel.model_outputs(model, x, view_images=300)  # at least every image: all of them
+    assert same.view_rows is None
+    assert all(torch.equal(a, b) for a, b in zip(same.view_predictions, full.view_predictions))
+    with pytest.raises(ConfigError, match="view_images"):
+        sel.model_outputs(model, x, view_images=-1)
+
+
+def test_adapt_scores_the_views_of_at_most_stability_sample_images(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sourcefree.pipeline import decide
+
+    seen: dict[str, Any] = {}
+
+    def record(model: nn.Module, data: Any, **kw: Any) -> sel.Outputs:
+        seen.update(kw)
+        return sel.Outputs(torch.zeros(2, 3))
+
+    monkeypatch.setattr(sel, "model_outputs", record)
+
+    class _Prep:
+        data, dev, sample = torch.zeros(2, 3, 4, 4), torch.device("cpu"), None
+
+        class request:  # noqa: N801
+            progress = False
+
+    decide.gate_outputs(nn.Identity(), _Prep(), "scoring")  # type: ignore[arg-type]
+    assert seen["view_images"] == sel.STABILITY_SAMPLE == 256
+
+
+def test_stability_images_is_the_count_model_outputs_scores_views_of() -> None:
+    from sourcefree.pipeline.report import SampleInfo, stability_images
+
+    model, x = _small_cnn_and_images(40)
+    for n, cap in ((40, 7), (40, 40), (39, 8), (1, 256)):
+        out = sel.model_outputs(model, x[:n], view_images=cap)
+        m = int(out.view_predictions[0].numel())
+        assert m == (-(-n // -(-n // cap)) if n > cap else n)
+    assert [stability_images(n) for n in (0, 1, 256, 257, 300, 2048, 8192)] == [
+        0, 1, 256, 129, 150, 256, 256,
+    ]  # fmt: skip
+    assert SampleInfo(2048, 9000).to_dict()["stability_images"] == 256

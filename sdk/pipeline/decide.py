@@ -76,6 +76,21 @@ def reference_source(outputs: Sequence[selection.Outputs], pkgs: Sequence[Packag
     return ref
 
 
+def gate_outputs(model: Any, prep: Prepared, desc: str) -> selection.Outputs:
+    """A model's outputs on the gate's subsample, with the views of ``STABILITY_SAMPLE`` images."""
+    from sourcefree.pipeline import selection
+
+    return selection.model_outputs(
+        model,
+        prep.data,
+        device=prep.dev,
+        indices=prep.sample,
+        view_images=selection.STABILITY_SAMPLE,
+        progress=prep.request.progress,
+        desc=desc,
+    )
+
+
 def score_sources(prep: Prepared, *, with_scores: bool = False) -> Sources:
     """Every source's outputs on the subsample (fresh copies: methods may train theirs in place).
 
@@ -84,13 +99,10 @@ def score_sources(prep: Prepared, *, with_scores: bool = False) -> Sources:
     from sourcefree.pipeline import selection
 
     outputs = [
-        selection.model_outputs(
+        gate_outputs(
             fresh_model(p, prep.dev),
-            prep.data,
-            device=prep.dev,
-            indices=prep.sample,
-            progress=prep.request.progress,
-            desc="scoring source" if len(prep.pkgs) == 1 else f"scoring source {i + 1}",
+            prep,
+            "scoring source" if len(prep.pkgs) == 1 else f"scoring source {i + 1}",
         )
         for i, p in enumerate(prep.pkgs)
     ]
@@ -177,8 +189,6 @@ def decide(prep: Prepared, trained: Trained) -> Decision:
     """Run the gate on the trained model (a single run scores its sources now); pick the export."""
     import torch
 
-    from sourcefree.pipeline import selection
-
     request, instance = prep.request, trained.instance
     model = None if instance is None else instance.export_model()
     sources = trained.sources
@@ -186,14 +196,7 @@ def decide(prep: Prepared, trained: Trained) -> Decision:
         sources = score_sources(prep)
     adapted = trained.adapted
     if model is not None and adapted is None and request.gate:
-        adapted = selection.model_outputs(
-            model,
-            prep.data,
-            device=prep.dev,
-            indices=prep.sample,
-            progress=request.progress,
-            desc="scoring adapted",
-        )
+        adapted = gate_outputs(model, prep, "scoring adapted")
     verdict = gate_report(
         gate=request.gate,
         force=request.force,

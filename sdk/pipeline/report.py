@@ -23,6 +23,24 @@ from sourcefree.package.loader import REPORT_NAME as REPORT_NAME
 #: Here (torch-free) so that the gate and report.html read one value.
 GATE_Z = 2.0
 
+#: ``stability`` (two extra views per image) is scored on at most this many of the
+#: gate's images, every k-th of them: it is reported, never decides, and its views
+#: would otherwise triple the gate's cost (docs/selection.md "Cost and subsample").
+STABILITY_SAMPLE = 256
+
+
+def view_stride(scored: int, view_images: int) -> int:
+    """Every how many of ``scored`` images the views are scored (1: all; 0 views: all)."""
+    if view_images == 0 or scored <= view_images:
+        return 1
+    return -(-scored // view_images)
+
+
+def stability_images(scored: int) -> int:
+    """How many of ``scored`` images ``adapt`` scores the views of."""
+    return -(-scored // view_stride(scored, STABILITY_SAMPLE)) if scored > 0 else 0
+
+
 REPORT_FORMAT = "sourcefree-adapt-report-v1"
 EVALUATION_NOTE = "labels were checked before adaptation and used after it, for this report only"
 
@@ -45,7 +63,11 @@ class SampleInfo:
     target_images: int
 
     def to_dict(self) -> Json:
-        return {"sample_size": self.sample_size, "target_images": self.target_images}
+        return {
+            "sample_size": self.sample_size,
+            "target_images": self.target_images,
+            "stability_images": stability_images(self.sample_size),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SampleInfo:

@@ -68,6 +68,8 @@ from sourcefree.data.progress import progress_bar
 from sourcefree.errors import ConfigError
 from sourcefree.package.manifest import Calibration, InputSpec
 from sourcefree.pipeline.report import GATE_Z as GATE_Z
+from sourcefree.pipeline.report import STABILITY_SAMPLE as STABILITY_SAMPLE
+from sourcefree.pipeline.report import view_stride
 
 if TYPE_CHECKING:
     from sourcefree.engine.method import TargetData
@@ -83,8 +85,10 @@ SND_MAX_SAMPLES = 8192
 STABILITY_SHIFT = 2
 
 #: The gate and the label-free scores of ``adapt`` look at this many target images
-#: at most (a seeded random subsample above it; ``adapt --gate-sample``).
-GATE_SAMPLE = 8192
+#: at most (a seeded random subsample above it; ``adapt --gate-sample``). At 2,048 the
+#: gate's standard error on the estimated gain is at most 0.022 (0.010 when a fifth of
+#: the predictions change); docs/selection.md "Cost and subsample" has the measurement.
+GATE_SAMPLE = 2048
 #: The smallest subsample (SND needs a neighbour); 0 means every image.
 GATE_SAMPLE_MIN = 2
 
@@ -159,12 +163,31 @@ class Outputs:
     logits: torch.Tensor
     """(N, C) logits of the un-augmented images."""
     view_predictions: tuple[torch.Tensor, ...] = ()
-    """(N,) top-1 of each augmented view (flip, shift), when computed."""
+    """(M,) top-1 of each augmented view (flip, shift), when computed."""
+    view_rows: torch.Tensor | None = None
+    """(M,) rows of ``logits`` whose views were scored; None: every row (M = N)."""
 
     @property
     def predictions(self) -> torch.Tensor:
         """(N,) top-1 class of each image."""
         return self.logits.argmax(1)
+
+    def rows(self, indices: np.ndarray | torch.Tensor) -> Outputs:
+        """These outputs on a subset of the images (views scored on every image only)."""
+        if self.view_rows is not None:
+            raise ConfigError(
+                "a subset of outputs whose views cover only some images",
+                "the subset's views would not match its images",
+                "score the views of every image (view_images=0)",
+            )
+        idx = torch.as_tensor(indices).long()
+        return Outputs(self.logits[idx], tuple(v[idx] for v in self.view_predictions))
+
+    @property
+    def view_base(self) -> torch.Tensor:
+        """(M,) top-1 of the clean images whose views were scored."""
+        base = self.predictions
+        return base if self.view_rows is None else base[self.view_rows]
 
 
 ArrayLike = Outputs | torch.Tensor | np.ndarray
@@ -219,6 +242,7 @@ def model_outputs(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     indices: np.ndarray | torch.Tensor | None = None,
+    view_images: int = 0,
     progress: bool = False,
     desc: str = "scoring",
 ) -> Outputs:
@@ -228,9 +252,10 @@ def model_outputs(
     or logits. ``data`` is a :class:`~sourcefree.engine.method.TargetData` or a normalised
     float tensor (N, C, H, W); ``indices`` the images to score, in that order (the
     gate's subsample, :func:`sample_indices`), or None for every image. With
-    ``views`` each batch and its two views go through one forward pass of
-    ``batch_size`` images in all (a third of them clean), so memory stays that of
-    one batch. The model's train/eval mode is restored afterwards. ``progress``: a
+    ``views`` each batch and its two views go through one forward pass of at most
+    ``batch_size`` images in all, so memory stays that of one batch; ``view_images``
+    > 0 scores the views of at most that many images, every k-th scored one
+    (``Outputs.view_rows``). The model's train/eval mode is restored afterwards. ``progress``: a
     bar named ``desc`` on stderr, in images (:mod:`sourcefree.data.progress`).
     """
     was_training = model.training
@@ -245,19 +270,24 @@ def model_outputs(
         first: torch.Tensor = out[0] if isinstance(out, (tuple, list)) else out
         return first.float().cpu()
 
-    per_pass = max(1, batch_size // 3) if views else batch_size
     total = len(data) if idx is None else int(idx.numel())
+    every = _view_stride(total, view_images) if views else 0
+    per_pass = batch_size if not views else max(1, batch_size // (3 if every == 1 else 2))
     bar = progress_bar(total, desc, enabled=progress, unit="img")
+    done = 0
     try:
         for x in _batches(data, per_pass, idx):
             k = x.shape[0]
             if views:
-                out = run(torch.cat([x, *_views(x, STABILITY_SHIFT)]))
+                picked = x[(-done) % every :: every]  # rows whose position is a multiple
+                m = picked.shape[0]
+                out = run(torch.cat([x, *_views(picked, STABILITY_SHIFT)]))
                 logits.append(out[:k])
-                preds[0].append(out[k : 2 * k].argmax(1))
-                preds[1].append(out[2 * k :].argmax(1))
+                preds[0].append(out[k : k + m].argmax(1))
+                preds[1].append(out[k + m :].argmax(1))
             else:
                 logits.append(run(x))
+            done += k
             bar.update(k)
     finally:
         bar.close()
@@ -269,7 +299,17 @@ def model_outputs(
     return Outputs(
         logits=all_logits,
         view_predictions=tuple(torch.cat(p) for p in preds) if views else (),
+        view_rows=torch.arange(0, total, every) if views and every > 1 else None,
     )
+
+
+def _view_stride(total: int, view_images: int) -> int:
+    """Every how many scored images the views are scored (1: all)."""
+    if view_images < 0:
+        raise ConfigError(
+            f"view_images={view_images}", "a count of images, 0 meaning all", "pass 0 or more"
+        )
+    return view_stride(total, view_images)
 
 
 def _check_finite(logits: torch.Tensor) -> None:
@@ -395,7 +435,7 @@ def augmentation_stability(outputs: Outputs) -> float:
             "stability compares the top-1 of each image with its flipped and shifted views",
             "call model_outputs(..., views=True)",
         )
-    base = outputs.predictions
+    base = outputs.view_base
     return float(np.mean([float((v == base).double().mean()) for v in outputs.view_predictions]))
 
 
@@ -615,7 +655,7 @@ def standard_errors(
         "anchored": None,
     }
     if outputs.view_predictions:
-        base = outputs.predictions
+        base = outputs.view_base
         same = [(v == base).double() for v in outputs.view_predictions]
         out["stability"] = _se(torch.stack(same).mean(0))
     if calibration is not None:

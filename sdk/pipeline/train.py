@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sourcefree.pipeline.decide import Sources, score_sources
+from sourcefree.pipeline.decide import Sources, gate_outputs, score_sources
 from sourcefree.pipeline.prepare import Prepared, fresh_model
 from sourcefree.pipeline.report import CandidateReport, SelectionReport
 
@@ -218,14 +218,7 @@ def _train_candidate(
         cfg = selection.apply_overrides(cls.config_class, cfgmod.to_dict(user), cand.overrides)
         models = [fresh_model(p, prep.dev) for p in prep.pkgs]
         instance, result = train_one(cls, cfg, prep, models, on_step=hook)
-        outputs = selection.model_outputs(
-            instance.export_model(),
-            prep.data,
-            device=prep.dev,
-            indices=prep.sample,
-            progress=request.progress,
-            desc=f"scoring {cand.label}",
-        )
+        outputs = gate_outputs(instance.export_model(), prep, f"scoring {cand.label}")
     except RunInterruptedError:
         if not spent[0]:
             raise  # a signal: stop everything

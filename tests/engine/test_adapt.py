@@ -226,7 +226,7 @@ def test_request_is_frozen_and_checked_when_built(tmp_path: Path) -> None:
     request = AdaptRequest([missing], missing, method="tent", out=out, overrides=["lr=1"])
     assert request.overrides == ("lr=1",) and request.packages == (missing,)
     assert (request.seed, request.select, request.gate) == (0, "none", True)
-    assert request.sample_size == 8192
+    assert request.sample_size == 2048  # selection.GATE_SAMPLE, documented in docs/cli.md
     with pytest.raises(dataclasses.FrozenInstanceError):
         request.seed = 1  # type: ignore[misc]
     bad: list[tuple[dict[str, Any], type[Exception], str]] = [

@@ -249,7 +249,7 @@ REPORT_KEYS = [
 ]
 GATE_KEYS = ["enabled", "decision", "verdict", "forced", "criterion", "estimated_gain", "reason"]
 GATE_KEYS += ["note", "reference_source", "calibrated", "scores", "sample_size", "target_images"]
-GATE_KEYS += ["standard_errors", "accuracy"]
+GATE_KEYS += ["stability_images", "standard_errors", "accuracy"]
 
 
 def _plain(value: Any) -> Any:
@@ -283,12 +283,12 @@ def test_selection_report_keys_in_order_and_round_trip(
     assert list(report) == [*REPORT_KEYS, "selection", "export", "evaluation", "plan", "timings_s"]
     assert list(report["gate"]) == [
         *("enabled", "decision", "verdict", "forced", "reason", "note", "scores"),
-        *("sample_size", "target_images"),
+        *("sample_size", "target_images", "stability_images"),
     ]
     sel = report["selection"]
     assert list(sel) == [
         *("mode", "select", "criterion", "criterion_reason", "budget_s", "sample_size"),
-        *("target_images", "chosen", "candidates", "note"),
+        *("target_images", "stability_images", "chosen", "candidates", "note"),
     ]
     rows = sel["candidates"]
     assert rows and {r["status"] for r in rows} == {"not started"}
