@@ -139,7 +139,7 @@ def test_the_commands_walked_are_the_cli() -> None:
         "sourcefree predict PKG photos/ --format xml",  # bad choice
         "sourcefree predict PKG photos/ --top-k 0",  # out of range
         "sourcefree predict PKG",  # a required argument missing
-        "sourcefree evaluate PKG faces/",  # a required option missing
+        "sourcefree adapt PKG faces/ -o out/",  # a required option (-m) missing
         "sourcefree sign PKG extra --key k.key",  # an extra argument
         "sourcefree --no-such-group-option predict PKG photos/",
         "sourcefree no-such-verb",

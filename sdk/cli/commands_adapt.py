@@ -21,6 +21,36 @@ from sourcefree.cli.errors import EXIT_KEPT_SOURCE
 # The CLI's one error wrapper (the group's too): error line, exit code, signals.
 from sourcefree.cli.errors import typed_errors_command as _typed_errors
 from sourcefree.cli.logs import LOG, status_enabled
+from sourcefree.data.sources import DEFAULT_FORMAT, formats_help
+
+#: ``--format`` and ``--format-option`` of ``adapt`` and ``evaluate`` (checked by the SDK:
+#: an unknown name or option is a typed error that lists the valid ones, exit 2).
+FORMAT_HELP = f"How DATA is read: {formats_help()} (docs/data.md, 'From the CLI')."
+FORMAT_OPTION_HELP = (
+    "An option of the --format, KEY=VALUE (repeatable), e.g. split=test, "
+    "min_confidence=50, last_frames=1, classes=true; the options each format takes are "
+    "in brackets in --format's help."
+)
+
+
+def _format_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--format NAME`` and ``--format-option KEY=VALUE`` (one definition for both commands)."""
+    func = click.option(
+        "--format-option",
+        "format_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help=FORMAT_OPTION_HELP,
+    )(func)
+    return click.option(
+        "--format",
+        "data_format",
+        default=DEFAULT_FORMAT,
+        show_default=True,
+        metavar="NAME",
+        help=FORMAT_HELP,
+    )(func)
+
 
 #: Where a human line goes: stdout, or the status logger (stderr) under --json.
 Say = Callable[[str], None]
@@ -102,7 +132,7 @@ Say = Callable[[str], None]
     default=None,
     help="How many target images the do-no-harm gate and the label-free scores look at: "
     "a seeded random subsample, the same for every model of the run "
-    "(default 8192; 0 or all: every image).",
+    "(default 2048; 0 or all: every image).",
 )
 @click.option(
     "--amp",
@@ -136,6 +166,13 @@ Say = Callable[[str], None]
     help="Time a few forward/backward passes on a copy of the model for the estimated "
     "training time of the plan printed before training (results are identical either way).",
 )
+@_format_options
+@click.option(
+    "--eval-format-labels",
+    is_flag=True,
+    help="Report source vs adapted metrics with the labels the --format carries (like "
+    "--eval-labels; used only after adaptation, for the report).",
+)
 @_typed_errors
 def adapt_command(
     paths: tuple[Path, ...], no_progress: bool, no_gate: bool, as_json: bool, **options: Any
@@ -150,6 +187,11 @@ def adapt_command(
       sourcefree adapt vendor-pkg/ faces/ -m shot -o adapted/ --select auto
       sourcefree adapt vendor-pkg/ faces/ -m auto -o adapted/ --budget-s 1800
       sourcefree adapt vendor-pkg/ faces/ -m shot -o adapted/ --eval-labels faces/labels.csv
+      sourcefree adapt vendor-pkg/ ExpW/label/label.lst --format expw -m adabn -o adapted/
+
+    DATA is a folder of images, or what --format reads (a labels CSV, a public FER
+    dataset); faces are cropped from the format's boxes (ExpW, AffectNet), and the
+    labels a format carries are never used to adapt (--eval-format-labels: report only).
 
     Writes OUT/package (the adapted package), OUT/report.json and
     OUT/report.html (aggregates only, plots inline). SIGINT/SIGTERM write a
@@ -350,10 +392,11 @@ def methods_command(as_json: bool) -> None:
 @click.option(
     "--labels",
     "labels_csv",
-    required=True,
     type=click.Path(path_type=Path),
-    help="CSV of path,label rows (paths relative to DATA).",
+    help="CSV of path,label rows (paths relative to DATA); not needed when the --format "
+    "carries labels.",
 )
+@_format_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
@@ -364,21 +407,27 @@ def methods_command(as_json: bool) -> None:
 def evaluate_command(
     package: Path,
     data: Path,
-    labels_csv: Path,
+    labels_csv: Path | None,
     as_json: bool,
     device: str,
     max_bad_fraction: float,
     strict: bool,
+    data_format: str,
+    format_options: tuple[str, ...],
 ) -> None:
     """Accuracy, mean class recall, per-class recall and confusion of PACKAGE on DATA.
 
     Runs the package through onnxruntime, as an application would. PACKAGE may
-    be an `adapt` output folder: its package/ is evaluated.
+    be an `adapt` output folder: its package/ is evaluated. DATA is a folder of
+    images with --labels, or what --format reads: a format that carries labels
+    (csv, fer2013, ferplus, rafdb, affectnet, expw, ckplus, jaffe) needs no
+    --labels; its classes are matched to the package's by name.
 
     \b
     Example:
       sourcefree evaluate fer-pkg faces/ --labels faces/labels.csv
       sourcefree evaluate adapted/ faces/ --labels faces/labels.csv --json
+      sourcefree evaluate fer-pkg fer2013.csv --format fer2013 --format-option split=test
     """
     from sourcefree.runtime.evaluation import evaluate, format_metrics
 
@@ -386,6 +435,8 @@ def evaluate_command(
         package,
         data,
         labels_csv,
+        data_format=data_format,
+        format_options=format_options,
         device=device,
         max_bad_fraction=max_bad_fraction,
         strict=strict,

@@ -29,10 +29,12 @@ from sourcefree.data.formats import (
 )
 from sourcefree.data.labels import FER7, FER8, LabelMap, canonical_name
 from sourcefree.data.readers import read_image_folder, read_labeled_folder, read_labels_csv
+from sourcefree.data.sources import FORMATS, open_dataset
 
 __all__ = [
     "FER7",
     "FER8",
+    "FORMATS",
     "REASONS",
     "Fingerprint",
     "ImageDataset",
@@ -43,6 +45,7 @@ __all__ = [
     "canonical_name",
     "crop_box",
     "hashed_id",
+    "open_dataset",
     "read_affectnet",
     "read_ckplus",
     "read_expw",

@@ -165,29 +165,49 @@ def _check_sources(pkgs: Sequence[Package], method: str, lo: int, hi: int) -> No
             )
 
 
+def read_data(request: AdaptRequest) -> ImageDataset:
+    """The target images as the request's format lists them, without labels (nothing decoded).
+
+    The one listing of ``request.data`` (:func:`sourcefree.data.sources.open_unlabelled`):
+    ``folder`` is :func:`~sourcefree.data.readers.read_image_folder`'s; a format's labels
+    are removed, so no stage can choose by them.
+    """
+    from sourcefree.data.sources import open_unlabelled
+
+    return open_unlabelled(request.data, request.data_format, request.format_options)
+
+
 @dataclass(frozen=True)
 class EvalLabels:
-    """``--eval-labels``, checked before anything starts: the listed data folder and its labels."""
+    """Evaluation labels, checked before anything starts: the listed data and its labels."""
 
     folder: ImageDataset
-    """The data folder as listed once; the target images are read from this listing."""
+    """The data as listed once (unlabelled); the target images are read from this listing."""
     lookup: dict[str, int]
     """Label index of each labelled image, by its key (path relative to the data folder)."""
 
 
 def check_eval_labels(request: AdaptRequest, pkgs: Sequence[Package]) -> EvalLabels | None:
-    """Parse and check ``request.eval_labels`` once, against the packages' labels.
+    """Parse and check ``request.eval_labels`` (or the format's labels) once.
+
+    With ``eval_format_labels`` the labels are the format's own, in the packages'
+    label order (:func:`sourcefree.runtime.evaluation.format_labelled`).
 
     Raises:
-        DatasetError: see :func:`sourcefree.runtime.evaluation.labelled_keys`.
+        DatasetError: see :func:`sourcefree.runtime.evaluation.labelled_keys` and
+            :func:`~sourcefree.runtime.evaluation.format_labelled`.
     """
-    if request.eval_labels is None:
+    if request.eval_labels is None and not request.eval_format_labels:
         return None
-    from sourcefree.data.readers import read_image_folder
-    from sourcefree.runtime.evaluation import labelled_keys
+    from sourcefree.runtime.evaluation import format_labelled, labelled_keys
 
-    folder = read_image_folder(request.data)
-    lookup = labelled_keys(folder, request.eval_labels, pkgs[0].manifest.labels)
+    folder = read_data(request)
+    names = pkgs[0].manifest.labels
+    if request.eval_labels is not None:
+        lookup = labelled_keys(folder, request.eval_labels, names)
+    else:
+        labelled = format_labelled(request.data, request.data_format, request.format_options, names)
+        lookup = {s.key: s.label for s in labelled.samples}
     return EvalLabels(folder, lookup)
 
 
@@ -297,15 +317,20 @@ def load_target(
     *,
     max_bad_fraction: float = 0.05,
     strict: bool = False,
+    data_format: str = "folder",
+    format_options: Mapping[str, Any] | None = None,
 ) -> TargetData:
-    """Read every image under ``data`` (unlabelled) at the package's input size.
+    """Read every image of ``data`` (unlabelled) at the package's input size.
+
+    ``data_format``, ``format_options``: as :func:`sourcefree.data.sources.open_dataset`.
 
     Raises:
+        ConfigError: an unknown format or a bad option.
         DatasetError: no image, too many unreadable images, or one with ``strict``.
     """
-    from sourcefree.data.readers import read_image_folder
+    from sourcefree.data.sources import open_unlabelled
 
-    folder = read_image_folder(data)
+    folder = open_unlabelled(data, data_format, format_options)
     return read_target(folder, spec, max_bad_fraction=max_bad_fraction, strict=strict)[0]
 
 
@@ -320,7 +345,8 @@ def read_target(
     """The images of a listed folder as :class:`TargetData`, and the key of each image kept.
 
     The keys stay in the pipeline to match evaluation labels after the run;
-    they never reach a method or a report.
+    they never reach a method or a report. The summary names the reader
+    (``format``: ``folder``, ``expw``, ...), never a path.
     """
     from sourcefree.engine.method import TargetData
     from sourcefree.runtime.evaluation import load_images
@@ -336,6 +362,8 @@ def read_target(
         "bad": report.bad,
         "reasons": dict(sorted(report.reasons.items())),
         "ignored": report.ignored,
+        "dropped": report.dropped,
+        "format": _FORMAT_OF_KIND.get(folder.kind, folder.kind),
     }
     target = TargetData(
         images=loaded.images,
@@ -346,6 +374,10 @@ def read_target(
         read_summary=summary,
     )
     return target, [folder.samples[int(i)].key for i in loaded.indices]
+
+
+#: The format name of a reader's ``kind`` where they differ.
+_FORMAT_OF_KIND = {"labels-csv": "csv", "labeled-folder": "folder"}
 
 
 def _eval_truth(labels: EvalLabels, target: TargetData, keys: Sequence[str]) -> np.ndarray:
@@ -468,7 +500,6 @@ def prepare(request: AdaptRequest, early: Preflight) -> Prepared:
         ConfigError, PackageError, DatasetError, DeviceError, SourcefreeError (OUT exists),
         WriteError (not enough free disk space: :func:`check_disk_space`).
     """
-    from sourcefree.data.readers import read_image_folder
     from sourcefree.engine import config as cfgmod
     from sourcefree.engine import distributed
     from sourcefree.engine.device import resolve_device
@@ -496,7 +527,7 @@ def prepare(request: AdaptRequest, early: Preflight) -> Prepared:
         check_disk_space(disk_needs(request, pkgs, target))
     dev = distributed.device_for_rank(resolve_device(request.device))
     models = [fresh_model(p, dev, check=True) for p in pkgs]
-    folder = labels.folder if labels is not None else read_image_folder(request.data)
+    folder = labels.folder if labels is not None else read_data(request)
     spec = pkgs[0].manifest.input
     data, keys = read_target(
         folder,

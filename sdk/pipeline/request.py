@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from sourcefree.errors import ConfigError, ResumeError
 from sourcefree.package.loader import Package
@@ -23,6 +23,8 @@ PackageSource: TypeAlias = "str | os.PathLike[str] | Package"
 """A package folder or a loaded (verified) :class:`~sourcefree.package.loader.Package`."""
 KeySource: TypeAlias = "str | os.PathLike[str] | bytes"
 """A vendor's public key: a PEM file (``sourcefree keygen``'s ``.pub``) or its bytes."""
+FormatOptions: TypeAlias = "Mapping[str, Any] | Sequence[str] | Sequence[tuple[str, Any]]"
+"""A format's options: a mapping, ``KEY=VALUE`` strings, or (key, value) pairs."""
 SELECT_MODES = ("none", "auto")
 
 
@@ -32,7 +34,8 @@ class AdaptRequest:
 
     Args:
         packages: one source package (or several, for methods that take them).
-        data: folder of unlabelled target images (read recursively).
+        data: the target images: a folder (read recursively), or what ``data_format``
+            reads (a CSV, a label list, a dataset folder).
         method: registered method name (``sourcefree methods``), or ``auto``: every
             method that takes this many packages, cheapest first; the best by
             label-free score is kept.
@@ -63,7 +66,7 @@ class AdaptRequest:
             bf16, off on the CPU), ``bf16`` or ``off``; losses stay fp32 (``report["amp"]``).
         gate_sample: how many target images the gate and the label-free scores
             look at (a seeded random subsample, the same for every model of the
-            run): a count, ``0`` or ``"all"`` (every image); None: 8,192
+            run): a count, ``0`` or ``"all"`` (every image); None: 2,048
             (``selection.GATE_SAMPLE``, docs/selection.md "Cost and subsample").
         keys: vendor public keys (one, or several for several sources): every
             source package must carry a signature that verifies with one of them,
@@ -73,11 +76,21 @@ class AdaptRequest:
         plan_probe: time a few forward/backward passes of a copy of the model to
             estimate the training time in the run's plan (``report["plan"]``);
             False: the plan has no estimate. Results are identical either way.
+        data_format: how ``data`` is read: ``folder`` (default), ``csv``, ``fer2013``,
+            ``ferplus``, ``rafdb``, ``affectnet``, ``expw``, ``ckplus`` or ``jaffe``
+            (:data:`sourcefree.data.sources.FORMATS`). Labels a format carries are
+            removed before training; faces are cropped from a format's boxes.
+        format_options: the format's options, a mapping or ``KEY=VALUE`` strings
+            (e.g. ``{"split": "test"}``); checked here, kept as sorted (key, value) pairs.
+        eval_format_labels: report source vs adapted metrics with the labels the
+            format carries (as ``eval_labels`` does with a CSV; used only after the run).
 
     Raises:
         ConfigError: ``gate_sample``, ``select`` or ``budget_s`` out of range,
             ``overrides`` given as one string, a config with ``method="auto"``,
-            or ``require_signature`` without ``keys``.
+            ``require_signature`` without ``keys``, an unknown ``data_format`` or an
+            option it does not take, or ``eval_format_labels`` with ``eval_labels`` or
+            with a format that carries no labels.
         ResumeError: ``resume`` with ``method="auto"`` or ``select="auto"``.
 
     Examples:
@@ -121,6 +134,9 @@ class AdaptRequest:
     keys: KeySource | Sequence[KeySource] = ()
     require_signature: bool = False
     plan_probe: bool = True
+    data_format: str = "folder"
+    format_options: FormatOptions = ()
+    eval_format_labels: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.overrides, (str, bytes)):
@@ -154,6 +170,7 @@ class AdaptRequest:
             )
         if self.multi:
             self._check_multi()
+        self._check_format()
 
     def command(self, *, resume: bool = False) -> str:
         """The ``sourcefree adapt`` command line of this request (shell-quoted).
@@ -176,6 +193,10 @@ class AdaptRequest:
         for key in self.key_sources:
             if not isinstance(key, bytes):  # PEM bytes have no CLI form
                 words += ["--key", str(key)]
+        from sourcefree.data.sources import option_text
+
+        for name, value in self.options_of_format.items():
+            words += ["--format-option", f"{name}={option_text(value)}"]
         for name, flag in _OPTIONS.items():
             value = getattr(self, name)
             if value != _DEFAULTS[name]:
@@ -191,6 +212,34 @@ class AdaptRequest:
         """``keys`` as a tuple (one key given alone is a tuple of one)."""
         given = self.keys
         return (given,) if isinstance(given, (str, os.PathLike, bytes)) else tuple(given)
+
+    @property
+    def options_of_format(self) -> dict[str, Any]:
+        """``format_options`` as a dict (checked and typed when the request was built)."""
+        return dict(cast("Sequence[tuple[str, Any]]", self.format_options))
+
+    def _check_format(self) -> None:
+        """``data_format`` and its options (pure: nothing is read), and ``eval_format_labels``."""
+        from sourcefree.data.sources import check_options, get_format
+
+        spec = get_format(self.data_format)
+        options = check_options(self.data_format, self.format_options)
+        object.__setattr__(self, "format_options", tuple(options.items()))
+        if not self.eval_format_labels:
+            return
+        if self.eval_labels is not None:
+            raise ConfigError(
+                "--eval-format-labels with --eval-labels",
+                "the report is judged with one set of labels",
+                "pass one of them",
+            )
+        if not spec.carries_labels(options):
+            raise ConfigError(
+                f"--eval-format-labels: the {spec.name} format carries no labels",
+                "a folder of images is unlabelled (unless --format-option classes=true: "
+                "one subfolder per class)",
+                "pass --eval-labels CSV, or a --format that carries labels",
+            )
 
     @property
     def auto(self) -> bool:
@@ -241,6 +290,7 @@ _OPTIONS = {
     "budget_s": "--budget-s",
     "gate_sample": "--gate-sample",
     "amp": "--amp",
+    "data_format": "--format",
 }
 #: Flags set when the field is true, and flags set when it is false.
 _SWITCHES = {
@@ -249,6 +299,7 @@ _SWITCHES = {
     "overwrite": "--overwrite",
     "force": "--force",
     "require_signature": "--require-signature",
+    "eval_format_labels": "--eval-format-labels",
 }
 _NEGATED = {"progress": "--no-progress", "gate": "--no-gate", "plan_probe": "--no-plan-probe"}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(AdaptRequest)}

@@ -1,9 +1,12 @@
 """Evaluate a package on labelled images through the onnxruntime runtime (what ships).
 
-Labels are read from a CSV (``path,label``; names or indices in the package's
-label order) and matched to the images of the data folder by their path
-relative to that folder (or to the CSV's folder when the CSV lies inside it);
-every labelled row must name an image of the folder (a typo is refused, not skipped).
+The images are read by format (:func:`sourcefree.data.sources.open_dataset`); a
+format that carries labels (FER2013, RAF-DB, ExpW, a labels CSV, ...) is judged
+with them, mapped to the package's label order by name. Otherwise labels are
+read from a CSV (``path,label``; names or indices in the package's label
+order) and matched to the images of the data folder by their path relative to
+that folder (or to the CSV's folder when the CSV lies inside it); every
+labelled row must name an image of the folder (a typo is refused, not skipped).
 Metrics: accuracy, mean class recall over the classes present, per-class
 recall and the confusion matrix (rows: true class, columns: prediction).
 No torch import.
@@ -22,8 +25,15 @@ import numpy as np
 
 from sourcefree.data.dataset import ImageDataset, LoadedImages
 from sourcefree.data.metrics import pseudo_label_counts
-from sourcefree.data.readers import read_image_folder, read_labels_csv
-from sourcefree.errors import DatasetError
+from sourcefree.data.readers import read_labels_csv
+from sourcefree.data.sources import (
+    Options,
+    check_options,
+    get_format,
+    open_dataset,
+    open_unlabelled,
+)
+from sourcefree.errors import ConfigError, DatasetError
 from sourcefree.fsutil import shown
 from sourcefree.package.loader import Package, load_package
 from sourcefree.package.manifest import InputSpec
@@ -118,22 +128,82 @@ def pseudo_label_quality(
 
 
 def labelled_dataset(
-    data: str | os.PathLike[str], labels_csv: str | os.PathLike[str], labels: Sequence[str]
+    data: str | os.PathLike[str],
+    labels_csv: str | os.PathLike[str],
+    labels: Sequence[str],
+    *,
+    data_format: str = "folder",
+    format_options: Options = None,
 ) -> ImageDataset:
     """The images of ``data`` that the CSV labels, with labels in the package's order.
 
     Every labelled row must name an image of ``data`` (relative to it, or to the
     CSV's folder when the CSV lies inside it), once or always with the same label.
+    ``data_format``, ``format_options``: how ``data`` is listed (default: a folder).
 
     Raises:
+        ConfigError: an unknown format or a bad option.
         DatasetError: as :func:`labelled_keys`.
     """
-    folder = read_image_folder(data)
+    folder = open_unlabelled(data, data_format, format_options)
     by_key = labelled_keys(folder, labels_csv, labels)
     picked = [
         dataclasses.replace(s, label=by_key[s.key]) for s in folder.samples if s.key in by_key
     ]
     return ImageDataset(picked, tuple(labels), root=folder.root, kind="evaluation")
+
+
+def format_labelled(
+    data: str | os.PathLike[str],
+    data_format: str,
+    format_options: Options,
+    labels: Sequence[str],
+) -> ImageDataset:
+    """The samples of a format that carry a label of ``labels`` (a package's order).
+
+    Native labels are mapped by name; samples of other classes are dropped and
+    counted (``dropped``), unlabelled ones (e.g. Kaggle's FER2013 ``test.csv``) left out.
+
+    Raises:
+        ConfigError: the format carries no labels (a plain folder), or a bad option.
+        DatasetError: no sample has a label of ``labels``, or the data cannot be read.
+    """
+    check_labelled_format(data_format, format_options)
+    dataset = open_dataset(data, data_format, format_options, labels=labels)
+    spec = get_format(data_format)
+    picked = [s for s in dataset.samples if s.label >= 0]
+    if dataset.labels is None or not picked:
+        raise DatasetError(
+            f"the {spec.name} data labels no image of this package's classes",
+            f"{len(dataset)} samples, none labelled with one of {', '.join(labels)} "
+            f"({dataset.dropped} had labels of other classes)",
+            "pass data with labels of the package's classes, or --labels CSV",
+        )
+    return ImageDataset(
+        picked,
+        tuple(labels),
+        root=dataset.root,
+        kind=dataset.kind,
+        sources=dataset.sources,
+        ignored=dataset.ignored,
+        dropped=dataset.dropped,
+    )
+
+
+def check_labelled_format(data_format: str, format_options: Options) -> None:
+    """Refuse a format (with these options) that carries no labels; nothing is read.
+
+    Raises:
+        ConfigError: a plain folder of images, an unknown format or a bad option.
+    """
+    spec = get_format(data_format)
+    if not spec.carries_labels(check_options(data_format, format_options)):
+        raise ConfigError(
+            f"the {spec.name} format carries no labels",
+            "a folder of images is unlabelled (unless --format-option classes=true: "
+            "one subfolder per class)",
+            "pass --labels CSV, or a --format that carries labels",
+        )
 
 
 def labelled_keys(
@@ -242,8 +312,10 @@ def load_inputs(
 def evaluate(
     package: str | os.PathLike[str] | Package,
     data: str | os.PathLike[str],
-    labels_csv: str | os.PathLike[str],
+    labels_csv: str | os.PathLike[str] | None = None,
     *,
+    data_format: str = "folder",
+    format_options: Options = None,
     device: str = "auto",
     max_bad_fraction: float = 0.05,
     strict: bool = False,
@@ -251,12 +323,30 @@ def evaluate(
 ) -> Metrics:
     """Evaluate a package with :class:`sourcefree.runtime.predictor.Predictor` on labelled images.
 
+    Args:
+        labels_csv: ``path,label`` rows naming images of ``data``; None: the labels
+            the format carries (:func:`format_labelled`).
+        data_format, format_options: how ``data`` is read
+            (:func:`sourcefree.data.sources.open_dataset`; default: a folder).
+
     Raises:
+        ConfigError: an unknown format, a bad option, or no labels at all.
         PackageError: the package does not verify.
         DatasetError: unreadable data, labels naming unknown classes or no image.
     """
+    # a bad format, option or missing labels is refused before the package is read
+    if labels_csv is None:
+        check_labelled_format(data_format, format_options)
+    else:
+        check_options(data_format, format_options)
     pkg = package if isinstance(package, Package) else load_package(package)
-    dataset = labelled_dataset(data, labels_csv, pkg.manifest.labels)
+    names = pkg.manifest.labels
+    if labels_csv is not None:
+        dataset = labelled_dataset(
+            data, labels_csv, names, data_format=data_format, format_options=format_options
+        )
+    else:
+        dataset = format_labelled(data, data_format, format_options, names)
     x, loaded = load_inputs(
         dataset, pkg.manifest.input, max_bad_fraction=max_bad_fraction, strict=strict
     )
