@@ -18,7 +18,14 @@ customer holds N vendor packages and the target images only. What runs:
   start, i.e. the identity for features >= -1) and concatenates the four results
   into ``f_L``; ``C_L`` is a new linear layer started as the source head applied to
   the mean of the cells (``[W/4, W/4, W/4, W/4]``, same bias). At the start both
-  branches therefore predict what the source model predicts.
+  branches therefore predict what the source model predicts (``local_init=source``;
+  ``local_init=random`` starts A_L and C_L as new layers, as the paper's branch).
+  The paper's A_L is convolutional on an earlier stage of E; here it acts on the
+  last feature map's cells, so the vendor's class means can enter the local branch.
+  With ``source`` the branches agree on the argmax for ~98 % of the training images
+  (eq. 12's condition (i)), so the vote is mostly the confidence test; ``random``
+  makes (i) a real filter. On the development seed both end within 0.003 of each
+  other (docs/methods.md, "LA-CMFER"), and ``source`` stays the default.
 - **Hardness weights (eq. 3-4).** ``Omega(x) = ||p(x) without its maximum||_2``
   for target images (every entry equal to the maximum is excluded, as eq. 3 is
   written); for a source point the real class is zeroed instead; ``H = Omega /
@@ -39,10 +46,14 @@ customer holds N vendor packages and the target images only. What runs:
   ``y_hat`` is the branch's own prediction. Eq. 9 sums ``(L_sid^G + L_sid^L) +
   lambda (L_cid^G + L_cid^L)`` over the sources. Only samples (and means) whose
   top probability exceeds the reliability threshold ``epsilon`` take part.
-  The local branch is aligned through the cell average of its ``A_L`` outputs:
-  average pooling is linear, so the vendor's means of ``f_G`` are also the class
-  means of the average of the four cells (exact at the start, where ``A_L`` is
-  the identity, for backbones whose neck is the identity: smallcnn, ResNets).
+  The local branch is aligned in the space of its ``A_L`` outputs: a target image
+  by the average of its four projected cells, a vendor mean ``mu_k`` as an image
+  whose four cells all equal ``mu_k`` (average pooling is linear, so the means of
+  ``f_G`` are also the class means of the cell average, exactly where the neck is
+  the identity: smallcnn, ResNets): its feature is ``A_L(mu_k)`` and its
+  probabilities, hence its hardness and reliability, are ``C_L`` of the four
+  copies, the target cells' path (:meth:`GridBranch.mean_view`). Gradients flow
+  through ``A_L`` on both sides, as through ``A_L(E(x_s))`` in the paper.
 - **Multi-view clustering consistency (eq. 10-11).** ``MPC = P_G^T P_L`` (K x K)
   over the batch, rows normalised to sum one (the MCC normalisation the paper
   cites, [34]), ``L_mcc = (S(|norm(MPC) - I|) + S(|norm(MPC^T) - I|)) / 2K``.
@@ -89,7 +100,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -192,6 +203,10 @@ class LaCmferConfig:
     """Optimiser and schedule."""
     augment: FlipShiftConfig = field(default_factory=lambda: FlipShiftConfig(enabled=False))
     """Flip + shift of training batches (SHOT's helper); off: the paper names none."""
+    local_init: Literal["source", "random"] = "source"
+    """Start of A_L and C_L: ``source`` (A_L the identity, C_L the source head on the cell
+    mean: both branches start as the source model) or ``random`` (PyTorch's default init,
+    seeded by the run's seed: a new branch, as the paper's)."""
 
     def __post_init__(self) -> None:
         bad = []
@@ -214,6 +229,8 @@ class LaCmferConfig:
                 f"epochs={self.epochs}, batch_size={self.batch_size}, "
                 f"label_batch_size={self.label_batch_size}"
             )
+        if self.local_init not in ("source", "random"):
+            bad.append(f"local_init={self.local_init!r} (must be source or random)")
         refuse_invalid(self, bad)
 
 
@@ -381,6 +398,13 @@ class GridBranch(nn.Module):
         self.local_head.weight.copy_(head.weight.repeat(1, cells) / cells)
         self.local_head.bias.copy_(head.bias)
 
+    def init_random(self, seed: int) -> None:
+        """A_L and C_L as new layers: PyTorch's default init from ``seed``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.local_proj.reset_parameters()
+            self.local_head.reset_parameters()
+
     def project(self, cells: torch.Tensor) -> torch.Tensor:
         """A_L per cell: ``relu(W e + b) - 1``."""
         return torch.relu(self.local_proj(cells)) - 1.0
@@ -388,6 +412,16 @@ class GridBranch(nn.Module):
     def local_logits(self, projected: torch.Tensor) -> torch.Tensor:
         """C_L over the concatenated cells (N, cells, D) -> (N, K)."""
         return self.local_head(projected.flatten(1))  # type: ignore[no-any-return]
+
+    def mean_view(self, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vendor class means (K, D) as images whose four cells all equal the mean.
+
+        Returns ``(A_L(mu), C_L logits)``: the target cells' path (A_L per cell, C_L
+        over the concatenation); ``A_L(mu)`` is also the cell average, the local
+        feature the alignment compares.
+        """
+        projected = self.project(means)
+        return projected, self.local_logits(projected.unsqueeze(1).expand(-1, GRID * GRID, -1))
 
     def views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f_G, A_L cells)``: global features (N, D) and projected cells (N, 4, D)."""
@@ -552,7 +586,7 @@ class LaCmfer(Method):
         self._means: list[torch.Tensor | None] = []
         self._priors: list[torch.Tensor] = []
         k = context.num_classes
-        for src in context.sources:
+        for i, src in enumerate(context.sources):
             manifest = src.package.manifest
             if manifest.labels != labels:
                 raise ConfigError(
@@ -562,7 +596,10 @@ class LaCmfer(Method):
                 )
             arch = manifest.architecture.name
             member, head = _member(src.model, arch)
-            member.init_from_head(head)
+            if config.local_init == "source":
+                member.init_from_head(head)
+            else:
+                member.init_random(context.seed * 1009 + i)
             members.append(member)
             heads.append(head)
             self._archs.append(arch)
@@ -572,6 +609,8 @@ class LaCmfer(Method):
         self.global_heads = nn.ModuleList(heads).to(context.device)
         self.net = LaCmferNet(members, ensemble_head(heads)).to(context.device)
         self._voted = (0, 0)
+        self._agreed = 0
+        """Training images whose branches agreed on the argmax (eq. 12's condition (i))."""
 
     # --- vendor statistics ------------------------------------------------------------
 
@@ -655,21 +694,17 @@ class LaCmfer(Method):
             return zero, zero, 0
         cfg = self.config
         member, head = self.net.members[n], self._heads()[n]
-        cells = GRID * GRID
-        mean_probs_g = torch.softmax(head(means).float(), dim=1)
-        mean_probs_l = torch.softmax(
-            member.local_logits(means.unsqueeze(1).expand(-1, cells, -1)).float(), dim=1
-        )
+        local_means, mean_logits_l = member.mean_view(means)
         sid, cid, used = zero, zero, 0
-        for feats, logits, mean_probs in (
-            (v.f_global, v.z_global, mean_probs_g),
-            (v.f_local, v.z_local, mean_probs_l),
+        for feats, logits, mus, mean_logits in (
+            (v.f_global, v.z_global, means, head(means)),
+            (v.f_local, v.z_local, local_means, mean_logits_l),
         ):
             terms = alignment_losses(
                 feats,
                 torch.softmax(logits.float(), dim=1),
-                means,
-                mean_probs,
+                mus,
+                torch.softmax(mean_logits.float(), dim=1),
                 self._priors[n],
                 epsilon=cfg.epsilon,
                 kernel_mul=cfg.kernel_mul,
@@ -702,6 +737,7 @@ class LaCmfer(Method):
             for key, val in (("sid", sid), ("cid", cid), ("mcc", mcc), ("mvv", mvv)):
                 parts[key] = parts[key] + val.detach()
         parts["voted"] = share.detach()
+        parts["agreed"] = (z_g.detach().argmax(1) == z_l.detach().argmax(1)).float().mean()
         return total, parts
 
     def _step(self, batch: Batch) -> StepOutput:
@@ -709,7 +745,8 @@ class LaCmfer(Method):
         x = augment_flip_shift(batch.x, aug.shift, batch.generator) if aug.enabled else batch.x
         loss, parts = self.losses(x)
         voted, seen = self._voted
-        self._voted = (voted + int(parts["voted"].item() * x.shape[0]), seen + x.shape[0])
+        self._voted = (voted + round(parts["voted"].item() * x.shape[0]), seen + x.shape[0])
+        self._agreed += round(parts["agreed"].item() * x.shape[0])
         return StepOutput(loss, parts)
 
     # --- Method -----------------------------------------------------------------------
@@ -748,12 +785,15 @@ class LaCmfer(Method):
         return self.export_name
 
     def state_meta(self) -> dict[str, JSON]:
-        return {"voted": list(self._voted)}
+        return {"voted": list(self._voted), "agreed": self._agreed}
 
     def load_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, JSON]) -> None:
         voted = meta.get("voted")
         if isinstance(voted, list) and len(voted) == 2:
             self._voted = (int(voted[0]), int(voted[1]))
+        agreed = meta.get("agreed")
+        if isinstance(agreed, int):
+            self._agreed = agreed
 
     @torch.no_grad()
     def pseudo_label_selection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -779,4 +819,6 @@ class LaCmfer(Method):
             "architecture": self.export_name,
             "aligned_sources": [m is not None for m in self._means],
             "voted_share_in_training": round(voted / seen, 4) if seen else None,
+            "agreed_share_in_training": round(self._agreed / seen, 4) if seen else None,
+            "local_init": self.config.local_init,
         }

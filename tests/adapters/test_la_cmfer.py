@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ from sourcefree.adapters.la_cmfer import (
 )
 from sourcefree.data.synthetic import CLASSES, generate
 from sourcefree.engine import config as cfgmod
-from sourcefree.engine.method import MethodContext, SourceModel, TargetData
+from sourcefree.engine.method import Batch, MethodContext, SourceModel, TargetData
 from sourcefree.engine.models import build_classifier, load_classifier
 from sourcefree.engine.reproducibility import seed_everything
 from sourcefree.engine.trainer import build_optimizer
@@ -375,3 +376,80 @@ def test_adapt_two_packages_exports_the_more_confident_branch(
     np.testing.assert_allclose(got, torch.softmax(logits, 1).numpy(), atol=1e-4)
     report = result.report.method_report
     assert report["sources"] == 2 and report["aligned_sources"] == [True, True]
+
+
+def test_vendor_means_take_the_local_branch_through_a_l(
+    trained_vendor: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20.3: the local branch's class means (features, hardness, reliability) go
+    through A_L and C_L as target cells do, not through C_L alone."""
+    from sourcefree.adapters import la_cmfer as mod
+
+    data = _data(16)
+    method = _method([trained_vendor], data, epsilon=0.0)
+    member = method.net.members[0]
+    with torch.no_grad():  # move A_L away from the identity
+        torch.manual_seed(3)
+        member.local_proj.weight.add_(0.2 * torch.randn_like(member.local_proj.weight))
+        member.local_proj.bias.add_(0.5)
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    real = mod.alignment_losses
+
+    def spy(*args: torch.Tensor, **kw: Any) -> mod.AlignmentTerms:
+        calls.append((args[0].detach(), args[1].detach(), args[2].detach(), args[3].detach()))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(mod, "alignment_losses", spy)
+    x = data.tensor()
+    method.losses(x)
+    assert len(calls) == 2  # global, then local
+    feats, probs, means, mean_probs = calls[1]
+    mu = method._means[0]
+    assert mu is not None
+    with torch.no_grad():
+        _, projected = member.views(x)
+        a_l = member.project(mu)
+        want = torch.softmax(member.local_head(a_l.repeat(1, 4)), 1)
+        skipped = torch.softmax(member.local_head(mu.repeat(1, 4)), 1)
+    # target side: A_L cells, their average as the feature
+    assert torch.allclose(feats, projected.mean(1), atol=1e-5)
+    assert torch.allclose(probs, torch.softmax(member.local_logits(projected), 1), atol=1e-5)
+    # the means: the same A_L + C_L path (the old code skipped A_L)
+    assert torch.allclose(means, a_l, atol=1e-5)
+    assert torch.allclose(mean_probs, want, atol=1e-5)
+    assert not torch.allclose(want, skipped, atol=1e-3)
+    # the global branch keeps the vendor's means and the source head
+    g_means, g_mean_probs = calls[0][2], calls[0][3]
+    assert torch.equal(g_means, mu)
+    head = method.global_heads[0]
+    assert torch.allclose(g_mean_probs, torch.softmax(head(mu), 1).detach(), atol=1e-6)
+
+
+def test_local_init_random_starts_a_new_branch(vendors: tuple[Path, Path]) -> None:
+    data = _data(16)
+    x = data.tensor()
+    with pytest.raises(ConfigError, match="local_init='scratch'"):
+        LaCmferConfig(local_init="scratch")  # type: ignore[arg-type]
+    runs = [_method([vendors[0]], data, local_init="random") for _ in range(2)]
+    source = _method([vendors[0]], data)
+    with torch.no_grad():
+        z = [m.net.eval().branch_logits(x) for m in (*runs, source)]
+    # the global branch is the vendor's model either way; the local one is new and seeded
+    assert torch.allclose(z[0][0], z[2][0], atol=1e-6)
+    assert torch.equal(z[0][1], z[1][1])
+    assert not torch.allclose(z[0][1], z[2][1], atol=1e-2)
+    assert not torch.equal(runs[0].net.members[0].local_proj.weight, torch.eye(128))
+
+
+def test_report_counts_agreement_and_votes(vendors: tuple[Path, Path]) -> None:
+    data = _data(16)
+    method = _method([vendors[0]], data, tau=0.34)
+    enter = method.phases()[-1].on_enter
+    assert enter is not None
+    enter()
+    method._step(Batch(data.tensor(), torch.arange(16), torch.Generator(), 0, 0, 0.0))
+    report = method.report()
+    # source init: both branches are the source model, so they agree on every image
+    assert report["agreed_share_in_training"] == 1.0
+    assert report["local_init"] == "source"
+    assert method.state_meta()["agreed"] == 16
