@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +277,12 @@ def _expand(paths: tuple[Path, ...]) -> Iterator[Path]:
     show_default=True,
 )
 @click.option("--key", type=click.Path(path_type=Path), help="Vendor public key to require.")
+@click.option(
+    "--all-faces",
+    is_flag=True,
+    help="Packages that detect faces (input.faces): one row per face, largest first, with "
+    "its box (CSV: face,left,top,right,bottom columns after path; face 0: no face found).",
+)
 def predict(
     package: Path,
     paths: tuple[Path, ...],
@@ -287,17 +293,22 @@ def predict(
     batch_size: int,
     device: str,
     key: Path | None,
+    all_faces: bool,
 ) -> None:
     """Predict images or folders of images (no torch needed).
 
     Unreadable images are reported and skipped; the rest are predicted. Stdout
     carries only the predictions; status, skipped files and the progress bar
-    (folders, on a terminal) go to stderr.
+    (folders, on a terminal) go to stderr. A package that detects faces crops
+    (and aligns) each photo's largest face first, as adaptation did; a photo
+    without a face is skipped and reported, or predicted whole, as its
+    package says.
 
     \b
     Example:
       sourcefree predict adapted/package photos/ -o preds.csv
       sourcefree -q predict PKG photos/ --format jsonl --top-k 3 > preds.jsonl
+      sourcefree predict PKG group-photos/ --all-faces -o faces.csv
     """
     from sourcefree.cli.logs import LOG, progress
     from sourcefree.errors import InputError
@@ -331,20 +342,90 @@ def predict(
         )
     folders = any(p.is_dir() and not p.is_symlink() for p in paths)
     with progress(len(files) if folders else 0, "predict") as advance:
-        done, failed = predictor.predict_files(files, on_file=advance)
+        if all_faces:
+            faces, failed = _predict_faces(predictor, files, advance)
+        else:
+            done, failed = predictor.predict_files(files, on_file=advance)
     for path, reason in failed:
         LOG.warning("skipped %s: %s", path, reason)
-    if not done:  # nothing to write: no empty file is left behind
+    if all_faces:
+        done = [(p, f.probabilities) for p, _, f in faces if f is not None]
+        write_faces = _jsonl_face_lines if fmt == "jsonl" else _csv_face_lines
+        lines = write_faces(faces, labels, top_k, probabilities)
+    else:
+        write = _jsonl_lines if fmt == "jsonl" else _csv_lines
+        lines = write(done, labels, top_k, probabilities)
+    if not done and not (all_faces and faces):  # nothing to write: no empty file is left
         LOG.info("0 predicted, %d skipped; nothing written", len(failed))
         sys.exit(EXIT_ERROR)
-    write = _jsonl_lines if fmt == "jsonl" else _csv_lines
-    text = "".join(line + "\n" for line in write(done, labels, top_k, probabilities))
+    text = "".join(line + "\n" for line in lines)
     if output is not None and to_file:
         atomic_write_bytes(output, text.encode("utf-8"))
         LOG.info("wrote %d predictions to %s", len(done), output)
     else:
         click.echo(text, nl=False)
     LOG.info("%d predicted, %d skipped", len(done), len(failed))
+
+
+FaceRow = tuple[Path, int, Any]
+"""``predict --all-faces``: (path, face number, FacePrediction or None for no face)."""
+
+
+def _predict_faces(
+    predictor: Any, files: list[Path], advance: Callable[[], None]
+) -> tuple[list[FaceRow], list[tuple[Path, str]]]:
+    """Every face of every file (``--all-faces``); a photo without a face gives a face-0 row.
+
+    Face numbers count from 1, largest first; 0 is a photo where no face was found
+    (predicted whole, or with an empty prediction when its package skips such photos).
+    """
+    from sourcefree.data.imaging import ImageDecodeError
+
+    rows: list[FaceRow] = []
+    failed: list[tuple[Path, str]] = []
+    for path in files:
+        try:
+            found = predictor.predict_faces(path)
+        except ImageDecodeError as exc:
+            failed.append((path, exc.what))
+        else:
+            rows.extend((path, i + 1 if f.found else 0, f) for i, f in enumerate(found))
+            if not found:
+                rows.append((path, 0, None))
+        advance()
+    return rows, failed
+
+
+def _csv_face_lines(
+    rows: list[FaceRow], labels: list[str], top_k: int, probabilities: bool
+) -> Iterator[str]:
+    """``predict --all-faces``'s CSV: path,face,left,top,right,bottom, then as ``predict``."""
+    width = top_k * 2 + (len(labels) if probabilities else 0)
+    header = next(_csv_lines([], labels, top_k, probabilities))
+    yield "path,face,left,top,right,bottom," + header.split(",", 1)[1]
+    for path, number, face in rows:
+        head = [csv_cell(str(path)), str(number)]
+        if face is None:
+            yield ",".join(head + [""] * (4 + width))
+            continue
+        # the plain name "x" as the path cell: the cells after its comma are the row's tail
+        row = list(_csv_lines([(Path("x"), face.probabilities)], labels, top_k, probabilities))
+        yield ",".join(head + [str(v) for v in face.box]) + "," + row[1].split(",", 1)[1]
+
+
+def _jsonl_face_lines(
+    rows: list[FaceRow], labels: list[str], top_k: int, probabilities: bool
+) -> Iterator[str]:
+    """``predict --all-faces``'s JSON Lines: path, face, box, then as ``predict``."""
+    for path, number, face in rows:
+        record: dict[str, Any] = {"path": _plain(str(path)), "face": number}
+        if face is None:
+            record.update(box=None, label=None, probability=None)
+        else:
+            record["box"] = list(face.box)
+            line = next(_jsonl_lines([(path, face.probabilities)], labels, top_k, probabilities))
+            record.update({k: v for k, v in json.loads(line).items() if k != "path"})
+        yield json.dumps(record, ensure_ascii=False)
 
 
 def _ranked(probs: Any, labels: list[str], top_k: int) -> list[tuple[str, float]]:

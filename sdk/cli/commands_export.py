@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from sourcefree.cli.errors import typed_errors_command as _typed_errors
-from sourcefree.package.manifest import ARCHITECTURE_NAMES
+from sourcefree.package.manifest import (
+    ARCHITECTURE_NAMES,
+    DEFAULT_FACE_MARGIN,
+    FACE_MODES,
+    MAX_FACE_MARGIN,
+    MIN_FACE_MARGIN,
+    NO_FACE_POLICIES,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,7 +31,7 @@ if TYPE_CHECKING:
 
     from sourcefree.data.dataset import ImageDataset
     from sourcefree.engine.models import Architecture, Classifier
-    from sourcefree.package.manifest import AUDetectorSpec, InputSpec
+    from sourcefree.package.manifest import AUDetectorSpec, FaceSpec, InputSpec
 
 
 def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
@@ -104,6 +111,29 @@ def _arch_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
     type=click.Choice(["nearest", "bilinear", "bicubic"]),
     default="bilinear",
     show_default=True,
+)
+@click.option(
+    "--faces",
+    type=click.Choice(FACE_MODES),
+    default="none",
+    show_default=True,
+    help="How a raw photo becomes the model's face (input.faces): none (images are already "
+    "face crops), detect (largest face, square, plus --face-margin) or align (detect, then "
+    "the eyes levelled onto a fixed template). Adapt, evaluate and predict all apply it.",
+)
+@click.option(
+    "--face-margin",
+    type=click.FloatRange(MIN_FACE_MARGIN, MAX_FACE_MARGIN),
+    default=None,
+    help=f"--faces detect|align: margin around the face, a fraction of its side "
+    f"[default: {DEFAULT_FACE_MARGIN}].",
+)
+@click.option(
+    "--no-face",
+    type=click.Choice(NO_FACE_POLICIES),
+    default=None,
+    help="--faces detect|align: an image without a face is skipped and counted (skip, the "
+    "default) or resized whole (whole).",
 )
 @click.option("--name", default=None, help="Package name (default: the --out folder name).")
 @click.option("--version", "pkg_version", default="1.0.0", show_default=True)
@@ -196,6 +226,8 @@ def export_cmd(
       sourcefree export --arch timm:vit_tiny_patch16_224 --arch-option img_size=32 \\
         --arch-option patch_size=4 --weights vit.safetensors --labels ... \\
         --input-size 32 --out fer-vit
+      sourcefree export --arch resnet18 --weights fer.safetensors --labels ... \\
+        --input-size 64 --faces align --face-margin 0.25 --no-face skip --out fer-photos
     """
     from sourcefree.engine.models import from_vendor_state
     from sourcefree.export import source_package
@@ -247,6 +279,9 @@ def _vendor_input(
     mean: str | None,
     std: str | None,
     interpolation: str,
+    faces: str = "none",
+    face_margin: float | None = None,
+    no_face: str | None = None,
 ) -> tuple[Architecture, dict[str, torch.Tensor], InputSpec]:
     """The architecture, the vendor's weights and the input spec they declare."""
     from sourcefree.engine.models import (
@@ -257,6 +292,7 @@ def _vendor_input(
     from sourcefree.errors import PackageError
     from sourcefree.package.manifest import InputSpec
 
+    face_spec = _face_spec(faces, face_margin, no_face)
     a = resolve_architecture(arch, options)
     state = read_vendor_weights(weights)
     in_channels = first_conv_channels(a, state)  # by the registry's key, never dict order
@@ -274,8 +310,30 @@ def _vendor_input(
         mean=_floats(mean, "--mean") or default,
         std=_floats(std, "--std") or default,
         interpolation=interpolation,
+        faces=face_spec,
     )
     return a, state, spec
+
+
+def _face_spec(mode: str, margin: float | None, no_face: str | None) -> FaceSpec:
+    """``input.faces`` from ``--faces``, ``--face-margin`` and ``--no-face``."""
+    from sourcefree.errors import ConfigError
+    from sourcefree.package.manifest import FaceSpec
+
+    if mode == "none":
+        given = [n for n, v in (("--face-margin", margin), ("--no-face", no_face)) if v is not None]
+        if given:
+            raise ConfigError(
+                f"{given[0]} was given without --faces detect or align",
+                "with --faces none the images are already face crops: nothing is detected",
+                f"pass --faces detect (or align), or leave {given[0]} out",
+            )
+        return FaceSpec()
+    return FaceSpec(
+        mode=mode,
+        margin=DEFAULT_FACE_MARGIN if margin is None else margin,
+        no_face=no_face or "skip",
+    )
 
 
 A = TypeVar("A")

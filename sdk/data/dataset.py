@@ -32,8 +32,8 @@ from sourcefree.data.imaging import (
     resized_pixels,
 )
 from sourcefree.data.progress import progress_bar
-from sourcefree.errors import ConfigError, DatasetError
-from sourcefree.package.manifest import InputSpec
+from sourcefree.errors import ConfigError, DatasetError, SourcefreeError
+from sourcefree.package.manifest import FaceSpec, InputSpec
 
 #: Image sides accepted by :meth:`ImageDataset.load`.
 MAX_SIDE = 4096
@@ -154,7 +154,11 @@ class ReadReport:
     dropped: int = 0
     """Samples whose label is not in the label set (contempt with 7 classes, ties, NF)."""
     no_face: int = 0
-    """Images where face detection found nothing (kept whole)."""
+    """Images where face detection found nothing (kept whole, or skipped: ``no_face_skipped``)."""
+    no_face_skipped: int = 0
+    """Images skipped because no face was found (``input.faces.no_face = skip``)."""
+    no_eyes: int = 0
+    """Faces that ``align`` could not align (eyes not found): the ``detect`` crop was used."""
 
     @property
     def bad_fraction(self) -> float:
@@ -171,7 +175,11 @@ class ReadReport:
         if self.dropped:
             text += f"; dropped {self.dropped} samples outside the label set"
         if self.no_face:
-            text += f"; no face found in {self.no_face}"
+            kept, skipped = self.no_face - self.no_face_skipped, self.no_face_skipped
+            how = [f"{kept} kept whole"] * bool(kept) + [f"{skipped} skipped"] * bool(skipped)
+            text += f"; no face found in {self.no_face} ({', '.join(how)})"
+        if self.no_eyes:
+            text += f"; eyes not found in {self.no_eyes} (not aligned)"
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,6 +192,8 @@ class ReadReport:
             "ignored": self.ignored,
             "dropped": self.dropped,
             "no_face": self.no_face,
+            "no_face_skipped": self.no_face_skipped,
+            "no_eyes": self.no_eyes,
         }
 
 
@@ -344,8 +354,11 @@ class ImageDataset:
             total += s.size
         return Fingerprint(h.hexdigest(), len(self.samples), total)
 
-    def decode(self, index: int, color: str = "rgb") -> Image.Image:
+    def decode(self, index: int, color: str = "rgb", *, crop: bool = True) -> Image.Image:
         """Decode one sample (box applied) as a PIL image in ``RGB`` or ``L``.
+
+        ``crop=False`` keeps the whole image and only checks that the box overlaps
+        it (face preprocessing then cuts around the box, :mod:`sourcefree.data.faces`).
 
         Raises:
             ImageDecodeError: the file cannot be decoded safely.
@@ -365,7 +378,8 @@ class ImageDataset:
         else:  # pragma: no cover - readers always set one of them
             raise DatasetError("a sample has neither a file nor pixels", "", "report a bug")
         if sample.box is not None:
-            img = crop_box(img, sample.box)
+            clamped = _clamp_box(img, sample.box)
+            img = img.crop(clamped) if crop else img
         return img
 
     def iter_decoded(
@@ -417,10 +431,11 @@ class ImageDataset:
 
     def load(
         self,
-        size: int | tuple[int, int] = 32,
-        color: str = "rgb",
+        size: int | tuple[int, int] | None = None,
+        color: str | None = None,
         *,
-        interpolation: str = "bilinear",
+        spec: InputSpec | None = None,
+        interpolation: str | None = None,
         max_bad_fraction: float = 0.05,
         strict: bool = False,
         log_path: str | os.PathLike[str] | None = None,
@@ -431,39 +446,44 @@ class ImageDataset:
         """Decode, crop and resize every readable image into one uint8 array.
 
         Args:
-            size: output side, or (height, width) (a manifest's ``input.size``).
-            color: ``rgb`` (3 channels) or ``gray`` (1 channel).
-            interpolation: ``nearest``, ``bilinear`` or ``bicubic``.
+            size: output side, or (height, width) (default 32; not with ``spec``).
+            color: ``rgb`` (3 channels) or ``gray`` (1 channel) (default rgb; not with ``spec``).
+            spec: a package's input spec: its size, colour, interpolation and face
+                preprocessing (``spec.faces``: detection, alignment, no-face policy),
+                exactly as :class:`sourcefree.runtime.predictor.Predictor` applies them.
+            interpolation: ``nearest``, ``bilinear`` (default) or ``bicubic`` (not with ``spec``).
             max_bad_fraction: stop with DatasetError when more than this
                 fraction of samples is unreadable (default 0.05).
             strict: stop at the first unreadable sample.
             log_path: optional local file that gets one line per skipped
                 sample (hashed id, reason, escaped path). Keep it on site.
-            detect_faces: crop the largest detected face (OpenCV Haar
-                cascade) from samples that have no box from the format.
+            detect_faces: crop the largest detected face (OpenCV Haar cascade),
+                as ``spec.faces`` of mode ``detect`` with ``face_margin`` and the
+                ``whole`` policy (an image without a face is kept whole). Not with
+                a ``spec`` that has face preprocessing of its own.
             face_margin: margin around a detected face, as a fraction of its side.
             progress: a ``decoding`` bar on stderr (:mod:`sourcefree.data.progress`).
+
+        With face preprocessing, a sample's box from the format (ExpW, AffectNet)
+        stands in for the detector's and gets the same margin and alignment.
 
         Examples:
             >>> data = read_image_folder("photos/")
             >>> loaded = data.load((64, 64), "gray", log_path="skipped.log")
             >>> loaded.images.shape, loaded.report.bad_fraction  # (N, 64, 64, 1)
+            >>> loaded = data.load(spec=package.manifest.input)  # the package's contract
         """
-        height, width = (size, size) if isinstance(size, int) else size
-        if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE):
-            raise ConfigError(
-                f"image size {size!r} is invalid",
-                f"sides must be between 1 and {MAX_SIDE}",
-                "use the size in the package's input spec",
-            )
-        resample_filter(interpolation)  # an unknown name fails before any decoding
-        channels = 3 if color == "rgb" else 1
-        reader = _Reader(self, color, max_bad_fraction, strict, log_path)
-        detector = None
-        if detect_faces:
-            from sourcefree.data.faces import FaceDetector
+        plan = _load_plan(spec, size, color, interpolation, detect_faces, face_margin)
+        height, width = plan.size
+        faces = plan.faces
+        reader = _Reader(
+            self, plan.color, max_bad_fraction, strict, log_path, crop=not faces.active
+        )
+        if faces.active:
+            from sourcefree.data.faces import load_detectors
 
-            detector = FaceDetector()
+            load_detectors(faces.detector)  # a missing OpenCV fails before any decoding
+        channels = 3 if plan.color == "rgb" else 1
         images = np.empty((len(self.samples), height, width, channels), dtype=np.uint8)
         kept: list[int] = []
         bar = progress_bar(len(self.samples), "decoding", enabled=progress, unit="img")
@@ -471,15 +491,11 @@ class ImageDataset:
             for i in range(len(self.samples)):
                 img = reader.decode(i)
                 bar.update(1)
+                if img is not None and faces.active:
+                    img = reader.face(i, img, faces)
                 if img is None:
                     continue
-                if detector is not None and self.samples[i].box is None:
-                    box = detector.largest(img, margin=face_margin)
-                    if box is None:
-                        reader.no_face += 1
-                    else:
-                        img = crop_box(img, box)
-                images[len(kept)] = resized_pixels(img, (height, width), interpolation)
+                images[len(kept)] = resized_pixels(img, (height, width), plan.interpolation)
                 kept.append(i)
             report = reader.finish()
         finally:
@@ -514,12 +530,73 @@ class ImageDataset:
         return torch.utils.data.TensorDataset(x, y)
 
 
+@dataclass(frozen=True)
+class _LoadPlan:
+    """How :meth:`ImageDataset.load` decodes: size, colour, filter and face preprocessing."""
+
+    size: tuple[int, int]
+    color: str
+    interpolation: str
+    faces: FaceSpec
+
+
+def _load_plan(
+    spec: InputSpec | None,
+    size: int | tuple[int, int] | None,
+    color: str | None,
+    interpolation: str | None,
+    detect_faces: bool,
+    face_margin: float,
+) -> _LoadPlan:
+    """The plan of :meth:`ImageDataset.load`: from the spec, or from the options.
+
+    Raises:
+        ConfigError: a spec and size/colour/interpolation both, a bad size,
+            interpolation or margin, or detect_faces with a spec that detects faces.
+    """
+    if spec is not None:
+        given = [n for n, v in (("size", size), ("color", color), ("interpolation", interpolation))
+                 if v is not None]  # fmt: skip
+        if given or (detect_faces and spec.faces.active):
+            what = ", ".join(given) if given else "detect_faces"
+            raise ConfigError(
+                f"load() got both spec= and {what}",
+                "the input spec already says how images are resized and cropped",
+                f"pass spec= alone (or {what} without spec=)",
+            )
+        size, color, interpolation = spec.size, spec.color, spec.interpolation
+    size = 32 if size is None else size
+    height, width = (size, size) if isinstance(size, int) else size
+    if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE):
+        raise ConfigError(
+            f"image size {size!r} is invalid",
+            f"sides must be between 1 and {MAX_SIDE}",
+            "use the size in the package's input spec",
+        )
+    interpolation = interpolation or "bilinear"
+    resample_filter(interpolation)  # an unknown name fails before any decoding
+    faces = FaceSpec() if spec is None else spec.faces
+    if detect_faces:
+        try:
+            faces = FaceSpec("detect", face_margin, "whole")
+        except SourcefreeError as exc:
+            raise ConfigError(
+                f"face_margin={face_margin!r} is invalid", exc.why, "pass e.g. 0.25"
+            ) from None
+    return _LoadPlan((height, width), color or "rgb", interpolation, faces)
+
+
 def crop_box(img: Image.Image, box: Box) -> Image.Image:
     """Crop a (left, top, right, bottom) box, clamped to the image.
 
     Raises:
         DatasetError: the box does not overlap the image.
     """
+    return img.crop(_clamp_box(img, box))
+
+
+def _clamp_box(img: Image.Image, box: Box) -> Box:
+    """``box`` clamped to the image; DatasetError when less than 2x2 pixels overlap it."""
     left, top, right, bottom = box
     left, top = max(0, left), max(0, top)
     right, bottom = min(img.width, right), min(img.height, bottom)
@@ -529,7 +606,7 @@ def crop_box(img: Image.Image, box: Box) -> Image.Image:
             f"box {box} on a {img.width}x{img.height} image",
             "check the annotation file",
         )
-    return img.crop((left, top, right, bottom))
+    return (left, top, right, bottom)
 
 
 class _Reader:
@@ -542,6 +619,8 @@ class _Reader:
         max_bad_fraction: float,
         strict: bool,
         log_path: str | os.PathLike[str] | None,
+        *,
+        crop: bool = True,
     ) -> None:
         if color not in ("rgb", "gray"):
             raise ConfigError(f"unknown colour {color!r}", "choose rgb or gray", "")
@@ -557,8 +636,11 @@ class _Reader:
         self.strict = strict
         self.reasons: Counter[str] = Counter()
         self.bad_ids: list[str] = []
+        self.crop = crop
         self.ok = 0
         self.no_face = 0
+        self.no_face_skipped = 0
+        self.no_eyes = 0
         self.log = _LogFile(log_path)
 
     def decode(self, index: int) -> Image.Image | None:
@@ -567,7 +649,7 @@ class _Reader:
         img = None
         if reason is None:
             try:
-                img = self.dataset.decode(index, self.color)
+                img = self.dataset.decode(index, self.color, crop=self.crop)
             except ImageDecodeError as exc:
                 reason = _decode_reason(exc)
             except DatasetError:
@@ -604,7 +686,21 @@ class _Reader:
             ignored=self.dataset.ignored,
             dropped=self.dataset.dropped,
             no_face=self.no_face,
+            no_face_skipped=self.no_face_skipped,
+            no_eyes=self.no_eyes,
         )
+
+    def face(self, index: int, img: Image.Image, faces: FaceSpec) -> Image.Image | None:
+        """The face the model sees (:func:`sourcefree.data.faces.model_face`), counted."""
+        from sourcefree.data.faces import model_face
+
+        face = model_face(img, faces, self.dataset.samples[index].box)
+        if face is None or not face.found:
+            self.no_face += 1
+            self.no_face_skipped += face is None
+            return None if face is None else face.image
+        self.no_eyes += faces.mode == "align" and not face.aligned
+        return face.image
 
     def finish(self) -> ReadReport:
         report = self.report()
@@ -613,6 +709,14 @@ class _Reader:
                 f"none of the {report.total} images could be read",
                 report.summary(),
                 f"check the dataset ({self.log.hint()})",
+            )
+        if report.ok == report.no_face_skipped:
+            raise DatasetError(
+                f"no face was found in any of the {report.ok} readable images",
+                "the package's input spec skips images without a face "
+                "(input.faces.no_face = skip); " + report.summary(),
+                "use photos where a frontal face is visible (OpenCV's Haar cascade finds "
+                "faces of 24 px and more)",
             )
         if report.bad_fraction > self.max_bad_fraction:
             raise DatasetError(

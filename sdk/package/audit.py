@@ -204,7 +204,8 @@ def _manifest_summary(raw: dict[str, Any], manifest: Manifest | None) -> dict[st
         "version": m.version,
         "labels": list(m.labels),
         "input": f"{m.input.size[0]}x{m.input.size[1]}, {m.input.channels} channel(s), "
-        f"{m.input.color}, {m.input.interpolation}",
+        f"{m.input.color}, {m.input.interpolation}"
+        + (f", faces: {m.input.faces.describe()}" if m.input.faces.active else ""),
         "architecture": f"{m.architecture.name} ({m.architecture.num_classes} classes, "
         f"feature_dim {m.architecture.feature_dim})",
         "onnx": f"opset {m.onnx.opset}, IR {m.onnx.ir_version}, {m.onnx.precision}",

@@ -56,6 +56,23 @@ MAX_INPUT_ELEMENTS = 3 * 1024 * 1024
 #: Most bytes of float32 input one batch may take (batch_size x image bytes).
 MAX_BATCH_BYTES = 4 << 30
 MAX_CLASSES = 100_000
+#: How a raw image becomes the model's face (``input.faces.mode``): ``none`` (the image is
+#: already a face crop: resized whole), ``detect`` (the largest detected face, square, grown
+#: by the margin), ``align`` (as detect, then rotated and warped so the eyes sit on a fixed
+#: template; see :mod:`sourcefree.data.faces`).
+FACE_MODES = ("none", "detect", "align")
+#: What happens to an image where no face is found (``input.faces.no_face``): ``skip``
+#: (not trained on, not predicted; counted) or ``whole`` (the whole frame, resized).
+NO_FACE_POLICIES = ("skip", "whole")
+#: Face detectors a package may name (``input.faces.detector``): OpenCV's Haar cascade
+#: ``haarcascade_frontalface_default.xml`` with the SDK's fixed parameters.
+FACE_DETECTORS = ("opencv-haar-frontalface-default",)
+FACE_KEYS = {"mode", "margin", "no_face", "detector"}
+#: Margin around a detected face, as a fraction of its side (bounds and default).
+MIN_FACE_MARGIN = 0.0
+MAX_FACE_MARGIN = 1.0
+DEFAULT_FACE_MARGIN = 0.25
+INPUT_KEYS = {"size", "channels", "color", "mean", "std", "interpolation", "layout", "dtype"}
 #: Architectures of the registry in sourcefree.engine.models (kept here for torch-free help).
 ARCHITECTURE_NAMES = (
     "resnet18",
@@ -205,6 +222,75 @@ def _list(value: Any, path: str, lo: int, hi: int) -> list[Any]:
 
 
 @dataclass(frozen=True)
+class FaceSpec:
+    """How a raw photo becomes the face the model sees (``input.faces``).
+
+    Part of the input contract: adaptation, evaluation and serving crop the same
+    way (:func:`sourcefree.data.faces.face_inputs`).
+    """
+
+    mode: str = "none"
+    """``none`` (already cropped), ``detect`` or ``align`` (:data:`FACE_MODES`)."""
+    margin: float = DEFAULT_FACE_MARGIN
+    """Margin around the detected face, as a fraction of its side, in [0, 1]."""
+    no_face: str = "skip"
+    """``skip`` or ``whole``: what an image without a face becomes (:data:`NO_FACE_POLICIES`)."""
+    detector: str = FACE_DETECTORS[0]
+    """The face detector's identity (:data:`FACE_DETECTORS`)."""
+
+    def __post_init__(self) -> None:
+        path = "input.faces"
+        _choice(self.mode, f"{path}.mode", FACE_MODES)
+        margin = _float(self.margin, f"{path}.margin")
+        if not MIN_FACE_MARGIN <= margin <= MAX_FACE_MARGIN:
+            raise _err(
+                f"{path}.margin",
+                f"{margin} is outside [{MIN_FACE_MARGIN:g}, {MAX_FACE_MARGIN:g}] "
+                "(a fraction of the face's side)",
+                "pass a margin such as 0.25 (25 % of the face's side)",
+            )
+        object.__setattr__(self, "margin", margin)
+        _choice(self.no_face, f"{path}.no_face", NO_FACE_POLICIES)
+        _choice(self.detector, f"{path}.detector", FACE_DETECTORS)
+
+    @property
+    def active(self) -> bool:
+        """Whether faces are detected at all (mode other than ``none``)."""
+        return self.mode != "none"
+
+    def describe(self) -> str:
+        """One line, e.g. ``align, margin 0.25, no face: skip``."""
+        if not self.active:
+            return "none"
+        return f"{self.mode}, margin {self.margin:g}, no face: {self.no_face}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "margin": self.margin,
+            "no_face": self.no_face,
+            "detector": self.detector,
+        }
+
+    @classmethod
+    def from_dict(cls, value: Any, path: str = "input.faces") -> FaceSpec:
+        obj = _obj(value, path, FACE_KEYS, FACE_KEYS)
+        mode = _choice(obj["mode"], f"{path}.mode", FACE_MODES)
+        if mode == "none":
+            raise _err(
+                f"{path}.mode",
+                "'none' is written by leaving input.faces out (one spelling per contract)",
+                "drop input.faces, or re-export the package with the SDK",
+            )
+        return cls(
+            mode=mode,
+            margin=_float(obj["margin"], f"{path}.margin"),
+            no_face=_choice(obj["no_face"], f"{path}.no_face", NO_FACE_POLICIES),
+            detector=_choice(obj["detector"], f"{path}.detector", FACE_DETECTORS),
+        )
+
+
+@dataclass(frozen=True)
 class InputSpec:
     """How an image becomes the model's input tensor."""
 
@@ -222,6 +308,9 @@ class InputSpec:
     """Resize filter: nearest, bilinear or bicubic."""
     layout: str = "NCHW"
     dtype: str = "float32"
+    faces: FaceSpec = field(default_factory=FaceSpec)
+    """Face detection and alignment applied before resizing (``none``: the image is the face).
+    Written to the manifest only when its mode is not ``none``."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -258,6 +347,8 @@ class InputSpec:
         for i, v in enumerate(self.std):
             if v <= 0:
                 raise _err(f"{path}.std[{i}]", "must be positive")
+        if not isinstance(self.faces, FaceSpec):
+            raise _err(f"{path}.faces", f"expected a FaceSpec, got {type(self.faces).__name__}")
 
     @property
     def image_bytes(self) -> int:
@@ -265,7 +356,7 @@ class InputSpec:
         return 4 * self.channels * self.size[0] * self.size[1]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "size": list(self.size),
             "channels": self.channels,
             "color": self.color,
@@ -275,11 +366,14 @@ class InputSpec:
             "layout": self.layout,
             "dtype": self.dtype,
         }
+        if self.faces.active:  # absent when none: older manifests serialise unchanged
+            out["faces"] = self.faces.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, value: Any, path: str = "input") -> InputSpec:
-        keys = {"size", "channels", "color", "mean", "std", "interpolation", "layout", "dtype"}
-        obj = _obj(value, path, keys, keys)
+        obj = _obj(value, path, INPUT_KEYS | {"faces"}, INPUT_KEYS)
+        faces = FaceSpec.from_dict(obj["faces"], f"{path}.faces") if "faces" in obj else FaceSpec()
         size = _list(obj["size"], f"{path}.size", 2, 2)
         mean = _list(obj["mean"], f"{path}.mean", 1, 3)
         std = _list(obj["std"], f"{path}.std", 1, 3)
@@ -295,6 +389,7 @@ class InputSpec:
             interpolation=_choice(obj["interpolation"], f"{path}.interpolation", INTERPOLATIONS),
             layout=_str(obj["layout"], f"{path}.layout"),
             dtype=_str(obj["dtype"], f"{path}.dtype"),
+            faces=faces,
         )
 
 

@@ -365,6 +365,13 @@ def read_target(
         "dropped": report.dropped,
         "format": _FORMAT_OF_KIND.get(folder.kind, folder.kind),
     }
+    if spec.faces.mode != "none":  # counts only: which images had no face stays on site
+        summary["faces"] = {
+            "mode": spec.faces.mode,
+            "no_face": report.no_face,
+            "no_face_skipped": report.no_face_skipped,
+            "no_eyes": report.no_eyes,
+        }
     target = TargetData(
         images=loaded.images,
         spec=spec,

@@ -288,9 +288,7 @@ def load_images(
     (``progress``: a bar on stderr, :mod:`sourcefree.data.progress`).
     """
     return dataset.load(
-        spec.size,
-        spec.color,
-        interpolation=spec.interpolation,
+        spec=spec,
         max_bad_fraction=max_bad_fraction,
         strict=strict,
         progress=progress,

@@ -17,6 +17,15 @@ from typing import Any, TypeAlias
 import numpy as np
 from PIL import Image
 
+from sourcefree.data.dataset import Box
+from sourcefree.data.faces import (
+    FaceInput,
+    NoFaceError,
+    face_inputs,
+    load_detectors,
+    model_face,
+    no_face_error,
+)
 from sourcefree.data.imaging import decode_image, preprocess
 from sourcefree.errors import DeviceError, InputError, PackageError, RequirementError
 from sourcefree.package.audit import _excerpt
@@ -211,6 +220,26 @@ class Prediction:
     """Backbone features, shape (N, D), when requested."""
 
 
+@dataclass(frozen=True)
+class FacePrediction:
+    """One face of a photo and its prediction (:meth:`Predictor.predict_faces`).
+
+    The box is the application's own output: the SDK never writes it into a
+    package or a report.
+    """
+
+    box: Box
+    """(left, top, right, bottom) in the photo's pixels; the whole frame when ``found`` is
+    False."""
+    label: str
+    index: int
+    """Argmax class index."""
+    probabilities: np.ndarray
+    """Softmax probabilities, shape (C,)."""
+    found: bool = True
+    """False when no face was found and the package's policy predicts the whole frame."""
+
+
 class Predictor:
     """Serve a package with onnxruntime.
 
@@ -223,6 +252,9 @@ class Predictor:
         require_signature: refuse unsigned packages.
         batch_size: images per onnxruntime call in :meth:`predict`.
         threads: intra-op threads (0 lets onnxruntime choose).
+
+    A package whose input spec detects faces (``input.faces``) needs OpenCV (the
+    ``faces`` extra); without it the constructor raises ``FaceDetectorError``.
 
     Examples:
         >>> from sourcefree.runtime import Predictor
@@ -250,6 +282,8 @@ class Predictor:
         )
         manifest = self.package.manifest
         check_batch_bytes(manifest.input, batch_size)
+        if manifest.input.faces.active:
+            load_detectors(manifest.input.faces.detector)  # a missing OpenCV fails here
         self.session, self.device = open_session(
             self.package.onnx_bytes, device, threads, package=manifest.name
         )
@@ -324,9 +358,15 @@ class Predictor:
         A numpy frame is uint8 (H, W, 3) RGB, or BGR with ``channel_order="bgr"``
         (OpenCV), or (H, W) grey; it takes the same path as a PIL image of its pixels.
 
+        When the package's input spec detects faces (``spec.faces``), the largest
+        face is cut (and aligned) first, exactly as adaptation and evaluation do
+        (:func:`sourcefree.data.faces.model_face`).
+
         Raises:
             ImageDecodeError: a file or frame cannot be decoded or is too large.
             InputError: a frame of another dtype or shape, or an unknown channel order.
+            NoFaceError: no face found and the package skips such images (``no_face = skip``).
+            FaceDetectorError: the package detects faces and OpenCV is missing.
 
         Examples:
             >>> x = predictor.preprocess("face1.jpg")
@@ -335,7 +375,54 @@ class Predictor:
             >>> x = predictor.preprocess(cv2.imread("face1.jpg"), channel_order="bgr")
         """
         img = decode_image(image, self.spec.color, channel_order=channel_order)
+        if self.spec.faces.active:
+            face = model_face(img, self.spec.faces)
+            if face is None:
+                raise no_face_error()
+            img = face.image
         return preprocess(img, self.spec)
+
+    def predict_faces(
+        self, image: ImageSource, *, channel_order: str = "rgb"
+    ) -> list[FacePrediction]:
+        """Every face of one photo and its prediction, largest first.
+
+        Each face is cut (and aligned) as the package's input spec says; with no face
+        found, the ``whole`` policy predicts the whole frame (``found`` False) and the
+        ``skip`` policy returns an empty list.
+
+        Raises:
+            InputError: the package's input spec detects no faces (mode ``none``), or
+                a frame of another dtype or shape.
+            ImageDecodeError: the image cannot be decoded.
+            FaceDetectorError: OpenCV is missing.
+
+        Examples:
+            >>> for face in predictor.predict_faces("group.jpg"):
+            ...     print(face.box, face.label, face.probabilities.max())
+        """
+        faces = self.spec.faces
+        if not faces.active:
+            raise InputError(
+                f"package {self.package.manifest.name!r} does not detect faces",
+                "its input spec takes images that are already face crops (input.faces "
+                "mode none), so it cannot say where faces are",
+                "predict the image with predict(), or ask the vendor for a package "
+                "exported with --faces detect or align",
+            )
+        img = decode_image(image, self.spec.color, channel_order=channel_order)
+        found = face_inputs(img, faces)
+        if not found and faces.no_face == "whole":
+            found = [FaceInput((0, 0, img.width, img.height), img, found=False)]
+        if not found:
+            return []
+        pred = self.predict_array(np.stack([preprocess(f.image, self.spec) for f in found]))
+        return [
+            FacePrediction(f.box, label, int(index), probs, f.found)
+            for f, label, index, probs in zip(
+                found, pred.labels, pred.indices, pred.probabilities, strict=True
+            )
+        ]
 
     def predict(
         self,
@@ -357,6 +444,8 @@ class Predictor:
                 truncated, decompression bomb). Use :meth:`predict_paths` to skip
                 such files instead.
             InputError: a frame of another dtype or shape.
+            NoFaceError: an image has no face and the package skips such images
+                (:meth:`predict_paths` reports them and goes on).
 
         Examples:
             >>> predictor.predict("face1.jpg").labels
@@ -377,6 +466,9 @@ class Predictor:
         self, paths: Iterable[Path], *, on_file: Callable[[], None] | None = None
     ) -> tuple[list[tuple[Path, str, float]], list[tuple[Path, str]]]:
         """Predict files one batch at a time; unreadable files are skipped and returned.
+
+        So are images without a face when the package skips them (reason ``no face
+        was found in an image``): never a whole-frame prediction the model was not made for.
 
         ``on_file`` is called once per file handled (predicted or skipped), e.g. to
         advance a progress bar.
@@ -419,7 +511,7 @@ class Predictor:
         for path in paths:
             try:
                 batch.append((path, self.preprocess(path)))
-            except ImageDecodeError as exc:
+            except (ImageDecodeError, NoFaceError) as exc:
                 failed.append((path, exc.what))
             if on_file is not None:
                 on_file()
