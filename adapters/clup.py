@@ -12,9 +12,11 @@ Phases (run by :class:`sourcefree.engine.trainer.Trainer`):
 softmax outputs of the frozen source model on the un-augmented target images;
 features get a constant 1 appended and are L2-normalised; K-means over-clusters
 them (K >> C); each cluster takes its majority source prediction as label and its
-purity (eq. 1, ``s_j = |{i in C_j : y_i = y_j}| / |C_j|``) as score; per class only
-samples at or above the Q-th percentile of the class's purities are kept. All of it
-is :func:`sourcefree.ops.pseudo_labels.cluster_pseudo_labels` (``score=confidence`` is the
+purity (eq. 1, ``s_j = |{i in C_j : y_i = y_j}| / |C_j|``) as score; per class,
+``selection=samples`` (default, the reference code's ``topk``) keeps the top
+``ceil(q n_c)`` members, ``selection=clusters`` (the paper's text) keeps the clusters
+at or above the Q-th percentile of the class's cluster purities. All of it is
+:func:`sourcefree.ops.pseudo_labels.cluster_pseudo_labels` (``score=confidence`` is the
 Table 4 ablation). Selected indices and labels are method state (checkpointed).
 
 ``warm-up-frozen`` + ``warm-up`` (Sec. 3.2, eq. 2-3): self-supervised training of the
@@ -31,10 +33,16 @@ L2-normalised embeddings) per head, prototypes set to the normalised centroids a
 frozen, and cross-entropy of ``z . c / T`` against the assignments for every crop.
 Multi-crop views are batched tensor ops (random resized crop + flip by one
 ``grid_sample``, colour jitter, grey-scale), sized from the package's input spec.
+``ssl.checkpoint``: the backbone starts from a safetensors file of its state dict (an
+SSL run done elsewhere, as the reference ships SwAV checkpoints), verified like package
+weights (:func:`load_backbone_checkpoint`); only its sha256 reaches the report.
 
 ``fine-tune`` (Sec. 3.3, eq. 4): the warmed backbone with a new linear head,
 cross-entropy on the selected subset only (via :func:`sourcefree.kernels.margin_ce_im`
-without margins or IM terms, the shared CE path), SGD + Nesterov with a cosine
+without margins or IM terms, the shared CE path; label smoothing eps gives the target
+``(1 - eps) onehot + eps / C``; mixup with ``lambda ~ Beta(a, a)`` and a batch
+permutation ``j`` trains on ``lambda x_i + (1 - lambda) x_j`` against
+``lambda t_i + (1 - lambda) t_j``, :func:`mixup_draw`), SGD + Nesterov with a cosine
 schedule, augmentations of the reference code (horizontal flip, RandomAffine(35 deg,
 translate 0.15), colour jitter 0.5-1.5 and hue +-0.5) as batched tensor ops. The
 trainer iterates over all N target images per epoch; the step maps each drawn index
@@ -50,9 +58,14 @@ See docs/methods.md for what follows the paper and what differs (CPU-sized defau
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
+import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
@@ -73,7 +86,7 @@ from sourcefree.engine.method import (
 )
 from sourcefree.engine.models import Classifier, build_classifier, resolve_architecture
 from sourcefree.engine.registry import register_method
-from sourcefree.errors import ConfigError, TrainingError
+from sourcefree.errors import ConfigError, IntegrityError, PackageError, TrainingError
 from sourcefree.ops.augment import (
     affine_sample,
     color_jitter,
@@ -91,7 +104,18 @@ from sourcefree.ops.pseudo_labels import (
 )
 from sourcefree.package.manifest import InputSpec
 
-__all__ = ["CluP", "CluPConfig", "FineTuneConfig", "SSLConfig", "finetune_augment", "multi_crop"]
+__all__ = [
+    "CluP",
+    "CluPConfig",
+    "FineTuneConfig",
+    "SSLConfig",
+    "finetune_augment",
+    "load_backbone_checkpoint",
+    "mixup_draw",
+    "multi_crop",
+]
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _bad(what: str, why: str, fix: str) -> ConfigError:
@@ -155,6 +179,10 @@ class SSLConfig:
     """DeepClusterV2 prototype heads (FB 3 x 3000)."""
     kmeans_iterations: int = 10
     """DeepClusterV2 K-means iterations per epoch (FB 10)."""
+    checkpoint: str | None = field(default=None, metadata={"private": True})
+    """Safetensors file of the backbone's state dict to start from (replaces init); private."""
+    checkpoint_sha256: str | None = None
+    """Expected sha256 (64 lowercase hex) of ssl.checkpoint; refused when it differs."""
 
     def __post_init__(self) -> None:
         if self.method not in ("swav", "deepclusterv2"):
@@ -205,6 +233,32 @@ class SSLConfig:
             raise _bad("ssl momentum/weight_decay", "momentum in [0, 1), decay >= 0", "fix it")
         if not 0 <= self.color_jitter <= 1 or not 0 <= self.grayscale_prob <= 1:
             raise _bad("ssl color_jitter/grayscale_prob", "both in [0, 1]", "fix them")
+        self._check_checkpoint()
+
+    def _check_checkpoint(self) -> None:
+        path, digest = self.checkpoint, self.checkpoint_sha256
+        if digest is not None and (not isinstance(digest, str) or not _SHA256.fullmatch(digest)):
+            raise _bad(
+                "ssl.checkpoint_sha256 is not a sha256",
+                "it must be 64 lowercase hexadecimal characters",
+                "pass the output of `sha256sum CHECKPOINT`",
+            )
+        if path is None:
+            if digest is not None:
+                raise _bad(
+                    "ssl.checkpoint_sha256 is set without ssl.checkpoint",
+                    "there is no checkpoint to compare it with",
+                    "set ssl.checkpoint=PATH too, or drop the sha256",
+                )
+            return
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise _bad("ssl.checkpoint is not a file path", "it must be a non-empty path", "fix it")
+        if not Path(path).is_file():
+            raise _bad(
+                f"ssl.checkpoint {Path(path).name!r} is not a readable file",
+                "the SSL warm-up starts from that file",
+                "check the path, or unset ssl.checkpoint",
+            )
 
 
 @dataclass(frozen=True)
@@ -259,6 +313,8 @@ class CluPConfig:
     """q = 1 - Q, fraction of each class kept (paper Q = 0.9/0.9/0.7/0.8, i.e. q 0.1-0.3)."""
     score: Literal["purity", "confidence"] = "purity"
     """Ranking score: cluster purity (eq. 1) or source confidence (Table 4 ablation)."""
+    selection: Literal["samples", "clusters"] = "samples"
+    """Keep the top ceil(q n_c) samples per class (reference) or whole clusters (paper)."""
     labeler: Literal["adabn", "source"] = "adabn"
     """Labelling model: source with target BN statistics (adabn) or as shipped (source, paper)."""
     kmeans_n_init: int = 10
@@ -301,6 +357,7 @@ class CluPConfig:
             kmeans=KMeansConfig(
                 n_init=self.kmeans_n_init, max_iter=self.kmeans_max_iter, seed=seed
             ),
+            selection=self.selection,
         )
 
 
@@ -392,6 +449,124 @@ def finetune_augment(
     return from_unit(v, mean, std)
 
 
+def mixup_draw(n: int, alpha: float, gen: torch.Generator) -> tuple[float, torch.Tensor]:
+    """Mixup's random draws for one batch of ``n``: ``lambda ~ Beta(alpha, alpha)`` and a
+    permutation of the batch, both from the step's generator (resume-safe).
+
+    Beta comes from numpy (torch has no generator-seeded Beta sampler), seeded by one
+    draw of ``gen``. ``alpha = 0`` is no mixup: ``(1.0, identity)``.
+    """
+    if alpha <= 0:
+        return 1.0, torch.arange(n)
+    import numpy as np
+
+    rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=gen)))
+    lam = float(rng.beta(alpha, alpha))
+    return lam, torch.randperm(n, generator=gen)
+
+
+# --- external SSL checkpoint -----------------------------------------------------------------
+
+_CHECKPOINT_FIX = (
+    "save the backbone with safetensors.torch.save_file(model.backbone.state_dict(), PATH)"
+)
+
+
+def _read_checkpoint(path: str, limit: int) -> bytes:
+    """The checkpoint's bytes, refusing a missing file or one larger than ``limit``."""
+    p = Path(path)
+    try:
+        size = os.stat(p).st_size
+        if size > limit:
+            raise PackageError(
+                f"ssl.checkpoint {p.name!r} has {size} bytes",
+                f"a safetensors file of this backbone holds at most {limit} bytes",
+                _CHECKPOINT_FIX,
+            )
+        return p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read ssl.checkpoint {p.name!r}",
+            exc.strerror or str(exc),
+            "check the path, or unset ssl.checkpoint",
+        ) from None
+
+
+def load_backbone_checkpoint(backbone: nn.Module, path: str, sha256: str | None = None) -> str:
+    """Load a safetensors state dict into ``backbone`` after verifying it; return its sha256.
+
+    The file is read like package weights: a size bound (header limit + the backbone's
+    own tensor bytes), then :func:`sourcefree.package.weights.read_header` (pickles and
+    zips refused by magic bytes, header size bounded, offsets checked) and the
+    safetensors reader (never ``torch.load``). Every tensor name, shape and dtype must
+    equal the backbone's ``state_dict()`` exactly and float values must be finite.
+    ``sha256``: when given, the file's digest must equal it.
+
+    Raises:
+        ConfigError: the file cannot be read.
+        IntegrityError: its sha256 differs from ``sha256``.
+        PackageError: not safetensors, missing/extra tensors, wrong shape or dtype,
+            NaN/Inf values.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    from sourcefree.package.weights import MAX_HEADER_BYTES, read_header
+
+    expected = backbone.state_dict()
+    limit = 8 + MAX_HEADER_BYTES + sum(t.numel() * t.element_size() for t in expected.values())
+    data = _read_checkpoint(path, limit)
+    name = Path(path).name
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and not hmac.compare_digest(digest, sha256):
+        raise IntegrityError(
+            f"ssl.checkpoint {name!r} has sha256 {digest[:12]}...",
+            f"the expected ssl.checkpoint_sha256 is {sha256[:12]}...",
+            "pass the checkpoint you meant, or correct ssl.checkpoint_sha256",
+        )
+    try:
+        read_header(data, name=f"ssl.checkpoint {name!r}")
+        state = load_safetensors(data)
+    except (PackageError, SafetensorError) as exc:
+        why = exc.why if isinstance(exc, PackageError) else str(exc)
+        raise PackageError(
+            f"ssl.checkpoint {name!r} is not a usable safetensors file", why, _CHECKPOINT_FIX
+        ) from None
+    _check_checkpoint_state(state, expected, name)
+    backbone.load_state_dict(state, strict=True)
+    return digest
+
+
+def _check_checkpoint_state(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], name: str
+) -> None:
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        first = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise PackageError(
+            f"ssl.checkpoint {name!r} does not match the backbone ({len(missing)} missing, "
+            f"{len(extra)} unexpected tensors; {first})",
+            "the tensor names must be exactly those of the backbone's state_dict()",
+            _CHECKPOINT_FIX,
+        )
+    for key, ref in expected.items():
+        t = state[key]
+        if tuple(t.shape) != tuple(ref.shape) or t.dtype != ref.dtype:
+            raise PackageError(
+                f"ssl.checkpoint {name!r} tensor {key!r} is {t.dtype} {list(t.shape)}",
+                f"the backbone's is {ref.dtype} {list(ref.shape)}",
+                "save the checkpoint from this architecture (same input channels and "
+                "options) without casting it",
+            )
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PackageError(
+                f"ssl.checkpoint {name!r} tensor {key!r} contains NaN or Inf",
+                "a backbone with non-finite weights predicts garbage",
+                "use a checkpoint from a run that did not diverge",
+            )
+
+
 # --- the method ------------------------------------------------------------------------------
 
 
@@ -470,7 +645,13 @@ class CluP(Method):
             # The manifest's architecture record (a timm model keeps its options).
             built = resolve_architecture(arch)
             backbone = build_classifier(built, arch.num_classes, arch.in_channels).backbone
-            if ssl.init != "scratch":
+            #: sha256 of ``ssl.checkpoint`` (the path itself is never recorded).
+            self.checkpoint_sha256: str | None = None
+            if ssl.checkpoint is not None:
+                self.checkpoint_sha256 = load_backbone_checkpoint(
+                    backbone, ssl.checkpoint, ssl.checkpoint_sha256
+                )
+            elif ssl.init != "scratch":
                 backbone.load_state_dict(self.source.backbone.state_dict())
             _check_local_crops(backbone, ssl, spec)
             head = nn.Linear(arch.feature_dim, c)
@@ -617,6 +798,8 @@ class CluP(Method):
         d = sel.diagnostics
         self.selection_meta = {
             "score": d.score,
+            "selection": d.selection,
+            "clusters_kept": d.clusters_kept,
             "keep_fraction": d.keep_fraction,
             "n_samples": d.n_samples,
             "n_selected": d.n_selected,
@@ -814,21 +997,13 @@ class CluP(Method):
             x = finetune_augment(x, batch.generator, self._mean, self._std, self.config.finetune)
         target = self.selected_labels[pos].to(dev)
         ft = self.config.finetune
-        lam = 1.0
-        perm = torch.arange(x.shape[0])
-        if ft.mixup_alpha > 0:
-            # lambda ~ Beta(a, a) from the step's generator: Gamma draws via numpy, seeded by it.
-            import numpy as np
-
-            rng = np.random.default_rng(
-                int(torch.randint(2**31 - 1, (1,), generator=batch.generator))
-            )
-            lam = float(rng.beta(ft.mixup_alpha, ft.mixup_alpha))
-            perm = torch.randperm(x.shape[0], generator=batch.generator)
+        lam, perm = mixup_draw(x.shape[0], ft.mixup_alpha, batch.generator)
+        if lam < 1.0:
             x = lam * x + (1 - lam) * x[perm]
         logits, _ = self.model(x.to(dev))
         perm = perm.to(dev)
         smooth = ft.label_smoothing
+        # CE is linear in the target: this is CE against lam t_i + (1 - lam) t_perm(i).
         loss = lam * margin_ce_im(logits, target, label_smoothing=smooth).ce
         if lam < 1.0:
             loss = loss + (1 - lam) * margin_ce_im(logits, target[perm], label_smoothing=smooth).ce
@@ -996,7 +1171,8 @@ class CluP(Method):
         info: dict[str, Any] = {"pseudo_labels": dict(self.selection_meta)}
         info["ssl"] = {
             "method": self.config.ssl.method,
-            "init": self.config.ssl.init,
+            "init": "checkpoint" if self.checkpoint_sha256 else self.config.ssl.init,
+            "checkpoint_sha256": self.checkpoint_sha256,
             "prototypes": self.n_prototypes,
             "queue_length": self.queue_length,
         }

@@ -92,6 +92,16 @@ def run(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[
     out["clup.indices"] = sel.indices
     out["clup.labels"] = sel.labels
     meta["clup"] = {"selected_per_class": list(sel.selected_per_class)}
+    whole = cluster_pseudo_labels(
+        feats,
+        probs,
+        ClusterPseudoLabelConfig(
+            n_clusters=12, keep_fraction=0.3, kmeans=KMeansConfig(n_init=2), selection="clusters"
+        ),
+        distributed=True,
+    )
+    out["clup_clusters.indices"] = whole.indices
+    out["clup_clusters.labels"] = whole.labels
 
     # Primitives: uneven gathers, bytes, gradient averaging.
     mine = torch.full((dist.rank() + 1, 2), float(dist.rank()))

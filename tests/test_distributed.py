@@ -7,6 +7,7 @@ only; this process computes the single-process results and compares.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -191,6 +192,14 @@ def test_cluster_pseudo_labels_select_the_same_samples(
         assert torch.equal(tensors[r]["clup.indices"], one.indices)
         assert torch.equal(tensors[r]["clup.labels"], one.labels)
         assert meta[r]["clup"]["selected_per_class"] == list(one.selected_per_class)
+    # The paper's rule: the kept clusters come from the all-reduced purity table.
+    whole = cluster_pseudo_labels(
+        x["features"], x["probs"], dataclasses.replace(cfg, selection="clusters")
+    )
+    assert not torch.equal(whole.indices, one.indices)
+    for r in range(WORLD):
+        assert torch.equal(tensors[r]["clup_clusters.indices"], whole.indices)
+        assert torch.equal(tensors[r]["clup_clusters.labels"], whole.labels)
 
 
 def test_primitives(ranks: tuple[list[dict[str, Any]], list[Any]]) -> None:

@@ -64,6 +64,29 @@ def _plain(value: Any) -> Any:
     return value
 
 
+#: What :func:`public_dict` writes for a set private field (``metadata={"private": True}``).
+PRIVATE = "<private>"
+
+
+def public_dict(config: Any) -> dict[str, Any]:
+    """:func:`to_dict` for what leaves the machine (report, provenance, run identity).
+
+    A field declared with ``field(metadata={"private": True})`` (a local file path)
+    becomes :data:`PRIVATE` when set; None stays None. Not for rebuilding a config.
+    """
+    _check_class(type(config))
+    out: dict[str, Any] = {}
+    for name, f in _fields(type(config)).items():
+        value = getattr(config, name)
+        if f.metadata.get("private") and value is not None:
+            out[name] = PRIVATE
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out[name] = public_dict(value)
+        else:
+            out[name] = _plain(value)
+    return out
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """``"did you mean 'x'? "`` for the closest of ``choices`` (difflib), else ``""``.
 

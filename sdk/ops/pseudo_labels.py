@@ -8,8 +8,14 @@ the frozen source model:
 2. K-means over-clusters them (K >> C);
 3. every cluster takes the majority source prediction as its label and its
    purity (eq. 1) as its score; every member inherits both;
-4. per class, only samples whose score reaches the class's Q-th percentile
-   are kept: the top fraction ``q = 1 - Q`` of the class's members.
+4. per class, a selection rule (``selection``) keeps the reliable part:
+
+   - ``"samples"`` (default; the reference code's ``topk``): the top
+     ``ceil(q * n_c)`` members of the class by score, ``q = 1 - Q``;
+   - ``"clusters"`` (the paper's text, Sec. 3.1): the Q-th percentile of the
+     purities of the clusters that vote for the class is its threshold
+     ``tau_n``; the clusters at or above it are kept whole
+     (:func:`select_clusters_per_class`).
 
 ``score="confidence"`` is the ablation of the paper's Table 4 and of the
 reference code's ``normal`` mode: label = source argmax, score = source
@@ -19,7 +25,7 @@ Target labels never enter here; :func:`selection_quality` measures a selection
 against labels for reporting only. SHOT-style centroid labelling can be added
 beside :func:`cluster_pseudo_labels`, reusing :func:`select_top_fraction_per_class`.
 
-Decisions (tested in tests/test_pseudo_labels.py):
+Decisions (tested in tests/test_pseudo_labels.py and tests/test_pseudo_label_rules.py):
 
 - **Ranking.** Within a class, samples are ranked by score (descending), then
   by source confidence (descending), then by index (ascending). All members of
@@ -37,6 +43,14 @@ Decisions (tested in tests/test_pseudo_labels.py):
   in the diagnostics.
 - **N < K.** An explicit ``n_clusters`` larger than N is a ConfigError; the
   automatic K (:func:`default_n_clusters`) never exceeds N.
+- **Cluster rule.** ``tau_n`` is the linearly interpolated Q-th percentile of
+  the class's non-empty cluster purities (numpy's and ``torch.quantile``'s
+  default), with Q = 1 - q taken exactly for decimal q. Clusters *at or above*
+  ``tau_n`` are kept: the paper writes "higher than", but a strict comparison
+  drops every class whose best clusters tie at the percentile (a class won by
+  one cluster always, and most classes whose top clusters are all pure), and
+  ``q = 1`` would not keep everything. ``score="confidence"`` has no clusters:
+  ``selection="clusters"`` with it is a ConfigError.
 """
 
 from __future__ import annotations
@@ -70,11 +84,13 @@ __all__ = [
     "cluster_pseudo_labels",
     "default_n_clusters",
     "prepare_features",
+    "select_clusters_per_class",
     "select_top_fraction_per_class",
     "selection_quality",
 ]
 
 Score = Literal["purity", "confidence"]
+Selection = Literal["samples", "clusters"]
 
 #: Tolerance on probability rows: they must sum to 1 within this.
 _PROB_SUM_TOL = 1e-3
@@ -118,12 +134,16 @@ class ClusterPseudoLabelConfig:
             default is 0.1. Use 0.2-0.3 for milder shifts.
         score: "purity" (CluP) or "confidence" (source max-probability ablation, Table 4).
         kmeans: K-means settings (n_init=10, max_iter=300 as in sklearn 1.1.2 used by CluP).
+        selection: "samples" keeps the top ``ceil(q n_c)`` members of each class (the
+            reference code's ``topk``); "clusters" keeps the clusters at or above the
+            Q-th percentile of the class's cluster purities (the paper's Sec. 3.1).
     """
 
     n_clusters: int | None = None
     keep_fraction: float = 0.1
     score: Score = "purity"
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    selection: Selection = "samples"
 
     def __post_init__(self) -> None:
         k = self.n_clusters
@@ -145,6 +165,18 @@ class ClusterPseudoLabelConfig:
                 f"kmeans={self.kmeans!r} is not a KMeansConfig",
                 "the K-means settings are a KMeansConfig",
                 "pass kmeans=KMeansConfig(...)",
+            )
+        if self.selection not in ("samples", "clusters"):
+            raise ConfigError(
+                f"selection={self.selection!r} is unknown",
+                "CluP keeps the top samples of each class or whole clusters",
+                "use selection='samples' or selection='clusters'",
+            )
+        if self.selection == "clusters" and self.score != "purity":
+            raise ConfigError(
+                "selection='clusters' with score='confidence'",
+                "the confidence ablation does not cluster, so there are no clusters to keep",
+                "use selection='samples' with score='confidence'",
             )
 
 
@@ -194,6 +226,8 @@ class PseudoLabelDiagnostics:
             whose source prediction agrees with their cluster (nan without K-means).
         selected_agreement: fraction of selected samples whose source prediction equals
             their pseudo-label (1.0 in confidence mode; nan when nothing is selected).
+        selection: the selection rule ("samples" or "clusters").
+        clusters_kept: clusters kept whole ("clusters" rule; 0 otherwise).
     """
 
     score: Score
@@ -208,6 +242,8 @@ class PseudoLabelDiagnostics:
     kmeans_converged: bool
     mean_cluster_purity: float
     selected_agreement: float
+    selection: Selection = "samples"
+    clusters_kept: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -222,7 +258,8 @@ class PseudoLabelSelection:
         n_classes: C.
         candidates_per_class: (C,) samples carrying each pseudo-label before selection.
         selected_per_class: (C,) samples kept per class.
-        thresholds: (C,) lowest kept score per class (tau_n), None where none is kept.
+        thresholds: (C,) lowest kept score per class, None where none is kept (with
+            ``selection="clusters"`` the lowest kept cluster purity, >= ``tau_n``).
         empty_classes: classes with zero selected samples.
         histogram: aggregate score histogram for reports.
         diagnostics: aggregate run description.
@@ -360,10 +397,117 @@ def select_top_fraction_per_class(
     return torch.sort(kept).values
 
 
+def select_clusters_per_class(
+    cluster_labels: torch.Tensor,
+    purity: torch.Tensor,
+    n_classes: int,
+    keep_fraction: float,
+) -> tuple[torch.Tensor, tuple[float | None, ...]]:
+    """The paper's rule (Sec. 3.1): per class, keep the clusters at or above ``tau_n``.
+
+    ``tau_n`` is the Q-th percentile (``Q = 1 - keep_fraction``, linear interpolation
+    as ``numpy.percentile``) of the purities of the non-empty clusters whose majority
+    label is ``n``. Kept clusters enter whole; no Python loop over classes or clusters.
+
+    Args:
+        cluster_labels: (K,) int64 majority class of each cluster, -1 for an empty one.
+        purity: (K,) purity of each cluster (eq. 1).
+        n_classes: C.
+        keep_fraction: q in (0, 1].
+
+    Returns:
+        ((K,) bool mask of the kept clusters, (C,) ``tau_n`` per class, None for a
+        class that wins no cluster).
+    """
+    q = Fraction(_check_fraction(keep_fraction)).limit_denominator(1_000_000)
+    big_q = 1 - q
+    labels = cluster_labels
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype != torch.int64:
+        raise InputError(
+            "cluster_labels is not a 1-D int64 tensor",
+            "it holds one majority class per cluster (-1 for an empty cluster)",
+            "pass ClusterPurity.labels",
+        )
+    if not isinstance(purity, torch.Tensor) or tuple(purity.shape) != tuple(labels.shape):
+        raise InputError(
+            "purity does not match cluster_labels",
+            "both hold one value per cluster",
+            "pass ClusterPurity.purity and ClusterPurity.labels",
+        )
+    k = int(labels.shape[0])
+    if k and (int(labels.min().item()) < -1 or int(labels.max().item()) >= n_classes):
+        raise InputError(
+            f"cluster_labels hold values outside [-1, {n_classes})",
+            "every non-empty cluster votes for one of the C classes",
+            "pass ClusterPurity.labels of the same class count",
+        )
+    mask = torch.zeros(k, dtype=torch.bool, device=labels.device)
+    idx = torch.nonzero(labels >= 0).flatten()
+    if idx.numel() == 0:
+        return mask, (None,) * n_classes
+    lab = labels[idx]
+    pur = purity[idx].to(torch.float64)
+    # Class ascending, purity ascending inside a class (stable sorts, minor key first).
+    order = torch.sort(pur, stable=True).indices
+    order = order[torch.sort(lab[order], stable=True).indices]
+    sorted_pur = pur[order]
+    counts = torch.bincount(lab, minlength=n_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    last = (counts - 1).clamp_min(0)
+    # The percentile's position (m - 1) Q = lo + rem / den, computed exactly.
+    num = last * big_q.numerator
+    lo = num // big_q.denominator
+    rem = num % big_q.denominator
+    hi = torch.minimum(lo + 1, last)
+    top = sorted_pur.shape[0] - 1
+    below = sorted_pur[(starts + lo).clamp_max(top)]
+    above = sorted_pur[(starts + hi).clamp_max(top)]
+    tau = below + (rem.to(torch.float64) / big_q.denominator) * (above - below)
+    # Between two consecutive sorted purities no purity lies strictly inside, so
+    # ``s >= tau`` is exactly ``s >= below`` on the knot and ``s >= above`` past it.
+    cut = torch.where(rem == 0, below, above)
+    mask[idx] = pur >= cut[lab]
+    sizes = counts.tolist()
+    thresholds = tuple(float(t) if sizes[i] else None for i, t in enumerate(tau.tolist()))
+    return mask, thresholds
+
+
 def _histogram(values: torch.Tensor) -> tuple[int, ...]:
     v = values.to(torch.float32).cpu()
     bins = (v * _N_BINS).floor().clamp(0, _N_BINS - 1).to(torch.int64)
     return tuple(int(c) for c in torch.bincount(bins, minlength=_N_BINS).tolist())
+
+
+def _n_clusters(cfg: ClusterPseudoLabelConfig, n: int, c: int) -> int:
+    """K of a run: the config's, or :func:`default_n_clusters`; never more than N."""
+    k = default_n_clusters(n, c) if cfg.n_clusters is None else cfg.n_clusters
+    if k > n:
+        raise ConfigError(
+            f"n_clusters={k} is larger than the number of target samples ({n})",
+            "every cluster needs at least one sample",
+            "lower n_clusters, or set it to None to scale K with the data size",
+        )
+    return k
+
+
+def _members_of(kept_clusters: torch.Tensor, members: torch.Tensor, sharded: bool) -> torch.Tensor:
+    """Ascending indices of the samples whose cluster is kept (all ranks' samples if sharded)."""
+    if sharded:
+        members = _dist.all_gather_cat(members)
+    return torch.nonzero(kept_clusters[members.to(kept_clusters.device)]).flatten()
+
+
+def _lowest_kept(
+    sel_labels: torch.Tensor, sel_scores: torch.Tensor, selected: torch.Tensor
+) -> tuple[float | None, ...]:
+    """Lowest kept score per class (scatter-min over the selected samples); None if none."""
+    c = int(selected.shape[0])
+    lowest = torch.full((c,), math.inf, dtype=torch.float32, device=sel_scores.device)
+    lowest.scatter_reduce_(0, sel_labels, sel_scores, reduce="amin")
+    return tuple(
+        None if int(s) == 0 else float(t)
+        for s, t in zip(selected.tolist(), lowest.tolist(), strict=True)
+    )
 
 
 def _sharded(distributed: bool) -> bool:
@@ -412,14 +556,10 @@ def cluster_pseudo_labels(
     mean_purity = math.nan
     cluster_hist: tuple[int, ...] | None = None
     clusters_per_class = (0,) * c
+    kept_clusters: torch.Tensor | None = None
+    members = predicted  # replaced by each sample's cluster under the "clusters" rule
     if cfg.score == "purity":
-        k = default_n_clusters(n, c) if cfg.n_clusters is None else cfg.n_clusters
-        if k > n:
-            raise ConfigError(
-                f"n_clusters={k} is larger than the number of target samples ({n})",
-                "every cluster needs at least one sample",
-                "lower n_clusters, or set it to None to scale K with the data size",
-            )
+        k = _n_clusters(cfg, n, c)
         z = prepare_features(feats)
         km = kmeans(z, k, cfg.kmeans, distributed=sharded)
         pur = cluster_purity(km.labels, predicted, k, c, distributed=sharded)
@@ -435,6 +575,11 @@ def cluster_pseudo_labels(
         cluster_hist = _histogram(pur.purity[nonempty])
         won = torch.bincount(pur.labels[nonempty], minlength=c)
         clusters_per_class = tuple(int(v) for v in won.tolist())
+        members = km.labels
+        if cfg.selection == "clusters":
+            # The purity table is global (all-reduced): every rank keeps the same clusters.
+            kept, _ = select_clusters_per_class(pur.labels, pur.purity, c, cfg.keep_fraction)
+            kept_clusters = kept
     else:
         labels, scores = predicted, confidence
     if sharded:
@@ -442,18 +587,15 @@ def cluster_pseudo_labels(
             _dist.all_gather_cat(t) for t in (labels, scores, confidence, predicted)
         )
 
-    keep = select_top_fraction_per_class(labels, scores, confidence, c, cfg.keep_fraction)
+    if kept_clusters is None:
+        keep = select_top_fraction_per_class(labels, scores, confidence, c, cfg.keep_fraction)
+    else:
+        keep = _members_of(kept_clusters, members, sharded)
     sel_labels = labels[keep]
     sel_scores = scores[keep].to(torch.float32)
     candidates = torch.bincount(labels, minlength=c)
     selected = torch.bincount(sel_labels, minlength=c)
-    # Lowest kept score per class (tau_n): scatter-min over the selected samples.
-    lowest = torch.full((c,), math.inf, dtype=torch.float32, device=sel_scores.device)
-    lowest.scatter_reduce_(0, sel_labels, sel_scores, reduce="amin")
-    thresholds = tuple(
-        None if int(s) == 0 else float(t)
-        for s, t in zip(selected.tolist(), lowest.tolist(), strict=True)
-    )
+    thresholds = _lowest_kept(sel_labels, sel_scores, selected)
     m = int(keep.numel())
     agreement = float((predicted[keep] == sel_labels).sum().item()) / m if m else math.nan
     histogram = ScoreHistogram(
@@ -475,6 +617,8 @@ def cluster_pseudo_labels(
         kmeans_converged=converged,
         mean_cluster_purity=mean_purity,
         selected_agreement=agreement,
+        selection=cfg.selection,
+        clusters_kept=0 if kept_clusters is None else int(kept_clusters.sum().item()),
     )
     selected_counts = tuple(int(v) for v in selected.tolist())
     return PseudoLabelSelection(

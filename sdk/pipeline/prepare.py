@@ -554,7 +554,7 @@ def prepare(request: AdaptRequest, early: Preflight) -> Prepared:
         pkgs=pkgs,
         method_cls=cls,
         cfg=cfg,
-        config=config,
+        config={} if cfg is None else cfgmod.public_dict(cfg),  # no private paths leave
         base=base,
         plan=plan,
         dev=dev,

@@ -181,7 +181,14 @@ def _train_candidates(prep: Prepared, sources: Sources) -> Trained:
     run, instance, result, outputs, cfg = done[ranking.best()]
     run.chosen = True
     return Trained(
-        instance, result, instance.name, cfgmod.to_dict(cfg), outputs, sources, tuple(runs), ranking
+        instance,
+        result,
+        instance.name,
+        cfgmod.public_dict(cfg),
+        outputs,
+        sources,
+        tuple(runs),
+        ranking,
     )
 
 

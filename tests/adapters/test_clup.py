@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -255,3 +256,28 @@ def test_multi_crop_sizes_and_normalisation() -> None:
     assert [t.shape[-1] for t in high] == [32, 32] and [t.shape[-1] for t in low] == [16] * 4
     unit = torch.cat([(t * std + mean).flatten() for t in high + low])
     assert unit.min() >= -1e-5 and unit.max() <= 1 + 1e-5
+
+
+def test_selection_rule_reaches_the_pseudo_labels(source_pkg: Path) -> None:
+    data = _data()
+    # Four point-clusters of 10 images: class 0 wins one pure and one 0.6-pure cluster,
+    # class 1 the same. q = 0.3: tau = 0.6 + 0.7 * 0.4 = 0.88 per class, so "clusters"
+    # keeps both pure clusters whole (20 images); "samples" keeps ceil(0.3 * 20) = 6 per
+    # class, the lowest indices of each pure cluster (equal purity and confidence).
+    feats = torch.cat([5.0 * torch.eye(4)[j].expand(10, 4) for j in range(4)])
+    pred = [0] * 10 + [0] * 6 + [1] * 4 + [1] * 10 + [1] * 6 + [2] * 4
+    probs = torch.full((N, 3), 0.1)
+    probs[torch.arange(N), torch.tensor(pred)] = 0.8
+    kept = {}
+    for rule in ("samples", "clusters"):
+        cfg = dataclasses.replace(_config(), n_clusters=4, selection=rule, keep_fraction=0.3)
+        method = _build(source_pkg, cfg, data)
+        method._source_outputs = lambda: (feats, probs)  # type: ignore[method-assign]
+        kept[rule] = method.compute_pseudo_labels().indices.tolist()
+        meta = method.report()["pseudo_labels"]
+        assert meta["selection"] == rule
+        assert meta["clusters_kept"] == (2 if rule == "clusters" else 0)
+    assert kept["clusters"] == [*range(10), *range(20, 30)]
+    assert kept["samples"] == [*range(6), *range(20, 26)]
+    with pytest.raises(ConfigError, match="no clusters"):
+        CluPConfig(score="confidence", selection="clusters")
