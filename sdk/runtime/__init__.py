@@ -4,7 +4,8 @@ Never imports torch. ``Predictor`` is the public entry point.
 """
 
 from sourcefree.runtime.predictor import AUDetector as AUDetector
+from sourcefree.runtime.predictor import FacePrediction as FacePrediction
 from sourcefree.runtime.predictor import Prediction as Prediction
 from sourcefree.runtime.predictor import Predictor as Predictor
 
-__all__ = ["AUDetector", "Prediction", "Predictor"]
+__all__ = ["AUDetector", "FacePrediction", "Prediction", "Predictor"]

@@ -38,6 +38,9 @@ from sourcefree.errors import ConfigError, PackageError
 from sourcefree.package.loader import load_package
 from sourcefree.package.manifest import FaceSpec, InputSpec
 from sourcefree.runtime.predictor import Predictor
+from tests.face_photos import astronaut as _astronaut
+from tests.face_photos import lfw_faces as _lfw_faces
+from tests.face_photos import write_smallcnn_weights
 
 skimage_data = pytest.importorskip("skimage.data")
 pytest.importorskip("cv2")  # detection and alignment need OpenCV (the faces extra)
@@ -55,22 +58,8 @@ def _run(*args: str | Path) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def _astronaut() -> Image.Image:
-    return Image.fromarray(skimage_data.astronaut())
-
-
 def _tilted() -> Image.Image:
     return _astronaut().rotate(TILT, resample=Image.Resampling.BICUBIC, center=(225, 115))
-
-
-def _lfw_faces(n: int) -> list[Image.Image]:
-    """LFW face crops (25 px grey), padded by a quarter and upscaled x4 as data.md advises."""
-    faces = skimage_data.lfw_subset()[:n]
-    out = []
-    for face in faces:
-        pixels = np.pad((face * 255).round().astype(np.uint8), 6, mode="edge")
-        out.append(Image.fromarray(pixels).resize((148, 148), Image.Resampling.BILINEAR))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +76,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    from sourcefree.engine.models import get_architecture
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vendor") / "w.safetensors"
-    save_file(get_architecture("smallcnn").build(3, 3).state_dict(), path)
-    return path
+    return write_smallcnn_weights(tmp_path_factory.mktemp("vendor") / "w.safetensors")
 
 
 def _export(weights: Path, out: Path, *extra: str) -> tuple[int, str]:
