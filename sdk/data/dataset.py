@@ -12,6 +12,7 @@ No torch import.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -24,13 +25,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sourcefree.data.imaging import (
-    ImageDecodeError,
-    decode_image,
-    normalise,
-    resample_filter,
-    resized_pixels,
+from sourcefree.data.decode import (
+    Decoded,
+    DecodePlan,
+    clamp_box,
+    decode_all,
+    open_or_reason,
+    open_sample,
+    resolve_workers,
 )
+from sourcefree.data.imaging import draft_side, normalise, resample_filter
 from sourcefree.data.progress import progress_bar
 from sourcefree.errors import ConfigError, DatasetError, SourcefreeError
 from sourcefree.package.manifest import FaceSpec, InputSpec
@@ -55,16 +59,6 @@ REASONS: dict[str, str] = {
     "bad_row": "malformed pixel row",
 }
 
-_DECODE_REASONS = (
-    ("is empty", "empty"),
-    ("not a regular file", "not_regular"),
-    ("could not be read", "unreadable"),
-    ("too large", "too_large"),
-    ("decompression bomb", "bomb"),
-    ("not a supported image", "not_image"),
-    ("corrupt or truncated", "corrupt"),
-)
-
 Box = tuple[int, int, int, int]
 """A face box in pixels: (left, top, right, bottom), right and bottom exclusive."""
 
@@ -85,14 +79,6 @@ def escape_name(key: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
-
-
-def _decode_reason(exc: ImageDecodeError) -> str:
-    what = exc.what
-    for needle, reason in _DECODE_REASONS:
-        if needle in what:
-            return reason
-    return "unreadable"
 
 
 @dataclass(frozen=True, eq=False)
@@ -364,23 +350,7 @@ class ImageDataset:
             ImageDecodeError: the file cannot be decoded safely.
             DatasetError: the sample was refused at scan time, or its box is empty.
         """
-        sample = self.samples[index]
-        if sample.error is not None:
-            raise DatasetError(
-                f"sample {hashed_id(sample.key)} is skipped",
-                REASONS.get(sample.error, sample.error),
-                "see the local log for the file",
-            )
-        if sample.pixels is not None:
-            img = decode_image(Image.fromarray(sample.pixels), color)
-        elif sample.path is not None:
-            img = decode_image(sample.path, color)
-        else:  # pragma: no cover - readers always set one of them
-            raise DatasetError("a sample has neither a file nor pixels", "", "report a bug")
-        if sample.box is not None:
-            clamped = _clamp_box(img, sample.box)
-            img = img.crop(clamped) if crop else img
-        return img
+        return open_sample(self.samples[index], color, crop=crop)
 
     def iter_decoded(
         self,
@@ -442,6 +412,8 @@ class ImageDataset:
         detect_faces: bool = False,
         face_margin: float = 0.25,
         progress: bool = False,
+        workers: int | None = None,
+        reduced_decode: bool = True,
     ) -> LoadedImages:
         """Decode, crop and resize every readable image into one uint8 array.
 
@@ -463,6 +435,17 @@ class ImageDataset:
                 a ``spec`` that has face preprocessing of its own.
             face_margin: margin around a detected face, as a fraction of its side.
             progress: a ``decoding`` bar on stderr (:mod:`sourcefree.data.progress`).
+            workers: decoding processes (:mod:`sourcefree.data.decode`); 1 decodes in
+                this process; None: every usable core from 1,024 images on (fewer:
+                in this process). The result is bitwise the same for any count.
+            reduced_decode: decode JPEGs at least twice the needed side on both
+                sides at reduced scale (libjpeg's DCT scaling, Pillow's ``Image.draft``)
+                before the resize. The side kept
+                (:func:`sourcefree.data.imaging.draft_side`): the input side without
+                face preprocessing, ``max(4 x input side, 512)`` px with it. Samples
+                with a box from their format are decoded at full scale. The runtime
+                :class:`~sourcefree.runtime.predictor.Predictor` applies the same rule,
+                so keep it on for inputs bitwise equal to serving; False: full scale.
 
         With face preprocessing, a sample's box from the format (ExpW, AffectNet)
         stands in for the detector's and gets the same margin and alignment.
@@ -473,30 +456,26 @@ class ImageDataset:
             >>> loaded.images.shape, loaded.report.bad_fraction  # (N, 64, 64, 1)
             >>> loaded = data.load(spec=package.manifest.input)  # the package's contract
         """
-        plan = _load_plan(spec, size, color, interpolation, detect_faces, face_margin)
-        height, width = plan.size
-        faces = plan.faces
-        reader = _Reader(
-            self, plan.color, max_bad_fraction, strict, log_path, crop=not faces.active
+        plan = _load_plan(
+            spec, size, color, interpolation, detect_faces, face_margin, reduced_decode
         )
-        if faces.active:
+        workers = resolve_workers(workers, len(self.samples))
+        reader = _Reader(self, plan.color, max_bad_fraction, strict, log_path)
+        if plan.faces.active:
             from sourcefree.data.faces import load_detectors
 
-            load_detectors(faces.detector)  # a missing OpenCV fails before any decoding
-        channels = 3 if plan.color == "rgb" else 1
-        images = np.empty((len(self.samples), height, width, channels), dtype=np.uint8)
+            load_detectors(plan.faces.detector)  # a missing OpenCV fails before any decoding
+        images = np.empty((len(self.samples), *plan.size, plan.channels), dtype=np.uint8)
         kept: list[int] = []
         bar = progress_bar(len(self.samples), "decoding", enabled=progress, unit="img")
-        try:
-            for i in range(len(self.samples)):
-                img = reader.decode(i)
-                bar.update(1)
-                if img is not None and faces.active:
-                    img = reader.face(i, img, faces)
-                if img is None:
-                    continue
-                images[len(kept)] = resized_pixels(img, (height, width), plan.interpolation)
-                kept.append(i)
+        try:  # closing(): a pool's workers end here, on an error or a signal too
+            with contextlib.closing(decode_all(self.samples, plan, workers)) as results:
+                for i, decoded in results:
+                    pixels = reader.count(i, decoded)
+                    bar.update(1)
+                    if pixels is not None:
+                        images[len(kept)] = pixels
+                        kept.append(i)
             report = reader.finish()
         finally:
             bar.close()
@@ -530,16 +509,6 @@ class ImageDataset:
         return torch.utils.data.TensorDataset(x, y)
 
 
-@dataclass(frozen=True)
-class _LoadPlan:
-    """How :meth:`ImageDataset.load` decodes: size, colour, filter and face preprocessing."""
-
-    size: tuple[int, int]
-    color: str
-    interpolation: str
-    faces: FaceSpec
-
-
 def _load_plan(
     spec: InputSpec | None,
     size: int | tuple[int, int] | None,
@@ -547,7 +516,8 @@ def _load_plan(
     interpolation: str | None,
     detect_faces: bool,
     face_margin: float,
-) -> _LoadPlan:
+    reduced_decode: bool = True,
+) -> DecodePlan:
     """The plan of :meth:`ImageDataset.load`: from the spec, or from the options.
 
     Raises:
@@ -583,7 +553,8 @@ def _load_plan(
             raise ConfigError(
                 f"face_margin={face_margin!r} is invalid", exc.why, "pass e.g. 0.25"
             ) from None
-    return _LoadPlan((height, width), color or "rgb", interpolation, faces)
+    reduce_to = draft_side((height, width), faces.active) if reduced_decode else None
+    return DecodePlan((height, width), color or "rgb", interpolation, faces, reduce_to)
 
 
 def crop_box(img: Image.Image, box: Box) -> Image.Image:
@@ -592,21 +563,7 @@ def crop_box(img: Image.Image, box: Box) -> Image.Image:
     Raises:
         DatasetError: the box does not overlap the image.
     """
-    return img.crop(_clamp_box(img, box))
-
-
-def _clamp_box(img: Image.Image, box: Box) -> Box:
-    """``box`` clamped to the image; DatasetError when less than 2x2 pixels overlap it."""
-    left, top, right, bottom = box
-    left, top = max(0, left), max(0, top)
-    right, bottom = min(img.width, right), min(img.height, bottom)
-    if right - left < 2 or bottom - top < 2:
-        raise DatasetError(
-            "a face box lies outside its image",
-            f"box {box} on a {img.width}x{img.height} image",
-            "check the annotation file",
-        )
-    return (left, top, right, bottom)
+    return img.crop(clamp_box(img, box))
 
 
 class _Reader:
@@ -619,8 +576,6 @@ class _Reader:
         max_bad_fraction: float,
         strict: bool,
         log_path: str | os.PathLike[str] | None,
-        *,
-        crop: bool = True,
     ) -> None:
         if color not in ("rgb", "gray"):
             raise ConfigError(f"unknown colour {color!r}", "choose rgb or gray", "")
@@ -636,7 +591,6 @@ class _Reader:
         self.strict = strict
         self.reasons: Counter[str] = Counter()
         self.bad_ids: list[str] = []
-        self.crop = crop
         self.ok = 0
         self.no_face = 0
         self.no_face_skipped = 0
@@ -644,23 +598,25 @@ class _Reader:
         self.log = _LogFile(log_path)
 
     def decode(self, index: int) -> Image.Image | None:
+        """One sample decoded (its box cropped) and counted; None when skipped."""
         sample = self.dataset.samples[index]
-        reason = sample.error
-        img = None
-        if reason is None:
-            try:
-                img = self.dataset.decode(index, self.color, crop=self.crop)
-            except ImageDecodeError as exc:
-                reason = _decode_reason(exc)
-            except DatasetError:
-                reason = "bad_box"
-            except OSError:  # permission or I/O errors the decoder did not wrap
-                reason = "unreadable"
-        if img is None:
-            self._bad(sample.key, reason or "unreadable")
+        img = open_or_reason(sample, self.color)
+        if isinstance(img, str):
+            self._bad(sample.key, img)
             return None
         self.ok += 1
         return img
+
+    def count(self, index: int, decoded: Decoded) -> np.ndarray | None:
+        """Count what :func:`sourcefree.data.decode.decode_sample` gave; its pixels or None."""
+        if decoded.reason is not None:
+            self._bad(self.dataset.samples[index].key, decoded.reason)
+            return None
+        self.ok += 1
+        self.no_face += decoded.no_face
+        self.no_face_skipped += decoded.no_face and decoded.pixels is None
+        self.no_eyes += decoded.no_eyes
+        return decoded.pixels
 
     def _bad(self, key: str, reason: str) -> None:
         self.reasons[reason] += 1
@@ -689,18 +645,6 @@ class _Reader:
             no_face_skipped=self.no_face_skipped,
             no_eyes=self.no_eyes,
         )
-
-    def face(self, index: int, img: Image.Image, faces: FaceSpec) -> Image.Image | None:
-        """The face the model sees (:func:`sourcefree.data.faces.model_face`), counted."""
-        from sourcefree.data.faces import model_face
-
-        face = model_face(img, faces, self.dataset.samples[index].box)
-        if face is None or not face.found:
-            self.no_face += 1
-            self.no_face_skipped += face is None
-            return None if face is None else face.image
-        self.no_eyes += faces.mode == "align" and not face.aligned
-        return face.image
 
     def finish(self) -> ReadReport:
         report = self.report()

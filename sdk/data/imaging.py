@@ -152,11 +152,32 @@ def image_from_array(frame: np.ndarray, channel_order: str = "rgb") -> Image.Ima
     return Image.fromarray(np.ascontiguousarray(pixels))
 
 
+def draft_side(size: tuple[int, int], faces: bool) -> int:
+    """The short side a JPEG keeps when decoded at reduced scale (:func:`decode_image`).
+
+    The rule: at least the model's input side (``max(height, width)`` of ``size``)
+    without face preprocessing; with it (``faces``: detect or align), at least
+    ``max(4 x that side, 512)`` px, so the detector and the face crop keep far more
+    pixels than the input. libjpeg scales by 1/2, 1/4 or 1/8 only, and only when
+    both sides stay at or above this side, so a JPEG is reduced when it is at least
+    twice as large on both sides.
+    """
+    side = max(size)
+    return max(4 * side, 512) if faces else side
+
+
+def _draft(img: Image.Image, reduce_to: int) -> None:
+    """libjpeg's DCT scaling (``Image.draft``) when a JPEG is >= 2x ``reduce_to`` on both sides."""
+    if img.format == "JPEG" and min(img.size) >= 2 * reduce_to:
+        img.draft(None, (reduce_to, reduce_to))
+
+
 def decode_image(
     source: str | os.PathLike[str] | Image.Image | np.ndarray | BinaryIO,
     color: str,
     *,
     channel_order: str = "rgb",
+    reduce_to: int | None = None,
 ) -> Image.Image:
     """Decode fully and return a PIL image in mode ``RGB`` or ``L``.
 
@@ -165,6 +186,10 @@ def decode_image(
             (see :func:`image_from_array`).
         color: ``rgb`` or ``gray``, the model's colour.
         channel_order: ``rgb`` or ``bgr``; used for 3-channel numpy frames only.
+        reduce_to: a JPEG file or stream at least twice this side on both sides is
+            decoded at reduced scale (libjpeg's DCT scaling by 1/2, 1/4 or 1/8,
+            deterministic), keeping both sides at or above it (:func:`draft_side`
+            gives the side). None, other formats, PIL images and frames: full scale.
 
     Raises:
         ImageDecodeError: unreadable, not an image, a refused format, or a
@@ -192,6 +217,8 @@ def decode_image(
                         f"{img.width}x{img.height} pixels exceeds {MAX_PIXELS}",
                         "downscale it, or check it is not a decompression bomb",
                     )
+                if reduce_to is not None:
+                    _draft(img, reduce_to)
                 img.load()
         except ImageDecodeError:
             raise

@@ -319,10 +319,12 @@ def load_target(
     strict: bool = False,
     data_format: str = "folder",
     format_options: Mapping[str, Any] | None = None,
+    workers: int | None = None,
 ) -> TargetData:
     """Read every image of ``data`` (unlabelled) at the package's input size.
 
-    ``data_format``, ``format_options``: as :func:`sourcefree.data.sources.open_dataset`.
+    ``data_format``, ``format_options``: as :func:`sourcefree.data.sources.open_dataset`;
+    ``workers``: decoding processes (:meth:`sourcefree.data.dataset.ImageDataset.load`).
 
     Raises:
         ConfigError: an unknown format or a bad option.
@@ -331,7 +333,9 @@ def load_target(
     from sourcefree.data.sources import open_unlabelled
 
     folder = open_unlabelled(data, data_format, format_options)
-    return read_target(folder, spec, max_bad_fraction=max_bad_fraction, strict=strict)[0]
+    return read_target(
+        folder, spec, max_bad_fraction=max_bad_fraction, strict=strict, workers=workers
+    )[0]
 
 
 def read_target(
@@ -341,6 +345,7 @@ def read_target(
     max_bad_fraction: float,
     strict: bool,
     progress: bool = False,
+    workers: int | None = None,
 ) -> tuple[TargetData, list[str]]:
     """The images of a listed folder as :class:`TargetData`, and the key of each image kept.
 
@@ -352,7 +357,12 @@ def read_target(
     from sourcefree.runtime.evaluation import load_images
 
     loaded = load_images(
-        folder, spec, max_bad_fraction=max_bad_fraction, strict=strict, progress=progress
+        folder,
+        spec,
+        max_bad_fraction=max_bad_fraction,
+        strict=strict,
+        progress=progress,
+        workers=workers,
     )
     fp = folder.fingerprint()
     report = loaded.report
@@ -542,6 +552,7 @@ def prepare(request: AdaptRequest, early: Preflight) -> Prepared:
         max_bad_fraction=request.max_bad_fraction,
         strict=request.strict,
         progress=request.progress,
+        workers=request.workers,
     )
     truth = None if labels is None else _eval_truth(labels, data, keys)
     t_loaded = time.perf_counter()

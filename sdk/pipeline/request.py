@@ -84,9 +84,12 @@ class AdaptRequest:
             (e.g. ``{"split": "test"}``); checked here, kept as sorted (key, value) pairs.
         eval_format_labels: report source vs adapted metrics with the labels the
             format carries (as ``eval_labels`` does with a CSV; used only after the run).
+        workers: processes that decode the target images (at least 1; 1: in this
+            process); None: the usable cores (:meth:`sourcefree.data.dataset.ImageDataset.load`).
+            Results are bitwise the same for any count, so a resumed run may change it.
 
     Raises:
-        ConfigError: ``gate_sample``, ``select`` or ``budget_s`` out of range,
+        ConfigError: ``gate_sample``, ``select``, ``budget_s`` or ``workers`` out of range,
             ``overrides`` given as one string, a config with ``method="auto"``,
             ``require_signature`` without ``keys``, an unknown ``data_format`` or an
             option it does not take, or ``eval_format_labels`` with ``eval_labels`` or
@@ -137,6 +140,7 @@ class AdaptRequest:
     data_format: str = "folder"
     format_options: FormatOptions = ()
     eval_format_labels: bool = False
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.overrides, (str, bytes)):
@@ -156,6 +160,9 @@ class AdaptRequest:
                 "pass --key VENDOR.pub (repeat it for sources signed by several keys)",
             )
         _ = self.sample_size  # --gate-sample is refused before anything starts
+        from sourcefree.data.decode import check_workers
+
+        check_workers(self.workers)
         if self.select not in SELECT_MODES:
             raise ConfigError(
                 f"--select {self.select!r} is not known",
@@ -291,6 +298,7 @@ _OPTIONS = {
     "gate_sample": "--gate-sample",
     "amp": "--amp",
     "data_format": "--format",
+    "workers": "--workers",
 }
 #: Flags set when the field is true, and flags set when it is false.
 _SWITCHES = {

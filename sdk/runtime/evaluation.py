@@ -15,6 +15,7 @@ No torch import.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from sourcefree.data.dataset import ImageDataset, LoadedImages
+from sourcefree.data.decode import check_workers
 from sourcefree.data.metrics import pseudo_label_counts
 from sourcefree.data.readers import read_labels_csv
 from sourcefree.data.sources import (
@@ -281,17 +283,20 @@ def load_images(
     max_bad_fraction: float = 0.05,
     strict: bool = False,
     progress: bool = False,
+    workers: int | None = None,
 ) -> LoadedImages:
     """Decode ``dataset`` as uint8 at the spec's size, colour and interpolation.
 
     The one decode of evaluation images and of the adaptation's target images
-    (``progress``: a bar on stderr, :mod:`sourcefree.data.progress`).
+    (``progress``: a bar on stderr, :mod:`sourcefree.data.progress`; ``workers``:
+    decoding processes, None: the usable cores, see :meth:`ImageDataset.load`).
     """
     return dataset.load(
         spec=spec,
         max_bad_fraction=max_bad_fraction,
         strict=strict,
         progress=progress,
+        workers=workers,
     )
 
 
@@ -301,9 +306,12 @@ def load_inputs(
     *,
     max_bad_fraction: float = 0.05,
     strict: bool = False,
+    workers: int | None = None,
 ) -> tuple[np.ndarray, LoadedImages]:
     """Decode ``dataset`` at the spec's size into the float32 NCHW the graph takes."""
-    loaded = load_images(dataset, spec, max_bad_fraction=max_bad_fraction, strict=strict)
+    loaded = load_images(
+        dataset, spec, max_bad_fraction=max_bad_fraction, strict=strict, workers=workers
+    )
     return loaded.to_float(spec), loaded
 
 
@@ -318,6 +326,7 @@ def evaluate(
     max_bad_fraction: float = 0.05,
     strict: bool = False,
     batch_size: int = 256,
+    workers: int | None = None,
 ) -> Metrics:
     """Evaluate a package with :class:`sourcefree.runtime.predictor.Predictor` on labelled images.
 
@@ -326,13 +335,17 @@ def evaluate(
             the format carries (:func:`format_labelled`).
         data_format, format_options: how ``data`` is read
             (:func:`sourcefree.data.sources.open_dataset`; default: a folder).
+        workers: decoding processes (None: the usable cores; 1: in this process);
+            the metrics are the same for any count.
 
     Raises:
-        ConfigError: an unknown format, a bad option, or no labels at all.
+        ConfigError: an unknown format, a bad option, no labels at all, or
+            ``workers`` below 1.
         PackageError: the package does not verify.
         DatasetError: unreadable data, labels naming unknown classes or no image.
     """
-    # a bad format, option or missing labels is refused before the package is read
+    # a bad format, option, worker count or missing labels is refused before the package is read
+    check_workers(workers)
     if labels_csv is None:
         check_labelled_format(data_format, format_options)
     else:
@@ -346,8 +359,14 @@ def evaluate(
     else:
         dataset = format_labelled(data, data_format, format_options, names)
     x, loaded = load_inputs(
-        dataset, pkg.manifest.input, max_bad_fraction=max_bad_fraction, strict=strict
+        dataset,
+        pkg.manifest.input,
+        max_bad_fraction=max_bad_fraction,
+        strict=strict,
+        workers=workers,
     )
+    # Counts only (no file names): e.g. "...; no face found in 1 (1 skipped)".
+    logging.getLogger("sourcefree").info("read: %s", loaded.report.summary())
     return evaluate_inputs(pkg, x, loaded.labels, device=device, batch_size=batch_size)
 
 

@@ -26,7 +26,7 @@ from sourcefree.data.faces import (
     model_face,
     no_face_error,
 )
-from sourcefree.data.imaging import decode_image, preprocess
+from sourcefree.data.imaging import decode_image, draft_side, preprocess
 from sourcefree.errors import DeviceError, InputError, PackageError, RequirementError
 from sourcefree.package.audit import _excerpt
 from sourcefree.package.loader import Package, load_package
@@ -374,7 +374,8 @@ class Predictor:
             True
             >>> x = predictor.preprocess(cv2.imread("face1.jpg"), channel_order="bgr")
         """
-        img = decode_image(image, self.spec.color, channel_order=channel_order)
+        reduce_to = draft_side(self.spec.size, self.spec.faces.active)  # as load() does
+        img = decode_image(image, self.spec.color, channel_order=channel_order, reduce_to=reduce_to)
         if self.spec.faces.active:
             face = model_face(img, self.spec.faces)
             if face is None:
