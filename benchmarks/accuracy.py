@@ -3,10 +3,24 @@
 For every seed: the vendor's ``smallcnn`` is trained on ``studio`` (5000 images,
 32 px, :func:`sourcefree.vendor.training.train_classifier`) and exported as a source
 package with the aggregate ``source_stats`` a vendor may ship (class counts, class
-feature means); the target set is 2000 images of each preset. Every method variant then
-adapts a fresh copy of the source model in-process (``Method`` + ``Trainer``, CPU)
-and is evaluated on the same target images with their labels. Labels are used for
-evaluation only: never to choose K, Q, an epoch or a checkpoint.
+feature means). Every method variant then adapts a fresh copy of the source model
+in-process (``Method`` + ``Trainer``, CPU) and is scored under two protocols:
+
+- transductive (``accuracy``, the only protocol of rows measured before 2026-12-05):
+  on the images it adapted on, the target *train* set of 2000 images of the preset;
+- held-out (``heldout_accuracy``): on a disjoint target *test* set of the same preset,
+  as the papers score, which adaptation never sees (``--n-test`` images, default 2000).
+
+Seed rule, per benchmark seed ``s``: every vendor's source set is generator seed
+``1000 + s``, the target train set ``2000 + s`` (unchanged, so the transductive numbers
+stay comparable with older rows) and the target test set ``4000 + s`` (``3000 + s`` is
+the studio validation set of benchmarks/selection.py). The generator mixes the preset name
+into its seed, and every face draws its own identity (skin, hair, face size), pose,
+background and expression strength, so the two sets share the preset's distribution
+(class prototypes, nuisance ranges, the four hair colours), not faces; the run checks
+that no test image is byte-identical to a train image. Gains are per protocol: over the
+source-only row of the same seed on the same images. Labels are used for evaluation
+only: never to choose K, Q, an epoch or a checkpoint.
 
 A variant is ``NAME`` or ``NAME:key=value,key=value`` (config overrides, as with
 ``--set``), e.g. ``clup:ssl.method=deepclusterv2,score=confidence``; ``source-only`` is
@@ -65,7 +79,7 @@ import numpy as np
 import torch
 
 from sourcefree.cli.commands_export import _arch_options
-from sourcefree.data.synthetic import AU_NAMES, CLASSES, generate
+from sourcefree.data.synthetic import AU_NAMES, CLASSES, SyntheticSet, generate
 from sourcefree.engine import config as cfgmod
 from sourcefree.engine.method import MethodContext, SourceModel, TargetData
 from sourcefree.engine.models import Architecture, Classifier, load_classifier, resolve_architecture
@@ -97,6 +111,11 @@ END = "<!-- accuracy:end -->"
 SIZE = 32
 N_SOURCE = 5000
 N_TARGET = 2000
+"""Target *train* images per preset and seed: what every method adapts on."""
+N_TEST = 2000
+"""Held-out target *test* images per preset and seed (``--n-test``): scored only."""
+SOURCE_SEED, TRAIN_SEED, TEST_SEED = 1000, 2000, 4000
+"""Generator seed offsets of the source, target train and target test sets (+ seed)."""
 DEFAULT_METHODS = ("source-only", *list_methods(), "source-avg")
 """The whole table: every registered method, plus the two references without adaptation."""
 DEFAULT_PRESETS = ("wild-mild", "nir", "fer-like", "wild-mild-imbalanced", "prior-shift")
@@ -150,7 +169,7 @@ DEFAULT_VENDORS = ("studio", "nir")
 """Vendors' presets of the multi-source rows; another ``--vendors`` set names its rows."""
 #: Keys of a results file that describe one run, not the rows: a merge keeps them per file.
 RUN_KEYS = ("argv", "seeds", "presets", "methods", "vendors", "schedule", "quick", "wall_seconds",
-            "source_train_seconds", "arch")  # fmt: skip
+            "source_train_seconds", "arch", "n_test")  # fmt: skip
 DEFAULT_ARCH = "smallcnn"
 """The vendors' architecture unless ``--arch``: its rows carry no ``arch`` field or tag."""
 VendorArch = tuple[str, dict[str, Any] | None]
@@ -226,7 +245,7 @@ def _source(
     if cached is not None and (not au or cached.au_detector is not None):
         return out, 0.0
     spec = InputSpec(size=(SIZE, SIZE))
-    train = generate(preset, N_SOURCE, SIZE, seed=1000 + seed)
+    train = generate(preset, N_SOURCE, SIZE, seed=SOURCE_SEED + seed)
     seconds = 0.0
     if cached is not None:
         model = load_classifier(cached.manifest.architecture, cached.weights_bytes)
@@ -270,50 +289,108 @@ def _predict(model: Classifier, images: np.ndarray, spec: InputSpec) -> np.ndarr
     return logits.argmax(1).numpy()
 
 
+def image_digests(images: np.ndarray) -> set[bytes]:
+    """SHA-256 of every image's bytes: equal digests, identical images."""
+    return {hashlib.sha256(np.ascontiguousarray(im).tobytes()).digest() for im in images}
+
+
+def check_disjoint(train: np.ndarray, test: np.ndarray) -> None:
+    """ValueError when a test image is byte-identical to a train image."""
+    shared = len(image_digests(train) & image_digests(test))
+    if shared:
+        raise ValueError(f"{shared} held-out test image(s) are identical to train images")
+
+
+def target_sets(preset: str, seed: int, n_test: int = N_TEST) -> tuple[SyntheticSet, SyntheticSet]:
+    """The target *train* set (what a method adapts on) and the disjoint *test* set
+    (scored only) of ``preset`` for benchmark seed ``seed``; see the module's seed rule."""
+    train = generate(preset, N_TARGET, SIZE, seed=TRAIN_SEED + seed)
+    test = generate(preset, n_test, SIZE, seed=TEST_SEED + seed)
+    check_disjoint(train.images, test.images)
+    return train, test
+
+
+def _scores(
+    train_pred: np.ndarray, test_pred: np.ndarray, train: SyntheticSet, test: SyntheticSet
+) -> dict[str, float]:
+    """Both protocols' metrics: transductive (the old keys) and ``heldout_*``."""
+    held = _metrics(test_pred, test.labels.astype(np.int64))
+    return {
+        **_metrics(train_pred, train.labels.astype(np.int64)),
+        **{f"heldout_{k}": v for k, v in held.items()},
+    }
+
+
+def _evaluate(
+    model: Classifier, train: SyntheticSet, test: SyntheticSet, spec: InputSpec
+) -> dict[str, float]:
+    """``model`` scored on the train images (transductive) and the test images (held-out)."""
+    train_pred = _predict(model, train.images, spec)
+    return _scores(train_pred, _predict(model, test.images, spec), train, test)
+
+
+def _source_average(
+    models: list[Classifier], train: SyntheticSet, test: SyntheticSet, spec: InputSpec
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The vendors' models without adaptation on both sets: the scores of their mean
+    softmax, and the fields every multi-source row carries (each vendor's accuracy)."""
+    out: dict[str, Any] = {}
+    preds: dict[str, np.ndarray] = {}
+    for key, data in (("", train), ("heldout_", test)):
+        probs = [
+            torch.softmax(predict_logits(m.eval(), to_tensor(data.images, spec)), 1) for m in models
+        ]
+        truth = data.labels.astype(np.int64)
+        out[f"{key}source_accuracy_by_vendor"] = [
+            round(_metrics(p.argmax(1).numpy(), truth)["accuracy"], 4) for p in probs
+        ]
+        preds[key] = torch.stack(probs).mean(0).argmax(1).numpy()
+    avg = _scores(preds[""], preds["heldout_"], train, test)
+    out["source_avg_accuracy"] = avg["accuracy"]
+    out["heldout_source_avg_accuracy"] = avg["heldout_accuracy"]
+    return avg, out
+
+
 def run_variant(
     variant: str,
     pkg_path: Path | list[Path],
     preset: str,
     seed: int,
     extra: tuple[str, ...],
+    n_test: int = N_TEST,
 ) -> dict[str, Any]:
-    """Adapt (or not) and evaluate one variant on one preset and seed.
+    """Adapt (or not) on the target train set and score one variant on one preset and
+    seed, on the train images (transductive) and on ``n_test`` held-out test images.
 
-    ``pkg_path`` is a list of packages for the multi-source variants.
+    ``pkg_path`` is a list of packages for the multi-source variants. Only the train
+    images reach the method; the test images are predicted after adaptation.
     """
     paths = pkg_path if isinstance(pkg_path, list) else [pkg_path]
     pkgs = [load_package(p) for p in paths]
     pkg = pkgs[0]
     spec = pkg.manifest.input
-    target = generate(preset, N_TARGET, SIZE, seed=2000 + seed)
-    truth = target.labels.astype(np.int64)
+    train, test = target_sets(preset, seed, n_test)
+    truth = train.labels.astype(np.int64)
     models = [load_classifier(p.manifest.architecture, p.weights_bytes) for p in pkgs]
     model = models[0]
     name, overrides = _split(variant)
-    row: dict[str, Any] = {"variant": variant, "preset": preset, "seed": seed}
+    row: dict[str, Any] = {"variant": variant, "preset": preset, "seed": seed, "n_test": n_test}
     t0 = time.perf_counter()
     if len(pkgs) > 1:
         row["vendors"] = [p.manifest.name for p in pkgs]
-        probs = [
-            torch.softmax(predict_logits(m.eval(), to_tensor(target.images, spec)), 1)
-            for m in models
-        ]
-        row["source_accuracy_by_vendor"] = [
-            round(_metrics(p.argmax(1).numpy(), truth)["accuracy"], 4) for p in probs
-        ]
-        avg = _metrics(torch.stack(probs).mean(0).argmax(1).numpy(), truth)
-        row["source_avg_accuracy"] = avg["accuracy"]
+        avg, fields = _source_average(models, train, test, spec)
+        row.update(fields)
         if name == "source-avg":
             row.update(avg)
             row["seconds"] = round(time.perf_counter() - t0, 1)
             return row
     if name == "source-only":
-        row.update(_metrics(_predict(model, target.images, spec), truth))
+        row.update(_evaluate(model, train, test, spec))
         row["seconds"] = round(time.perf_counter() - t0, 1)
         return row
     cls = get_method(name)
     cfg = cfgmod.load_config(cls.config_class, overrides=[*overrides, *extra])
-    data = TargetData(images=target.images, spec=spec, fingerprint=f"{preset}-{seed}")
+    data = TargetData(images=train.images, spec=spec, fingerprint=f"{preset}-{seed}")
     device = torch.device("cpu")
     seed_everything(seed)
     ctx = MethodContext(
@@ -327,9 +404,9 @@ def run_variant(
         return row
     row["seconds"] = round(time.perf_counter() - t0, 1)
     row["phase_seconds"] = {log.name: round(log.seconds, 1) for log in result.phases}
-    row.update(_metrics(_predict(method.export_model(), target.images, spec), truth))
+    row.update(_evaluate(method.export_model(), train, test, spec))
     row["config"] = cfgmod.to_dict(cfg)
-    # Pseudo-label quality, for reporting only (the run is over; nothing feeds back).
+    # Pseudo-label quality on the train images, for reporting only (the run is over).
     selection = method.pseudo_label_selection()
     idx, labels = selection if selection is not None else (None, None)
     if isinstance(idx, torch.Tensor) and isinstance(labels, torch.Tensor) and idx.numel():
@@ -407,11 +484,33 @@ def _outcome(row: dict[str, Any]) -> str:
     if "refused" in row:
         return f"refused: {row['refused']}"
     prec = row.get("pseudo_label_precision")
+    held = row.get("heldout_accuracy")
     return (
-        f"acc {row['accuracy']:.4f} mcr {row['mean_class_recall']:.4f}"
+        f"acc {row['accuracy']:.4f}"
+        + (f" held-out {held:.4f}" if held is not None else "")
+        + f" mcr {row['mean_class_recall']:.4f}"
         + (f" PL prec {prec:.4f}" if prec is not None else "")
         + f" ({row['seconds']} s)"
     )
+
+
+METRICS = ("accuracy", "heldout_accuracy", "mean_class_recall", "heldout_mean_class_recall",
+           "pseudo_label_precision", "seconds")  # fmt: skip
+"""Per-row values a summary averages over seeds (a row without one is left out of it)."""
+PROTOCOLS = (("accuracy", ""), ("heldout_accuracy", "heldout_"))
+"""(accuracy key, prefix of its gain keys): each protocol's gain is over the source-only
+accuracy of the same seed on the same images."""
+
+
+def _gains(s: dict[str, Any], group: list[dict[str, Any]], source: list[dict[str, Any]]) -> None:
+    """Add each protocol's gain over the source-only rows ``source`` of the same seeds."""
+    for key, prefix in PROTOCOLS:
+        src = {r["seed"]: r[key] for r in source if key in r}
+        gains = [r[key] - src[r["seed"]] for r in group if r["seed"] in src and key in r]
+        if gains:
+            s[f"{prefix}gain_over_source"] = _mean_std(gains)
+            s[f"min_{prefix}gain_over_source"] = round(min(gains), 4)
+            s[f"{prefix}source_accuracy_by_seed"] = {str(k): round(v, 4) for k, v in src.items()}
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -422,27 +521,22 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         group = [r for r in rows if r["variant"] == variant and r["preset"] == preset]
         s: dict[str, Any] = {"variant": variant, "preset": preset}
         s["seeds"] = sorted(r["seed"] for r in group)
-        for k in ("accuracy", "mean_class_recall", "pseudo_label_precision", "seconds"):
+        for k in METRICS:
             vals = [float(r[k]) for r in group if k in r]
             if vals:
                 s[k] = _mean_std(vals)
+        held = sorted(r["seed"] for r in group if "heldout_accuracy" in r)
+        if held and held != s["seeds"]:  # older seeds of the row: transductive only
+            s["heldout_seeds"] = held
         arch = group[0].get("arch")  # the source-only row of the same vendor architecture
         reference = "source-only" + (f" @{arch}" if arch else "")
-        src = {
-            r["seed"]: r["accuracy"]
-            for r in rows
-            if r["variant"] == reference and r["preset"] == preset
-        }
-        gains = [
-            r["accuracy"] - src[r["seed"]] for r in group if r["seed"] in src and "accuracy" in r
-        ]
         refused = sorted({r["refused"] for r in group if "refused" in r})
         if refused:
             s["refused"] = "; ".join(refused)
-        if gains and variant != reference:
-            s["gain_over_source"] = _mean_std(gains)
-            s["min_gain_over_source"] = round(min(gains), 4)
-            s["source_accuracy_by_seed"] = {str(k): round(v, 4) for k, v in src.items()}
+        if variant != reference:
+            _gains(
+                s, group, [r for r in rows if r["variant"] == reference and r["preset"] == preset]
+            )
         out.append(s)
     return out
 
@@ -453,38 +547,54 @@ def _fmt(s: dict[str, Any], key: str) -> str:
     return f"{s[key]['mean']:.3f} ± {s[key]['std']:.3f}"
 
 
+def _gain(s: dict[str, Any], prefix: str) -> str:
+    """``+0.123 (+0.045)``: the mean gain (min over seeds), or ``-``."""
+    g = s.get(f"{prefix}gain_over_source")
+    return "-" if g is None else f"{g['mean']:+.3f} ({s[f'min_{prefix}gain_over_source']:+.3f})"
+
+
+def _held(s: dict[str, Any], key: str) -> str:
+    """A held-out cell, naming its seeds where they are fewer than the row's."""
+    seeds = s.get("heldout_seeds")
+    cell = _fmt(s, key)
+    return cell if seeds is None or cell == "-" else f"{cell} [{','.join(map(str, seeds))}]"
+
+
 def markdown(payload: dict[str, Any]) -> str:
     """The table of the "## Accuracy" section."""
     tagged = any("arch" in r for r in payload.get("rows", []))
     arch_note = " (rows tagged `@ARCH`: that vendor architecture, `--arch`)" if tagged else ""
     lines = [
         f"`python benchmarks/accuracy.py`: studio -> target, {SIZE} px, "
-        f"{N_TARGET} target images, smallcnn source{arch_note} trained on {N_SOURCE} "
+        f"{N_TARGET} target train images, smallcnn source{arch_note} trained on {N_SOURCE} "
         "studio images per seed, CPU. Rows accumulate over runs (last run: "
         f"`{payload['argv']}`, {payload['machine']['threads']} threads). Mean ± std over "
-        "the seeds listed; `gain` = adapted - source-only accuracy of the same seed (min "
-        f"over seeds in brackets); `PL prec.` = precision of the selected pseudo-labels "
-        "(labels used for evaluation only); "
+        "the seeds listed. Two protocols: `accuracy` is transductive (scored on the train "
+        "images the method adapted on); `held-out` scores the same model on a disjoint "
+        f"test set of the preset ({N_TEST} images unless the row's `n_test` says otherwise, "
+        f"generator seed {TEST_SEED} + seed; the train set is seed {TRAIN_SEED} + seed), "
+        "`-` for rows measured before 2026-12-05 (transductive only; `[seeds]` when only "
+        "some of a row's seeds have it). `gain` = adapted - source-only accuracy of the "
+        "same seed on the same images, per protocol (min over seeds in brackets); `MCR` = "
+        "mean class recall; `PL prec.` = precision of the selected pseudo-labels on the "
+        "train images (labels used for evaluation only); "
         f"{SHORT_TAG} = the benchmark's default schedule, shorter than the methods' own "
         "defaults (rows without the tag ran those, `--full`): "
         + "; ".join(f"{m} {', '.join(o)}" for m, o in SHORT.items())
         + ".",
         "",
-        "| preset | method | seeds | accuracy | mean class recall | gain (min) | PL prec. "
-        "| s/run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| preset | method | seeds | accuracy | held-out | MCR | held-out MCR | gain (min) "
+        "| held-out gain (min) | PL prec. | s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in payload["summary"]:
-        gain = "-"
-        if "gain_over_source" in s:
-            g = s["gain_over_source"]
-            gain = f"{g['mean']:+.3f} ({s['min_gain_over_source']:+.3f})"
         secs = f"{s['seconds']['mean']:.0f}" if "seconds" in s else "-"
         accuracy = f"refused: {s['refused']}" if "refused" in s else _fmt(s, "accuracy")
         lines.append(
             f"| {s['preset']} | `{s['variant']}` | {','.join(map(str, s['seeds']))} | "
-            f"{accuracy} | "
-            f"{_fmt(s, 'mean_class_recall')} | {gain} | "
+            f"{accuracy} | {_held(s, 'heldout_accuracy')} | "
+            f"{_fmt(s, 'mean_class_recall')} | {_held(s, 'heldout_mean_class_recall')} | "
+            f"{_gain(s, '')} | {_gain(s, 'heldout_')} | "
             f"{_fmt(s, 'pseudo_label_precision')} | {secs} |"
         )
     return "\n".join(lines)
@@ -533,6 +643,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a timm.create_model option of --arch (repeatable; VALUE is read as JSON)",
     )
+    p.add_argument(
+        "--n-test",
+        type=int,
+        default=N_TEST,
+        help=f"held-out target test images per preset and seed (default {N_TEST}; "
+        f"generator seed {TEST_SEED} + seed, disjoint from the train images)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-docs", action="store_true")
@@ -561,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
         arch = parse_arch(args.arch, args.arch_option)
     except ValueError as err:
         p.error(str(err))
+    if not 1 <= args.n_test <= 10**6:
+        p.error(f"--n-test {args.n_test}: the held-out set needs 1 to 1,000,000 images")
     args.methods = expand_methods(args.methods)
     if args.seeds is None:
         args.seeds = [0] if args.quick else [0, 1, 2]
@@ -575,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         "presets": args.presets,
         "methods": args.methods,
         "schedule": "full" if args.full else "short",
+        "n_test": args.n_test,
         "machine": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -608,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
                     many = _split(variant)[0] in MULTI_SOURCE
                     pkgs = vendors[seed] if many else sources[seed]
                     extra = () if args.full else SHORT.get(_split(variant)[0], ())
-                    row = run_variant(variant, pkgs, preset, seed, extra)
+                    row = run_variant(variant, pkgs, preset, seed, extra, n_test=args.n_test)
                     row["threads"] = args.threads
                     if extra:
                         # Short runs are their own rows: never merged with full-length ones

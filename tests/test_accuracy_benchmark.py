@@ -90,9 +90,11 @@ def _run_main_faked(
             archs.append(arch)
         return tmp / f"{preset}-{seed}", 0.0
 
-    def fake_run(variant: str, pkgs: Any, preset: str, seed: int, extra: Any) -> dict[str, Any]:
+    def fake_run(
+        variant: str, pkgs: Any, preset: str, seed: int, extra: Any, n_test: int = -1
+    ) -> dict[str, Any]:
         calls.append((variant, seed, tuple(extra)))
-        return {**_row(variant, seed, 0.5), "preset": preset}
+        return {**_row(variant, seed, 0.5), "preset": preset, "n_test": n_test}
 
     monkeypatch.setattr(acc, "_source", fake_source)
     monkeypatch.setattr(acc, "run_variant", fake_run)
@@ -272,3 +274,129 @@ def test_a_refused_method_is_a_row_of_the_table_not_a_crash(
     payload = {"rows": rows, "summary": summary, "argv": "x", "machine": {"threads": 2}}
     assert f"| `adabn @vit` | 0 | refused: {why} | - | - |" in acc.markdown(payload)
     assert acc._outcome(rows[1]) == f"refused: {why}"
+
+
+def test_heldout_test_set_is_disjoint_and_the_train_set_unchanged(
+    load_benchmark: Callable[[str], ModuleType], monkeypatch: Any
+) -> None:
+    from sourcefree.data.synthetic import generate
+
+    acc = load_benchmark("accuracy")
+    monkeypatch.setattr(acc, "N_TARGET", 64)
+    for preset in acc.DEFAULT_PRESETS:
+        for seed in (0, 1):
+            train, test = acc.target_sets(preset, seed, 48)
+            # The train set is the images the transductive rows always used.
+            old = generate(preset, 64, acc.SIZE, seed=2000 + seed)
+            assert (train.images == old.images).all() and (train.labels == old.labels).all()
+            assert len(test.images) == 48 and len(acc.image_digests(test.images)) == 48
+            assert not acc.image_digests(train.images) & acc.image_digests(test.images)
+    same = generate("wild-mild", 8, acc.SIZE, seed=2000)
+    with pytest.raises(ValueError, match="8 held-out test image"):
+        acc.check_disjoint(same.images, same.images[::-1])
+
+
+def test_the_method_adapts_on_train_images_only_and_test_is_scored_after(
+    tmp_path: Path, load_benchmark: Callable[[str], ModuleType], monkeypatch: Any
+) -> None:
+    import numpy as np
+
+    acc = load_benchmark("accuracy")
+    real_cfg, real_data, real_trainer, real_predict = (
+        acc.TrainConfig, acc.TargetData, acc.Trainer, acc._predict
+    )  # fmt: skip
+    monkeypatch.setattr(acc, "N_SOURCE", 96)
+    monkeypatch.setattr(acc, "N_TARGET", 64)
+    monkeypatch.setattr(acc, "TrainConfig", lambda **kw: real_cfg(epochs=1, batch_size=32, **kw))
+    pkg, _ = acc._source(0, tmp_path)
+    events: list[tuple[str, Any]] = []
+
+    def spy_data(images: Any, **kw: Any) -> Any:
+        events.append(("adapt-data", acc.image_digests(images)))
+        return real_data(images=images, **kw)
+
+    class SpyTrainer(real_trainer):  # type: ignore[misc, valid-type]
+        def run(self) -> Any:
+            events.append(("train-start", acc.image_digests(self.data.images)))
+            out = super().run()
+            events.append(("train-end", None))
+            return out
+
+    def spy_predict(model: Any, images: Any, spec: Any) -> Any:
+        pred = real_predict(model, images, spec)
+        events.append(("predict", (acc.image_digests(images), pred)))
+        return pred
+
+    monkeypatch.setattr(acc, "TargetData", spy_data)
+    monkeypatch.setattr(acc, "Trainer", SpyTrainer)
+    monkeypatch.setattr(acc, "_predict", spy_predict)
+    row = acc.run_variant("shot", pkg, "wild-mild", 0, ("epochs=1",), n_test=40)
+    train, test = acc.target_sets("wild-mild", 0, 40)
+    seen_train, seen_test = acc.image_digests(train.images), acc.image_digests(test.images)
+    names = [name for name, _ in events]
+    assert names == ["adapt-data", "train-start", "train-end", "predict", "predict"]
+    assert events[0][1] == seen_train and events[1][1] == seen_train  # the method's data
+    (_, (d1, p1)), (_, (d2, p2)) = events[3], events[4]
+    assert (d1, d2) == (seen_train, seen_test)  # test images: only predicted, after training
+    assert row["accuracy"] == float((p1 == train.labels).mean())
+    assert row["heldout_accuracy"] == float((p2 == test.labels).mean())
+    assert row["n_test"] == 40 and 0.0 <= row["heldout_mean_class_recall"] <= 1.0
+    assert np.isfinite(row["pseudo_label_precision"])  # judged on the train labels
+    # The references without adaptation are scored on both sets too.
+    src = acc.run_variant("source-only", pkg, "wild-mild", 0, (), n_test=40)
+    avg = acc.run_variant("source-avg", [pkg, pkg], "wild-mild", 0, (), n_test=40)
+    assert avg["heldout_accuracy"] == avg["heldout_source_avg_accuracy"]
+    assert avg["heldout_accuracy"] == src["heldout_accuracy"]
+    assert avg["heldout_source_accuracy_by_vendor"] == [round(src["heldout_accuracy"], 4)] * 2
+
+
+def test_gains_are_per_protocol_and_old_rows_without_heldout_still_render(
+    load_benchmark: Callable[[str], ModuleType],
+) -> None:
+    acc = load_benchmark("accuracy")
+
+    def new(variant: str, seed: int, acc_: float, held: float) -> dict[str, Any]:
+        return {**_row(variant, seed, acc_), "heldout_accuracy": held,
+                "heldout_mean_class_recall": held, "n_test": 2000}  # fmt: skip
+
+    rows = [
+        _row("source-only", 1, 0.5), _row("tent", 1, 0.7),  # before the split: transductive
+        _row("adabn", 1, 0.6),
+        new("source-only", 0, 0.4, 0.35), new("tent", 0, 0.6, 0.5),
+    ]  # fmt: skip
+    summary = {s["variant"]: s for s in acc.summarise(rows)}
+    tent = summary["tent"]
+    assert tent["gain_over_source"]["mean"] == 0.2 and tent["gain_over_source"]["n"] == 2
+    assert tent["heldout_gain_over_source"]["mean"] == 0.15
+    assert tent["heldout_gain_over_source"]["n"] == 1 and tent["heldout_seeds"] == [0]
+    assert "heldout_gain_over_source" not in summary["adabn"]
+    payload = {"rows": rows, "summary": list(summary.values()), "argv": "x",
+               "machine": {"threads": 2}}  # fmt: skip
+    table = acc.markdown(payload)
+    assert (
+        "| accuracy | held-out | MCR | held-out MCR | gain (min) | held-out gain (min) |" in table
+    )
+    assert "| `adabn` | 1 | 0.600 ± 0.000 | - | 0.600 ± 0.000 | - | +0.100 (+0.100) | - |" in table
+    assert (
+        "| `tent` | 0,1 | 0.650 ± 0.071 | 0.500 ± 0.000 [0] | 0.650 ± 0.071 | "
+        "0.500 ± 0.000 [0] | +0.200 (+0.200) | +0.150 (+0.150) | - |"
+    ) in table
+
+
+def test_n_test_reaches_every_run_and_a_bad_one_is_refused(
+    tmp_path: Path,
+    load_benchmark: Callable[[str], ModuleType],
+    monkeypatch: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    acc = load_benchmark("accuracy")
+    out = tmp_path / "acc.json"
+    _, payload = _run_main_faked(acc, monkeypatch, out, ["--methods", "tent", "--seeds", "0"])
+    assert payload["n_test"] == acc.N_TEST and payload["rows"][0]["n_test"] == acc.N_TEST
+    args = ["--methods", "tent", "--seeds", "0", "--n-test", "300"]
+    _, payload = _run_main_faked(acc, monkeypatch, out, args)
+    assert payload["n_test"] == 300 and payload["rows"][0]["n_test"] == 300
+    with pytest.raises(SystemExit) as err:
+        _run_main_faked(acc, monkeypatch, tmp_path / "bad.json", [*args[:-1], "0"])
+    assert err.value.code == 2 and "--n-test 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()
