@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -510,13 +511,16 @@ def test_views_of_every_kth_image_are_those_rows_of_the_full_views() -> None:
         expected = np.mean([float((b[rows] == full.predictions[rows]).double().mean())
                             for b in full.view_predictions])  # fmt: skip
         assert sel.augmentation_stability(part) == pytest.approx(expected)
-        same = torch.stack([(b[rows] == full.predictions[rows]).double()
+        kept = torch.stack([(b[rows] == full.predictions[rows]).double()
                             for b in full.view_predictions]).mean(0)  # fmt: skip
-        se = float(same.std(unbiased=False)) / math.sqrt(len(rows))
+        se = float(kept.std(unbiased=False)) / math.sqrt(len(rows))
         assert sel.standard_errors(part, part)["stability"] == pytest.approx(se, abs=1e-6)
-    same = sel.model_outputs(model, x, view_images=300)  # at least every image: all of them
-    assert same.view_rows is None
-    assert all(torch.equal(a, b) for a, b in zip(same.view_predictions, full.view_predictions))
+    whole = sel.model_outputs(model, x, view_images=300)  # at least every image: all of them
+    assert whole.view_rows is None
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(whole.view_predictions, full.view_predictions, strict=True)
+    )
     with pytest.raises(ConfigError, match="view_images"):
         sel.model_outputs(model, x, view_images=-1)
 
