@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,15 @@ Say = Callable[[str], None]
     help="YAML file of config overrides.",
 )
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key.")
+@click.option(
+    "--preset",
+    default="cpu",
+    show_default=True,
+    metavar="NAME",
+    help="Config preset under --config and --set: cpu (the defaults, sized for a CPU) or "
+    "paper (each paper's schedule, for a GPU; `sourcefree methods` lists its values). "
+    "Not with -m auto or --select auto.",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
 @click.option(
     "--workdir",
@@ -196,6 +206,7 @@ def adapt_command(
     Example:
       sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/
       sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/ --set lr=0.0005
+      sourcefree adapt vendor-pkg/ faces/ -m clup -o adapted/ --preset paper --device cuda
       sourcefree adapt vendor-pkg/ faces/ -m tent -o adapted/ --resume
       sourcefree adapt vendor-pkg/ faces/ -m shot -o adapted/ --select auto
       sourcefree adapt vendor-pkg/ faces/ -m auto -o adapted/ --budget-s 1800
@@ -367,6 +378,7 @@ def methods_command(as_json: bool) -> None:
       sourcefree adapt vendor-pkg/ faces/ -m shot -o adapted/ --set epochs=5
     """
     from sourcefree.engine.config import describe
+    from sourcefree.engine.presets import method_presets
     from sourcefree.engine.registry import get_method, list_methods
 
     rows: list[dict[str, Any]] = []
@@ -378,6 +390,7 @@ def methods_command(as_json: bool) -> None:
                 "description": cls.description,
                 "sources": [cls.min_sources, cls.max_sources],
                 "selection_grid": [dict(entry) for entry in cls.selection_grid],
+                "presets": method_presets(name),
                 "options": [
                     {"key": k, "default": d, "help": h} for k, d, h in describe(cls.config_class)
                 ],
@@ -396,7 +409,27 @@ def methods_command(as_json: bool) -> None:
                 ",".join(f"{k}={v}" for k, v in entry.items()) for entry in row["selection_grid"]
             )
             click.echo(f"    --select auto tries: {grid}")
+        _echo_presets(row["presets"])
         click.echo("")
+
+
+def _echo_presets(presets: dict[str, list[dict[str, Any]]]) -> None:
+    """One line per preset other than ``cpu``: the values it sets (``methods``)."""
+    for name, values in presets.items():
+        if name == "cpu":
+            continue
+        text = " ".join(f"{v['key']}={_setting(v['value'])}" for v in values)
+        text = text or "(the defaults: the paper gives no schedule)"
+        click.echo(
+            textwrap.fill(
+                text, 96, initial_indent=f"    --preset {name}: ", subsequent_indent=" " * 8
+            )
+        )
+
+
+def _setting(value: Any) -> str:
+    """A preset value as ``--set`` takes it (lists comma-separated)."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 @click.command("evaluate")

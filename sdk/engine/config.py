@@ -363,8 +363,11 @@ def load_config(
     file: str | os.PathLike[str] | None = None,
     overrides: Sequence[str] = (),
     base: Mapping[str, Any] | None = None,
+    preset: Mapping[str, Any] | None = None,
 ) -> C:
-    """Defaults, then ``base``, then the YAML ``file``, then ``--set`` overrides.
+    """Defaults, then ``preset``, then ``base``, then the YAML ``file``, then ``--set`` overrides.
+
+    ``preset``: a ``--preset`` layer (:func:`sourcefree.engine.presets.preset_layer`).
 
     Raises:
         ConfigError: unknown keys ("did you mean"), wrong types, unreadable files.
@@ -372,6 +375,8 @@ def load_config(
     _check_class(cls)
     data: dict[str, Any] = to_dict(cls())
     layers: list[Mapping[str, Any]] = []
+    if preset is not None:
+        layers.append(preset)
     if base is not None:
         layers.append(base)
     if file is not None:

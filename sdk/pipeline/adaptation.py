@@ -377,6 +377,7 @@ def _run_fields(prep: Prepared, trained: Trained) -> dict[str, Any]:
     result = trained.result
     return {
         "method": trained.method,
+        "preset": prep.request.preset,
         "config": trained.config,
         "seed": prep.request.seed,
         "device": result.device if result is not None else str(prep.dev),

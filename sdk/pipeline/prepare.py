@@ -468,6 +468,7 @@ def _method_config(
 ) -> tuple[type[Method] | None, Any, Mapping[str, Any] | None]:
     """The named method's class and resolved config, and the request's config as a base."""
     from sourcefree.engine import config as cfgmod
+    from sourcefree.engine.presets import preset_layer
     from sourcefree.engine.registry import get_method
 
     config = request.config
@@ -479,9 +480,12 @@ def _method_config(
         return None, None, base
     cls = get_method(request.method)
     file, overrides = request.config_file, request.overrides
+    preset = preset_layer(request.method, request.preset)  # under base, file and --set
     return (
         cls,
-        cfgmod.load_config(cls.config_class, file=file, overrides=overrides, base=base),
+        cfgmod.load_config(
+            cls.config_class, file=file, overrides=overrides, base=base, preset=preset
+        ),
         base,
     )
 

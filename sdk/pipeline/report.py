@@ -345,11 +345,14 @@ class AdaptReport:
     plan: Json | None = None
     """The run's plan (``sourcefree.pipeline.runplan.RunPlan.to_dict``): phases, steps,
     the estimated and the measured training seconds."""
+    preset: str = "cpu"
+    """The config preset the run started from (``--preset``: ``cpu`` or ``paper``)."""
 
     def to_dict(self) -> Json:
         out: Json = {
             "format": self.format,
-            **{k: getattr(self, k) for k in ("method", "config", "seed", "device", "amp")},
+            **{k: getattr(self, k) for k in ("method", "preset", "config", "seed", "device")},
+            "amp": self.amp,
             "memory_format": self.memory_format,
             "sources": [s.to_dict() for s in self.sources],
             "target": {"images": self.target_images, "read": dict(self.target_read)},
@@ -393,4 +396,5 @@ class AdaptReport:
             package=d["package"],
             format=d["format"],
             plan=d.get("plan"),
+            preset=d.get("preset", "cpu"),
         )

@@ -43,6 +43,10 @@ class AdaptRequest:
         config: a config instance or a dict of overrides of the method's defaults.
         config_file: YAML file of overrides.
         overrides: ``key=value`` strings (dotted keys for nested sections).
+        preset: ``cpu`` (the method's defaults) or ``paper`` (the paper's schedule,
+            for a GPU: :mod:`sourcefree.engine.presets`); the first layer over the
+            defaults, under ``config``, ``config_file`` and ``overrides``. Not with
+            ``method="auto"`` or ``select="auto"``.
         resume: continue from the newest checkpoint in the run directory.
         workdir: private run directory (default ``.<OUT>.work`` beside OUT).
         keep_workdir: keep the run directory after success.
@@ -90,6 +94,8 @@ class AdaptRequest:
 
     Raises:
         ConfigError: ``gate_sample``, ``select``, ``budget_s`` or ``workers`` out of range,
+            an unknown ``preset``, or a preset other than ``cpu`` with ``-m auto`` /
+            ``--select auto``,
             ``overrides`` given as one string, a config with ``method="auto"``,
             ``require_signature`` without ``keys``, an unknown ``data_format`` or an
             option it does not take, or ``eval_format_labels`` with ``eval_labels`` or
@@ -116,6 +122,7 @@ class AdaptRequest:
     config: Any = None
     config_file: str | os.PathLike[str] | None = None
     overrides: Sequence[str] = ()
+    preset: str = "cpu"
     resume: bool = False
     workdir: str | os.PathLike[str] | None = None
     keep_workdir: bool = False
@@ -150,6 +157,9 @@ class AdaptRequest:
                 f"pass [{str(self.overrides)[:40]!r}]",
             )
         object.__setattr__(self, "overrides", tuple(self.overrides))
+        from sourcefree.engine.presets import check_preset
+
+        check_preset(self.preset)
         if not isinstance(self.packages, (str, os.PathLike, Package)):
             object.__setattr__(self, "packages", tuple(self.packages))
         object.__setattr__(self, "keys", self.key_sources)
@@ -270,6 +280,13 @@ class AdaptRequest:
     def _check_multi(self) -> None:
         """Refuse what ``-m auto`` / ``--select auto`` cannot honour (torchrun: at prepare)."""
         flag = "-m auto" if self.auto else "--select auto"
+        if self.preset != "cpu":
+            raise ConfigError(
+                f"{flag} with --preset {self.preset}",
+                f"{flag} tries a CPU-sized grid within a budget; the {self.preset} preset "
+                "fixes the schedule the grid varies, at GPU length, for one named method",
+                f"name the method and drop {flag}, or drop --preset",
+            )
         if self.resume:
             raise ResumeError(
                 f"{flag} cannot resume",
@@ -289,6 +306,7 @@ class AdaptRequest:
 #: CLI options of ``sourcefree adapt`` that take a value, by request field.
 _OPTIONS = {
     "workdir": "--workdir",
+    "preset": "--preset",
     "device": "--device",
     "eval_labels": "--eval-labels",
     "seed": "--seed",

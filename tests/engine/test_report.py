@@ -232,6 +232,7 @@ def test_report_html_escapes_text_and_survives_odd_values() -> None:
 REPORT_KEYS = [
     "format",
     "method",
+    "preset",
     "config",
     "seed",
     "device",
