@@ -273,8 +273,13 @@ def ratios(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 # --- photos and faces ---------------------------------------------------------------
 
 
-def photo_rows(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], ImageDataset]:
-    """(c): full vs reduced-scale decoding of the large JPEGs (1 worker); and the photos."""
+def photo_rows(
+    args: argparse.Namespace, work: Path, *, time_it: bool = True
+) -> tuple[dict[str, Any], ImageDataset]:
+    """(c): full vs reduced-scale decoding of the large JPEGs (1 worker); and the photos.
+
+    ``time_it=False``: write and list the photos only (for the face rows).
+    """
     folder = work / f"photos-{args.photos}-{args.photo_side}"
     write_photos(folder, args.photos, args.photo_side, args.seed + 1)
     data = read_image_folder(folder)
@@ -284,6 +289,8 @@ def photo_rows(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], Im
         "photo_side": args.photo_side,
         "size": args.photo_size,
     }
+    if not time_it:
+        return out, data
     for name, reduced in (("full", False), ("reduced", True)):
         loaded, seconds = timed_load(
             data, args.repeats, spec=spec, workers=1, reduced_decode=reduced
@@ -556,7 +563,7 @@ def _value(row: dict[str, Any], key: str) -> float:
 
 def svg(payload: dict[str, Any]) -> str:
     """Time per image and peak RssAnon against N, one line per method (plain SVG text)."""
-    rows = [r for r in payload["rows"] if r["ok"]]
+    rows = [r for r in payload["rows"] or [] if r["ok"]]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     body = _panel(rows, "ms", "time per image (ms, whole adapt run)", 0.0, methods)
     body += _panel(rows, "mb", "peak anonymous memory (MiB, RssAnon)", 380.0, methods)
@@ -574,7 +581,21 @@ def svg(payload: dict[str, Any]) -> str:
     )
 
 
+def _not_measured(payload: dict[str, Any], part: str) -> list[str]:
+    return [f"- {part}: not measured yet (`python benchmarks/scale.py --parts {part}`)."]
+
+
+def _measured_on(payload: dict[str, Any], part: str) -> list[str]:
+    """A line naming the date of a part kept from an earlier run, nothing for this run's."""
+    when = (payload.get("parts") or {}).get(part)
+    if when in (None, "measured"):
+        return []
+    return [f"- {part}: measured {when}, kept from the earlier results file."]
+
+
 def _scale_table(payload: dict[str, Any]) -> list[str]:
+    if payload["rows"] is None:
+        return _not_measured(payload, "scale")
     lines = [
         "| method | images | exit | load | steps | outside steps | export | total "
         "| peak RssAnon MiB | workers' peak MiB |",
@@ -598,7 +619,7 @@ def _scale_table(payload: dict[str, Any]) -> list[str]:
             f"{q['time_per_image']}x (training stage {q['train_time_per_image']}x); "
             f"peak RssAnon {q['peak_rss_anon']}x ({q['peak_rss_anon_added_mb']:+.0f} MiB)."
         )
-    return lines
+    return lines + _measured_on(payload, "scale")
 
 
 def _decode_tables(payload: dict[str, Any]) -> list[str]:
@@ -608,19 +629,29 @@ def _decode_tables(payload: dict[str, Any]) -> list[str]:
         "| decode | images | workers | ms/image | speedup |",
         "|---|---|---|---|---|",
     ]
-    for r in payload["decode_throughput"]:
+    for r in payload["decode_throughput"] or []:
         lines.append(
             f"| {payload['size']} px PNG faces | {r['images']} | {r['workers']} "
             f"| {1000 * r['seconds'] / r['images']:.3f} | {r.get('speedup', '')} |"
         )
-    for name in ("full", "reduced"):
+    for name in ("full", "reduced") if p is not None else ():
         speedup = p["speedup"] if name == "reduced" else ""
         lines.append(
             f"| {p['photo_side']} px JPEGs to {p['size']} px, {name} | {p['images']} | 1 "
             f"| {p[name]['ms_per_image']:.3f} | {speedup} |"
         )
+    lines += [""]
+    for part, key in (("decode", "decode_throughput"), ("photos", "photos")):
+        lines += _measured_on(payload, part) if payload[key] is not None else []
+        lines += _not_measured(payload, part) if payload[key] is None else []
+    return lines + _face_table(payload)
+
+
+def _face_table(payload: dict[str, Any]) -> list[str]:
     f = payload["faces"]
-    lines += [
+    if f is None:
+        return _not_measured(payload, "faces")
+    lines = [
         "",
         "| photos | faces | workers | images | no face | eyes not found | ms/image "
         "| extra ms/image over none |",
@@ -636,7 +667,7 @@ def _decode_tables(payload: dict[str, Any]) -> list[str]:
         "`extra` is the time over the same photos decoded without face preprocessing."
     )
     lines += [f"- {note}" for note in f["notes"]]
-    return lines
+    return lines + _measured_on(payload, "faces")
 
 
 def markdown(payload: dict[str, Any], svg_link: str | None) -> str:
@@ -658,7 +689,9 @@ def markdown(payload: dict[str, Any], svg_link: str | None) -> str:
         *_scale_table(payload),
         *_decode_tables(payload),
     ]
-    o = payload["overhead"]
+    o = payload["overhead"] or {}
+    if not o:
+        lines += ["", *_not_measured(payload, "overhead")]
     if o.get("ok"):
         lines += [
             "",
@@ -670,6 +703,7 @@ def markdown(payload: dict[str, Any], svg_link: str | None) -> str:
             f"steps: the engine {o['engine']['outside_steps_s']:.2f} s (labelling pass, "
             f"checkpoints, set-up), the plain loop's labelling pass "
             f"{o['plain']['labelling_s']:.2f} s.",
+            *_measured_on(payload, "overhead"),
         ]
     if svg_link:
         lines += ["", f"![time per image and peak memory against N]({svg_link})"]
@@ -696,6 +730,58 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive count")
     return value
+
+
+#: Parts of the benchmark (``--parts``) and the payload keys each one writes.
+PARTS = ("scale", "decode", "overhead", "photos", "faces")
+PART_KEYS = {
+    "scale": ("rows",),
+    "decode": ("decode_throughput",),
+    "overhead": ("overhead",),
+    "photos": ("photos",),
+    "faces": ("faces",),
+}
+
+
+def run_parts(args: argparse.Namespace, work: Path) -> dict[str, dict[str, Any]]:
+    """Run the parts ``--parts`` names; each returns its payload keys."""
+    out: dict[str, dict[str, Any]] = {}
+    chosen = set(args.parts)
+    pkg = None
+    if chosen & {"scale", "overhead"}:
+        pkg = vendor(work / f"vendor-{args.size}", args.size, args.seed)
+    if "scale" in chosen and pkg is not None:
+        out["scale"] = {"rows": scale_rows(args, work, pkg)}
+    if "decode" in chosen:
+        synth(work, min(args.n), args.size, args.seed)
+        rows = throughput(work / f"px{args.size}", min(args.n), args.repeats, args.seed)
+        out["decode"] = {"decode_throughput": rows}
+    if "overhead" in chosen and pkg is not None:
+        out["overhead"] = {"overhead": overhead(args, work, pkg)}
+    if chosen & {"photos", "faces"}:
+        photo, photo_data = photo_rows(args, work, time_it="photos" in chosen)
+        if "photos" in chosen:
+            out["photos"] = {"photos": photo}
+        if "faces" in chosen:
+            out["faces"] = {"faces": faces(args, work, photo_data)}
+    return out
+
+
+def previous_parts(path: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The parts not run now, from an earlier results file of the same settings (if any)."""
+    if set(args.parts) == set(PARTS) or not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    if (old.get("size"), old.get("quick")) != (args.size, args.quick):
+        return {}
+    dates = old.get("parts") or {name: old.get("date") for name in PARTS}
+    kept = {}
+    for name in PARTS:
+        if name in args.parts or any(old.get(k) is None for k in PART_KEYS[name]):
+            continue
+        date = old.get("date") if dates.get(name) == "measured" else dates.get(name)
+        kept[name] = {"date": date, "values": {k: old[k] for k in PART_KEYS[name]}}
+    return kept
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -725,6 +811,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--svg", type=Path, default=None, help=f"plot path (default: {SVG_NAME} beside --docs)"
     )
     p.add_argument("--no-docs", action="store_true", help="do not edit the docs")
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="run only these parts; the others are kept from the results file (if any)",
+    )
     args = p.parse_args(argv)
     quick = {
         "n": [200, 400], "size": 32, "methods": ["adabn", "shot"], "photos": 20,
@@ -753,12 +846,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        pkg = vendor(work / f"vendor-{args.size}", args.size, args.seed)
-        rows = scale_rows(args, work, pkg)
-        decode_rows = throughput(work / f"px{args.size}", min(args.n), args.repeats, args.seed)
-        over = overhead(args, work, pkg)
-        photo, photo_data = photo_rows(args, work)
-        face = faces(args, work, photo_data)
+        parts = run_parts(args, work)
+    out = args.results or RESULTS / ("scale-quick.json" if args.quick else "scale.json")
+    kept = previous_parts(out, args)
     payload = {
         "date": time.strftime("%Y-%m-%d"),
         "argv": public_argv(raw_argv),
@@ -774,20 +864,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "interval_s": args.interval,
         "size": args.size,
         "quick": args.quick,
-        "rows": rows,
-        "ratios": ratios(rows),
-        "decode_throughput": decode_rows,
-        "photos": photo,
-        "faces": face,
-        "overhead": over,
+        "parts": {
+            name: ("measured" if name in parts else kept.get(name, {}).get("date"))
+            for name in PARTS
+        },
+        **{key: None for name in PARTS for key in PART_KEYS[name]},
+        **{k: v for part in kept.values() for k, v in part["values"].items()},
+        **{k: v for part in parts.values() for k, v in part.items()},
     }
-    out = args.results or RESULTS / ("scale-quick.json" if args.quick else "scale.json")
+    payload["ratios"] = ratios(payload["rows"]) if payload["rows"] is not None else None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
     docs = not (args.quick or args.no_docs)
     svg_path = args.svg or (args.docs.parent / SVG_NAME if docs else None)
     link = None
-    if svg_path is not None:
+    if svg_path is not None and payload["rows"]:
         svg_path.parent.mkdir(parents=True, exist_ok=True)
         svg_path.write_text(svg(payload))
         if svg_path.resolve().parent == args.docs.resolve().parent:

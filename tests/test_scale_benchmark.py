@@ -78,3 +78,28 @@ def test_scale_hides_paths_and_computes_ratios_per_method(
     ratio = bench.ratios([*rows, {"method": "shot", "images": 4000, "ok": True}])
     assert list(ratio) == ["adabn"]  # one size of shot: no ratio
     assert ratio["adabn"]["time_per_image"] == 1.5 and ratio["adabn"]["peak_rss_anon"] == 1.2
+
+
+def test_parts_run_alone_and_merge_with_the_results_file(
+    load_benchmark: Callable[[str], ModuleType], tmp_path: Path
+) -> None:
+    bench = load_benchmark("scale")
+    results = tmp_path / "scale.json"
+    base = ["--quick", "--workdir", str(tmp_path / "w"), "--results", str(results), "--no-docs"]
+    assert bench.main([*base, "--parts", "decode"]) == 0
+    first = json.loads(results.read_text())
+    assert first["parts"]["decode"] == "measured" and first["parts"]["photos"] is None
+    assert first["decode_throughput"] and first["rows"] is None and first["photos"] is None
+    assert "not measured yet" in bench.markdown(first, None)  # rows, photos, faces, overhead
+    first["date"] = "2026-01-02"  # as if the decode part had run on another day
+    results.write_text(json.dumps(first))
+    assert bench.main([*base, "--parts", "photos"]) == 0
+    merged = json.loads(results.read_text())
+    assert merged["decode_throughput"] == first["decode_throughput"]  # kept, not re-run
+    assert merged["parts"]["decode"] == "2026-01-02" and merged["parts"]["photos"] == "measured"
+    assert merged["photos"]["reduced"]["ms_per_image"] > 0 and merged["rows"] is None
+    text = bench.markdown(merged, None)
+    assert "decode: measured 2026-01-02" in text and "scale: not measured yet" in text
+    # another image size: the earlier parts are not merged
+    assert bench.main([*base, "--size", "16", "--parts", "photos"]) == 0
+    assert json.loads(results.read_text())["decode_throughput"] is None
