@@ -17,13 +17,22 @@ Reported (labels judge the selectors; they choose nothing):
 - **``-m auto``**: the method default with the best label-free value, passed
   through the gate, against the best single method by labels;
 - **gate**: for every adapted candidate, the calibrated and the uncalibrated
-  decision against the truth (adapted more accurate than the source).
+  decision against the truth (adapted more accurate than the source);
+- **validators**: ours (the selection value) next to the field's validators
+  (IM, SND, BNM, ClassAMI: :mod:`sourcefree.pipeline.validators`) on the same pools,
+  by the weighted Spearman correlation of Musgrave et al. (arXiv 2208.07360) and the
+  regret of the candidate each one picks, judged on a held-out target *test* set of
+  the same preset (generator seed ``4000 + s``, as benchmarks/accuracy.py) that no
+  method adapts on; rows without it (older runs) are judged transductively.
+
+CluP and POCAN run the shortened schedule of benchmarks/accuracy.py (:data:`SHORT`);
+the other methods their defaults and their ``selection_grid``.
 
 Writes ``benchmarks/results/selection.json`` and the "## Label-free selection"
 section of ``docs/benchmarks.md``.
 
     python benchmarks/selection.py [--methods adabn tent shot] [--presets wild-mild prior-shift]
-                                   [--seeds 0 1 2] [--quick]
+                                   [--seeds 0 1 2] [--quick] [--n-test 2000]
 """
 
 from __future__ import annotations
@@ -35,38 +44,59 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from sourcefree.data.synthetic import CLASSES, generate
-from sourcefree.engine import config as cfgmod
-from sourcefree.engine.method import MethodContext, SourceModel, TargetData
-from sourcefree.engine.models import load_classifier
-from sourcefree.engine.registry import get_method
-from sourcefree.engine.reproducibility import seed_everything
-from sourcefree.engine.trainer import Trainer
-from sourcefree.export import source_package
-from sourcefree.fsutil import replace_marked_block
-from sourcefree.package.loader import Package, load_package
-from sourcefree.package.manifest import Calibration, InputSpec
-from sourcefree.pipeline import selection as sel
-from sourcefree.vendor.training import TrainConfig, train_classifier
-
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: benchmarks.* are importable from the root
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import accuracy  # noqa: E402
+from sourcefree.data.synthetic import CLASSES, generate  # noqa: E402
+from sourcefree.engine import config as cfgmod  # noqa: E402
+from sourcefree.engine.method import MethodContext, SourceModel, TargetData  # noqa: E402
+from sourcefree.engine.models import load_classifier  # noqa: E402
+from sourcefree.engine.registry import get_method  # noqa: E402
+from sourcefree.engine.reproducibility import seed_everything  # noqa: E402
+from sourcefree.engine.trainer import Trainer  # noqa: E402
+from sourcefree.export import source_package  # noqa: E402
+from sourcefree.fsutil import replace_marked_block  # noqa: E402
+from sourcefree.package.loader import Package, load_package  # noqa: E402
+from sourcefree.package.manifest import Calibration, InputSpec  # noqa: E402
+from sourcefree.pipeline import selection as sel  # noqa: E402
+from sourcefree.pipeline import validators as val  # noqa: E402
+from sourcefree.vendor.training import TrainConfig, train_classifier  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "selection.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
 START = "<!-- selection:start -->"
 END = "<!-- selection:end -->"
 
 SIZE = 32
-DEFAULT_METHODS = ("adabn", "tent", "shot", "shot-im", "difc")
+DEFAULT_METHODS = ("adabn", "tent", "shot", "shot-im", "difc", "clup", "pocan")
 QUICK_METHODS = ("adabn", "tent", "shot", "shot-im")
 #: Row keys of the pool values (see :func:`rank_pools`) and of the rule each pool used.
 POOL_KEYS = {"value": "rule", "grid_value": "grid_rule", "default_value": "default_rule"}
 SCORES = ("entropy", "im", "snd", "agreement", "kappa", "stability", "atc", "anchored")
+#: Config overrides every candidate of these methods starts from: benchmarks/accuracy.py's
+#: SHORT schedule (the other methods' candidates set their own epochs).
+SHORT: dict[str, tuple[str, ...]] = {m: accuracy.SHORT[m] for m in ("clup", "pocan")}
+#: Generator seed offset of the held-out target test set (benchmarks/accuracy.py's).
+TEST_SEED = accuracy.TEST_SEED
+#: Ours and the field's validators, in the "Validators" table's order, with their labels.
+VALIDATOR_COLUMNS = {
+    "value": "ours (`value`)",
+    "im": "IM",
+    "snd": "SND",
+    "bnm": "BNM",
+    "class_ami": "ClassAMI",
+}
+#: Power of the weights of :func:`weighted_spearman` (Musgrave et al.'s evaluation).
+WEIGHT_POWER = 2.0
 
 
 def _source(seed: int, workdir: Path, n_source: int, n_val: int) -> tuple[Path, float]:
@@ -98,25 +128,73 @@ def _candidates(methods: list[str]) -> list[sel.Candidate]:
     return out
 
 
-def _config_key(cand: sel.Candidate) -> str:
+def _config(cand: sel.Candidate) -> Any:
+    """The candidate's config: the method's defaults (:data:`SHORT` where listed), its entry."""
     cls = get_method(cand.method)
-    cfg = sel.apply_overrides(cls.config_class, cfgmod.to_dict(cls.config_class()), cand.overrides)
-    return cand.method + json.dumps(cfgmod.to_dict(cfg), sort_keys=True)
+    base = cfgmod.load_config(cls.config_class, overrides=SHORT.get(cand.method, ()))
+    return sel.apply_overrides(cls.config_class, cfgmod.to_dict(base), cand.overrides)
+
+
+def _config_key(cand: sel.Candidate) -> str:
+    return cand.method + json.dumps(cfgmod.to_dict(_config(cand)), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one model leaves for the rows: its outputs on the target and test images."""
+
+    outputs: sel.Outputs
+    seconds: float
+    features: torch.Tensor
+    """(N, D) penultimate features of the target images (ClassAMI)."""
+    heldout: torch.Tensor | None
+    """(M,) top-1 on the held-out test images; None without a test set."""
+
+
+@torch.no_grad()
+def _features(model: torch.nn.Module, data: TargetData) -> torch.Tensor:
+    """Eval-mode penultimate features (the second output of a ``Classifier``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(x)[1].float() for _, x in data.batches()])
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(
+    model: torch.nn.Module, data: TargetData, test: TargetData | None, seconds: float
+) -> Run:
+    """Outputs and features on the target images, and top-1 on the test images."""
+    heldout = None if test is None else sel.model_outputs(model, test, views=False).predictions
+    return Run(sel.model_outputs(model, data), seconds, _features(model, data), heldout)
 
 
 def _run(
-    cand: sel.Candidate, pkg: Package, data: TargetData, seed: int
-) -> tuple[sel.Outputs, float]:
+    cand: sel.Candidate, pkg: Package, data: TargetData, test: TargetData | None, seed: int
+) -> Run:
     cls = get_method(cand.method)
-    cfg = sel.apply_overrides(cls.config_class, cfgmod.to_dict(cls.config_class()), cand.overrides)
+    cfg = _config(cand)
     model = load_classifier(pkg.manifest.architecture, pkg.weights_bytes)
     device = torch.device("cpu")
     seed_everything(seed)
     method = cls(cfg, MethodContext((SourceModel(pkg, model),), data, device, seed))
     t0 = time.perf_counter()
     Trainer(method, data, device=device, seed=seed).run()
-    outputs = sel.model_outputs(method.export_model(), data)
-    return outputs, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    return _evaluate(method.export_model(), data, test, seconds)
+
+
+def validator_fields(run: Run) -> dict[str, float]:
+    """The field's validators the scores lack (BNM, ClassAMI), to six significant digits.
+
+    IM and SND are the rows' ``scores.im`` and ``scores.snd`` (the same functions).
+    """
+    values = {
+        "bnm": val.batch_nuclear_norm(run.outputs),
+        "class_ami": val.class_ami(run.features, run.outputs),
+    }
+    return {k: float(f"{v:.6g}") for k, v in values.items()}
 
 
 def rank_pools(group: list[dict[str, Any]], outputs_of: dict[str, sel.Outputs]) -> None:
@@ -177,7 +255,8 @@ def subsample_rows(
     rows = []
     for r in group:
         out = src if r["candidate"] == "source-only" else subsets[r["config_key"]]
-        rows.append({**r, "scores": sel.score_outputs(out, src, cal).to_dict(), "draw": draw})
+        kept = {k: v for k, v in r.items() if k != "validators"}  # of the full set: dropped
+        rows.append({**kept, "scores": sel.score_outputs(out, src, cal).to_dict(), "draw": draw})
     rank_pools(rows, subsets)
     return rows
 
@@ -265,6 +344,125 @@ def spearman(x: list[float], y: list[float]) -> float | None:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def weighted_ranks(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Ranks of ``x`` where each value counts with its weight ``w`` (1-based).
+
+    The weighted rank of the wCorr definition (Bailey et al., the R package
+    ``wCorr``; the Python ``WeightedCorr`` that Musgrave et al.'s evaluation calls):
+    the summed weight of the smaller values plus ``(t + 1) / 2`` times the mean
+    weight of the ``t`` values tied with it. With every weight 1 it is the plain
+    average rank.
+    """
+    out = np.empty(len(x))
+    below = 0.0
+    for value in np.unique(x):  # ascending
+        tie = x == value
+        out[tie] = below + (int(tie.sum()) + 1) / 2 * float(w[tie].mean())
+        below += float(w[tie].sum())
+    return out
+
+
+def weighted_spearman(
+    scores: list[float], accuracies: list[float], power: float = WEIGHT_POWER
+) -> float | None:
+    """Musgrave et al.'s weighted Spearman correlation of validator scores with accuracy.
+
+    Each candidate weighs ``(r / R) ** power`` (power 2 in their evaluation), ``r``
+    the dense rank of its validator score (1 for the lowest, ``R`` for the highest),
+    so the candidates a validator ranks near the top, the ones it would pick, count
+    most; then the weighted Pearson correlation of the weighted ranks
+    (:func:`weighted_ranks`) of scores and accuracies. Musgrave, Belongie & Lim,
+    "Benchmarking validation methods for unsupervised domain adaptation" (2022,
+    arXiv 2208.07360). None for fewer than 3 candidates or a constant input.
+    """
+    if len(scores) != len(accuracies):
+        raise ValueError(f"{len(scores)} scores for {len(accuracies)} accuracies")
+    if len(scores) < 3:
+        return None
+    x, y = np.asarray(scores, float), np.asarray(accuracies, float)
+    dense = np.unique(x, return_inverse=True)[1] + 1.0
+    w = (dense / dense.max()) ** power
+    rx, ry = weighted_ranks(x, w), weighted_ranks(y, w)
+    dx, dy = rx - np.average(rx, weights=w), ry - np.average(ry, weights=w)
+    vx, vy = np.average(dx * dx, weights=w), np.average(dy * dy, weights=w)
+    if vx <= 0 or vy <= 0:
+        return None
+    return float(np.average(dx * dy, weights=w) / np.sqrt(vx * vy))
+
+
+def validator_value(row: dict[str, Any], key: str) -> float | None:
+    """A row's value of one column of :data:`VALIDATOR_COLUMNS` (None: not computed)."""
+    if key == "value":
+        v = row.get("value")
+    elif key in ("im", "snd"):
+        v = row["scores"].get(key)
+    else:
+        v = (row.get("validators") or {}).get(key)
+    return None if v is None else float(v)
+
+
+def compare_validators(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ours and the field's validators on one pool: weighted Spearman, Spearman, regret.
+
+    The judge is the held-out accuracy when every row has it, else the transductive
+    one. Regret: the best candidate's accuracy minus that of the candidate the
+    validator scores highest (the first on ties, as ``rank_candidates``). A validator
+    some row lacks gets None.
+    """
+    judge = (
+        "heldout_accuracy" if rows and all("heldout_accuracy" in r for r in rows) else "accuracy"
+    )
+    acc = [float(r[judge]) for r in rows]
+    out: dict[str, Any] = {
+        "judge": "held-out" if judge == "heldout_accuracy" else "transductive",
+        "candidates": len(rows),
+        "validators": {},
+    }
+    for key in VALIDATOR_COLUMNS:
+        vals = [validator_value(r, key) for r in rows]
+        if not rows or any(v is None for v in vals):
+            out["validators"][key] = None
+            continue
+        x = [float(v) for v in vals if v is not None]
+        pick = max(range(len(x)), key=lambda i: (x[i], -i))
+        ws, rho = weighted_spearman(x, acc), spearman(x, acc)
+        out["validators"][key] = {
+            "weighted_spearman": None if ws is None else round(ws, 4),
+            "spearman": None if rho is None else round(rho, 4),
+            "regret": round(max(acc) - acc[pick], 4),
+            "picked": rows[pick]["candidate"],
+        }
+    return out
+
+
+def summarise_validators(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per preset and over all groups: each column's mean weighted Spearman and regret."""
+    by_preset: dict[str, list[dict[str, Any]]] = {}
+    for g in groups:
+        by_preset.setdefault(g["preset"], []).append(g["validators"])
+
+    def mean_of(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
+        judges = {c["judge"] for c in comparisons}
+        cols: dict[str, Any] = {}
+        for key in VALIDATOR_COLUMNS:
+            got = [c["validators"][key] for c in comparisons if c["validators"][key] is not None]
+            ws = [v["weighted_spearman"] for v in got if v["weighted_spearman"] is not None]
+            cols[key] = {
+                "weighted_spearman": _mean(ws),
+                "regret": _mean([v["regret"] for v in got]),
+                "groups": len(got),
+            }
+        judge = judges.pop() if len(judges) == 1 else "mixed"
+        return {"judge": judge, "groups": len(comparisons), "validators": cols}
+
+    every = [c for cs in by_preset.values() for c in cs]
+    return {
+        "presets": {preset: mean_of(cs) for preset, cs in by_preset.items()},
+        "overall": mean_of(every) if every else None,
+        "weight_power": WEIGHT_POWER,
+    }
+
+
 def _oriented(row: dict[str, Any], score: str) -> float | None:
     v = row["scores"].get(score)
     if v is None:
@@ -302,6 +500,7 @@ def analyse(rows: list[dict[str, Any]], methods: list[str], images: int) -> dict
             g["spearman"][score] = None if rho is None else round(rho, 4)
             if rho is not None:
                 spear[score].append(rho)
+        g["validators"] = compare_validators(unique)
         for name in methods:
             grid = [r for r in unique if r["method"] == name and r["in_grid"]]
             if len(grid) < 2:
@@ -382,6 +581,7 @@ def analyse(rows: list[dict[str, Any]], methods: list[str], images: int) -> dict
         "gate": gate_rows,
         "gate_summary": {"calibrated": right("calibrated"), "uncalibrated": right("uncalibrated")},
         "groups": per_group,
+        "validators": summarise_validators(per_group),
     }
 
 
@@ -505,8 +705,48 @@ def markdown(payload: dict[str, Any]) -> str:
             f"| {g['preset']} | {g['seed']} | `{g['candidate']}` | {g['gain']:+.3f} | {est} | "
             f"{g['calibrated']} | {g['uncalibrated']} |"
         )
+    lines += validators_markdown(payload)
     lines += subsample_markdown(payload)
     return "\n".join(lines)
+
+
+def _validator_cell(col: dict[str, Any]) -> str:
+    if not col["groups"]:
+        return "-"
+    regret = "-" if col["regret"] is None else f"{col['regret']:.3f}"
+    return f"{_signed(col['weighted_spearman'])} / {regret}"
+
+
+def validators_markdown(payload: dict[str, Any]) -> list[str]:
+    """The "Validators" table: ours and the field's validators per preset (empty if absent)."""
+    summary = payload["analysis"].get("validators")
+    if not summary or summary["overall"] is None:
+        return []
+    n_test = payload.get("n_test")
+    held = f"{n_test} held-out test images per preset and seed" if n_test else "no held-out set"
+    lines = [
+        "",
+        "### Validators",
+        "",
+        "Ours (`value`, the selection value) against the field's label-free validators "
+        "(`sourcefree.pipeline.validators`: IM, SND, BNM, ClassAMI) on the same pools, every "
+        "distinct adapted candidate of one (preset, seed). Each cell: weighted Spearman "
+        "correlation with accuracy as Musgrave et al. (arXiv 2208.07360) compute it "
+        f"(weights (rank / max rank)^{WEIGHT_POWER:g} of the validator's own score) / "
+        "regret (best candidate's accuracy minus that of the candidate the validator "
+        "scores highest), means over seeds. Judge: the accuracy on a disjoint target "
+        f"test set ({held}) where the rows have it (`held-out`), else on the adapted "
+        "images (`transductive`); `-`: not computed for these rows. DEV is left out: it "
+        "needs labelled source validation images, which a source-free customer lacks.",
+        "",
+        "| preset | judge | groups | " + " | ".join(VALIDATOR_COLUMNS.values()) + " |",
+        "|---|---|---|" + "---|" * len(VALIDATOR_COLUMNS),
+    ]
+    entries = [*summary["presets"].items(), ("all", summary["overall"])]
+    for name, entry in entries:
+        cells = " | ".join(_validator_cell(entry["validators"][k]) for k in VALIDATOR_COLUMNS)
+        lines.append(f"| {name} | {entry['judge']} | {entry['groups']} | {cells} |")
+    return lines
 
 
 def write_docs(block: str) -> None:
@@ -563,7 +803,7 @@ def subsample_markdown(payload: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--presets", nargs="+", default=["wild-mild", "prior-shift"])
@@ -575,6 +815,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--n-source", type=int, default=None, help="vendor training images")
     p.add_argument("--n-target", type=int, default=None, help="target images per preset")
+    p.add_argument(
+        "--n-test",
+        type=int,
+        default=None,
+        help="held-out target test images per preset and seed, which the validators table "
+        "is judged on (default: as many as --n-target; 0: none, judge transductively)",
+    )
     p.add_argument(
         "--gate-sample",
         nargs="*",
@@ -592,7 +839,90 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="recompute the analysis (and docs) from the rows in --out (their stored values)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def _row(
+    label: str,
+    cand: sel.Candidate,
+    key: str,
+    run: Run,
+    scores: sel.Scores,
+    truths: tuple[torch.Tensor, torch.Tensor | None],
+) -> dict[str, Any]:
+    """One candidate's row (without preset and seed): scores, validators, accuracies."""
+    truth, test_truth = truths
+    row: dict[str, Any] = {
+        "candidate": label,
+        "method": cand.method,
+        "is_default": label != "source-only" and not cand.overrides,
+        "in_grid": bool(cand.overrides),
+        "config_key": key,
+        "scores": scores.to_dict(),
+        "validators": validator_fields(run),
+        "accuracy": round(float((run.outputs.predictions == truth).double().mean()), 4),
+        "seconds": round(run.seconds, 1),
+    }
+    if run.heldout is not None and test_truth is not None:
+        row["heldout_accuracy"] = round(float((run.heldout == test_truth).double().mean()), 4)
+    return row
+
+
+def run_group(
+    preset: str,
+    seed: int,
+    pkg: Package,
+    cal: Calibration | None,
+    cands: list[sel.Candidate],
+    sizes: tuple[int, int],
+) -> tuple[list[dict[str, Any]], dict[str, sel.Outputs], sel.Outputs]:
+    """Every candidate on one (preset, seed): its rows, the outputs by config key, the source's.
+
+    ``sizes``: target images (what the methods adapt on) and held-out test images
+    (generator seed ``TEST_SEED + seed``, scored only; 0: none).
+    """
+    n_target, n_test = sizes
+    target = generate(preset, n_target, SIZE, seed=2000 + seed)
+    truth = torch.from_numpy(target.labels.astype(np.int64))
+    data = TargetData(images=target.images, spec=pkg.manifest.input, fingerprint=preset)
+    test: TargetData | None = None
+    test_truth: torch.Tensor | None = None
+    if n_test > 0:
+        held = generate(preset, n_test, SIZE, seed=TEST_SEED + seed)
+        accuracy.check_disjoint(target.images, held.images)
+        test = TargetData(images=held.images, spec=pkg.manifest.input, fingerprint=preset)
+        test_truth = torch.from_numpy(held.labels.astype(np.int64))
+    src_model = load_classifier(pkg.manifest.architecture, pkg.weights_bytes)
+    source = _evaluate(src_model, data, test, 0.0)
+    done: dict[str, Run] = {}
+    rows: list[dict[str, Any]] = []
+    todo: list[tuple[str, sel.Candidate]] = [("source-only", sel.Candidate("-", {}))]
+    todo += [(c.label, c) for c in cands]
+    for label, cand in todo:
+        key, run = "source", source
+        if label != "source-only":
+            key = _config_key(cand)
+            if key not in done:
+                done[key] = _run(cand, pkg, data, test, seed)
+            run = done[key]
+        scores = sel.score_outputs(run.outputs, source.outputs, cal)
+        row = {
+            "preset": preset,
+            "seed": seed,
+            **_row(label, cand, key, run, scores, (truth, test_truth)),
+        }
+        rows.append(row)
+        held_text = f", held-out {row['heldout_accuracy']:.4f}" if "heldout_accuracy" in row else ""
+        print(
+            f"{preset} seed {seed} {label}: acc {row['accuracy']:.4f}{held_text} "
+            f"({row['seconds']} s)",
+            flush=True,
+        )
+    return rows, {k: r.outputs for k, r in done.items()}, source.outputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.analyse_only:
         old: dict[str, Any] = json.loads(args.out.read_text())
         old["analysis"] = analyse(old["rows"], old["methods"], old["n_target"])
@@ -608,6 +938,9 @@ def main(argv: list[str] | None = None) -> int:
     n_source, n_val, n_target = (3000, 1000, 1000) if args.quick else (5000, 2000, 2000)
     n_source = args.n_source or n_source
     n_target = args.n_target or n_target
+    n_test = n_target if args.n_test is None else args.n_test
+    if n_test < 0:
+        raise SystemExit(f"--n-test {n_test}: a number of images, 0 for none")
     payload: dict[str, Any] = {
         "benchmark": "selection",
         "argv": " ".join(sys.argv[1:] if argv is None else argv) or "(defaults)",
@@ -617,6 +950,8 @@ def main(argv: list[str] | None = None) -> int:
         "n_source": n_source,
         "n_val": n_val,
         "n_target": n_target,
+        "n_test": n_test,
+        "short_schedule": {m: list(o) for m, o in SHORT.items() if m in methods},
         "machine": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -636,45 +971,10 @@ def main(argv: list[str] | None = None) -> int:
             cal: Calibration | None = None if stats is None else stats.calibration
             print(f"seed {seed}: source trained and calibrated in {secs:.0f} s ({cal})", flush=True)
             for preset in args.presets:
-                target = generate(preset, n_target, SIZE, seed=2000 + seed)
-                truth = torch.from_numpy(target.labels.astype(np.int64))
-                data = TargetData(images=target.images, spec=pkg.manifest.input, fingerprint=preset)
-                source = sel.model_outputs(
-                    load_classifier(pkg.manifest.architecture, pkg.weights_bytes), data
+                group, outputs_of, source = run_group(
+                    preset, seed, pkg, cal, cands, (n_target, n_test)
                 )
-                done: dict[str, tuple[sel.Outputs, float]] = {}
-                todo: list[tuple[str, sel.Candidate]] = [("source-only", sel.Candidate("-", {}))]
-                todo += [(c.label, c) for c in cands]
-                for label, cand in todo:
-                    key = "source"
-                    if label == "source-only":
-                        outputs, secs = source, 0.0
-                    else:
-                        key = _config_key(cand)
-                        if key not in done:
-                            done[key] = _run(cand, pkg, data, seed)
-                        outputs, secs = done[key]
-                    scores = sel.score_outputs(outputs, source, cal)
-                    row = {
-                        "preset": preset,
-                        "seed": seed,
-                        "candidate": label,
-                        "method": cand.method,
-                        "is_default": label != "source-only" and not cand.overrides,
-                        "in_grid": bool(cand.overrides),
-                        "config_key": key,
-                        "scores": scores.to_dict(),
-                        "accuracy": round(float((outputs.predictions == truth).double().mean()), 4),
-                        "seconds": round(secs, 1),
-                    }
-                    payload["rows"].append(row)
-                    print(
-                        f"{preset} seed {seed} {label}: acc {row['accuracy']:.4f} "
-                        f"({row['seconds']} s)",
-                        flush=True,
-                    )
-                group = [r for r in payload["rows"] if r["preset"] == preset and r["seed"] == seed]
-                outputs_of = {k: o for k, (o, _) in done.items()}
+                payload["rows"] += group
                 rank_pools(group, outputs_of)
                 for size in args.gate_sample:
                     for draw in range(args.draws):
