@@ -414,6 +414,7 @@ class ImageDataset:
         progress: bool = False,
         workers: int | None = None,
         reduced_decode: bool = True,
+        sink: Callable[[np.ndarray], None] | None = None,
     ) -> LoadedImages:
         """Decode, crop and resize every readable image into one uint8 array.
 
@@ -446,6 +447,11 @@ class ImageDataset:
                 with a box from their format are decoded at full scale. The runtime
                 :class:`~sourcefree.runtime.predictor.Predictor` applies the same rule,
                 so keep it on for inputs bitwise equal to serving; False: full scale.
+            sink: called with each kept image's uint8 (H, W, C) pixels, in dataset
+                order, instead of keeping them (the decoded-image cache,
+                :mod:`sourcefree.data.cache`, streams them to disk): the result's
+                ``images`` then has no rows. The array passed is reused for the next
+                image: copy or write it before returning.
 
         With face preprocessing, a sample's box from the format (ExpW, AffectNet)
         stands in for the detector's and gets the same margin and alignment.
@@ -465,7 +471,9 @@ class ImageDataset:
             from sourcefree.data.faces import load_detectors
 
             load_detectors(plan.faces.detector)  # a missing OpenCV fails before any decoding
-        images = np.empty((len(self.samples), *plan.size, plan.channels), dtype=np.uint8)
+        shape = (*plan.size, plan.channels)
+        images = np.empty((0 if sink is not None else len(self.samples), *shape), dtype=np.uint8)
+        row = np.empty(shape, dtype=np.uint8)
         kept: list[int] = []
         bar = progress_bar(len(self.samples), "decoding", enabled=progress, unit="img")
         try:  # closing(): a pool's workers end here, on an error or a signal too
@@ -473,9 +481,14 @@ class ImageDataset:
                 for i, decoded in results:
                     pixels = reader.count(i, decoded)
                     bar.update(1)
-                    if pixels is not None:
+                    if pixels is None:
+                        continue
+                    if sink is None:
                         images[len(kept)] = pixels
-                        kept.append(i)
+                    else:  # the same cast and broadcast as the assignment above
+                        row[...] = pixels
+                        sink(row)
+                    kept.append(i)
             report = reader.finish()
         finally:
             bar.close()
@@ -579,12 +592,7 @@ class _Reader:
     ) -> None:
         if color not in ("rgb", "gray"):
             raise ConfigError(f"unknown colour {color!r}", "choose rgb or gray", "")
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ConfigError(
-                f"max_bad_fraction={max_bad_fraction!r} is out of range",
-                "it is a fraction between 0 and 1",
-                "use e.g. 0.05 (5 %), or strict mode to stop at the first bad file",
-            )
+        _check_fraction(max_bad_fraction)
         self.dataset = dataset
         self.color = color
         self.max_bad_fraction = max_bad_fraction
@@ -648,31 +656,70 @@ class _Reader:
 
     def finish(self) -> ReadReport:
         report = self.report()
-        if report.ok == 0:
-            raise DatasetError(
-                f"none of the {report.total} images could be read",
-                report.summary(),
-                f"check the dataset ({self.log.hint()})",
-            )
-        if report.ok == report.no_face_skipped:
-            raise DatasetError(
-                f"no face was found in any of the {report.ok} readable images",
-                "the package's input spec skips images without a face "
-                "(input.faces.no_face = skip); " + report.summary(),
-                "use photos where a frontal face is visible (OpenCV's Haar cascade finds "
-                "faces of 24 px and more)",
-            )
-        if report.bad_fraction > self.max_bad_fraction:
-            raise DatasetError(
-                f"{report.bad} of {report.total} images are unreadable "
-                f"({report.bad_fraction:.1%} > max_bad_fraction {self.max_bad_fraction:.1%})",
-                report.summary(),
-                f"fix or remove the bad files ({self.log.hint()}), or raise --max-bad-fraction",
-            )
+        _check_counts(report, self.max_bad_fraction, self.log)
         return report
 
     def close(self) -> None:
         self.log.close()
+
+
+def _check_counts(report: ReadReport, max_bad_fraction: float, log: _LogFile) -> None:
+    """Refuse a read with no image, no face in any, or too many unreadable images."""
+    if report.ok == 0:
+        raise DatasetError(
+            f"none of the {report.total} images could be read",
+            report.summary(),
+            f"check the dataset ({log.hint()})",
+        )
+    if report.ok == report.no_face_skipped:
+        raise DatasetError(
+            f"no face was found in any of the {report.ok} readable images",
+            "the package's input spec skips images without a face "
+            "(input.faces.no_face = skip); " + report.summary(),
+            "use photos where a frontal face is visible (OpenCV's Haar cascade finds "
+            "faces of 24 px and more)",
+        )
+    if report.bad_fraction > max_bad_fraction:
+        raise DatasetError(
+            f"{report.bad} of {report.total} images are unreadable "
+            f"({report.bad_fraction:.1%} > max_bad_fraction {max_bad_fraction:.1%})",
+            report.summary(),
+            f"fix or remove the bad files ({log.hint()}), or raise --max-bad-fraction",
+        )
+
+
+def check_read(report: ReadReport, *, max_bad_fraction: float, strict: bool) -> None:
+    """The checks of :meth:`ImageDataset.load` on a read done earlier (the decoded-image cache).
+
+    Raises:
+        ConfigError: ``max_bad_fraction`` outside [0, 1].
+        DatasetError: no image read, no face found in any, more than
+            ``max_bad_fraction`` unreadable, or any unreadable with ``strict``.
+    """
+    _check_fraction(max_bad_fraction)
+    log = _LogFile(None)
+    if strict and report.bad:
+        parts = ", ".join(f"{n} {REASONS.get(r, r)}" for r, n in sorted(report.reasons.items()))
+        raise DatasetError(
+            f"{report.bad} unreadable image(s) ({parts})",
+            "strict mode stops at the first unreadable file",
+            f"remove or re-copy them ({log.hint()}), or run without --strict",
+        )
+    _check_counts(report, max_bad_fraction, log)
+
+
+def _check_fraction(max_bad_fraction: float) -> None:
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ConfigError(
+            f"max_bad_fraction={max_bad_fraction!r} is out of range",
+            "it is a fraction between 0 and 1",
+            "use e.g. 0.05 (5 %), or strict mode to stop at the first bad file",
+        )
+
+
+def decode_plan(spec: InputSpec, *, reduced_decode: bool = True) -> DecodePlan:
+    """How :meth:`ImageDataset.load` with ``spec=spec`` decodes (what changes the pixels)."""
+    return _load_plan(spec, None, None, None, False, 0.25, reduced_decode)
 
 
 def stat_regular(path: Path) -> os.stat_result | None:

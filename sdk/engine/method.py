@@ -75,10 +75,16 @@ def pixels_to_tensor(
 
 @dataclass(frozen=True)
 class TargetData:
-    """The customer's unlabelled target images, decoded once, kept in memory as uint8."""
+    """The customer's unlabelled target images, decoded once, as uint8.
+
+    In ``adapt`` ``images`` is a read-only memory map of the run directory's
+    decoded-image cache (:mod:`sourcefree.data.cache`): read it in batches
+    (:meth:`tensor` with indices or a slice, :meth:`batches`), never whole.
+    """
 
     images: np.ndarray
-    """uint8 (N, H, W, C) at the package's input size (C = 1 for grey input)."""
+    """uint8 (N, H, W, C) at the package's input size (C = 1 for grey input); in memory,
+    or memory-mapped read-only."""
     spec: InputSpec
     """The input spec the images are normalised with."""
     fingerprint: str
@@ -98,9 +104,11 @@ class TargetData:
     ) -> torch.Tensor:
         """Normalised float32 NCHW images (all, or the given indices), on the CPU by default.
 
-        On a CUDA ``device`` the uint8 pixels travel (pinned, non-blocking: a quarter
-        of the float32 bytes) and are normalised on the GPU; ``memory_format`` is
-        the layout of the result (``torch.channels_last`` for NHWC convolutions).
+        Only the rows asked for are read (a memory-mapped cache is never read whole
+        unless ``index`` is None). On a CUDA ``device`` the uint8 pixels travel
+        (pinned, non-blocking: a quarter of the float32 bytes) and are normalised on
+        the GPU; ``memory_format`` is the layout of the result (``torch.channels_last``
+        for NHWC convolutions).
         """
         if index is None:
             raw = self.images
@@ -108,7 +116,10 @@ class TargetData:
             raw = self.images[index.cpu().numpy()]
         else:
             raw = self.images[index]
-        pixels = torch.from_numpy(np.ascontiguousarray(raw))
+        raw = np.ascontiguousarray(raw)
+        if not raw.flags.writeable:  # a slice of a read-only map: copy these rows only
+            raw = raw.copy()
+        pixels = torch.from_numpy(raw)
         dev = torch.device("cpu") if device is None else torch.device(device)
         if dev.type == "cuda":
             pixels = pixels.pin_memory().to(dev, non_blocking=True)

@@ -6,6 +6,8 @@ Layout::
       lock                 fcntl.flock'ed by the running process (holds its pid)
       run.json             identity: method, config, dataset fingerprint, source sha256s
       checkpoints/         written by :class:`~sourcefree.engine.checkpoints.CheckpointStore`
+      images.cache         the decoded target images (:mod:`sourcefree.data.cache`);
+                           under torchrun rank r > 0 writes images.rank<r>.cache
 
 A :class:`RunDir` refuses a link, a file or another user's directory, and a
 directory another run holds the lock of. Writes into it go through
@@ -51,6 +53,37 @@ def guarded_write(run_dir: Path, action: Callable[[], Any]) -> None:
         ) from None
 
 
+def make_private(path: Path) -> Path:
+    """Create ``path`` (mode 0700) or check it: a directory of this user, made 0700.
+
+    Raises:
+        WorkdirError: it cannot be created, or is a link, a file or another user's.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as exc:
+        raise WorkdirError(
+            f"cannot create the run directory {str(path)!r}",
+            exc.strerror or str(exc),
+            "pass a writable --workdir",
+        ) from None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise WorkdirError(
+            f"run directory {str(path)!r} is not a directory",
+            "a link or a file cannot hold private checkpoints",
+            "pass another --workdir",
+        )
+    if st.st_uid != os.getuid():
+        raise WorkdirError(
+            f"run directory {str(path)!r} belongs to another user",
+            "checkpoints must stay private to the user running the adaptation",
+            "pass a --workdir you own",
+        )
+    os.chmod(path, 0o700)
+    return path
+
+
 class RunDir:
     """A private, locked run directory. Use as a context manager.
 
@@ -73,28 +106,7 @@ class RunDir:
         return self
 
     def _make_private(self) -> None:
-        try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            st = os.lstat(self.path)
-        except OSError as exc:
-            raise WorkdirError(
-                f"cannot create the run directory {str(self.path)!r}",
-                exc.strerror or str(exc),
-                "pass a writable --workdir",
-            ) from None
-        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-            raise WorkdirError(
-                f"run directory {str(self.path)!r} is not a directory",
-                "a link or a file cannot hold private checkpoints",
-                "pass another --workdir",
-            )
-        if st.st_uid != os.getuid():
-            raise WorkdirError(
-                f"run directory {str(self.path)!r} belongs to another user",
-                "checkpoints must stay private to the user running the adaptation",
-                "pass a --workdir you own",
-            )
-        os.chmod(self.path, 0o700)
+        make_private(self.path)
 
     def _lock(self) -> None:
         fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)

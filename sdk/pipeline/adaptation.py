@@ -27,11 +27,16 @@ labels are read and checked once, before anything starts (a bad row fails in
 the first second, not after training), and used only after adaptation finished,
 to report; they never enter a decision. Importing this module does not import torch.
 
-Under ``torchrun`` (see docs/scaling.md) every rank reads the target images and
-trains its slice of each batch; rank 0 alone holds the run directory (lock,
-identity, checkpoints) and writes OUT, while the other ranks wait at a barrier
-and then receive the report and the package's bytes from it, so :func:`adapt`
-returns the same result on every rank.
+The target images are decoded once into a memory-mapped file in the run
+directory (:mod:`sourcefree.data.cache`) and read from it in batches; a resumed
+run, or any later run with the same run directory, data and decode settings,
+reuses it (report.json ``target.cache.reused``).
+
+Under ``torchrun`` (see docs/scaling.md) every rank reads the target images (its
+own cache file) and trains its slice of each batch; rank 0 alone holds the run
+directory (lock, identity, checkpoints) and writes OUT, while the other ranks
+wait at a barrier and then receive the report and the package's bytes from it,
+so :func:`adapt` returns the same result on every rank.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from sourcefree.errors import (
     Interrupted,
     RunInterruptedError,
     SourcefreeError,
+    WorkdirError,
 )
 from sourcefree.fsutil import claimed_output, shown, staged_directory, write_errors
 from sourcefree.package import strictjson
@@ -58,10 +64,8 @@ from sourcefree.pipeline.decide import Decision, decide, judge_with_labels
 from sourcefree.pipeline.prepare import (
     Preflight,
     Prepared,
-    check_run_dir,
     default_workdir,
     load_target,
-    open_run_dir,
     preflight,
     prepare,
 )
@@ -161,13 +165,14 @@ def _run(request: AdaptRequest, early: Preflight) -> AdaptResult:
     """The stages on this rank: rank 0 holds the run directory and writes OUT."""
     from sourcefree.engine import distributed
 
-    prep = prepare(request, early)
+    prep = prepare(request, early)  # rank 0: the run directory is open and checked
     if not distributed.is_main():
         return _other_rank(prep)
-    wd = open_run_dir(prep)
+    wd = prep.workdir
+    if wd is None:  # pragma: no cover - prepare opens it on rank 0
+        raise WorkdirError("rank 0 has no run directory", "prepare opens it", "report a bug")
     trained: Trained | None = None
     try:
-        check_run_dir(prep, wd)
         plan = plan_run(prep)
         log_plan(plan)  # stderr of the CLI, before training starts
         t_started = time.perf_counter()
@@ -241,18 +246,38 @@ def _after_training(
     return type(exc)(exc.what, why, fix)
 
 
+#: Labelled images turned into model input at a time for ``--eval-labels`` (a multiple
+#: of the predictor's batch of 256, so its batches are those of one whole-set call).
+EVAL_CHUNK = 4096
+
+
 def _evaluation(
     prep: Prepared, truth: np.ndarray, adapted: Package, instance: Method | None
 ) -> EvaluationReport:
-    """Source vs adapted metrics on the labelled target images (decoded once, at load)."""
+    """Source vs adapted metrics on the labelled target images (decoded once, at load).
+
+    The images go through the predictors :data:`EVAL_CHUNK` at a time, so memory
+    holds one chunk of float input, never all of them.
+    """
     import numpy as np
 
-    from sourcefree.runtime.evaluation import evaluate_inputs
+    from sourcefree.runtime.evaluation import compute_metrics
+    from sourcefree.runtime.predictor import Predictor
 
     labelled = np.flatnonzero(truth >= 0)
-    x, y = prep.data.tensor(labelled).numpy(), truth[labelled]
-    source = tuple(evaluate_inputs(p, x, y, device="cpu").to_dict() for p in prep.pkgs)
-    adapted_metrics = evaluate_inputs(adapted, x, y, device="cpu").to_dict()
+    y = truth[labelled]
+    packages = [*prep.pkgs, adapted]
+    predictors = [Predictor(p, device="cpu", batch_size=256) for p in packages]
+    preds: list[list[np.ndarray]] = [[] for _ in packages]
+    for start in range(0, len(labelled), EVAL_CHUNK):
+        x = prep.data.tensor(labelled[start : start + EVAL_CHUNK]).numpy()
+        for out, predictor in zip(preds, predictors, strict=True):
+            out.append(predictor.predict_array(x).indices)
+    metrics = [
+        compute_metrics(y, np.concatenate(p).astype(np.int64), pkg.manifest.labels).to_dict()
+        for p, pkg in zip(preds, packages, strict=True)
+    ]
+    source, adapted_metrics = tuple(metrics[:-1]), metrics[-1]
     selected = None if instance is None else instance.pseudo_label_selection()
     pseudo = None
     if selected is not None:
@@ -388,6 +413,7 @@ def _run_fields(prep: Prepared, trained: Trained) -> dict[str, Any]:
         ),
         "target_images": len(prep.data),
         "target_read": dict(prep.data.read_summary),
+        "target_cache": None if prep.cache is None else prep.cache.to_dict(),
         "resumed": result is not None and result.resumed_from is not None,
         "world_size": distributed.world_size(),
         "checkpoints_written": result.checkpoints if result is not None else 0,
@@ -397,6 +423,7 @@ def _run_fields(prep: Prepared, trained: Trained) -> dict[str, Any]:
 
 def _other_rank(prep: Prepared) -> AdaptResult:
     """A rank other than 0: train its slices, write nothing, wait for rank 0's result."""
+    from sourcefree.data.cache import discard
     from sourcefree.engine import distributed
 
     request = prep.request
@@ -409,7 +436,10 @@ def _other_rank(prep: Prepared) -> AdaptResult:
         resume=request.resume,
     )
     distributed.barrier()  # rank 0 exports, evaluates and writes OUT meanwhile
-    return _share_result(prep.target, None)
+    result = _share_result(prep.target, None)
+    if prep.cache_file is not None and not request.keep_workdir:
+        discard(prep.cache_file)  # this rank's own decoded images (rank 0 removes its own)
+    return result
 
 
 def _share_result(target: Path, result: AdaptResult | None) -> AdaptResult:

@@ -4,13 +4,17 @@ Everything here is checked before any training, and everything but the images
 before any image is decoded: the vendor keys and each source package's signature
 (:func:`preflight`, first of all), the evaluation labels, the method's config and
 the candidates' overrides, the output directory, the number and agreement of the
-source packages, the free disk space (:func:`check_disk_space`), each model.onnx
-against its weights; then the target images, and (rank 0) the run directory's
-identity when resuming. Importing this module does not import torch.
+source packages, the listing of the data, the free disk space
+(:func:`check_disk_space`, the decoded-image cache included), each model.onnx
+against its weights, and (rank 0) the run directory: opened, locked and checked
+against the interrupted run when resuming. Then the target images are decoded
+into the run directory's cache, or read from it (:mod:`sourcefree.data.cache`).
+Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -41,7 +45,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from sourcefree.data.dataset import ImageDataset
+    from sourcefree.data.cache import CacheInfo
+    from sourcefree.data.dataset import Fingerprint, ImageDataset
     from sourcefree.engine.method import Method, TargetData
     from sourcefree.engine.models import Classifier
     from sourcefree.engine.workdir import Workdir
@@ -248,29 +253,49 @@ class DiskNeed:
     what: str
 
 
-def disk_needs(request: AdaptRequest, pkgs: Sequence[Package], target: Path) -> list[DiskNeed]:
-    """The run's writes, estimated before it starts: the package and the checkpoints.
+def disk_needs(
+    request: AdaptRequest, pkgs: Sequence[Package], target: Path, images: int = 0
+) -> list[DiskNeed]:
+    """The run's writes, estimated before it starts: the package, checkpoints, decoded images.
 
     The adapted package is about the size of the source package(s), staged beside
     OUT. A single run's checkpoints (:mod:`sourcefree.engine.checkpoints`) hold
     about :data:`CHECKPOINT_WEIGHTS_FACTOR` times the weights each; the newest
     ``KEEP`` are kept and a new one is written before the oldest is removed, so
     ``KEEP + 1`` are on disk at the peak (resuming: one more, the others are there).
-    ``-m auto`` / ``--select auto`` write no checkpoint.
+    ``-m auto`` / ``--select auto`` write no checkpoint. ``images``: the listed
+    target images, decoded into the run directory's cache
+    (:func:`sourcefree.data.cache.cache_bytes`; a cache file already there counts
+    as written); 0: not counted.
     """
+    from sourcefree.data.cache import cache_bytes, cache_path
     from sourcefree.engine.checkpoints import KEEP
 
     package = sum(
         len(p.manifest_bytes) + sum(e.size for e in p.manifest.files.values()) for p in pkgs
     )
     needs = [DiskNeed(target.parent, package + REPORT_BYTES, "the adapted package beside OUT")]
+    run_dir = run_dir_path(request, target)
     if not request.multi:
-        run_dir = Path(request.workdir) if request.workdir is not None else default_workdir(target)
         count = 1 if request.resume else KEEP + 1
         one = CHECKPOINT_WEIGHTS_FACTOR * sum(len(p.weights_bytes) for p in pkgs)
         what = f"{count} checkpoint(s) of the weights and optimizer state in the run directory"
-        needs.append(DiskNeed(run_dir.absolute(), count * one, what))
+        needs.append(DiskNeed(run_dir, count * one, what))
+    if images > 0:
+        try:
+            there = os.lstat(cache_path(run_dir)).st_size
+        except OSError:
+            there = 0
+        size = max(0, cache_bytes(images, pkgs[0].manifest.input) - there)
+        what = f"the {images} decoded target images in the run directory"
+        needs.append(DiskNeed(run_dir, size, what))
     return needs
+
+
+def run_dir_path(request: AdaptRequest, target: Path) -> Path:
+    """The run directory: ``request.workdir``, or ``.<OUT>.work`` beside OUT (absolute)."""
+    work = request.workdir
+    return (Path(work) if work is not None else default_workdir(target)).absolute()
 
 
 def _existing(path: Path) -> Path:
@@ -346,26 +371,48 @@ def read_target(
     strict: bool,
     progress: bool = False,
     workers: int | None = None,
-) -> tuple[TargetData, list[str]]:
-    """The images of a listed folder as :class:`TargetData`, and the key of each image kept.
+    cache: Path | None = None,
+    fingerprint: Fingerprint | None = None,
+) -> tuple[TargetData, list[str], CacheInfo | None]:
+    """The images of a listed folder as :class:`TargetData`, the key of each image kept,
+    and how the decoded-image cache was used.
 
+    ``cache``: the cache file in a private run directory
+    (:func:`sourcefree.data.cache.read_cached`): the images are decoded into it, or
+    read from it when it is valid, and memory-mapped; None: decoded into memory.
+    ``fingerprint``: ``folder.fingerprint()`` when the caller has it.
     The keys stay in the pipeline to match evaluation labels after the run;
     they never reach a method or a report. The summary names the reader
     (``format``: ``folder``, ``expw``, ...), never a path.
     """
+    from sourcefree.data.cache import read_cached
     from sourcefree.engine.method import TargetData
     from sourcefree.runtime.evaluation import load_images
 
-    loaded = load_images(
-        folder,
-        spec,
-        max_bad_fraction=max_bad_fraction,
-        strict=strict,
-        progress=progress,
-        workers=workers,
-    )
-    fp = folder.fingerprint()
-    report = loaded.report
+    fp = folder.fingerprint() if fingerprint is None else fingerprint
+    info = None
+    if cache is None:
+        loaded = load_images(
+            folder,
+            spec,
+            max_bad_fraction=max_bad_fraction,
+            strict=strict,
+            progress=progress,
+            workers=workers,
+        )
+        images, indices, report = loaded.images, loaded.indices, loaded.report
+    else:
+        read = read_cached(
+            folder,
+            spec,
+            cache,
+            fingerprint=fp,
+            max_bad_fraction=max_bad_fraction,
+            strict=strict,
+            progress=progress,
+            workers=workers,
+        )
+        images, indices, report, info = read.images, read.indices, read.report, read.info
     summary = {
         "total": report.total,
         "ok": report.ok,
@@ -383,14 +430,14 @@ def read_target(
             "no_eyes": report.no_eyes,
         }
     target = TargetData(
-        images=loaded.images,
+        images=images,
         spec=spec,
         fingerprint=strictjson.dumps(
             {"digest": fp.digest, "files": fp.files, "bytes": fp.bytes}
         ).decode(),
         read_summary=summary,
     )
-    return target, [folder.samples[int(i)].key for i in loaded.indices]
+    return target, [folder.samples[int(i)].key for i in indices], info
 
 
 #: The format name of a reader's ``kind`` where they differ.
@@ -442,6 +489,12 @@ class Prepared:
     """The gate's subsample (indices), None: every image."""
     t0: float
     t_loaded: float
+    workdir: Workdir | None = None
+    """Rank 0's run directory, open and locked (it holds the decoded-image cache)."""
+    cache: CacheInfo | None = None
+    """How the target images were read through the decoded-image cache."""
+    cache_file: Path | None = None
+    """This process's cache file (a rank other than 0 removes its own at the end)."""
 
     def named_method(self) -> type[Method]:
         """The class of the named method (a single run, or a rank under torchrun).
@@ -544,32 +597,42 @@ def prepare(request: AdaptRequest, early: Preflight) -> Prepared:
     if cls is not None:
         _check_sources(pkgs, request.method, cls.min_sources, cls.max_sources)
     plan = _plan(request, len(pkgs), cls, config)
+    folder = labels.folder if labels is not None else read_data(request)  # listed, not decoded
+    spec = pkgs[0].manifest.input
     if distributed.is_main():  # rank 0 alone writes OUT and the checkpoints
-        check_disk_space(disk_needs(request, pkgs, target))
+        check_disk_space(disk_needs(request, pkgs, target, images=len(folder)))
     dev = distributed.device_for_rank(resolve_device(request.device))
     models = [fresh_model(p, dev, check=True) for p in pkgs]
-    folder = labels.folder if labels is not None else read_data(request)
-    spec = pkgs[0].manifest.input
-    data, keys = read_target(
-        folder,
-        spec,
-        max_bad_fraction=request.max_bad_fraction,
-        strict=request.strict,
-        progress=request.progress,
-        workers=request.workers,
-    )
-    truth = None if labels is None else _eval_truth(labels, data, keys)
+    fp = folder.fingerprint()
+    public = {} if cfg is None else cfgmod.public_dict(cfg)  # no private paths leave
+    created = not run_dir_path(request, target).exists()
+    wd, cache_file = _run_dir(request, target, _identity(request, public, fp, pkgs), created)
+    try:
+        data, keys, cache = read_target(
+            folder,
+            spec,
+            max_bad_fraction=request.max_bad_fraction,
+            strict=request.strict,
+            progress=request.progress,
+            workers=request.workers,
+            cache=cache_file,
+            fingerprint=fp,
+        )
+        truth = None if labels is None else _eval_truth(labels, data, keys)
+        # The gate's subsample: one for every model and candidate of the run, and for a
+        # resumed run (a pure function of N, size and seed; outputs are recomputed).
+        sample = selection.sample_indices(len(data), request.sample_size, request.seed)
+    except BaseException:
+        _left_after_error(wd, cache_file, created)
+        raise
     t_loaded = time.perf_counter()
-    # The gate's subsample: one for every model and candidate of the run, and for a
-    # resumed run (a pure function of N, size and seed; outputs are recomputed).
-    sample = selection.sample_indices(len(data), request.sample_size, request.seed)
     return Prepared(
         request=request,
         target=target,
         pkgs=pkgs,
         method_cls=cls,
         cfg=cfg,
-        config={} if cfg is None else cfgmod.public_dict(cfg),  # no private paths leave
+        config=public,
         base=base,
         plan=plan,
         dev=dev,
@@ -579,20 +642,73 @@ def prepare(request: AdaptRequest, early: Preflight) -> Prepared:
         sample=sample,
         t0=t0,
         t_loaded=t_loaded,
+        workdir=wd,
+        cache=cache,
+        cache_file=cache_file,
     )
+
+
+def _left_after_error(wd: Workdir | None, cache_file: Path, created: bool) -> None:
+    """A run directory this run created is removed when reading the target fails
+    (nothing was trained: no OUT, lock or run directory is left); one that existed
+    is kept, as after any later error."""
+    if wd is None:  # a rank other than 0: its own folder, when it is empty
+        if created:
+            with contextlib.suppress(OSError):
+                cache_file.parent.rmdir()
+    elif created:
+        wd.remove()
+    else:
+        wd.close()
+
+
+def _run_dir(
+    request: AdaptRequest, target: Path, now: Mapping[str, Any], created: bool
+) -> tuple[Workdir | None, Path]:
+    """This process's run directory and decoded-image cache file, before any decoding.
+
+    Rank 0 opens (private, locked) and checks the run directory (:func:`check_run_dir`).
+    Under torchrun a rank ``r > 0`` writes only its own cache file
+    (``images.rank<r>.cache``) into the same path, made private but not locked: on
+    local disks each node has its own directory, on a shared file system every
+    rank's file sits beside rank 0's. ``created``: the directory did not exist
+    before (it is removed again when the checks refuse the run).
+    """
+    from sourcefree.data.cache import cache_path
+    from sourcefree.engine import distributed
+    from sourcefree.engine.rundir import make_private
+    from sourcefree.engine.workdir import Workdir
+
+    path = run_dir_path(request, target)
+    if not distributed.is_main():
+        return None, cache_path(make_private(path), distributed.rank())
+    wd = Workdir(path).open()
+    try:
+        check_run_dir(request, wd, now)
+    except BaseException:
+        _left_after_error(wd, cache_path(wd.path), created)
+        raise
+    return wd, cache_path(wd.path)
 
 
 def identity(prep: Prepared) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one (``Workdir`` identity)."""
+    from sourcefree.data.dataset import Fingerprint
+
+    fp = strictjson.loads(prep.data.fingerprint.encode(), what="fingerprint", max_bytes=1 << 16)
+    return _identity(prep.request, prep.config, Fingerprint(**fp), prep.pkgs)
+
+
+def _identity(
+    request: AdaptRequest, config: Mapping[str, Any], fp: Fingerprint, pkgs: Sequence[Package]
+) -> dict[str, Any]:
     return {
         "format": "sourcefree-run-v1",
-        "method": prep.request.method,
-        "config": prep.config,
-        "dataset": strictjson.loads(
-            prep.data.fingerprint.encode(), what="fingerprint", max_bytes=1 << 16
-        ),
-        "sources": [p.sha256 for p in prep.pkgs],
-        "seed": prep.request.seed,
+        "method": request.method,
+        "config": dict(config),
+        "dataset": {"digest": fp.digest, "files": fp.files, "bytes": fp.bytes},
+        "sources": [p.sha256 for p in pkgs],
+        "seed": request.seed,
         "sdk_version": __version__,
     }
 
@@ -623,22 +739,13 @@ def _identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def open_run_dir(prep: Prepared) -> Workdir:
-    """Rank 0's run directory, locked (``request.workdir`` or ``.<OUT>.work``)."""
-    from sourcefree.engine.workdir import Workdir
-
-    workdir = prep.request.workdir
-    return Workdir(workdir if workdir is not None else default_workdir(prep.target)).open()
-
-
-def check_run_dir(prep: Prepared, wd: Workdir) -> None:
+def check_run_dir(request: AdaptRequest, wd: Workdir, now: Mapping[str, Any]) -> None:
     """Refuse a resume that differs from the interrupted run, or a fresh run over checkpoints.
 
-    A fresh single run records its identity for a later ``--resume``.
+    ``now``: this run's identity. A fresh single run records it for a later ``--resume``.
     """
-    now = identity(prep)
     previous = wd.read_identity()
-    if prep.request.resume:
+    if request.resume:
         if previous is None or not wd.has_checkpoints():
             raise ResumeError(
                 f"nothing to resume in {str(wd.path)!r}",
@@ -659,5 +766,5 @@ def check_run_dir(prep: Prepared, wd: Workdir) -> None:
             "a fresh run would overwrite them",
             "pass --resume to continue that run, or remove the directory",
         )
-    elif not prep.request.multi:
+    elif not request.multi:
         wd.write_identity(now)

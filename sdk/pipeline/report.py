@@ -347,6 +347,10 @@ class AdaptReport:
     the estimated and the measured training seconds."""
     preset: str = "cpu"
     """The config preset the run started from (``--preset``: ``cpu`` or ``paper``)."""
+    target_cache: Json | None = None
+    """How the decoded-image cache was used (``sourcefree.data.cache.CacheInfo.to_dict``:
+    ``reused``, ``bytes``, and ``refused`` when a cache file there was not trusted);
+    None: the images were decoded into memory."""
 
     def to_dict(self) -> Json:
         out: Json = {
@@ -355,7 +359,7 @@ class AdaptReport:
             "amp": self.amp,
             "memory_format": self.memory_format,
             "sources": [s.to_dict() for s in self.sources],
-            "target": {"images": self.target_images, "read": dict(self.target_read)},
+            "target": self._target(),
             "resumed": self.resumed,
             "world_size": self.world_size,
             "checkpoints_written": self.checkpoints_written,
@@ -372,6 +376,12 @@ class AdaptReport:
         if self.plan is not None:
             out["plan"] = self.plan
         out["timings_s"] = self.timings.to_dict()
+        return out
+
+    def _target(self) -> Json:
+        out: Json = {"images": self.target_images, "read": dict(self.target_read)}
+        if self.target_cache is not None:
+            out["cache"] = dict(self.target_cache)
         return out
 
     @classmethod
@@ -396,5 +406,6 @@ class AdaptReport:
             package=d["package"],
             format=d["format"],
             plan=d.get("plan"),
+            target_cache=d["target"].get("cache"),
             preset=d.get("preset", "cpu"),
         )

@@ -231,18 +231,18 @@ def test_open_dataset_crops_the_format_boxes(tmp_path: Path) -> None:
 
 
 def _capture_loads(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
-    """The uint8 images of every dataset load of the pipeline (what the trainer sees)."""
-    from sourcefree.runtime import evaluation
+    """The uint8 images of every target read of the pipeline (what the trainer sees)."""
+    from sourcefree.pipeline import prepare
 
     seen: list[np.ndarray] = []
-    real = evaluation.load_images
+    real = prepare.read_target
 
     def spy(*args: object, **kwargs: object) -> object:
-        loaded = real(*args, **kwargs)  # type: ignore[arg-type]
-        seen.append(loaded.images.copy())
-        return loaded
+        read = real(*args, **kwargs)  # type: ignore[arg-type]
+        seen.append(np.array(read[0].images))
+        return read
 
-    monkeypatch.setattr(evaluation, "load_images", spy)
+    monkeypatch.setattr(prepare, "read_target", spy)
     return seen
 
 

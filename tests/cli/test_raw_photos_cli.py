@@ -104,15 +104,14 @@ class Run:
 
 def _spies(mp: pytest.MonkeyPatch, seen: Seen) -> None:
     from sourcefree.engine.method import TargetData
-    from sourcefree.runtime import evaluation
+    from sourcefree.pipeline import prepare
 
-    real_load, real_tensor = evaluation.load_images, TargetData.tensor
+    real_read, real_tensor = prepare.read_target, TargetData.tensor
 
-    def load_images(dataset: Any, *args: Any, **kwargs: Any) -> Any:
-        loaded = real_load(dataset, *args, **kwargs)
-        seen.keys = [dataset.samples[int(i)].key for i in loaded.indices]
-        seen.images = loaded.images
-        return loaded
+    def read_target(*args: Any, **kwargs: Any) -> Any:
+        read = real_read(*args, **kwargs)
+        seen.keys, seen.images = read[1], read[0].images
+        return read
 
     def tensor(self: Any, index: Any = None, **kwargs: Any) -> Any:
         out = real_tensor(self, index, **kwargs)
@@ -126,7 +125,7 @@ def _spies(mp: pytest.MonkeyPatch, seen: Seen) -> None:
         seen.tensors.append(([seen.keys[int(r)] for r in rows], out.detach().cpu().numpy()))
         return out
 
-    mp.setattr(evaluation, "load_images", load_images)
+    mp.setattr(prepare, "read_target", read_target)
     mp.setattr(TargetData, "tensor", tensor)
 
 

@@ -173,7 +173,8 @@ def test_cli_evaluate(source_pkg: Path, target_dir: Path, eval_csv: Path) -> Non
         evaluate_command, [str(source_pkg), str(target_dir), "--labels", str(eval_csv), "--json"]
     )
     assert result.exit_code == 0, result.output
-    metrics = json.loads(result.output)
+    metrics = json.loads(result.stdout)  # the read summary is logged on stderr
+    assert "read: " in result.stderr and "read: " not in result.stdout
     assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["mean_class_recall"] <= 1.0
     assert sum(map(sum, metrics["confusion"])) == metrics["images"] > 0
     text = CliRunner().invoke(
