@@ -264,7 +264,8 @@ class Shot(Method):
         """Additive logit margins of the pseudo-label loss (SHOT: none)."""
         return None
 
-    def _terms(self, logits: torch.Tensor, index: torch.Tensor) -> IMTerms:
+    def _terms(self, logits: torch.Tensor, features: torch.Tensor, index: torch.Tensor) -> IMTerms:
+        """The loss terms of one batch (``features``: the head's inputs; DIFC uses them)."""
         target = None
         if self._uses_labels and self.pseudo_labels is not None:
             target = self.pseudo_labels[index]
@@ -277,8 +278,8 @@ class Shot(Method):
         cfg = self.config
         aug = cfg.augment
         x = augment_flip_shift(batch.x, aug.shift, batch.generator) if aug.enabled else batch.x
-        logits, _ = self.model(x)
-        terms = self._terms(logits, batch.index)
+        logits, features = self.model(x)
+        terms = self._terms(logits, features, batch.index)
         loss = terms.loss(cfg.beta, cfg.im_weight)
         return StepOutput(
             loss,

@@ -7,14 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from sourcefree.adapters.difc import (
     Difc,
     DifcConfig,
     confusion_margins,
     confusion_scores,
+    cosine_logits,
+    difc_terms,
     imbalance_margins,
 )
+from sourcefree.cli.commands_adapt import adapt_command
 from sourcefree.data.synthetic import generate
 from sourcefree.engine.method import Batch, EpochInfo, MethodContext, SourceModel, TargetData
 from sourcefree.engine.models import load_classifier
@@ -45,6 +49,82 @@ def test_registered_with_paper_defaults() -> None:
         DifcConfig(beta=0.0)
     with pytest.raises(ConfigError):
         DifcConfig(max_margin=0.0)
+    assert (cfg.margin_logits, cfg.scale) == ("raw", 30.0)  # eq. 3 as written; LDAM's s = 30
+    with pytest.raises(ConfigError, match="margin_logits='cosine'"):
+        DifcConfig(margin_logits="cosine")  # type: ignore[arg-type]
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="scale"):
+            DifcConfig(scale=bad)
+
+
+# A tiny feature / head pair: rows f, head W (rows w_k), bias b, pseudo-labels y, margins m.
+F_TINY = torch.tensor([[3.0, 4.0], [1.0, 0.0], [2.0, 1.0]])
+W_TINY = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+B_TINY = torch.tensor([0.5, -0.5])
+Y_TINY = torch.tensor([0, 1, 1])
+M_TINY = torch.tensor([0.3, 0.1])
+
+
+def _two_class_ce(z_y: float, z_other: float) -> float:
+    return math.log1p(math.exp(z_other - z_y))
+
+
+def _tiny_im() -> tuple[float, float]:
+    logits = F_TINY @ W_TINY.T + B_TINY  # [[3.5, 7.5], [1.5, -0.5], [2.5, 1.5]]
+    p = torch.softmax(logits.double(), 1)
+    ent = float(-(p * torch.log(p + 1e-5)).sum(1).mean())
+    pm = p.mean(0)
+    return ent, float(-(pm * torch.log(pm + 1e-5)).sum())
+
+
+def test_raw_margin_loss_keeps_the_old_value() -> None:
+    logits = F_TINY @ W_TINY.T + B_TINY
+    got = difc_terms(logits, F_TINY, W_TINY, Y_TINY, M_TINY, margin_logits="raw")
+    # eq. 3 on raw logits: z_y - Delta_y, scale 1
+    hand = [_two_class_ce(3.5 - 0.3, 7.5), _two_class_ce(-0.5 - 0.1, 1.5)]
+    hand.append(_two_class_ce(1.5 - 0.1, 2.5))
+    assert float(got.ce) == pytest.approx(sum(hand) / 3, rel=1e-6)
+    # the values the code gave before margin_logits existed (pinned)
+    old = (2.638777494430542, 0.34585726261138916, 0.6893759965896606)
+    assert [float(t) for t in got] == pytest.approx(old, rel=1e-6)
+    ent, div = _tiny_im()
+    assert (float(got.entropy), float(got.diversity)) == pytest.approx((ent, div), rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", [30.0, 2.0])
+def test_normalised_margin_loss_by_hand(scale: float) -> None:
+    cos = cosine_logits(F_TINY, W_TINY)  # unit rows of W: e_0, e_1
+    want_cos = [[0.6, 0.8], [1.0, 0.0], [2 / math.sqrt(5), 1 / math.sqrt(5)]]
+    assert cos.tolist() == [pytest.approx(r, abs=1e-7) for r in want_cos]
+    logits = F_TINY @ W_TINY.T + B_TINY
+    got = difc_terms(
+        logits, F_TINY, W_TINY, Y_TINY, M_TINY, margin_logits="normalised", scale=scale
+    )
+    # CE(s * (cos - m_y e_y), y); the bias takes no part
+    c3 = want_cos[2]
+    hand = [
+        _two_class_ce(scale * (0.6 - 0.3), scale * 0.8),
+        _two_class_ce(scale * (0.0 - 0.1), scale * 1.0),
+        _two_class_ce(scale * (c3[1] - 0.1), scale * c3[0]),
+    ]
+    assert float(got.ce) == pytest.approx(sum(hand) / 3, rel=1e-6)
+    ent, div = _tiny_im()  # IM terms stay on the head's own logits
+    assert (float(got.entropy), float(got.diversity)) == pytest.approx((ent, div), rel=1e-5)
+    # no pseudo-labels: IM terms only, CE 0
+    im_only = difc_terms(logits, F_TINY, W_TINY, None, M_TINY, margin_logits="normalised")
+    assert float(im_only.ce) == 0.0 and float(im_only.entropy) == pytest.approx(ent, rel=1e-5)
+
+
+def test_normalised_margin_gradient_reaches_features_not_head() -> None:
+    f = F_TINY.clone().requires_grad_(True)
+    w = W_TINY.clone().requires_grad_(True)
+    logits = (f @ w.T + B_TINY).detach()  # isolate the margin CE
+    terms = difc_terms(logits, f, w, Y_TINY, M_TINY, margin_logits="normalised")
+    terms.ce.backward()  # type: ignore[no-untyped-call]
+    assert f.grad is not None and bool(f.grad.abs().sum() > 0)
+    assert w.grad is None  # the frozen head's weight is only read
+    # scaling a feature row changes no cosine: the gradient is orthogonal to the row
+    assert (f.grad * F_TINY).sum(1).tolist() == pytest.approx([0.0, 0.0, 0.0], abs=1e-5)
 
 
 def test_eq3_margins_from_class_counts() -> None:
@@ -118,9 +198,14 @@ def test_margins_recomputed_per_epoch_after_di_stage(source_pkg: Path) -> None:
     assert other.confusion_order == method.confusion_order
 
 
-def test_loss_is_margin_ce_on_pseudo_labels_plus_im(source_pkg: Path) -> None:
+@pytest.mark.parametrize("margin_logits", ["raw", "normalised"])
+def test_loss_is_margin_ce_on_pseudo_labels_plus_im(source_pkg: Path, margin_logits: str) -> None:
     data = _data()
-    cfg = DifcConfig(di_epochs=0, augment=FlipShiftConfig(enabled=False))
+    cfg = DifcConfig(
+        di_epochs=0,
+        augment=FlipShiftConfig(enabled=False),
+        margin_logits=margin_logits,  # type: ignore[arg-type]
+    )
     method = Difc(cfg, _ctx(source_pkg, data))
     _epoch(method, data, 0)
     phase = method.phases()[-1]
@@ -129,11 +214,17 @@ def test_loss_is_margin_ce_on_pseudo_labels_plus_im(source_pkg: Path) -> None:
     out = phase.step(batch)
     assert out.loss is not None
     with torch.no_grad():
-        logits, _ = method.model(batch.x)
+        logits, feats = method.model(batch.x)
     assert method.pseudo_labels is not None
     y = method.pseudo_labels[idx]
     m = method.margins
-    shifted = logits - torch.nn.functional.one_hot(y, 3) * m[y].unsqueeze(1)  # eq. 3
+    onehot = torch.nn.functional.one_hot(y, 3) * m[y].unsqueeze(1)
+    if margin_logits == "raw":
+        shifted = logits - onehot  # eq. 3 on raw logits, the code before margin_logits
+    else:
+        w = method.model.head.weight.detach()
+        cos = (feats / feats.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).T
+        shifted = 30.0 * (cos - onehot)  # LDAM: s (cos - m_y e_y)
     ce = torch.nn.functional.cross_entropy(shifted, y)
     p = torch.softmax(logits, 1)
     ent = -(p * torch.log(p + 1e-5)).sum(1).mean()
@@ -168,3 +259,30 @@ def test_package_without_counts_warns(source_pkg: Path, tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="uniform"):
         method = Difc(DifcConfig(), ctx)
     assert method.base_margins.tolist() == pytest.approx([0.3, 0.3, 0.3])
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [("margin_logits=cosine", "margin_logits"), ("scale=0", "scale")],
+)
+def test_cli_refuses_bad_margin_settings_with_exit_2(
+    source_pkg: Path, target_small: Path, tmp_path: Path, setting: str, message: str
+) -> None:
+    out = tmp_path / "out"
+    args = [str(source_pkg), str(target_small), "-m", "difc", "-o", str(out), "--no-progress"]
+    result = CliRunner().invoke(adapt_command, [*args, "--set", setting])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and message in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_report_names_where_the_margins_acted(source_pkg: Path) -> None:
+    data = _data(8)
+    cfg = DifcConfig(margin_logits="normalised")
+    report = Difc(cfg, _ctx(source_pkg, data)).report()
+    assert (report["margin_logits"], report["scale"]) == ("normalised", 30.0)
+    want = imbalance_margins([10, 20, 30], 3).tolist()
+    assert report["margins"] == pytest.approx(want, abs=1e-6)
+    raw = Difc(DifcConfig(margin_logits="raw"), _ctx(source_pkg, data)).report()
+    assert (raw["margin_logits"], raw["scale"]) == ("raw", None)
