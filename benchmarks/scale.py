@@ -624,11 +624,9 @@ def _scale_table(payload: dict[str, Any]) -> list[str]:
 
 def _decode_tables(payload: dict[str, Any]) -> list[str]:
     p = payload["photos"]
-    lines = [
-        "",
-        "| decode | images | workers | ms/image | speedup |",
-        "|---|---|---|---|---|",
-    ]
+    lines = [""]
+    if payload["decode_throughput"] is not None or p is not None:
+        lines += ["| decode | images | workers | ms/image | speedup |", "|---|---|---|---|---|"]
     for r in payload["decode_throughput"] or []:
         lines.append(
             f"| {payload['size']} px PNG faces | {r['images']} | {r['workers']} "
