@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,13 +22,13 @@ from PIL import Image
 from sourcefree.cli.app import main
 from sourcefree.data import FORMATS, open_dataset
 from sourcefree.data.sources import check_options, open_unlabelled
-from sourcefree.engine.trainer import StepInfo
 from sourcefree.errors import ConfigError, ResumeError, RunInterruptedError
 from sourcefree.package.loader import load_package
 from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 from sourcefree.pipeline.prepare import load_target, read_data
 from tests.data.conftest import _write
 from tests.data.test_formats import _fer2013, _votes
+from tests.signal_helpers import sigterm_at
 
 Fixture = tuple[Path, int, list[str]]
 """(DATA, images of the package's classes, --format-option words)."""
@@ -324,14 +323,6 @@ def test_request_records_the_format_for_resume(tmp_path: Path) -> None:
     assert again == request
 
 
-def _kill_at(step: int) -> Callable[[StepInfo], None]:
-    def hook(info: StepInfo) -> None:
-        if info.global_step == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return hook
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_resume_refuses_a_changed_format_dataset(source_pkg: Path, tmp_path: Path) -> None:
     lst, _, _ = _expw(tmp_path / "ExpW")
@@ -344,7 +335,7 @@ def test_resume_refuses_a_changed_format_dataset(source_pkg: Path, tmp_path: Pat
         workdir=tmp_path / "wd",
         device="cpu",
         data_format="expw",
-        on_step=_kill_at(2),
+        on_step=sigterm_at(2),
     )
     with pytest.raises(RunInterruptedError, match="--resume"):
         adapt(request)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,11 +25,11 @@ from sourcefree.data.synthetic import write_domain
 from sourcefree.engine.method import Method, MethodContext, Phase, StepOutput
 from sourcefree.engine.models import Classifier
 from sourcefree.engine.registry import register_method, unregister_method
-from sourcefree.engine.trainer import StepInfo
 from sourcefree.errors import DatasetError, RunInterruptedError
 from sourcefree.package.manifest import InputSpec
 from sourcefree.pipeline.adaptation import AdaptRequest, adapt
 from sourcefree.pipeline.prepare import disk_needs, preflight
+from tests.signal_helpers import sigterm_at
 
 SPEC = InputSpec(size=(32, 32))
 SECRET = "secret-name-4711"
@@ -252,14 +251,6 @@ def test_adapt_keeps_the_cache_private_and_removes_it_with_the_run_dir(
     assert not [p for p in kept.iterdir() if p.name.endswith(".tmp")]
 
 
-def _kill_at(step: int) -> Callable[[StepInfo], None]:
-    def hook(info: StepInfo) -> None:
-        if info.global_step == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return hook
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_resume_reads_the_cache_and_decodes_nothing(
     source_pkg: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -270,7 +261,7 @@ def test_resume_reads_the_cache_and_decodes_nothing(
     )
     adapt(dataclasses.replace(base, out=tmp_path / "ref"))
     with pytest.raises(RunInterruptedError):
-        adapt(dataclasses.replace(base, workdir=wd, on_step=_kill_at(2)))
+        adapt(dataclasses.replace(base, workdir=wd, on_step=sigterm_at(2)))
     assert cache_path(wd).is_file(), "the cache stays with the checkpoints"
     calls = _count_loads(monkeypatch)
     done = adapt(dataclasses.replace(base, workdir=wd, resume=True))

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from sourcefree.cli.commands_adapt import adapt_command, evaluate_command, methods_command
-from sourcefree.engine.trainer import StepInfo
 from sourcefree.errors import (
     EXIT_RESUMABLE,
     ConfigError,
@@ -28,6 +26,7 @@ from sourcefree.errors import (
     WorkdirError,
 )
 from sourcefree.pipeline.adaptation import AdaptRequest, adapt
+from tests.signal_helpers import sigterm_at
 
 SETS = ["batch_size=16", "epochs=2"]
 
@@ -60,14 +59,6 @@ def _weights(pkg_dir: Path) -> dict[str, torch.Tensor]:
     return load_safetensors((pkg_dir / "model.safetensors").read_bytes())
 
 
-def _kill_at(step: int) -> object:
-    def hook(info: StepInfo) -> None:
-        if info.phase == "entropy" and info.global_step == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return hook
-
-
 def _interrupt(source: Path, data: Path, tmp: Path, step: int = 3) -> Path:
     wd = tmp / "wd"
     with pytest.raises(RunInterruptedError) as err:
@@ -80,7 +71,7 @@ def _interrupt(source: Path, data: Path, tmp: Path, step: int = 3) -> Path:
                 overrides=SETS,
                 workdir=wd,
                 device="cpu",
-                on_step=_kill_at(step),  # type: ignore[arg-type]
+                on_step=sigterm_at(step, "entropy"),
             )
         )
     assert err.value.exit_code == EXIT_RESUMABLE == 75
