@@ -22,6 +22,7 @@ import torch.distributed as tdist
 from safetensors.torch import load_file, save_file
 
 from sourcefree.engine import distributed as dist
+from sourcefree.engine.method import TargetData
 from sourcefree.engine.trainer import Trainer
 from sourcefree.errors import DistributedError
 from sourcefree.kernels import sinkhorn_codes, swav_loss
@@ -31,6 +32,7 @@ from sourcefree.ops.pseudo_labels import (
     centroid_pseudo_labels,
     cluster_pseudo_labels,
 )
+from sourcefree.package.manifest import InputSpec
 
 KMEANS_CONFIGS = {
     "full": KMeansConfig(n_init=2, max_iter=50, seed=3, max_points_per_centroid=None),
@@ -116,11 +118,13 @@ def run(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[
 
     # The trainer refuses ranks that decoded different target images.
     same = np.zeros((4, 8, 8, 3), dtype=np.uint8)
-    stub: Any = SimpleNamespace(data=SimpleNamespace(images=same), rank=dist.rank())
+    spec = InputSpec(size=(8, 8))
+    data = TargetData(images=same, spec=spec, fingerprint="same")
+    stub: Any = SimpleNamespace(data=data, rank=dist.rank())
     Trainer._check_same_data(stub)
     other = same.copy()
     other[0, 0, 0, 0] = dist.rank()
-    stub.data = SimpleNamespace(images=other)
+    stub.data = TargetData(images=other, spec=spec, fingerprint="same")
     try:
         Trainer._check_same_data(stub)
         meta["different_data"] = "accepted"

@@ -128,6 +128,8 @@ class CachedRead:
     """int64 (N,): index of each image in the dataset's samples."""
     report: ReadReport
     info: CacheInfo
+    pixel_sha256: bytes
+    """sha256 of ``images``' bytes (the header's, verified or just written)."""
 
 
 def read_cached(
@@ -313,7 +315,7 @@ def _open(
     images = np.frombuffer(mapped, np.uint8, pixel_bytes, HEADER_SIZE).reshape(shape)
     if verify_pixels and _sha256(images) != pixel_digest:
         return "its pixels do not match their sha256 (modified or damaged)"
-    return CachedRead(images, indices, report, CacheInfo(True, st.st_size))
+    return CachedRead(images, indices, report, CacheInfo(True, st.st_size), pixel_digest)
 
 
 def _header(

@@ -17,6 +17,7 @@ Methods never see target labels: :class:`TargetData` holds images only.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -91,6 +92,15 @@ class TargetData:
     """Dataset identity (names, sizes, mtimes): resume refuses a changed dataset."""
     read_summary: Mapping[str, Any] = field(default_factory=dict)
     """Aggregate read counts (ok, bad per reason); never names or ids."""
+    pixel_sha256: bytes | None = None
+    """sha256 of ``images``' bytes where already known (the decoded-image cache's
+    header); None: compute it when needed."""
+
+    def digest(self) -> bytes:
+        """sha256 of the images' bytes: the known one, or read through once."""
+        if self.pixel_sha256 is not None:
+            return self.pixel_sha256
+        return hashlib.sha256(np.ascontiguousarray(self.images).data).digest()
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -38,7 +38,6 @@ resume), :mod:`~sourcefree.engine.checkpoints` and :mod:`~sourcefree.engine.rund
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -46,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -359,8 +357,7 @@ class Trainer:
 
     def _check_same_data(self) -> None:
         """Every rank must hold the same decoded images (each rank reads DATA itself)."""
-        images = np.ascontiguousarray(self.data.images)
-        digest = hashlib.sha256(images.data).digest()
+        digest = self.data.digest()
         mine = int.from_bytes(digest[:7], "little")
         seen = dist.all_reduce_max(torch.tensor([mine, -mine], dtype=torch.int64))
         if int(seen[0]) != mine or int(seen[1]) != -mine:

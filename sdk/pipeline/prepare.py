@@ -401,6 +401,7 @@ def read_target(
             workers=workers,
         )
         images, indices, report = loaded.images, loaded.indices, loaded.report
+        digest = None
     else:
         read = read_cached(
             folder,
@@ -413,6 +414,7 @@ def read_target(
             workers=workers,
         )
         images, indices, report, info = read.images, read.indices, read.report, read.info
+        digest = read.pixel_sha256  # the cache hashed them once: no second full read
     summary = {
         "total": report.total,
         "ok": report.ok,
@@ -436,6 +438,7 @@ def read_target(
             {"digest": fp.digest, "files": fp.files, "bytes": fp.bytes}
         ).decode(),
         read_summary=summary,
+        pixel_sha256=digest,
     )
     return target, [folder.samples[int(i)].key for i in indices], info
 

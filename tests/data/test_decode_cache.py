@@ -343,3 +343,13 @@ def test_disk_needs_count_the_decoded_images(
     assert cache.where == tmp_path / ".o.work" and "21 decoded target images" in cache.what
     assert 21 * 32 * 32 * 3 < cache.bytes < 21 * 32 * 32 * 3 + (1 << 20)
     assert len(disk_needs(request, pkgs, tmp_path / "o")) == len(needs) - 1
+
+
+def test_the_pixel_digest_travels_with_the_images(folder: Path, run_dir: Path) -> None:
+    """Built or reused, the read carries the sha256 of its pixels (torchrun compares it)."""
+    import hashlib
+
+    built, reused = _read(folder, run_dir), _read(folder, run_dir)
+    want = hashlib.sha256(np.ascontiguousarray(built.images).tobytes()).digest()
+    assert built.pixel_sha256 == reused.pixel_sha256 == want
+    assert not built.info.reused and reused.info.reused
