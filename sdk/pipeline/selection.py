@@ -327,7 +327,8 @@ def _check_finite(logits: torch.Tensor) -> None:
         )
 
 
-def _logits(value: ArrayLike) -> torch.Tensor:
+def checked_logits(value: ArrayLike) -> torch.Tensor:
+    """Float logits of ``value`` (an :class:`Outputs` or an array), refused if not finite."""
     if isinstance(value, Outputs):
         return value.logits
     t = torch.as_tensor(value).float()
@@ -345,7 +346,7 @@ def _entropies(logits: torch.Tensor) -> torch.Tensor:
 
 def prediction_entropy(logits: ArrayLike) -> float:
     """Mean Shannon entropy (nats) of the softmax of ``logits``; lower is more confident."""
-    return float(_entropies(_logits(logits)).mean())
+    return float(_entropies(checked_logits(logits)).mean())
 
 
 def information_maximisation(logits: ArrayLike) -> float:
@@ -354,7 +355,7 @@ def information_maximisation(logits: ArrayLike) -> float:
     Liang et al., ICML 2020, Sec. 3.2 (``L_div - L_ent``, exact logs here, no
     ``+1e-5``). High for confident and class-diverse predictions; in ``[0, log C]``.
     """
-    t = _logits(logits).double()
+    t = checked_logits(logits).double()
     mean_p = torch.softmax(t, dim=1).mean(0)
     h_mean = -float(torch.special.xlogy(mean_p, mean_p).sum())
     return h_mean - float(_entropies(t).mean())
@@ -377,7 +378,7 @@ def soft_neighbourhood_density(
     """
     if temperature <= 0:
         raise ConfigError(f"SND temperature {temperature}", "must be positive", "")
-    t = _logits(logits)
+    t = checked_logits(logits)
     n = t.shape[0]
     if n < 2:
         raise ConfigError("SND of fewer than 2 images", "every image needs a neighbour", "")
@@ -399,7 +400,7 @@ def soft_neighbourhood_density(
 
 def agreement(a: ArrayLike, b: ArrayLike) -> float:
     """Share of images with the same top-1 class under both models."""
-    la, lb = _logits(a), _logits(b)
+    la, lb = checked_logits(a), checked_logits(b)
     if la.shape != lb.shape:
         raise ConfigError(
             f"outputs of shape {tuple(la.shape)} and {tuple(lb.shape)}",
@@ -416,7 +417,7 @@ def cohen_kappa(a: ArrayLike, b: ArrayLike) -> float:
     prediction histograms alone. When both models predict one and the same class
     everywhere (``p_e = 1``) kappa is 1.
     """
-    la, lb = _logits(a), _logits(b)
+    la, lb = checked_logits(a), checked_logits(b)
     observed = agreement(la, lb)
     c = la.shape[1]
     pa = torch.bincount(la.argmax(1), minlength=c).double() / la.shape[0]
@@ -441,7 +442,7 @@ def augmentation_stability(outputs: Outputs) -> float:
 
 def confidence(logits: ArrayLike, score: ConfidenceScore = ATC_SCORE) -> torch.Tensor:
     """Per-image confidence: maximum softmax probability, or negative entropy (float64)."""
-    t = _logits(logits).double()
+    t = checked_logits(logits).double()
     if score == "max_softmax":
         return torch.softmax(t, dim=1).max(1).values
     if score == "neg_entropy":
@@ -542,7 +543,7 @@ def anchored_accuracy(
     (by ATC) right, plus what it changes where the source is wrong. Equals
     :func:`atc_accuracy` of the source for the source itself.
     """
-    la, ls = _logits(outputs), _logits(source)
+    la, ls = checked_logits(outputs), checked_logits(source)
     if la.shape != ls.shape:
         raise ConfigError(
             f"outputs of shape {tuple(la.shape)} and {tuple(ls.shape)}",
@@ -639,7 +640,7 @@ def standard_errors(
     images are treated as draws from the target distribution, so on a subsample
     this is the subsample's error of the whole set's value.
     """
-    la, ls = _logits(outputs).double(), _logits(source).double()
+    la, ls = checked_logits(outputs).double(), checked_logits(source).double()
     probs = torch.softmax(la, dim=1)
     ent = _entropies(la)
     mean_p = probs.mean(0).clamp_min(torch.finfo(torch.float64).tiny)
@@ -684,7 +685,7 @@ def consensus_agreement(pool: Sequence[ArrayLike]) -> list[float]:
     """
     if not pool:
         raise ConfigError("no candidates to rank", "the pool is empty", "pass at least one")
-    logits = [_logits(o) for o in pool]
+    logits = [checked_logits(o) for o in pool]
     if len({tuple(t.shape) for t in logits}) != 1:
         raise ConfigError(
             "candidates of different output shapes",

@@ -35,10 +35,10 @@ from sourcefree.errors import ConfigError, InputError
 from sourcefree.ops.clustering import KMeansConfig, contingency_table, kmeans
 from sourcefree.pipeline.selection import (
     ArrayLike,
+    checked_logits,
     information_maximisation,
     soft_neighbourhood_density,
 )
-from sourcefree.pipeline.selection import _logits as checked_logits
 
 #: Principal components ClassAMI clusters in (Musgrave et al.'s evaluation default).
 CLASS_AMI_PCA = 64
