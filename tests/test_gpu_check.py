@@ -62,7 +62,7 @@ def test_dry_run_writes_one_summary_and_says_what_it_skipped(tmp_path: Path) -> 
             assert r["status"] == "skipped: no CUDA" and "phases" not in r
         else:
             assert r["status"] == "ok", r
-            assert r["amp"] == "off" and r["memory_format"] == "contiguous"
+            assert r["amp"] == "off" and r["memory_format"] == "channels_last"
             assert r["phases"] and all(p["images_per_s"] > 0 for p in r["phases"])
             assert 0.0 <= r["accuracy"] <= 1.0
     md = (out / "summary.md").read_text()

@@ -4,8 +4,8 @@
 fallback from an explicit ``cuda``); ``resolve_amp`` decides bf16 autocast for a
 device from an ``--amp`` mode, and ``amp_policy`` sets the mode every
 :class:`~sourcefree.engine.trainer.Trainer` built inside it uses by default. On CUDA
-the trainer keeps conv modules in NHWC (``channels_last``) while it trains
-(:func:`set_memory_format`).
+and on the CPU the trainer keeps conv modules in NHWC (``channels_last``) while it
+trains (:func:`set_memory_format`).
 """
 
 from __future__ import annotations

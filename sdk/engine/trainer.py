@@ -154,7 +154,7 @@ class TrainResult:
     device: str
     amp: str
     memory_format: str = "contiguous"
-    """``channels_last`` when conv modules trained in that layout (CUDA)."""
+    """``channels_last`` when conv modules trained in that layout (CUDA and CPU)."""
 
 
 @dataclass
@@ -295,9 +295,10 @@ class Trainer:
         self._epoch_sums: dict[str, list[float]] = {}
         self._last_checkpoint = time.monotonic()
         self.bf16 = resolve_amp(amp_default() if amp is None else amp, device)
-        # CUDA: conv modules and batches in NHWC (channels_last) for the tensor cores;
-        # uint8 batches go to the GPU before normalisation. The CPU path is unchanged.
-        self.channels_last = device.type == "cuda"
+        # Conv modules and batches in NHWC (channels_last): the tensor cores' layout on
+        # CUDA, and oneDNN's faster one on the CPU (docs/benchmarks.md, engine overhead).
+        # uint8 batches go to the GPU before normalisation.
+        self.channels_last = device.type in ("cuda", "cpu")
         self.world = dist.world_size()
         self.rank = dist.rank()
         self._saves = workdir is not None
@@ -607,9 +608,9 @@ class Trainer:
             )
 
     def _batch_images(self, index: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return self.data.tensor(index)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        if self.device.type == "cpu":
+            return self.data.tensor(index, memory_format=fmt)
         return self.data.tensor(index, device=self.device, memory_format=fmt)
 
     def _end_epoch(self, log: PhaseLog) -> None:

@@ -302,7 +302,7 @@ def _probe(model: Classifier, data: TargetData, dev: torch.device, batch: int, b
     from sourcefree.engine.device import set_memory_format
 
     started = time.perf_counter()
-    fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last if dev.type in ("cuda", "cpu") else torch.contiguous_format
     set_memory_format([model], fmt)
     x = data.tensor(slice(0, batch), device=dev, memory_format=fmt)
     model.train()

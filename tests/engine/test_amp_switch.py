@@ -72,13 +72,13 @@ def test_cpu_report_records_amp_and_layout_and_results_do_not_move(
     off = adapt(AdaptRequest(source_pkg, target_dir, out=tmp_path / "b", amp="off", **common))
     for run in (default, off):
         assert run.report.amp == "off"
-        assert run.report.memory_format == "contiguous"
+        assert run.report.memory_format == "channels_last"  # NHWC on the CPU too
     assert default.report.phases[0]["epoch_loss"] == off.report.phases[0]["epoch_loss"]
     a = (tmp_path / "a" / "package" / "model.safetensors").read_bytes()
     b = (tmp_path / "b" / "package" / "model.safetensors").read_bytes()
     assert a == b, "--amp off is the CPU default: bitwise the same weights"
     saved = json.loads((tmp_path / "a" / "report.json").read_text())
-    assert saved["amp"] == "off" and saved["memory_format"] == "contiguous"
+    assert saved["amp"] == "off" and saved["memory_format"] == "channels_last"
 
 
 def _images(n: int = 5, channels: int = 3) -> TargetData:
@@ -146,11 +146,12 @@ class _Conv(Method):
         return self.net
 
 
-def test_cpu_trainer_keeps_nchw_and_no_autocast() -> None:
+def test_cpu_trainer_trains_nhwc_without_autocast_and_restores_nchw() -> None:
     method = _Conv(torch.device("cpu"))
     result = Trainer(method, _images(), device=torch.device("cpu")).run()
-    assert result.amp == "off" and result.memory_format == "contiguous"
-    assert method.seen and all(s == (False, False, False, torch.float32) for s in method.seen)
+    assert result.amp == "off" and result.memory_format == "channels_last"
+    assert method.seen and all(s == (True, True, False, torch.float32) for s in method.seen)
+    assert method.conv.weight.is_contiguous(), "export sees the usual NCHW layout again"
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
