@@ -64,7 +64,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from sourcefree.adapters.shot import Shot, ShotConfig, check_common
+from sourcefree.adapters.shot import LabellingPass, Shot, ShotConfig, check_common
 from sourcefree.engine.method import JSON, MethodContext
 from sourcefree.engine.registry import register_method
 from sourcefree.errors import ConfigError
@@ -240,13 +240,13 @@ class Difc(Shot):
         self.margins = self.base_margins.clone()
         self.confusion_order: list[int] = []
 
-    def _update(self, feats: torch.Tensor, probs: torch.Tensor, epoch: int) -> None:
-        super()._update(feats, probs, epoch)
+    def _update(self, labelled: LabellingPass, epoch: int) -> None:
+        super()._update(labelled, epoch)
         if epoch < self.config.di_epochs:
             self.margins = self.base_margins.clone()
             self.confusion_order = []
             return
-        scores = confusion_scores(probs)
+        scores = confusion_scores(labelled.probs)
         self.margins = confusion_margins(self.base_margins, scores, self.config.eps)
         key = torch.nan_to_num(scores, nan=-torch.inf)
         self.confusion_order = torch.sort(key, descending=True, stable=True).indices.tolist()

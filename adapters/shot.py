@@ -18,7 +18,10 @@ What runs, as in the paper and its reference code:
   are labelled by nearest centroid (cosine distance): soft centroids weighted
   by the model's probabilities, then one round of hard centroids from the
   first round's labels (:func:`sourcefree.ops.pseudo_labels.centroid_pseudo_labels`).
-  A class nobody predicts cannot be assigned.
+  A class nobody predicts cannot be assigned. The pass's features go into a
+  :class:`~sourcefree.engine.feature_bank.FeatureBank` sized by ``--memory-budget``:
+  float32 within it; above it float16 or a spill file, labelled a chunk at a time
+  (:func:`sourcefree.ops.pseudo_labels.centroid_pseudo_labels_chunked`).
 - **Objective** (the full SHOT loss): ``beta * CE(p, y_hat) + L_ent - L_div``
   with ``beta = 0.3`` (Office, Office-Home, VisDA); **SHOT-IM** is ``beta = 0``
   (no pseudo-labels are computed then).
@@ -57,6 +60,7 @@ Departures (docs/methods.md has the measurements behind them):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
@@ -65,6 +69,7 @@ import torch
 from torch import nn
 
 from sourcefree.engine.config import refuse_invalid
+from sourcefree.engine.feature_bank import FeatureBank, MemoryBudget
 from sourcefree.engine.method import (
     JSON,
     Batch,
@@ -80,9 +85,14 @@ from sourcefree.engine.registry import register_method
 from sourcefree.kernels import IMTerms, margin_ce_im
 from sourcefree.ops.augment import FlipShiftConfig, augment_flip_shift
 from sourcefree.ops.optim import SgdInvConfig
-from sourcefree.ops.pseudo_labels import CentroidPseudoLabels, centroid_pseudo_labels
+from sourcefree.ops.pseudo_labels import (
+    CentroidPseudoLabels,
+    centroid_pseudo_labels,
+    centroid_pseudo_labels_chunked,
+)
 
 __all__ = [
+    "LabellingPass",
     "Shot",
     "ShotConfig",
     "ShotFamilyConfig",
@@ -115,6 +125,48 @@ class ShotFamilyConfig(Protocol):
     def augment(self) -> FlipShiftConfig: ...
     @property
     def target_bn_init(self) -> bool: ...
+
+
+@dataclass(frozen=True, eq=False)
+class LabellingPass:
+    """What one whole-set labelling pass saw (:meth:`Shot._predict_all`).
+
+    Attributes:
+        bank: the features of this rank's rows ``start .. start + bank.rows`` (every
+            row with one process); closed by the caller.
+        probs: (N, K) float32 softmax outputs of every row (gathered under torchrun).
+        start: the first row the bank holds.
+        sharded: the rows were split over the ranks (torchrun).
+    """
+
+    bank: FeatureBank
+    probs: torch.Tensor
+    start: int
+    sharded: bool
+
+    def centroid_labels(self, threshold: int, device: torch.device) -> CentroidPseudoLabels:
+        """SHOT's centroid pseudo-labels of every row, on every rank.
+
+        A float32 bank takes :func:`centroid_pseudo_labels` on all N rows (gathered
+        under torchrun). A float16 or disk bank
+        takes :func:`centroid_pseudo_labels_chunked` on this rank's rows (sums
+        all-reduced under torchrun), and its labels are gathered to every rank.
+        """
+        from sourcefree.engine import distributed as dist
+
+        bank = self.bank
+        if bank.storage == "float32":
+            feats = bank.tensor()
+            if self.sharded:
+                feats = dist.all_gather_cat(feats)
+            return centroid_pseudo_labels(feats, self.probs, threshold=threshold)
+        local = self.probs[self.start : self.start + bank.rows]
+        result = centroid_pseudo_labels_chunked(
+            bank, local, threshold=threshold, device=device, distributed=self.sharded
+        )
+        if not self.sharded:
+            return result
+        return dataclasses.replace(result, labels=dist.all_gather_cat(result.labels))
 
 
 def check_common(cfg: ShotFamilyConfig) -> None:
@@ -195,6 +247,7 @@ class Shot(Method):
         self.model = context.sources[0].model.to(context.device)
         self.pseudo_labels: torch.Tensor | None = None
         self.last_labelling: CentroidPseudoLabels | None = None
+        self.memory = MemoryBudget() if context.memory is None else context.memory
 
     # --- what trains ------------------------------------------------------------------
 
@@ -213,36 +266,54 @@ class Shot(Method):
         return self.config.beta > 0
 
     @torch.no_grad()
-    def _predict_all(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval-mode (features, probabilities) of every un-augmented target image.
+    def _predict_all(self) -> LabellingPass:
+        """Eval-mode features (in a feature bank) and probabilities of the target images.
 
-        Under torchrun each rank predicts its contiguous run of the batches and the
-        rows are gathered exactly, so every rank returns all N rows, as one process.
+        The bank is sized by the run's memory budget
+        (:class:`~sourcefree.engine.feature_bank.MemoryBudget`). Under torchrun each rank
+        predicts its contiguous run of the batches: its bank holds those rows, and
+        the probabilities (N x K) are gathered exactly, so every rank has all N rows.
         """
         from sourcefree.engine import distributed as dist
 
         was_training = self.model.training
         self.model.eval()
-        feats, probs = [], []
         device = self.context.device
         data, bs = self.context.data, self.config.label_batch_size
-        for start in dist.batch_starts(len(data), bs):
-            logits, f = self.model(data.tensor(slice(start, start + bs)).to(device))
-            feats.append(f.float())
-            probs.append(torch.softmax(logits.float(), dim=1))
-        if was_training:
-            self._train_mode()
-        if dist.shards_batches(len(data), bs):
-            return dist.all_gather_cat(torch.cat(feats)), dist.all_gather_cat(torch.cat(probs))
-        return torch.cat(feats), torch.cat(probs)
+        n = len(data)
+        starts = dist.batch_starts(n, bs)
+        first = starts[0] if len(starts) else 0
+        rows = min(n, starts[-1] + bs) - first if len(starts) else 0
+        bank: FeatureBank | None = None
+        probs = []
+        try:
+            for start in starts:
+                logits, f = self.model(data.tensor(slice(start, start + bs)).to(device))
+                if bank is None:
+                    bank = self.memory.bank(rows, int(f.shape[1]), device=device, total_rows=n)
+                bank.write(start - first, f)
+                probs.append(torch.softmax(logits.float(), dim=1))
+        except BaseException:
+            if bank is not None:
+                bank.close()
+            raise
+        finally:
+            if was_training:
+                self._train_mode()
+        if bank is None:
+            bank = self.memory.bank(0, 0, device=device)
+        sharded = dist.shards_batches(n, bs)
+        p = torch.cat(probs) if probs else torch.zeros((0, self.context.num_classes))
+        return LabellingPass(bank, dist.all_gather_cat(p) if sharded else p, first, sharded)
 
     def _relabel(self, epoch: int) -> None:
         """Recompute what the epoch needs from the current model (SHOT: pseudo-labels)."""
-        feats, probs = self._predict_all()
-        self._update(feats, probs, epoch)
+        labelled = self._predict_all()
+        with labelled.bank:
+            self._update(labelled, epoch)
 
-    def _update(self, feats: torch.Tensor, probs: torch.Tensor, epoch: int) -> None:
-        result = centroid_pseudo_labels(feats, probs, threshold=self.config.threshold)
+    def _update(self, labelled: LabellingPass, epoch: int) -> None:
+        result = labelled.centroid_labels(self.config.threshold, self.context.device)
         self.last_labelling = result
         self.pseudo_labels = result.labels.to(self.context.device)
 

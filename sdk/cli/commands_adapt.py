@@ -196,6 +196,15 @@ Say = Callable[[str], None]
     "--eval-labels; used only after adaptation, for the report).",
 )
 @_workers_option
+@click.option(
+    "--memory-budget",
+    metavar="SIZE",
+    default=None,
+    help="Memory the whole-set labelling features may take, e.g. 512M, 8G, 1.5G or bytes "
+    "(default: a quarter of the machine's memory, shared by its torchrun ranks). Above it "
+    "SHOT and DIFC keep them as float16, then in a file in the run directory; report.json "
+    "says which (memory.features.storage).",
+)
 @_typed_errors
 def adapt_command(
     paths: tuple[Path, ...], no_progress: bool, no_gate: bool, as_json: bool, **options: Any
@@ -234,6 +243,10 @@ def adapt_command(
     from sourcefree.pipeline.request import AdaptRequest
 
     *pkgs, data = paths
+    if options["memory_budget"] is not None:
+        from sourcefree.engine.feature_bank import parse_memory_size
+
+        options["memory_budget"] = parse_memory_size(options["memory_budget"])
     progress = not no_progress and status_enabled()  # -q: no bars
     request = AdaptRequest(tuple(pkgs), data, progress=progress, gate=not no_gate, **options)
     result = adapt(request)

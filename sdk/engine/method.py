@@ -22,7 +22,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from sourcefree.engine.models import Classifier
 from sourcefree.errors import InputError
 from sourcefree.package.loader import Package
 from sourcefree.package.manifest import InputSpec
+
+if TYPE_CHECKING:
+    from sourcefree.engine.feature_bank import MemoryBudget
 
 JSON = Any
 """A value made of dicts, lists, str, int, float, bool and None."""
@@ -161,6 +164,9 @@ class MethodContext:
     data: TargetData
     device: torch.device
     seed: int
+    memory: MemoryBudget | None = None
+    """The run's budget for N x D feature banks (``--memory-budget``) and the private run
+    directory a bank may spill into; None: a quarter of the machine's memory, no spill."""
 
     @property
     def labels(self) -> tuple[str, ...]:

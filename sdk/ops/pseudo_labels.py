@@ -64,6 +64,7 @@ import torch
 
 from sourcefree.data.metrics import pseudo_label_counts
 from sourcefree.engine import distributed as _dist
+from sourcefree.engine.feature_bank import FeatureBank
 from sourcefree.errors import ConfigError, InputError
 from sourcefree.ops.clustering import (
     KMeansConfig,
@@ -81,6 +82,7 @@ __all__ = [
     "ScoreHistogram",
     "SelectionQuality",
     "centroid_pseudo_labels",
+    "centroid_pseudo_labels_chunked",
     "cluster_pseudo_labels",
     "default_n_clusters",
     "prepare_features",
@@ -702,7 +704,7 @@ _CENTROID_EPS = 1e-8
 
 @dataclass(frozen=True, eq=False)
 class CentroidPseudoLabels:
-    """Result of :func:`centroid_pseudo_labels`.
+    """Result of :func:`centroid_pseudo_labels` (and of :func:`centroid_pseudo_labels_chunked`).
 
     Attributes:
         labels: (N,) int64 pseudo-label of every target sample (all samples are labelled).
@@ -721,6 +723,25 @@ class CentroidPseudoLabels:
     agreement: float
 
 
+def _eligible(predicted: torch.Tensor, c: int, threshold: int, sharded: bool) -> torch.Tensor:
+    """Classes that more than ``threshold`` samples carry (counts all-reduced if sharded)."""
+    counts = torch.bincount(predicted, minlength=c)
+    if sharded:
+        counts = _dist.all_reduce_sum(counts)
+    eligible: torch.Tensor = counts > threshold
+    return eligible
+
+
+def _nearest(z: torch.Tensor, centroids: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """Each row's nearest eligible centroid by cosine distance (ties: lower class)."""
+    unit = centroids / centroids.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    # Cosine distance 1 - <z, c>/(|z||c|); rows of z are unit vectors already.
+    dist = 1.0 - z @ unit.T
+    dist = dist.masked_fill(~eligible.unsqueeze(0), math.inf)
+    labels: torch.Tensor = dist.argmin(dim=1)
+    return labels
+
+
 def _nearest_centroid(
     z: torch.Tensor,
     weights: torch.Tensor,
@@ -734,16 +755,43 @@ def _nearest_centroid(
         sums = _dist.all_reduce_sum(weights.T @ z)
         mass = _dist.all_reduce_sum(weights.sum(dim=0))
         centroids = sums / (mass.unsqueeze(1) + _CENTROID_EPS)
-        eligible = _dist.all_reduce_sum(torch.bincount(predicted, minlength=c)) > threshold
     else:
         centroids = weights.T @ z / (weights.sum(dim=0).unsqueeze(1) + _CENTROID_EPS)
-        eligible = torch.bincount(predicted, minlength=c) > threshold
-    unit = centroids / centroids.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    # Cosine distance 1 - <z, c>/(|z||c|); rows of z are unit vectors already.
-    dist = 1.0 - z @ unit.T
-    dist = dist.masked_fill(~eligible.unsqueeze(0), math.inf)
-    labels = dist.argmin(dim=1)
+    eligible = _eligible(predicted, c, threshold, sharded)
+    labels = _nearest(z, centroids, eligible)
     return labels, centroids * eligible.unsqueeze(1).to(centroids.dtype), eligible
+
+
+def _check_rounds(rounds: object, threshold: object) -> None:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"rounds={rounds!r}", "at least one labelling round is needed", "")
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+        raise ConfigError(f"threshold={threshold!r}", "the threshold is a count >= 0", "")
+
+
+def _centroid_result(
+    labels: torch.Tensor,
+    first: torch.Tensor,
+    centroids: torch.Tensor,
+    eligible: torch.Tensor,
+    sharded: bool,
+) -> CentroidPseudoLabels:
+    """Counts and agreement with the model's argmax ``first`` (global when sharded)."""
+    counts = torch.bincount(labels, minlength=int(eligible.shape[0]))
+    if sharded:
+        counts = _dist.all_reduce_sum(counts)
+        same = torch.tensor([float((labels == first).sum().item()), float(labels.numel())])
+        _dist.all_reduce_sum(same)
+        agreement = float(same[0] / same[1])
+    else:
+        agreement = float((labels == first).to(torch.float64).mean().item())
+    return CentroidPseudoLabels(
+        labels=labels.to(torch.int64),
+        centroids=centroids,
+        assignable=tuple(int(k) for k in torch.nonzero(eligible).flatten().tolist()),
+        counts=tuple(int(v) for v in counts.tolist()),
+        agreement=agreement,
+    )
 
 
 def centroid_pseudo_labels(
@@ -766,6 +814,8 @@ def centroid_pseudo_labels(
 
     As in the reference code, a class nobody predicts can never be assigned
     (``threshold`` is 0 for closed-set adaptation). Ties go to the lower class index.
+    :func:`centroid_pseudo_labels_chunked` is the same over a
+    :class:`~sourcefree.engine.feature_bank.FeatureBank`, a chunk of rows at a time.
 
     Args:
         features: (N, D) floating features of the target samples (eval mode, no augmentation).
@@ -781,10 +831,7 @@ def centroid_pseudo_labels(
         InputError: bad shapes, non-finite values, rows that are not distributions.
         ConfigError: ``rounds < 1`` or ``threshold < 0``.
     """
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ConfigError(f"rounds={rounds!r}", "at least one labelling round is needed", "")
-    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
-        raise ConfigError(f"threshold={threshold!r}", "the threshold is a count >= 0", "")
+    _check_rounds(rounds, threshold)
     z = prepare_features(features)
     probs = _check_probabilities(probabilities, z.shape[0]).to(device=z.device, dtype=z.dtype)
     predicted = probs.argmax(dim=1)
@@ -798,18 +845,100 @@ def centroid_pseudo_labels(
         labels, centroids, eligible = _nearest_centroid(z, weights, predicted, threshold, sharded)
         predicted = labels
         weights = torch.nn.functional.one_hot(labels, probs.shape[1]).to(z.dtype)
-    counts = torch.bincount(labels, minlength=probs.shape[1])
+    return _centroid_result(labels, first, centroids, eligible, sharded)
+
+
+#: Bytes of float32 features one chunk of :func:`centroid_pseudo_labels_chunked` holds.
+_CHUNK_BYTES = 1 << 24
+
+
+def _chunk_rows(dim: int, chunk_rows: int | None) -> int:
+    if chunk_rows is None:
+        return max(1, _CHUNK_BYTES // (4 * (dim + 1)))
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ConfigError(f"chunk_rows={chunk_rows!r}", "a chunk has at least 1 row", "")
+    return chunk_rows
+
+
+def _centroids_of(sums: torch.Tensor, mass: torch.Tensor, sharded: bool) -> torch.Tensor:
+    """float32 centroids from float64 sums and weight masses (all-reduced when sharded)."""
     if sharded:
-        counts = _dist.all_reduce_sum(counts)
-        same = torch.tensor([float((labels == first).sum().item()), float(labels.numel())])
-        _dist.all_reduce_sum(same)
-        agreement = float(same[0] / same[1])
-    else:
-        agreement = float((labels == first).to(torch.float64).mean().item())
-    return CentroidPseudoLabels(
-        labels=labels.to(torch.int64),
-        centroids=centroids,
-        assignable=tuple(int(k) for k in torch.nonzero(eligible).flatten().tolist()),
-        counts=tuple(int(v) for v in counts.tolist()),
-        agreement=agreement,
-    )
+        sums = _dist.all_reduce_sum(sums)
+        mass = _dist.all_reduce_sum(mass)
+    return (sums / (mass.unsqueeze(1) + _CENTROID_EPS)).to(torch.float32)
+
+
+def centroid_pseudo_labels_chunked(
+    bank: FeatureBank,
+    probabilities: torch.Tensor,
+    *,
+    rounds: int = 2,
+    threshold: int = 0,
+    chunk_rows: int | None = None,
+    device: torch.device | str | None = None,
+    distributed: bool = False,
+) -> CentroidPseudoLabels:
+    """:func:`centroid_pseudo_labels` over a feature bank, a chunk of rows at a time.
+
+    The same maths: ``z = [f; 1] / ||.||`` is computed per chunk (never for all rows
+    at once), the centroid sums are accumulated in float64 across chunks, then each
+    chunk takes its nearest eligible centroids. A round's labelling pass also sums
+    the next round's centroids, so the bank is read ``rounds + 1`` times. Labels
+    agree with :func:`centroid_pseudo_labels` on the same float32 rows up to
+    rounding (centroids within about 1e-6).
+
+    Args:
+        bank: (N, D) features of this rank's samples
+            (:class:`~sourcefree.engine.feature_bank.FeatureBank`).
+        probabilities: (N, C) softmax outputs of the same samples.
+        rounds, threshold: as in :func:`centroid_pseudo_labels`.
+        chunk_rows: rows per chunk; None: about 16 MiB of float32 features.
+        device: where the chunks are computed; None: the probabilities' device.
+        distributed: as in :func:`centroid_pseudo_labels` (sums, masses and counts
+            all-reduced; labels of this rank's samples).
+
+    Raises:
+        InputError: an empty bank, non-finite values, rows that are not distributions.
+        ConfigError: ``rounds < 1``, ``threshold < 0`` or ``chunk_rows < 1``.
+    """
+    _check_rounds(rounds, threshold)
+    n, d = bank.rows, bank.dim
+    if n == 0 or d == 0:
+        raise InputError(
+            f"features has shape {(n, d)}",
+            "features must be a non-empty 2-D tensor with one row per target sample",
+            "pass an (N, D) tensor with N >= 1",
+        )
+    size = _chunk_rows(d, chunk_rows)
+    probs = _check_probabilities(probabilities, n)
+    dev = probs.device if device is None else torch.device(device)
+    probs = probs.to(device=dev, dtype=torch.float32)
+    c = int(probs.shape[1])
+    sharded = _sharded(distributed)
+    first = probs.argmax(dim=1)
+    sums = torch.zeros((c, d + 1), dtype=torch.float64, device=dev)
+    start = 0
+    for chunk in bank.chunks(size, dev):
+        stop = start + int(chunk.shape[0])
+        z = prepare_features(chunk).to(torch.float64)
+        sums += probs[start:stop].to(torch.float64).T @ z
+        start = stop
+    centroids = _centroids_of(sums, probs.sum(dim=0, dtype=torch.float64), sharded)
+    eligible = _eligible(first, c, threshold, sharded)
+    labels = first
+    for r in range(rounds):
+        last = r == rounds - 1
+        parts, sums = [], torch.zeros((c, d + 1), dtype=torch.float64, device=dev)
+        for chunk in bank.chunks(size, dev):
+            z = prepare_features(chunk)
+            part = _nearest(z, centroids, eligible)
+            if not last:
+                sums.index_add_(0, part, z.to(torch.float64))
+            parts.append(part)
+        labels = torch.cat(parts)
+        if not last:
+            mass = torch.bincount(labels, minlength=c).to(torch.float64)
+            centroids = _centroids_of(sums, mass, sharded)
+            eligible = _eligible(labels, c, threshold, sharded)
+    masked = centroids * eligible.unsqueeze(1).to(centroids.dtype)
+    return _centroid_result(labels, first, masked, eligible, sharded)

@@ -414,6 +414,7 @@ def _run_fields(prep: Prepared, trained: Trained) -> dict[str, Any]:
         "target_images": len(prep.data),
         "target_read": dict(prep.data.read_summary),
         "target_cache": None if prep.cache is None else prep.cache.to_dict(),
+        "memory": trained.memory_report(),
         "resumed": result is not None and result.resumed_from is not None,
         "world_size": distributed.world_size(),
         "checkpoints_written": result.checkpoints if result is not None else 0,

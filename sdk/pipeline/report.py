@@ -351,6 +351,10 @@ class AdaptReport:
     """How the decoded-image cache was used (``sourcefree.data.cache.CacheInfo.to_dict``:
     ``reused``, ``bytes``, and ``refused`` when a cache file there was not trusted);
     None: the images were decoded into memory."""
+    memory: Json | None = None
+    """``{"budget_bytes": B, "features": {"storage", "bytes", "within_budget"}}``: the
+    memory budget and the largest feature bank of the method's labelling passes
+    (``sourcefree.engine.feature_bank.MemoryBudget.report``); None: it used no bank."""
 
     def to_dict(self) -> Json:
         out: Json = {
@@ -375,6 +379,8 @@ class AdaptReport:
             out["evaluation"] = self.evaluation.to_dict()
         if self.plan is not None:
             out["plan"] = self.plan
+        if self.memory is not None:
+            out["memory"] = self.memory
         out["timings_s"] = self.timings.to_dict()
         return out
 
@@ -407,5 +413,6 @@ class AdaptReport:
             format=d["format"],
             plan=d.get("plan"),
             target_cache=d["target"].get("cache"),
+            memory=d.get("memory"),
             preset=d.get("preset", "cpu"),
         )

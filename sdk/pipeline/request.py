@@ -91,9 +91,14 @@ class AdaptRequest:
         workers: processes that decode the target images (at least 1; 1: in this
             process); None: the usable cores (:meth:`sourcefree.data.dataset.ImageDataset.load`).
             Results are bitwise the same for any count, so a resumed run may change it.
+        memory_budget: bytes that whole-set labelling features (N x D) may take in memory
+            (``--memory-budget 8G``): above it SHOT and DIFC keep them as float16, then
+            in a file in the run directory (:mod:`sourcefree.engine.feature_bank`); None: a
+            quarter of the machine's memory, divided among the ranks on the machine.
 
     Raises:
-        ConfigError: ``gate_sample``, ``select``, ``budget_s`` or ``workers`` out of range,
+        ConfigError: ``gate_sample``, ``select``, ``budget_s``, ``workers`` or
+            ``memory_budget`` out of range,
             an unknown ``preset``, or a preset other than ``cpu`` with ``-m auto`` /
             ``--select auto``,
             ``overrides`` given as one string, a config with ``method="auto"``,
@@ -148,6 +153,7 @@ class AdaptRequest:
     format_options: FormatOptions = ()
     eval_format_labels: bool = False
     workers: int | None = None
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.overrides, (str, bytes)):
@@ -173,6 +179,10 @@ class AdaptRequest:
         from sourcefree.data.decode import check_workers
 
         check_workers(self.workers)
+        if self.memory_budget is not None:
+            from sourcefree.engine.feature_bank import check_memory_budget
+
+            check_memory_budget(self.memory_budget)
         if self.select not in SELECT_MODES:
             raise ConfigError(
                 f"--select {self.select!r} is not known",
@@ -317,6 +327,7 @@ _OPTIONS = {
     "amp": "--amp",
     "data_format": "--format",
     "workers": "--workers",
+    "memory_budget": "--memory-budget",
 }
 #: Flags set when the field is true, and flags set when it is false.
 _SWITCHES = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sourcefree.pipeline.decide import Sources, gate_outputs, score_sources
@@ -40,6 +41,7 @@ def train_one(
     The global seed is set right before the method is built, so every run, candidate
     and rank starts from the same state; ``workdir``: checkpoints (the single run).
     """
+    from sourcefree.engine.feature_bank import MemoryBudget
     from sourcefree.engine.method import MethodContext, SourceModel
     from sourcefree.engine.reproducibility import seed_everything
     from sourcefree.engine.trainer import Trainer
@@ -51,6 +53,7 @@ def train_one(
         data=prep.data,
         device=prep.dev,
         seed=request.seed,
+        memory=MemoryBudget(request.memory_budget, _spill_dir(prep)),
     )
     instance = cls(cfg, context)
     trainer = Trainer(
@@ -64,6 +67,13 @@ def train_one(
         on_step=on_step,
     )
     return instance, trainer.run(resume=resume)
+
+
+def _spill_dir(prep: Prepared) -> Path | None:
+    """This process's private run directory (where its decoded-image cache is), or None."""
+    if prep.workdir is not None:
+        return prep.workdir.path
+    return None if prep.cache_file is None else prep.cache_file.parent
 
 
 @dataclass
@@ -109,6 +119,13 @@ class Trained:
     """The sources scored before the candidates (candidates only)."""
     runs: tuple[CandidateRun, ...] = ()
     ranking: selection.Ranking | None = None
+
+    def memory_report(self) -> dict[str, Any] | None:
+        """``report["memory"]``: the budget and the largest feature bank the trained
+        method used (:meth:`sourcefree.engine.feature_bank.MemoryBudget.report`); None
+        when it used none."""
+        memory = None if self.instance is None else self.instance.context.memory
+        return None if memory is None else memory.report()
 
     def selection_report(self, prep: Prepared) -> SelectionReport | None:
         """``report["selection"]`` of ``-m auto`` / ``--select auto`` (None for a single run)."""

@@ -3,6 +3,10 @@
 ``evaluate OUT``, ``predict OUT``, ``verify OUT``, ``inspect OUT``, ``audit OUT`` and
 ``Predictor(OUT)`` all go through :func:`sourcefree.package.loader.resolve_package_dir`,
 which names the package it uses on stderr; anything else is still refused as before.
+
+``adapt --memory-budget``: bad sizes exit 2 before anything is written; a budget too
+small for float32 features shows in the output folder's report.json (``memory``), and
+the run directory keeps no spill file.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from click.testing import CliRunner
 from sourcefree.cli.app import main
 from sourcefree.errors import PackageError
 from sourcefree.package.loader import load_package, resolve_package_dir
+from sourcefree.pipeline.report import AdaptReport
 
 NOTE = "is an adapt output folder; its package is"
 
@@ -110,3 +115,38 @@ def test_only_a_real_adapt_output_is_resolved(adapt_out: tuple[Path, Path], tmp_
     assert resolve_package_dir(linked) == linked
     code, _, stderr = _run("verify", str(linked))
     assert code == 2 and "has no manifest.json" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("size", ["abc", "0", "1.5", "9999T", "8X"])
+def test_bad_memory_budget_exits_2(size: str, source_pkg: Path, tmp_path: Path) -> None:
+    args = ["adapt", str(source_pkg), str(tmp_path), "-m", "shot", "-o", str(tmp_path / "out")]
+    code, stdout, stderr = _run(*args, "--memory-budget", size)
+    assert code == 2, stdout + stderr
+    assert f"error: --memory-budget {size!r}." in stderr and "Fix: pass a size such as" in stderr
+    assert "Traceback" not in stdout + stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.work").exists()
+
+
+# 16 images, smallcnn features of D = 128: float32 needs 16 x 128 x 4 = 8,192 bytes, float16
+# 16 x (2 x 128 + 4) = 4,160 (the rows and their scales).
+@pytest.mark.parametrize(("size", "storage"), [("5000", "float16"), ("1K", "disk")])
+def test_shot_under_a_small_memory_budget(
+    size: str, storage: str, source_pkg: Path, tmp_path: Path
+) -> None:
+    from sourcefree.data.synthetic import write_domain
+
+    data = write_domain(tmp_path / "wild", "wild-mild", 16, 32, seed=3)
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["adapt", str(source_pkg), str(data), "-m", "shot", "-o", str(out), "--set", "epochs=1"]
+    args += ["--set", "batch_size=8", "--device", "cpu", "--no-gate", "--no-progress"]
+    args += ["--no-plan-probe", "--workers", "1", "--workdir", str(work), "--keep-workdir"]
+    code, stdout, stderr = _run(*args, "--memory-budget", size)
+    assert code == 0, stdout + stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["memory"] == {
+        "budget_bytes": int(size) if size.isdigit() else 1024,
+        "features": {"storage": storage, "bytes": 4160, "within_budget": True},
+    }
+    assert AdaptReport.from_dict(report).to_dict()["memory"] == report["memory"]
+    kept = sorted(p.name for p in work.rglob("*") if p.is_file())
+    assert kept and not any("features" in name or name.endswith(".f16") for name in kept), kept
