@@ -9,13 +9,16 @@ multiprocessing's ``spawn`` does: a new interpreter, so a parent that holds torc
 or OpenMP threads is safe, and the caller's main module is never re-imported).
 
 Parent and workers speak a framed binary protocol over the workers' stdin and
-stdout: a JSON header and raw uint8 bytes, never pickle. Workers decode contiguous
-chunks of indices; the parent sends at most :data:`CHUNKS_IN_FLIGHT` chunks per
-worker ahead and takes the results back in index order, so the bad-file
-accounting, the strict-mode error and the pixels are the same for any number of
-workers. A worker exits when its stdin closes (the parent ended or died), ignores
-SIGINT (the parent stops it), and is terminated when the parent leaves the pool
-on an error or a signal. No torch import.
+stdout: a JSON header and raw uint8 bytes, never pickle. ``workers=N`` starts N - 1
+worker processes and the parent decodes too: chunks of contiguous indices go out
+in order to whoever is free, a worker once it has said it is ready (so its start-up
+overlaps the parent's decoding) and at most :data:`CHUNKS_IN_FLIGHT` at a time, the
+parent whenever the chunk due next is a worker's and not back yet (at most
+:data:`PARENT_AHEAD` ahead). Results are taken in index order whoever decoded them,
+so the bad-file accounting, the strict-mode error and the pixels are the same for
+any number of workers. A worker exits when its stdin closes (the parent ended or
+died), ignores SIGINT (the parent stops it), and is terminated when the parent
+leaves the pool on an error or a signal. No torch import.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ import importlib
 import json
 import math
 import os
+import select
 import signal
 import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Generator, Iterator, Sequence
+from collections import deque
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from queue import SimpleQueue
@@ -51,6 +56,9 @@ if TYPE_CHECKING:
 POOL_MIN_IMAGES = 1024
 #: Chunks each worker may hold at once (sent ahead, or decoded and not yet taken back).
 CHUNKS_IN_FLIGHT = 2
+#: Chunks the parent may decode ahead of the one it returns next, while that one is a
+#: worker's and not back yet; 0: the parent decodes nothing and starts N workers.
+PARENT_AHEAD = 2
 #: At most this many images, and this many pixel bytes, in one chunk.
 MAX_CHUNK_IMAGES = 64
 MAX_CHUNK_BYTES = 8 << 20
@@ -284,20 +292,34 @@ def chunk_size(images: int, workers: int, image_bytes: int) -> int:
 # -- framing -----------------------------------------------------------------------------
 
 
+def _write_all(out: IO[bytes], data: bytes) -> None:
+    """Write every byte (an unbuffered pipe may take fewer than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view) or 0 :]
+
+
 def _write_frame(out: IO[bytes], header: dict[str, Any], blob: bytes = b"") -> None:
     head = json.dumps(header, separators=(",", ":")).encode()
-    out.write(_FRAME.pack(len(head), len(blob)) + head)
+    _write_all(out, _FRAME.pack(len(head), len(blob)) + head)
     if blob:
-        out.write(blob)
+        _write_all(out, blob)
     out.flush()
 
 
-def _read_exact(inp: IO[bytes], n: int) -> bytes | None:
-    data = inp.read(n) if n else b""
-    return data if data is not None and len(data) == n else None
+def _read_exact(inp: IO[bytes], n: int) -> bytearray | None:
+    """Exactly ``n`` bytes, or None at the end of the stream (reads until it has them)."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = inp.readinto(view[got:])  # type: ignore[attr-defined]
+        if not k:
+            return None
+        got += k
+    return buf
 
 
-def _read_frame(inp: IO[bytes]) -> tuple[dict[str, Any], bytes] | None:
+def _read_frame(inp: IO[bytes]) -> tuple[dict[str, Any], bytearray] | None:
     """The next frame, or None at the end of the stream (or a cut one)."""
     prefix = _read_exact(inp, _FRAME.size)
     if prefix is None:
@@ -332,7 +354,7 @@ def _encode_samples(samples: Sequence[Sample]) -> tuple[list[Any], bytes]:
     return items, b"".join(blobs)
 
 
-def _decode_samples(items: list[Any], blob: bytes) -> list[Sample]:
+def _decode_samples(items: list[Any], blob: bytes | bytearray) -> list[Sample]:
     from sourcefree.data.dataset import Sample
 
     out, offset = [], 0
@@ -385,7 +407,11 @@ def _rebuild_error(err: dict[str, Any]) -> SourcefreeError:
 
 
 class DecodePool:
-    """Worker processes running :func:`decode_sample`; use it as a context manager.
+    """``workers - 1`` worker processes running :func:`decode_sample`, and this process.
+
+    This process decodes chunks too while it waits for the workers' (see the module
+    docstring); with :data:`PARENT_AHEAD` = 0 it starts ``workers`` processes and only
+    takes their results. Use it as a context manager.
 
     Examples:
         >>> with DecodePool(plan, 4) as pool:
@@ -397,10 +423,13 @@ class DecodePool:
         self.plan = plan
         self.workers = check_workers(workers, "workers") or 1
         self._procs: list[subprocess.Popen[bytes]] = []
+        self.chunks_by_workers = 0
+        """Chunks the started processes decoded (the others were decoded here)."""
 
     def __enter__(self) -> DecodePool:
+        started = self.workers - 1 if PARENT_AHEAD > 0 else self.workers
         try:
-            for _ in range(self.workers):
+            for _ in range(max(1, started)):
                 self._start()
         except BaseException:
             self.close(kill=True)
@@ -411,11 +440,12 @@ class DecodePool:
         self.close(kill=kind is not None)
 
     def _start(self) -> None:
-        try:
+        try:  # unbuffered pipes: select() then sees every byte a worker wrote
             proc = subprocess.Popen(
                 [sys.executable, "-c", _WORKER_CODE],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
+                bufsize=0,
             )
         except OSError as exc:
             raise DecodeWorkerError(
@@ -454,29 +484,34 @@ class DecodePool:
         )
 
     def imap(self, samples: Sequence[Sample], chunk: int) -> Iterator[tuple[int, Decoded]]:
-        """``(index, decoded)`` for every sample, in index order.
+        """``(index, decoded)`` for every sample, in index order (see the module docstring).
+
+        A worker that stops before it said it is ready while this process decodes
+        every chunk itself is no error: its results were not needed.
 
         Raises:
             DecodeWorkerError: a worker died; a worker's typed error, re-raised as its class.
         """
-        bounds = [(lo, min(lo + chunk, len(samples))) for lo in range(0, len(samples), chunk)]
-        procs = self._procs[: max(1, min(len(self._procs), len(bounds)))]
-        ahead = len(procs) * CHUNKS_IN_FLIGHT
-
-        def send(c: int) -> None:
-            lo, hi = bounds[c]
-            items, blob = _encode_samples(samples[lo:hi])
-            self._send(procs[c % len(procs)], {"items": items}, blob)
-
-        for c in range(min(ahead, len(bounds))):
-            send(c)
-        for c, (lo, hi) in enumerate(bounds):
-            results, error = self._receive(procs[c % len(procs)], hi - lo)
-            if c + ahead < len(bounds):
-                send(c + ahead)  # the worker decodes it while this chunk is taken
+        run = _Schedule(self, samples, chunk)
+        for c, (lo, _hi) in enumerate(run.bounds):
+            results, error = run.take(c)
             yield from zip(range(lo, lo + len(results)), results, strict=False)
             if error is not None:
                 raise error
+
+    def _ready_frame(self, proc: subprocess.Popen[bytes]) -> None:
+        """Read a worker's first answer: ready, or the error it met loading the plan."""
+        frame = None if proc.stdout is None else _read_frame(proc.stdout)
+        if frame is None:
+            raise self._died(proc)
+        if isinstance(frame[0].get("error"), dict):
+            raise _rebuild_error(frame[0]["error"])
+        if frame[0].get("ready") is not True:
+            raise DecodeWorkerError(
+                "a decoding worker sent a malformed answer",
+                "expected its ready message",
+                "run again with --workers 1 (decodes in this process), and report it",
+            )
 
     def _receive(
         self, proc: subprocess.Popen[bytes], count: int
@@ -506,6 +541,7 @@ class DecodePool:
                 f"expected {count} images",
                 "run again with --workers 1 (decodes in this process), and report it",
             )
+        self.chunks_by_workers += 1
         return out, None if error is None else _rebuild_error(error)
 
     def close(self, *, kill: bool = False) -> None:
@@ -525,6 +561,75 @@ class DecodePool:
             if proc.stdout is not None:
                 proc.stdout.close()
         self._procs = []
+
+
+def _readable(procs: Sequence[subprocess.Popen[bytes]], timeout: float | None) -> list[int]:
+    """Indices of the processes whose stdout has bytes to read (within ``timeout`` s)."""
+    fds = {p.stdout.fileno(): i for i, p in enumerate(procs) if p.stdout is not None}
+    ready, _, _ = select.select(list(fds), [], [], timeout)
+    return [fds[fd] for fd in ready]
+
+
+class _Schedule:
+    """Which process decodes which chunk, for one :meth:`DecodePool.imap`."""
+
+    def __init__(self, pool: DecodePool, samples: Sequence[Sample], chunk: int) -> None:
+        self.pool, self.samples = pool, samples
+        n = len(samples)
+        self.bounds = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
+        self.owner: list[int] = []
+        """Per assigned chunk (in order): the worker's index, or -1 for this process."""
+        self.local: dict[int, tuple[list[Decoded], SourcefreeError | None]] = {}
+        self.queued: list[deque[int]] = [deque() for _ in pool._procs]
+        self.ready = [False] * len(pool._procs)
+
+    def take(self, c: int) -> tuple[list[Decoded], SourcefreeError | None]:
+        """Chunk ``c``'s results (the next in order), decoding others here meanwhile."""
+        while True:
+            self._poll_ready(0.0)
+            self._top_up()
+            here = PARENT_AHEAD > 0 and len(self.local) < PARENT_AHEAD
+            if c < len(self.owner) and self.owner[c] < 0:
+                return self.local.pop(c)
+            if c < len(self.owner):
+                w = self.owner[c]
+                procs = self.pool._procs
+                if not here or len(self.owner) == len(self.bounds) or _readable([procs[w]], 0):
+                    if self.queued[w].popleft() != c:  # pragma: no cover - assigned in order
+                        raise DecodeWorkerError("chunks out of order", "", "report a bug")
+                    return self.pool._receive(procs[w], self.bounds[c][1] - self.bounds[c][0])
+            if here and len(self.owner) < len(self.bounds):
+                self._decode_here()
+            elif c >= len(self.owner):
+                self._poll_ready(None)  # nobody may take chunk c yet: wait for a worker
+
+    def _poll_ready(self, timeout: float | None) -> None:
+        waiting = [i for i, r in enumerate(self.ready) if not r]
+        if not waiting:
+            return
+        procs = [self.pool._procs[i] for i in waiting]
+        for j in _readable(procs, timeout):
+            self.pool._ready_frame(procs[j])
+            self.ready[waiting[j]] = True
+
+    def _top_up(self) -> None:
+        for w, queued in enumerate(self.queued):
+            while self.ready[w] and len(queued) < CHUNKS_IN_FLIGHT:
+                c = len(self.owner)
+                if c == len(self.bounds):
+                    return
+                lo, hi = self.bounds[c]
+                items, blob = _encode_samples(self.samples[lo:hi])
+                self.pool._send(self.pool._procs[w], {"items": items}, blob)
+                self.owner.append(w)
+                queued.append(c)
+
+    def _decode_here(self) -> None:
+        c = len(self.owner)
+        lo, hi = self.bounds[c]
+        results, error = _decode_items(self.samples[lo:hi], self.pool.plan)
+        self.owner.append(-1)
+        self.local[c] = (results, None if error is None else _rebuild_error(error))
 
 
 def decode_all(
@@ -548,22 +653,33 @@ def decode_all(
 # -- the worker --------------------------------------------------------------------------
 
 
-def _decode_chunk(
-    header: dict[str, Any], blob: bytes, plan: DecodePlan
-) -> tuple[dict[str, Any], bytes]:
-    items: list[list[Any]] = []
-    pixels: list[bytes] = []
-    error = None
+def _decode_items(
+    samples: Iterable[Sample], plan: DecodePlan
+) -> tuple[list[Decoded], dict[str, Any] | None]:
+    """Decode samples in order up to the first error (as a header; raised at its sample)."""
+    out: list[Decoded] = []
     try:
-        for sample in _decode_samples(header["items"], blob):
-            out = decode_sample(sample, plan)
-            items.append(
-                [out.reason, int(out.no_face), int(out.no_eyes), int(out.pixels is not None)]
-            )
-            if out.pixels is not None:
-                pixels.append(np.ascontiguousarray(out.pixels, dtype=np.uint8).tobytes())
-    except Exception as exc:  # sent to the parent, raised there at this sample
-        error = _error_header(exc)
+        for sample in samples:
+            out.append(decode_sample(sample, plan))
+    except Exception as exc:
+        return out, _error_header(exc)
+    return out, None
+
+
+def _decode_chunk(
+    header: dict[str, Any], blob: bytes | bytearray, plan: DecodePlan
+) -> tuple[dict[str, Any], bytes]:
+    try:
+        samples = _decode_samples(header["items"], blob)
+    except Exception as exc:  # a malformed chunk: sent to the parent, raised there
+        return {"items": [], "error": _error_header(exc)}, b""
+    decoded, error = _decode_items(samples, plan)
+    items = [[d.reason, int(d.no_face), int(d.no_eyes), int(d.pixels is not None)] for d in decoded]
+    pixels = [
+        np.ascontiguousarray(d.pixels, dtype=np.uint8).tobytes()
+        for d in decoded
+        if d.pixels is not None
+    ]
     return {"items": items, "error": error}, b"".join(pixels)
 
 
@@ -586,7 +702,8 @@ def worker_main() -> int:
     except Exception as exc:
         _write_frame(out, {"items": [], "error": _error_header(exc)})
         return 1
-    queue: SimpleQueue[tuple[dict[str, Any], bytes]] = SimpleQueue()
+    _write_frame(out, {"ready": True})  # the parent sends chunks from now on
+    queue: SimpleQueue[tuple[dict[str, Any], bytearray]] = SimpleQueue()
 
     def read() -> None:  # drains stdin so the parent never blocks on a full pipe
         while True:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,9 +90,12 @@ def _load(
     return loaded, sum(steps), log.read_text()
 
 
+@pytest.mark.parametrize("ahead", [0, decode.PARENT_AHEAD])
 def test_two_workers_give_bitwise_the_same_load(
-    tmp_path: Path, write_image: ImageWriter, monkeypatch: pytest.MonkeyPatch
+    ahead: int, tmp_path: Path, write_image: ImageWriter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """``ahead`` 0: two started workers decode everything; else one worker and this process."""
+    monkeypatch.setattr(decode, "PARENT_AHEAD", ahead)
     root = _mixed(tmp_path / "data", write_image)
     started: list[int] = []
     enter = decode.DecodePool.__enter__
@@ -111,6 +115,32 @@ def test_two_workers_give_bitwise_the_same_load(
     assert one.report.reasons == {"corrupt": 2, "empty": 1}
     assert bar1 == bar2 == 16
     assert log1 == log2 and len(log1.splitlines()) == 3
+
+
+def test_this_process_and_a_worker_share_the_chunks_and_give_the_same_load(
+    tmp_path: Path, write_image: ImageWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This process decodes slowly (patched here only): the worker, once ready, takes chunks."""
+    root = _mixed(tmp_path / "data", write_image)
+    one, _, log1 = _load(root, monkeypatch, tmp_path / "one.log", workers=1)
+    real, pools = decode.decode_sample, []
+    exit_ = decode.DecodePool.__exit__
+
+    def slow(sample: Any, plan: DecodePlan) -> decode.Decoded:
+        time.sleep(0.25)  # about 3 s for the 13 images: the worker starts in well under that
+        return real(sample, plan)
+
+    def spy(self: decode.DecodePool, *args: Any) -> None:
+        pools.append((self.workers, len(self._procs), self.chunks_by_workers))
+        exit_(self, *args)
+
+    monkeypatch.setattr(decode, "decode_sample", slow)
+    monkeypatch.setattr(decode.DecodePool, "__exit__", spy)
+    two, _, log2 = _load(root, monkeypatch, tmp_path / "two.log", workers=2)
+    assert len(pools) == 1 and pools[0][:2] == (2, 1), "workers=2: one started, and this one"
+    assert pools[0][2] >= 1, "the worker decoded some of the chunks"
+    assert one.images.tobytes() == two.images.tobytes() and one.report == two.report
+    assert np.array_equal(one.indices, two.indices) and log1 == log2
 
 
 def test_strict_mode_raises_the_same_error_with_workers(
@@ -161,6 +191,7 @@ def test_a_dead_worker_is_a_typed_error_and_no_worker_survives(
 
     monkeypatch.setattr(subprocess, "Popen", record)  # the module decode starts workers with
     monkeypatch.setattr(decode, "_WORKER_CODE", "import sys; sys.exit(3)")
+    monkeypatch.setattr(decode, "PARENT_AHEAD", 0)  # else this process decodes all 13 alone
     with pytest.raises(DecodeWorkerError, match=r"exit code 3.*--workers 1"):
         data.load(32, workers=2, max_bad_fraction=0.5)
     assert procs and all(p.returncode is not None for p in procs)
@@ -184,6 +215,7 @@ def test_a_workers_typed_error_keeps_its_type(
         "sys.stdin.buffer.read()\n"
     )
     monkeypatch.setattr(decode, "_WORKER_CODE", code)
+    monkeypatch.setattr(decode, "PARENT_AHEAD", 0)  # the worker's first answer is awaited
     with pytest.raises(FaceDetectorError, match=r"no cascade\. OpenCV 5\. Fix: pip install it"):
         data.load(32, workers=2, max_bad_fraction=0.5)
 
