@@ -17,7 +17,11 @@ purity (eq. 1, ``s_j = |{i in C_j : y_i = y_j}| / |C_j|``) as score; per class,
 ``ceil(q n_c)`` members, ``selection=clusters`` (the paper's text) keeps the clusters
 at or above the Q-th percentile of the class's cluster purities. All of it is
 :func:`sourcefree.ops.pseudo_labels.cluster_pseudo_labels` (``score=confidence`` is the
-Table 4 ablation). Selected indices and labels are method state (checkpointed).
+Table 4 ablation). Selected indices and labels are method state (checkpointed). The
+pass's features go into a host :class:`~sourcefree.engine.feature_bank.FeatureBank`
+sized by ``--memory-budget``: float32 within it (the path above, unchanged); above it
+float16 or a spill file, clustered a chunk at a time
+(:func:`sourcefree.ops.pseudo_labels.cluster_pseudo_labels_chunked`).
 
 ``warm-up-frozen`` + ``warm-up`` (Sec. 3.2, eq. 2-3): self-supervised training of the
 target backbone on all target images. ``ssl.method=swav``: lightly's
@@ -71,6 +75,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
+from sourcefree.engine.feature_bank import FeatureBank, MemoryBudget
 from sourcefree.engine.method import (
     JSON,
     Batch,
@@ -100,6 +105,7 @@ from sourcefree.ops.pseudo_labels import (
     ClusterPseudoLabelConfig,
     PseudoLabelSelection,
     cluster_pseudo_labels,
+    cluster_pseudo_labels_chunked,
     default_n_clusters,
 )
 from sourcefree.package.manifest import InputSpec
@@ -698,6 +704,7 @@ class CluP(Method):
         self.selection_meta: dict[str, JSON] = {}
         self.dc_bank = torch.empty(0)
         self.dc_assignments = torch.empty(0, dtype=torch.int64)
+        self.memory = MemoryBudget() if context.memory is None else context.memory
 
     # --- sizes --------------------------------------------------------------------------------
 
@@ -754,8 +761,8 @@ class CluP(Method):
         batches = math.ceil(len(self.context.data) / self.config.label_batch_size)
         return dist.is_distributed() and batches >= dist.world_size()
 
-    def _label_batches(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """(start, images) of this rank's labelling batches: whole batches, in rank order.
+    def _label_rows(self) -> tuple[int, int]:
+        """(first, stop): the images of this rank's labelling batches (all with one process).
 
         One process: every batch of ``label_batch_size`` in dataset order. Under
         torchrun each rank takes a contiguous run of those same batches, so its rows
@@ -769,30 +776,55 @@ class CluP(Method):
         first, last = 0, math.ceil(n / bs)
         if self._sharded_labelling():
             first, last = dist.shard_range(last)
-        for b in range(first, last):
-            yield b * bs, self.context.data.tensor(slice(b * bs, min(n, (b + 1) * bs)))
+        return first * bs, min(n, last * bs)
+
+    def _label_batches(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, images) of this rank's labelling batches: whole batches, in rank order."""
+        first, stop = self._label_rows()
+        bs = self.config.label_batch_size
+        for start in range(first, stop, bs):
+            yield start, self.context.data.tensor(slice(start, min(stop, start + bs)))
 
     @torch.no_grad()
-    def _source_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and softmax of this rank's shard (every image with one process)."""
+    def _source_outputs(self) -> tuple[FeatureBank | torch.Tensor, torch.Tensor]:
+        """Features and softmax of this rank's shard (every image with one process).
+
+        The features go batch by batch into a host feature bank sized by the run's
+        memory budget (float32 within it: the same rows as a tensor); the caller
+        closes it. :meth:`_cluster` also takes the features as a tensor.
+        """
         labeler = self._labeler()
-        probs, feats = [], []
+        first, stop = self._label_rows()
+        probs = []
         dev = self.context.device
-        for _, x in self._label_batches():
-            logits, f = labeler(x.to(dev))
-            probs.append(torch.softmax(logits.float(), dim=1).cpu())
-            feats.append(f.float().cpu())
-        return torch.cat(feats), torch.cat(probs)
+        bank: FeatureBank | None = None
+        try:
+            for start, x in self._label_batches():
+                logits, f = labeler(x.to(dev))
+                probs.append(torch.softmax(logits.float(), dim=1).cpu())
+                if bank is None:
+                    bank = self.memory.bank(max(0, stop - first), int(f.shape[1]), device="cpu")
+                bank.write(start - first, f)
+        except BaseException:
+            if bank is not None:
+                bank.close()
+            raise
+        if bank is None:
+            bank = self.memory.bank(0, 0, device="cpu")
+        p = torch.cat(probs) if probs else torch.zeros((0, self.context.num_classes))
+        return bank, p
 
     def compute_pseudo_labels(self) -> PseudoLabelSelection:
         """Run Sec. 3.1 on the whole target set and store the selection in the method state.
 
         Under torchrun the ranks label their shards and cluster them together
         (``cluster_pseudo_labels(distributed=True)``); every rank gets the same selection.
+        Features in a float32 bank take :func:`cluster_pseudo_labels` as they are; a
+        float16 or disk bank (over the memory budget) is read a chunk at a time by
+        :func:`cluster_pseudo_labels_chunked`.
         """
         feats, probs = self._source_outputs()
-        cfg = self.config.pseudo_label_config(seed=_derive(self.context.seed, 2))
-        sel = cluster_pseudo_labels(feats, probs, cfg, distributed=self._sharded_labelling())
+        sel = self._cluster(feats, probs)
         self.selected_indices = sel.indices.cpu()
         self.selected_labels = sel.labels.cpu()
         d = sel.diagnostics
@@ -827,6 +859,19 @@ class CluP(Method):
             },
         }
         return sel
+
+    def _cluster(
+        self, feats: FeatureBank | torch.Tensor, probs: torch.Tensor
+    ) -> PseudoLabelSelection:
+        """Sec. 3.1 on this rank's features (a bank, closed here, or a tensor) and softmax."""
+        cfg = self.config.pseudo_label_config(seed=_derive(self.context.seed, 2))
+        sharded = self._sharded_labelling()
+        if isinstance(feats, torch.Tensor):
+            return cluster_pseudo_labels(feats, probs, cfg, distributed=sharded)
+        with feats:
+            if feats.storage == "float32":
+                return cluster_pseudo_labels(feats.tensor(), probs, cfg, distributed=sharded)
+            return cluster_pseudo_labels_chunked(feats, probs, cfg, distributed=sharded)
 
     def _ensure_pseudo_labels(self) -> None:
         if not self.selection_meta:

@@ -337,17 +337,24 @@ _WORKER = textwrap.dedent(
 )
 
 
-def test_sharded_float16_bank_equals_one_process(tmp_path: Path) -> None:
+def run_two_ranks(
+    worker: str, feats: torch.Tensor, probs: torch.Tensor, folder: Path
+) -> list[dict[str, torch.Tensor]]:
+    """Run ``worker`` on 2 gloo ranks over ``features`` and ``probs``; what each rank saved."""
     from tests.test_distributed import launch
 
+    save_file({"features": feats, "probs": probs}, folder / "inputs.st")
+    script = folder / "worker.py"
+    script.write_text(worker)
+    launch(script, [str(folder / "inputs.st"), str(folder)], 2)
+    return [load_file(folder / f"rank{r}.st") for r in range(2)]
+
+
+def test_sharded_float16_bank_equals_one_process(tmp_path: Path) -> None:
     feats, probs = _blobs(203, 8, 3, seed=5, spread=2.0)
-    save_file({"features": feats, "probs": probs}, tmp_path / "inputs.st")
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    launch(script, [str(tmp_path / "inputs.st"), str(tmp_path)], 2)
+    ranks = run_two_ranks(_WORKER, feats, probs, tmp_path)
     with _filled(feats, "float16") as bank:
         one = centroid_pseudo_labels_chunked(bank, probs, chunk_rows=40)
-    for r in range(2):
-        got = load_file(tmp_path / f"rank{r}.st")
+    for got in ranks:
         assert torch.equal(got["labels"], one.labels)  # N int64 on every rank
         torch.testing.assert_close(got["centroids"], one.centroids, rtol=0, atol=1e-6)

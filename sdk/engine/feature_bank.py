@@ -1,12 +1,13 @@
 """An (N, D) feature store sized by a memory budget: float32 or float16 in RAM, or float16 on disk.
 
-Whole-set labelling passes (SHOT, DIFC) keep one feature row per target image. At
+Whole-set labelling passes (SHOT, DIFC, CluP) keep one feature row per target image. At
 10^6 images and D = 512 that is 2 GB of float32, and the labelling maths used to
 hold several copies. :class:`FeatureBank` chooses its storage once, from the
 budget (:func:`choose_storage`):
 
-- ``"float32"``: a float32 tensor on the training device, when ``N x D x 4`` bytes
-  fit (with ``total_rows``: every rank's rows, since this form is gathered);
+- ``"float32"``: a float32 tensor on the caller's device (SHOT: the training
+  device; CluP: the host), when ``N x D x 4`` bytes fit (with ``total_rows``:
+  every rank's rows, since SHOT gathers this form);
 - ``"float16"``: float16 rows in RAM, when ``N x (2D + 4)`` bytes fit;
 - ``"disk"``: float16 rows in a memory-mapped file in the private run directory,
   created 0600 with ``O_EXCL`` and unlinked at once, so no file is left there
@@ -207,8 +208,9 @@ def _half_scales(rows: torch.Tensor) -> torch.Tensor:
 class FeatureBank:
     """(rows, dim) feature rows stored as :data:`Storage` says; a context manager.
 
-    Rows not written read as zeros. :meth:`chunks` yields float32 tensors; only the
-    ``"float32"`` storage has :meth:`tensor` (the whole store, no copy).
+    Rows not written read as zeros. :meth:`chunks` yields float32 tensors and
+    :meth:`take` gathers float32 rows; only the ``"float32"`` storage has
+    :meth:`tensor` (the whole store, no copy).
 
     Raises:
         InputError: sizes that are negative or too large, bad writes, use after close.
@@ -345,10 +347,39 @@ class FeatureBank:
             if self._f32 is not None:
                 yield self._f32[s:e].to(dev)
                 continue
-            if self._half is None or self._scales is None:  # pragma: no cover - set above
-                raise InputError("the feature bank is closed", "its rows are gone", "")
-            half = torch.from_numpy(np.array(self._half[s:e])).to(dev)
-            yield half.to(torch.float32) * self._scales[s:e].to(dev).unsqueeze(1)
+            yield self._decode(slice(s, e), dev)
+
+    def take(self, index: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """float32 rows at ``index`` (1-D int64 row numbers), on ``device`` (default: the bank's).
+
+        Raises:
+            InputError: ``index`` is not a 1-D int64 tensor of rows inside the bank.
+        """
+        self._live()
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != torch.int64:
+            raise InputError(
+                "rows of a feature bank taken by a non-index",
+                "the rows are named by a 1-D int64 tensor",
+                "pass torch.tensor([...], dtype=torch.int64)",
+            )
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.rows):
+            raise InputError(
+                f"rows outside [0, {self.rows}) taken from a feature bank",
+                "only the bank's rows exist",
+                "take row numbers inside the bank",
+            )
+        dev = self.device if device is None else torch.device(device)
+        if self._f32 is not None:
+            return self._f32.index_select(0, index.to(self._f32.device)).to(dev)
+        return self._decode(index.cpu(), dev)
+
+    def _decode(self, rows: slice | torch.Tensor, device: torch.device) -> torch.Tensor:
+        """float32 values of the float16 ``rows`` (a slice or CPU row numbers) on ``device``."""
+        if self._half is None or self._scales is None:  # pragma: no cover - callers check
+            raise InputError("the feature bank is closed", "its rows are gone", "")
+        picked = self._half[rows if isinstance(rows, slice) else rows.numpy()]
+        half = torch.from_numpy(np.array(picked)).to(device)
+        return half.to(torch.float32) * self._scales[rows].to(device).unsqueeze(1)
 
     def tensor(self) -> torch.Tensor:
         """The whole float32 store (``"float32"`` storage only; no copy)."""

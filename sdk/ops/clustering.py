@@ -41,13 +41,19 @@ Decisions (tested in tests/test_clustering.py):
   process on the concatenated points up to the rounding of the partial sums.
   Labels come back for the rank's own points; centroids, inertia and sizes are
   global. One process (or no process group) runs the ordinary path.
+- :class:`ChunkedPoints` (points read a part at a time, e.g. from a feature bank)
+  take the same path: the training points (the subsample, or every point without
+  one) are gathered with ``take``, so the draws and the seeding are the same, and
+  the final pass labels the points a chunk at a time (inertia summed per chunk in
+  float64). Of the N x D values, only the training points are held at once.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -56,6 +62,7 @@ from sourcefree.errors import ConfigError, InputError
 from sourcefree.kernels import kmeans_assign
 
 __all__ = [
+    "ChunkedPoints",
     "ClusterPurity",
     "KMeansConfig",
     "KMeansResult",
@@ -137,6 +144,36 @@ class KMeansResult:
     n_train: int
 
 
+@runtime_checkable
+class ChunkedPoints(Protocol):
+    """Points that :func:`kmeans` reads a part at a time instead of one (N, D) tensor.
+
+    Rows are float32 on :attr:`device`, finite, in a fixed order (this rank's
+    contiguous shard under ``distributed``).
+    """
+
+    @property
+    def rows(self) -> int:
+        """Number of points N."""
+
+    @property
+    def dim(self) -> int:
+        """Width D of every point."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the rows are returned."""
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """(len(index), D) rows at ``index``, ascending int64 CPU row numbers."""
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        """Every row in order, a bounded number at a time."""
+
+
+Points = torch.Tensor | ChunkedPoints
+
+
 def _check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(
@@ -196,6 +233,46 @@ def _check_points(x: object, name: str = "x") -> torch.Tensor:
             "drop or repair the rows that are not finite before clustering",
         )
     return x
+
+
+def _points(x: object) -> Points:
+    """``x`` checked: a tensor (:func:`_check_points`) or non-empty :class:`ChunkedPoints`."""
+    if not isinstance(x, ChunkedPoints) or isinstance(x, torch.Tensor):
+        return _check_points(x)
+    if x.rows < 1 or x.dim < 1:
+        raise InputError(
+            f"x has shape {(x.rows, x.dim)}",
+            "points must form a non-empty 2-D tensor (N, D)",
+            "pass features as one row per sample",
+        )
+    return x
+
+
+def _layout(x: Points) -> tuple[int, int, torch.dtype, torch.device]:
+    """(N, D, dtype, device) of the points."""
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]), int(x.shape[1]), x.dtype, x.device
+    return x.rows, x.dim, torch.float32, x.device
+
+
+def _training_points(x: Points, pick: torch.Tensor | None) -> torch.Tensor:
+    """The rows ``pick`` (CPU indices) of ``x``, or all of them when None, as one tensor."""
+    if isinstance(x, torch.Tensor):
+        return x if pick is None else x.index_select(0, pick.to(x.device))
+    return _check_points(x.take(torch.arange(x.rows) if pick is None else pick))
+
+
+def _assign_all(x: Points, centroids: torch.Tensor, chunk_size: int) -> _Assigned:
+    """Labels of every point and their squared distances (per-chunk float64 sums of
+    them for :class:`ChunkedPoints`: their total is the inertia)."""
+    if isinstance(x, torch.Tensor):
+        return kmeans_assign(x, centroids, chunk_size=chunk_size)
+    labels, sums = [], []
+    for rows in x.chunks():
+        part, dist = kmeans_assign(rows, centroids, chunk_size=chunk_size)
+        labels.append(part)
+        sums.append(dist.sum(dtype=torch.float64))
+    return torch.cat(labels), torch.stack(sums)
 
 
 def _check_n_clusters(n_clusters: object, n_points: int) -> int:
@@ -279,7 +356,7 @@ def _repair_empty(
 
 
 def kmeans(
-    x: torch.Tensor,
+    x: torch.Tensor | ChunkedPoints,
     n_clusters: int,
     config: KMeansConfig | None = None,
     *,
@@ -289,7 +366,8 @@ def kmeans(
     """Cluster the rows of ``x`` (N, D) into ``n_clusters`` groups by Lloyd's K-means.
 
     Args:
-        x: float32 (or float64) points on CPU or CUDA.
+        x: float32 (or float64) points on CPU or CUDA, or :class:`ChunkedPoints`
+            (trained on the gathered training points, labelled a chunk at a time).
         n_clusters: K, with 1 <= K <= N.
         config: see :class:`KMeansConfig`; defaults follow CluP's reference (sklearn 1.1.2).
         init: optional (K, D) initial centroids (then ``config.n_init`` must be 1);
@@ -304,16 +382,16 @@ def kmeans(
     """
     cfg = KMeansConfig() if config is None else config
     if distributed and _dist.is_distributed():
-        return _kmeans_sharded(_check_points(x), n_clusters, cfg, init)
-    x = _check_points(x)
-    n = x.shape[0]
+        return _kmeans_sharded(_points(x), n_clusters, cfg, init)
+    x = _points(x)
+    n = _layout(x)[0]
     k = _check_n_clusters(n_clusters, n)
     if init is not None:
         init = _check_init(init, cfg, k, x)
     generator = torch.Generator().manual_seed(cfg.seed)
     n_train, pick = _subsample(n, k, cfg, generator)
     # faiss-style: train on a random subsample, then one pass labels every point.
-    xt = x if pick is None else x.index_select(0, pick.to(x.device))
+    xt = _training_points(x, pick)
     tol_abs = cfg.tol * _mean_feature_variance(xt) if cfg.tol > 0 else 0.0
 
     def seeds(_run: int) -> torch.Tensor:
@@ -323,7 +401,7 @@ def kmeans(
     return _result(x, best, cfg, k=k, n_train=n_train, n=n, sharded=False)
 
 
-def _check_init(init: torch.Tensor, cfg: KMeansConfig, k: int, x: torch.Tensor) -> torch.Tensor:
+def _check_init(init: torch.Tensor, cfg: KMeansConfig, k: int, x: Points) -> torch.Tensor:
     if cfg.n_init != 1:
         raise ConfigError(
             f"explicit initial centroids were given with n_init={cfg.n_init}",
@@ -331,11 +409,11 @@ def _check_init(init: torch.Tensor, cfg: KMeansConfig, k: int, x: torch.Tensor) 
             "pass KMeansConfig(n_init=1) with init=..., or drop init",
         )
     init = _check_points(init, "init")
-    d = x.shape[1]
-    if tuple(init.shape) != (k, d) or init.dtype != x.dtype or init.device != x.device:
+    _, d, dtype, device = _layout(x)
+    if tuple(init.shape) != (k, d) or init.dtype != dtype or init.device != device:
         raise InputError(
             f"init has shape {tuple(init.shape)}, {init.dtype} on {init.device}",
-            f"it must be ({k}, {d}), {x.dtype} on {x.device} like the points",
+            f"it must be ({k}, {d}), {dtype} on {device} like the points",
             "pass one initial centroid per cluster in the points' dtype and device",
         )
     return init
@@ -365,6 +443,8 @@ def _inertia(dist: torch.Tensor, *, sharded: bool) -> float:
 
 # One Lloyd run: (inertia, centroids, n_iter, converged, labels of the training points).
 _Run = tuple[float, torch.Tensor, int, bool, torch.Tensor]
+# Labels and squared distances (or sums of them) of an assignment pass.
+_Assigned = tuple[torch.Tensor, torch.Tensor]
 
 
 def _best_run(
@@ -391,13 +471,13 @@ def _best_run(
 
 
 def _result(
-    x: torch.Tensor, best: _Run, cfg: KMeansConfig, *, k: int, n_train: int, n: int, sharded: bool
+    x: Points, best: _Run, cfg: KMeansConfig, *, k: int, n_train: int, n: int, sharded: bool
 ) -> KMeansResult:
     """Assemble the :class:`KMeansResult` from the winning run; when it trained on a
     subsample (``n_train < n``, global counts when ``sharded``) one pass labels all of ``x``."""
     inertia, centroids, n_iter, converged, labels = best
     if n_train < n:
-        labels, full_dist = kmeans_assign(x, centroids, chunk_size=cfg.chunk_size)
+        labels, full_dist = _assign_all(x, centroids, cfg.chunk_size)
         inertia = _inertia(full_dist, sharded=sharded)
     sizes = torch.bincount(labels, minlength=k)
     if sharded:
@@ -415,10 +495,10 @@ def _result(
 
 
 def _kmeans_sharded(
-    x: torch.Tensor, n_clusters: int, cfg: KMeansConfig, init: torch.Tensor | None
+    x: Points, n_clusters: int, cfg: KMeansConfig, init: torch.Tensor | None
 ) -> KMeansResult:
     """:func:`kmeans` over contiguous shards in rank order (see the module docstring)."""
-    n_local, d = x.shape
+    n_local, d, dtype, device = _layout(x)
     sizes = _dist.shard_sizes(n_local)
     if len(set(_dist.shard_sizes(d))) != 1:
         raise InputError(
@@ -434,11 +514,10 @@ def _kmeans_sharded(
         _dist.broadcast(init)
     generator = torch.Generator().manual_seed(cfg.seed)
     n_train, pick = _subsample(n, k, cfg, generator)
-    if pick is None:
-        xt = x
-    else:  # the same global subsample as one process; each rank keeps its own rows
+    mine = None
+    if pick is not None:  # the same global subsample as one process; each rank keeps its own
         mine = pick[(pick >= offset) & (pick < offset + n_local)] - offset
-        xt = x.index_select(0, mine.to(x.device))
+    xt = _training_points(x, mine)
     # Global mean feature variance from all-reduced sums (float64).
     frob = torch.linalg.vector_norm(xt, dtype=torch.float64) ** 2
     moments = torch.cat([xt.sum(dim=0, dtype=torch.float64), frob.reshape(1)]).cpu()
@@ -452,7 +531,7 @@ def _kmeans_sharded(
             return init
         if run == 0:  # rank 0 gets every training point; the others get None
             gathered.append(_dist.gather_cat_to_main(xt))
-        start = torch.empty((k, d), dtype=x.dtype, device=x.device)
+        start = torch.empty((k, d), dtype=dtype, device=device)
         if gathered[0] is not None:  # rank 0 seeds, exactly as one process would
             start.copy_(kmeans_plusplus(gathered[0], k, generator))
         return _dist.broadcast(start)

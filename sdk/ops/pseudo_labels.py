@@ -21,6 +21,11 @@ the frozen source model:
 reference code's ``normal`` mode: label = source argmax, score = source
 softmax maximum, same per-class selection, no clustering.
 
+:func:`cluster_pseudo_labels_chunked` runs the same over a
+:class:`~sourcefree.engine.feature_bank.FeatureBank` (features over the memory
+budget): K-means gathers only its training rows, and the rest reads the bank a
+chunk at a time.
+
 Target labels never enter here; :func:`selection_quality` measures a selection
 against labels for reporting only. SHOT-style centroid labelling can be added
 beside :func:`cluster_pseudo_labels`, reusing :func:`select_top_fraction_per_class`.
@@ -56,6 +61,7 @@ Decisions (tested in tests/test_pseudo_labels.py and tests/test_pseudo_label_rul
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
@@ -67,6 +73,7 @@ from sourcefree.engine import distributed as _dist
 from sourcefree.engine.feature_bank import FeatureBank
 from sourcefree.errors import ConfigError, InputError
 from sourcefree.ops.clustering import (
+    ChunkedPoints,
     KMeansConfig,
     all_finite,
     cluster_purity,
@@ -84,6 +91,7 @@ __all__ = [
     "centroid_pseudo_labels",
     "centroid_pseudo_labels_chunked",
     "cluster_pseudo_labels",
+    "cluster_pseudo_labels_chunked",
     "default_n_clusters",
     "prepare_features",
     "select_clusters_per_class",
@@ -542,11 +550,89 @@ def cluster_pseudo_labels(
     """
     cfg = ClusterPseudoLabelConfig() if config is None else config
     feats = _check_matrix(features, "features")
-    n = int(feats.shape[0])
-    probs = _check_probabilities(probabilities, n).to(feats.device)
+    probs = _check_probabilities(probabilities, int(feats.shape[0])).to(feats.device)
+    return _cluster_and_select(lambda: prepare_features(feats), probs, cfg, _sharded(distributed))
+
+
+def cluster_pseudo_labels_chunked(
+    bank: FeatureBank,
+    probabilities: torch.Tensor,
+    config: ClusterPseudoLabelConfig | None = None,
+    *,
+    chunk_rows: int | None = None,
+    device: torch.device | str | None = None,
+    distributed: bool = False,
+) -> PseudoLabelSelection:
+    """:func:`cluster_pseudo_labels` over a feature bank, never all N x D rows at once.
+
+    The same maths on the same draws: K-means trains on the rows of the same random
+    subsample, gathered from the bank (``[f; 1] / ||.||`` computed for them only), with
+    the same k-means++ seeding; then one pass reads the bank a chunk at a time to give
+    every sample its cluster. Votes, purity and selection use N-sized vectors only.
+    On a float32 bank the selection is that of :func:`cluster_pseudo_labels` (only the
+    inertia is summed in another order); float16 rows move the normalised rows by at
+    most about 5e-4, which can move points that are almost equally near two centroids.
+
+    Args:
+        bank: (N, D) features of this rank's samples
+            (:class:`~sourcefree.engine.feature_bank.FeatureBank`).
+        probabilities: (N, C) softmax outputs of the same samples.
+        config: see :class:`ClusterPseudoLabelConfig`.
+        chunk_rows: rows per chunk of the labelling pass; None: about 16 MiB of float32.
+        device: where the rows are computed; None: the probabilities' device.
+        distributed: as in :func:`cluster_pseudo_labels` (this rank's shard).
+
+    Raises:
+        InputError: an empty bank, rows that are not distributions.
+        ConfigError: a bad config or ``chunk_rows < 1``.
+    """
+    cfg = ClusterPseudoLabelConfig() if config is None else config
+    size = _chunk_rows(_bank_width(bank), chunk_rows)
+    probs = _check_probabilities(probabilities, bank.rows)
+    dev = probs.device if device is None else torch.device(device)
+    rows = _PreparedRows(bank, size, dev)
+    return _cluster_and_select(lambda: rows, probs.to(dev), cfg, _sharded(distributed))
+
+
+@dataclass(frozen=True, eq=False)
+class _PreparedRows:
+    """A bank's rows as K-means points ``[f; 1] / ||.||`` (:class:`ChunkedPoints`)."""
+
+    bank: FeatureBank
+    chunk_rows: int
+    device: torch.device
+
+    @property
+    def rows(self) -> int:
+        return self.bank.rows
+
+    @property
+    def dim(self) -> int:
+        return self.bank.dim + 1
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows at ``index``, gathered and normalised a chunk at a time."""
+        out = torch.empty((int(index.numel()), self.dim), dtype=torch.float32, device=self.device)
+        for s in range(0, int(index.numel()), self.chunk_rows):
+            part = index[s : s + self.chunk_rows]
+            out[s : s + int(part.numel())] = prepare_features(self.bank.take(part, self.device))
+        return out
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        for rows in self.bank.chunks(self.chunk_rows, self.device):
+            yield prepare_features(rows)
+
+
+def _cluster_and_select(
+    points: Callable[[], torch.Tensor | ChunkedPoints],
+    probs: torch.Tensor,
+    cfg: ClusterPseudoLabelConfig,
+    sharded: bool,
+) -> PseudoLabelSelection:
+    """Sec. 3.1 from checked probabilities and the prepared points (made only to cluster)."""
+    n = int(probs.shape[0])
     c = int(probs.shape[1])
     confidence, predicted = probs.to(torch.float32).max(dim=1)  # ties: lowest class index
-    sharded = _sharded(distributed)
     if sharded:
         n = sum(_dist.shard_sizes(n))
 
@@ -562,8 +648,7 @@ def cluster_pseudo_labels(
     members = predicted  # replaced by each sample's cluster under the "clusters" rule
     if cfg.score == "purity":
         k = _n_clusters(cfg, n, c)
-        z = prepare_features(feats)
-        km = kmeans(z, k, cfg.kmeans, distributed=sharded)
+        km = kmeans(points(), k, cfg.kmeans, distributed=sharded)
         pur = cluster_purity(km.labels, predicted, k, c, distributed=sharded)
         labels, scores = member_labels_and_scores(km.labels, pur)
         nonempty = pur.nonempty
@@ -852,6 +937,17 @@ def centroid_pseudo_labels(
 _CHUNK_BYTES = 1 << 24
 
 
+def _bank_width(bank: FeatureBank) -> int:
+    """D of a bank that holds rows (InputError for an empty one)."""
+    if bank.rows == 0 or bank.dim == 0:
+        raise InputError(
+            f"features has shape {(bank.rows, bank.dim)}",
+            "features must be a non-empty 2-D tensor with one row per target sample",
+            "pass an (N, D) tensor with N >= 1",
+        )
+    return bank.dim
+
+
 def _chunk_rows(dim: int, chunk_rows: int | None) -> int:
     if chunk_rows is None:
         return max(1, _CHUNK_BYTES // (4 * (dim + 1)))
@@ -902,13 +998,7 @@ def centroid_pseudo_labels_chunked(
         ConfigError: ``rounds < 1``, ``threshold < 0`` or ``chunk_rows < 1``.
     """
     _check_rounds(rounds, threshold)
-    n, d = bank.rows, bank.dim
-    if n == 0 or d == 0:
-        raise InputError(
-            f"features has shape {(n, d)}",
-            "features must be a non-empty 2-D tensor with one row per target sample",
-            "pass an (N, D) tensor with N >= 1",
-        )
+    n, d = bank.rows, _bank_width(bank)
     size = _chunk_rows(d, chunk_rows)
     probs = _check_probabilities(probabilities, n)
     dev = probs.device if device is None else torch.device(device)
