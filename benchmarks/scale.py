@@ -189,7 +189,13 @@ def adapt_row(
     n: int, method: str, run: dict[str, Any], report: dict[str, Any] | None, size: int
 ) -> dict[str, Any]:
     """One table row: ms per image of each stage, peak memory, exit status."""
-    row: dict[str, Any] = {"method": method, "images": n, "size": size, "ok": report is not None}
+    row: dict[str, Any] = {
+        "method": method,
+        "images": n,
+        "size": size,
+        "ok": report is not None,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     row.update(run)
     if report is None:
         return row
@@ -598,19 +604,22 @@ def _scale_table(payload: dict[str, Any]) -> list[str]:
         return _not_measured(payload, "scale")
     lines = [
         "| method | images | exit | load | steps | outside steps | export | total "
-        "| peak RssAnon MiB | workers' peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| peak RssAnon MiB | workers' peak MiB | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["rows"]:
+        when = r.get("date") or payload["date"]
         if not r["ok"]:
-            lines.append(f"| {r['method']} | {r['images']} | {r['exit_status']} | failed |||||||")
+            lines.append(
+                f"| {r['method']} | {r['images']} | {r['exit_status']} | failed |||||| | {when} |"
+            )
             continue
         m = r["ms_per_image"]
         lines.append(
             f"| {r['method']} | {r['images']} | {r['exit_status']} | {m['load']:.3f} "
             f"| {m['train_steps']:.3f} | {m['train_outside_steps']:.3f} | {m['export']:.3f} "
             f"| {m['total']:.3f} | {r['peak_rss_anon_mb']:.0f} "
-            f"| {r['peak_children_rss_anon_mb']:.0f} |"
+            f"| {r['peak_children_rss_anon_mb']:.0f} | {when} |"
         )
     lines.append("")
     for method, q in payload["ratios"].items():
@@ -765,6 +774,26 @@ def run_parts(args: argparse.Namespace, work: Path) -> dict[str, dict[str, Any]]
     return out
 
 
+def merged_rows(
+    new: list[dict[str, Any]], path: Path, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """``--add-rows``: this run's rows, and the earlier file's for (method, N) not run now."""
+    if not path.exists():
+        return new
+    old = json.loads(path.read_text())
+    if (old.get("size"), old.get("quick")) != (args.size, args.quick) or not old.get("rows"):
+        return new
+    ran = {(r["method"], r["images"]) for r in new}
+    when = (old.get("parts") or {}).get("scale")
+    kept = [
+        {**r, "date": r.get("date") or (old.get("date") if when in (None, "measured") else when)}
+        for r in old["rows"]
+        if (r["method"], r["images"]) not in ran
+    ]
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(new + kept, key=lambda r: (r["images"], order.get(r["method"], len(order))))
+
+
 def previous_parts(path: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The parts not run now, from an earlier results file of the same settings (if any)."""
     if set(args.parts) == set(PARTS) or not path.exists():
@@ -810,6 +839,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-docs", action="store_true", help="do not edit the docs")
     p.add_argument(
+        "--add-rows",
+        action="store_true",
+        help="keep the results file's scale rows for the (method, N) pairs not run now",
+    )
+    p.add_argument(
         "--parts",
         nargs="+",
         choices=PARTS,
@@ -847,6 +881,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parts = run_parts(args, work)
     out = args.results or RESULTS / ("scale-quick.json" if args.quick else "scale.json")
     kept = previous_parts(out, args)
+    if args.add_rows and "scale" in parts:
+        parts["scale"]["rows"] = merged_rows(parts["scale"]["rows"], out, args)
     payload = {
         "date": time.strftime("%Y-%m-%d"),
         "argv": public_argv(raw_argv),

@@ -103,3 +103,26 @@ def test_parts_run_alone_and_merge_with_the_results_file(
     # another image size: the earlier parts are not merged
     assert bench.main([*base, "--size", "16", "--parts", "photos"]) == 0
     assert json.loads(results.read_text())["decode_throughput"] is None
+
+
+def test_add_rows_keeps_earlier_rows_of_pairs_not_run_now(
+    load_benchmark: Callable[[str], ModuleType], tmp_path: Path
+) -> None:
+    bench = load_benchmark("scale")
+    args = bench.parse(["--add-rows", "--n", "4000", "--methods", "clup"])
+    path = tmp_path / "scale.json"
+    old_rows = [
+        {"method": m, "images": n, "ok": True} for n in (4000, 64000) for m in ("adabn", "clup")
+    ]
+    old = {"size": args.size, "quick": False, "date": "2026-12-01", "rows": old_rows}
+    path.write_text(json.dumps({**old, "parts": {"scale": "measured"}}))
+    new = [{"method": "clup", "images": 4000, "ok": True, "date": "2026-12-06"}]
+    merged = bench.merged_rows(new, path, args)
+    assert [(r["method"], r["images"], r["date"]) for r in merged] == [
+        ("adabn", 4000, "2026-12-01"),
+        ("clup", 4000, "2026-12-06"),  # this run's row replaces the earlier one
+        ("adabn", 64000, "2026-12-01"),
+        ("clup", 64000, "2026-12-01"),
+    ]
+    path.write_text(json.dumps({**old, "size": args.size + 1}))  # other settings: nothing kept
+    assert bench.merged_rows(new, path, args) == new
