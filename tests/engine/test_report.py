@@ -265,7 +265,8 @@ def test_report_json_round_trips_through_the_typed_report(
     typed = AdaptReport.from_dict(report)
     again = typed.to_dict()
     assert _plain(again) == report
-    assert list(again) == [*REPORT_KEYS, "export", "evaluation", "plan", "timings_s"]
+    assert list(again) == [*REPORT_KEYS, "export", "evaluation", "plan", "memory", "timings_s"]
+    assert again["memory"]["features"]["storage"] == "float32"  # CluP's bank, within budget
     assert list(again["gate"]) == GATE_KEYS
     assert list(again["evaluation"]) == ["note", "source", "adapted", "pseudo_labels"]
     assert typed.gate.measure is not None and typed.gate.accuracy is not None
