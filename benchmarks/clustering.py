@@ -45,57 +45,38 @@ def _parse() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def main() -> int:
-    args = _parse()
-    threads = str(args.threads)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = threads  # before numpy, torch and faiss load their runtimes
-
-    import faiss
-    import numpy as np
-    import sklearn
+def _features(n: int, d: int, k: int) -> Any:
+    """Synthetic features: 4K Gaussian blobs of random spread, float32 (N, D)."""
     import torch
-    from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits
 
-    from sourcefree.kernels import kmeans_assign
-    from sourcefree.ops.clustering import KMeansConfig, cluster_purity, kmeans, kmeans_plusplus
-
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
-
-    if args.quick:
-        n, d, k, repeats = 20_000, 128, 200, args.repeats or 2
-    else:
-        n, d, k, repeats = 100_000, 512, 1000, args.repeats or 3
-    n_classes = 7
-    iters = args.iters
-
-    # Synthetic features: 4K Gaussian blobs of random spread, float32.
     g = torch.Generator().manual_seed(0)
     modes = 4 * k
     centres = torch.randn(modes, d, generator=g)
     which = torch.randint(modes, (n,), generator=g)
     spread = 0.5 + torch.rand(modes, 1, generator=g)
-    x = (centres[which] + spread[which] * torch.randn(n, d, generator=g)).contiguous()
-    x_np = x.numpy()
+    return (centres[which] + spread[which] * torch.randn(n, d, generator=g)).contiguous()
 
-    t0 = time.perf_counter()
-    init = kmeans_plusplus(x, k, torch.Generator().manual_seed(1))
-    init_s = time.perf_counter() - t0
-    init_np = init.numpy().copy()
 
-    def inertia_of(centroids: torch.Tensor) -> float:
-        _, dist = kmeans_assign(x, centroids.contiguous(), chunk_size=16384)
-        return float(dist.sum(dtype=torch.float64).item())
+def _runners(x: Any, init: Any, k: int, iters: int, threads: int) -> dict[str, Callable[[], Any]]:
+    """Ours, sklearn and faiss from the same k-means++ centroids: each -> (centroids, iters)."""
+    import faiss
+    import numpy as np
+    import torch
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
-    def run_ours() -> tuple[torch.Tensor, int]:
+    from sourcefree.ops.clustering import KMeansConfig, kmeans
+
+    x_np, init_np = x.numpy(), init.numpy().copy()
+    n, d = x.shape
+
+    def run_ours() -> tuple[Any, int]:
         cfg = KMeansConfig(n_init=1, max_iter=iters, tol=0.0, max_points_per_centroid=None)
         res = kmeans(x, k, cfg, init=init.clone())
         return res.centroids, res.n_iter
 
-    def run_sklearn() -> tuple[torch.Tensor, int]:
-        with threadpool_limits(limits=args.threads):
+    def run_sklearn() -> tuple[Any, int]:
+        with threadpool_limits(limits=threads):
             km = KMeans(
                 n_clusters=k,
                 init=init_np,
@@ -107,18 +88,28 @@ def main() -> int:
             ).fit(x_np)
         return torch.from_numpy(km.cluster_centers_.astype(np.float32)), int(km.n_iter_)
 
-    def run_faiss() -> tuple[torch.Tensor, int]:
+    def run_faiss() -> tuple[Any, int]:
         km = faiss.Kmeans(
             d, k, niter=iters, seed=1, max_points_per_centroid=n, verbose=False, spherical=False
         )
         km.train(x_np, init_centroids=init_np)
         return torch.from_numpy(np.asarray(km.centroids).copy()), iters
 
-    runners: dict[str, Callable[[], tuple[torch.Tensor, int]]] = {
-        "sourcefree": run_ours,
-        "sklearn": run_sklearn,
-        "faiss": run_faiss,
-    }
+    return {"sourcefree": run_ours, "sklearn": run_sklearn, "faiss": run_faiss}
+
+
+def _kmeans_rows(
+    x: Any, runners: dict[str, Callable[[], Any]], repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Best time, iterations and re-evaluated inertia of each implementation (interleaved)."""
+    import torch
+
+    from sourcefree.kernels import kmeans_assign
+
+    def inertia_of(centroids: torch.Tensor) -> float:
+        _, dist = kmeans_assign(x, centroids.contiguous(), chunk_size=16384)
+        return float(dist.sum(dtype=torch.float64).item())
+
     times: dict[str, list[float]] = {name: [] for name in runners}
     final: dict[str, tuple[torch.Tensor, int]] = {}
     for _ in range(repeats):
@@ -126,27 +117,26 @@ def main() -> int:
             t = time.perf_counter()
             final[name] = fn()
             times[name].append(time.perf_counter() - t)
-
-    kmeans_rows: dict[str, dict[str, Any]] = {}
+    rows: dict[str, dict[str, Any]] = {}
     for name in runners:
         centroids, n_iter = final[name]
         best = min(times[name])
-        kmeans_rows[name] = {
+        rows[name] = {
             "best_s": best,
             "all_s": times[name],
             "iterations": n_iter,
             "per_iter_s": best / max(n_iter, 1),
             "inertia": inertia_of(centroids),
         }
-    ours = kmeans_rows["sourcefree"]
-    skl = kmeans_rows["sklearn"]
-    fai = kmeans_rows["faiss"]
-    speed_vs_sklearn = skl["per_iter_s"] / ours["per_iter_s"]
-    slowdown_vs_faiss = ours["per_iter_s"] / fai["per_iter_s"]
-    best_other_inertia = min(skl["inertia"], fai["inertia"])
-    inertia_rel = (ours["inertia"] - best_other_inertia) / best_other_inertia
+    return rows
 
-    # Purity: bincount vs the reference's loop over (cluster, class).
+
+def _purity(n: int, k: int, n_classes: int, loops: int) -> dict[str, Any]:
+    """One ``bincount`` (ours) against the reference's per-(cluster, class) loop."""
+    import torch
+
+    from sourcefree.ops.clustering import cluster_purity
+
     pg = torch.Generator().manual_seed(2)
     cl = torch.randint(k, (n,), generator=pg)
     pred = torch.randint(n_classes, (n,), generator=pg)
@@ -170,83 +160,126 @@ def main() -> int:
         pur = cluster_purity(cl, pred, k, n_classes)
         fast_s.append(time.perf_counter() - t)
     loop_s = []
-    for _ in range(1 if not args.quick else 2):
+    for _ in range(loops):
         t = time.perf_counter()
         loop_labels, loop_scores = purity_loop()
         loop_s.append(time.perf_counter() - t)
     identical = bool(
         torch.equal(loop_labels, pur.labels) and torch.allclose(loop_scores, pur.purity)
     )
-    purity_speedup = min(loop_s) / min(fast_s)
+    return {
+        "n": n,
+        "k": k,
+        "classes": n_classes,
+        "bincount_s": min(fast_s),
+        "loop_s": min(loop_s),
+        "speedup": min(loop_s) / min(fast_s),
+        "identical": identical,
+    }
 
+
+def _machine() -> dict[str, Any]:
+    import faiss
+    import sklearn
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "sklearn": sklearn.__version__,
+        "faiss": faiss.__version__,
+    }
+
+
+def _print(result: dict[str, Any]) -> None:
+    km, pur = result["kmeans"], result["purity"]
+    rows, threads = km["methods"], result["threads"]
+    ours = rows["sourcefree"]
+    print(
+        f"K-means, N={km['n']}, D={km['d']}, K={km['k']}, {km['iterations']} Lloyd iterations "
+        f"from one shared k-means++ init, {threads} threads, best of {km['repeats']}"
+    )
+    print()
+    print("| implementation | s / iteration | iterations | inertia | time vs sourcefree |")
+    print("|---|---|---|---|---|")
+    for name, row in rows.items():
+        print(
+            f"| {name} | {row['per_iter_s']:.3f} | {row['iterations']} | {row['inertia']:.6g} "
+            f"| {row['per_iter_s'] / ours['per_iter_s']:.2f}x |"
+        )
+    print()
+    print(f"| purity, N={pur['n']}, K={pur['k']}, C={pur['classes']} | seconds | speedup |")
+    print("|---|---|---|")
+    print(f"| one bincount | {pur['bincount_s']:.5f} | {pur['speedup']:.0f}x |")
+    print(f"| per-(cluster, class) loop | {pur['loop_s']:.3f} | 1x |")
+    print()
+    for key, ok in result["targets"].items():
+        print(f"- {key}: {'met' if ok else 'MISSED'}")
+
+
+def main() -> int:
+    args = _parse()
+    threads = str(args.threads)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = threads  # before numpy, torch and faiss load their runtimes
+
+    import faiss
+    import torch
+
+    from sourcefree.ops.clustering import kmeans_plusplus
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    if args.quick:
+        n, d, k, repeats = 20_000, 128, 200, args.repeats or 2
+    else:
+        n, d, k, repeats = 100_000, 512, 1000, args.repeats or 3
+    x = _features(n, d, k)
+    t0 = time.perf_counter()
+    init = kmeans_plusplus(x, k, torch.Generator().manual_seed(1))
+    init_s = time.perf_counter() - t0
+    rows = _kmeans_rows(x, _runners(x, init, k, args.iters, args.threads), repeats)
+    ours, skl, fai = rows["sourcefree"], rows["sklearn"], rows["faiss"]
+    speed_vs_sklearn = skl["per_iter_s"] / ours["per_iter_s"]
+    slowdown_vs_faiss = ours["per_iter_s"] / fai["per_iter_s"]
+    best_other_inertia = min(skl["inertia"], fai["inertia"])
+    inertia_rel = (ours["inertia"] - best_other_inertia) / best_other_inertia
+    purity = _purity(n, k, 7, 2 if args.quick else 1)
     result: dict[str, Any] = {
         "benchmark": "clustering",
         "quick": bool(args.quick),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "sklearn": sklearn.__version__,
-            "faiss": faiss.__version__,
-        },
+        "machine": _machine(),
         "threads": args.threads,
         "kmeans": {
             "n": n,
             "d": d,
             "k": k,
-            "iterations": iters,
+            "iterations": args.iters,
             "repeats": repeats,
             "dtype": "float32",
             "shared_init": "sourcefree k-means++ (greedy), seed 1",
             "init_s": init_s,
-            "methods": kmeans_rows,
+            "methods": rows,
             "speed_vs_sklearn": speed_vs_sklearn,
             "slowdown_vs_faiss": slowdown_vs_faiss,
             "inertia_rel_vs_best_baseline": inertia_rel,
         },
-        "purity": {
-            "n": n,
-            "k": k,
-            "classes": n_classes,
-            "bincount_s": min(fast_s),
-            "loop_s": min(loop_s),
-            "speedup": purity_speedup,
-            "identical": identical,
-        },
+        "purity": purity,
         "targets": {
             "not_slower_than_sklearn": speed_vs_sklearn >= 1.0,
             "within_1_5x_of_faiss": slowdown_vs_faiss <= 1.5,
             "inertia_equal_or_better": inertia_rel <= 1e-4,
-            "purity_100x_loop": purity_speedup >= 100.0 and identical,
+            "purity_100x_loop": purity["speedup"] >= 100.0 and purity["identical"],
         },
     }
     out: Path | None = args.out if args.out is not None else (None if args.quick else RESULTS)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-
-    print(
-        f"K-means, N={n}, D={d}, K={k}, {iters} Lloyd iterations from one shared k-means++ init, "
-        f"{args.threads} threads, best of {repeats}"
-    )
-    print()
-    print("| implementation | s / iteration | iterations | inertia | time vs sourcefree |")
-    print("|---|---|---|---|---|")
-    for name, row in kmeans_rows.items():
-        print(
-            f"| {name} | {row['per_iter_s']:.3f} | {row['iterations']} | {row['inertia']:.6g} "
-            f"| {row['per_iter_s'] / ours['per_iter_s']:.2f}x |"
-        )
-    print()
-    print(f"| purity, N={n}, K={k}, C={n_classes} | seconds | speedup |")
-    print("|---|---|---|")
-    print(f"| one bincount | {min(fast_s):.5f} | {purity_speedup:.0f}x |")
-    print(f"| per-(cluster, class) loop | {min(loop_s):.3f} | 1x |")
-    print()
-    for key, ok in result["targets"].items():
-        print(f"- {key}: {'met' if ok else 'MISSED'}")
+    _print(result)
     if out is not None:
         print(f"\nwrote {out}")
     return 0
