@@ -126,11 +126,15 @@ def resolve_workers(workers: int | None, images: int) -> int:
         return given
     if images < POOL_MIN_IMAGES:
         return 1
+    return max(1, usable_cores() // local_ranks())
+
+
+def local_ranks() -> int:
+    """Processes ``torchrun`` starts on this machine (``LOCAL_WORLD_SIZE``; 1 when unset)."""
     try:
-        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
-        ranks = 1
-    return max(1, usable_cores() // ranks)
+        return 1
 
 
 @dataclass(frozen=True)

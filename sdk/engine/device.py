@@ -100,6 +100,12 @@ def _has_conv(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
 
+def training_memory_format(device: torch.device) -> torch.memory_format:
+    """The layout conv modules and batches train in: NHWC (``channels_last``) on CUDA
+    (tensor cores) and on the CPU (oneDNN, docs/engine.md), else the usual NCHW."""
+    return torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
+
+
 def set_memory_format(modules: Sequence[nn.Module], fmt: torch.memory_format) -> None:
     """Put every module that holds a convolution in ``fmt`` (others stay as they are)."""
     for module in modules:

@@ -43,6 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from sourcefree.data.decode import local_ranks
 from sourcefree.errors import ConfigError, InputError, WriteError
 from sourcefree.fsutil import shown, write_error
 
@@ -138,14 +139,6 @@ def _mem_total() -> int | None:
     return None
 
 
-def _local_ranks() -> int:
-    """Processes ``torchrun`` starts on this machine (``LOCAL_WORLD_SIZE``; 1 when unset)."""
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
 def default_memory_budget() -> int:
     """A quarter of the machine's memory, divided among the ranks on this machine.
 
@@ -154,7 +147,7 @@ def default_memory_budget() -> int:
     total = _mem_total()
     if total is None:
         return _FALLBACK_BYTES
-    return max(1, min(MAX_BUDGET_BYTES, total // 4 // _local_ranks()))
+    return max(1, min(MAX_BUDGET_BYTES, total // 4 // local_ranks()))
 
 
 def _count(name: str, v: object) -> int:

@@ -62,7 +62,12 @@ from sourcefree.engine.checkpoint_state import (
     unjson,
 )
 from sourcefree.engine.checkpoints import Checkpoint, CheckpointStore, broadcast_checkpoint
-from sourcefree.engine.device import amp_default, resolve_amp, set_memory_format
+from sourcefree.engine.device import (
+    amp_default,
+    resolve_amp,
+    set_memory_format,
+    training_memory_format,
+)
 from sourcefree.engine.method import Batch, EpochInfo, Method, ParamGroup, Phase, TargetData
 from sourcefree.engine.reproducibility import derive_seed, deterministic, seed_everything
 from sourcefree.engine.signals import StopFlag, signal_handlers
@@ -295,10 +300,9 @@ class Trainer:
         self._epoch_sums: dict[str, list[float]] = {}
         self._last_checkpoint = time.monotonic()
         self.bf16 = resolve_amp(amp_default() if amp is None else amp, device)
-        # Conv modules and batches in NHWC (channels_last): the tensor cores' layout on
-        # CUDA, and oneDNN's faster one on the CPU (docs/benchmarks.md, engine overhead).
-        # uint8 batches go to the GPU before normalisation.
-        self.channels_last = device.type in ("cuda", "cpu")
+        # Conv modules and batches in NHWC on CUDA and the CPU; uint8 batches go to the
+        # GPU before normalisation.
+        self.channels_last = training_memory_format(device) == torch.channels_last
         self.world = dist.world_size()
         self.rank = dist.rank()
         self._saves = workdir is not None
@@ -609,8 +613,6 @@ class Trainer:
 
     def _batch_images(self, index: torch.Tensor) -> torch.Tensor:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        if self.device.type == "cpu":
-            return self.data.tensor(index, memory_format=fmt)
         return self.data.tensor(index, device=self.device, memory_format=fmt)
 
     def _end_epoch(self, log: PhaseLog) -> None:

@@ -299,10 +299,10 @@ def _probe(model: Classifier, data: TargetData, dev: torch.device, batch: int, b
     """Time forward/backward passes of ``model`` (a copy) on the first ``batch`` images."""
     import torch
 
-    from sourcefree.engine.device import set_memory_format
+    from sourcefree.engine.device import set_memory_format, training_memory_format
 
     started = time.perf_counter()
-    fmt = torch.channels_last if dev.type in ("cuda", "cpu") else torch.contiguous_format
+    fmt = training_memory_format(dev)
     set_memory_format([model], fmt)
     x = data.tensor(slice(0, batch), device=dev, memory_format=fmt)
     model.train()
