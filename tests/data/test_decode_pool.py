@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -27,8 +28,10 @@ from sourcefree.data.decode import (
     DecodeWorkerError,
     _decode_chunk,
     _encode_samples,
+    _grow_pipe,
     _rebuild_error,
     check_workers,
+    chunk_size,
     resolve_workers,
 )
 from sourcefree.data.faces import FaceDetectorError
@@ -344,6 +347,35 @@ def test_worker_counts_are_checked() -> None:
     request = AdaptRequest("p", "d", method="tent", out="o", workers=3)
     assert "--workers 3" in request.command()
     assert "--workers" not in AdaptRequest("p", "d", method="tent", out="o").command()
+
+
+def test_a_chunks_result_fits_in_the_enlarged_pipe(tmp_path: Path) -> None:
+    for side in (32, 64, 112, 224, 512):
+        nbytes = side * side * 3
+        images = chunk_size(100_000, 2, nbytes)
+        assert 1 <= images <= decode.MAX_CHUNK_IMAGES
+        assert images == 1 or images * nbytes <= decode.MAX_CHUNK_BYTES < decode.PIPE_BYTES
+    fcntl = pytest.importorskip("fcntl")
+    if not hasattr(fcntl, "F_GETPIPE_SZ"):
+        pytest.skip("no F_SETPIPE_SZ on this system")
+    limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    read_end, write_end = os.pipe()
+    try:
+        grown = _grow_pipe(write_end)
+        size = fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert grown is (limit >= decode.PIPE_BYTES)
+    assert size >= decode.PIPE_BYTES if grown else size < decode.PIPE_BYTES
+    if grown:  # the pool's worker pipes, both ways
+        with decode.DecodePool(DecodePlan((8, 8), "gray", "bilinear", FaceSpec()), 2) as pool:
+            for proc in pool._procs:
+                for pipe in (proc.stdin, proc.stdout):
+                    assert pipe is not None
+                    assert fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ) >= decode.PIPE_BYTES
+    with (tmp_path / "plain").open("wb") as plain:  # not a pipe: no error, only False
+        assert _grow_pipe(plain.fileno()) is False
 
 
 @pytest.mark.parametrize("command", ["adapt", "evaluate"])
