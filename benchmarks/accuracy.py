@@ -24,7 +24,8 @@ only: never to choose K, Q, an epoch or a checkpoint.
 
 A variant is ``NAME`` or ``NAME:key=value,key=value`` (config overrides, as with
 ``--set``), e.g. ``clup:ssl.method=deepclusterv2,score=confidence``; ``source-only`` is
-the vendor's model unchanged.
+the vendor's model unchanged. A variant's overrides win over the short schedule's
+(``clup:ssl.epochs=8`` warms up for 8 epochs and keeps the short fine-tune).
 
 Multi-source variants (``la-cmfer``, and ``source-avg``: the mean of the vendors'
 softmax outputs without adaptation) take one package per ``--vendors`` preset
@@ -389,7 +390,7 @@ def run_variant(
         row["seconds"] = round(time.perf_counter() - t0, 1)
         return row
     cls = get_method(name)
-    cfg = cfgmod.load_config(cls.config_class, overrides=[*overrides, *extra])
+    cfg = cfgmod.load_config(cls.config_class, overrides=[*extra, *overrides])
     data = TargetData(images=train.images, spec=spec, fingerprint=f"{preset}-{seed}")
     device = torch.device("cpu")
     seed_everything(seed)

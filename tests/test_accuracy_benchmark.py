@@ -348,6 +348,19 @@ def test_the_method_adapts_on_train_images_only_and_test_is_scored_after(
     assert avg["heldout_accuracy"] == avg["heldout_source_avg_accuracy"]
     assert avg["heldout_accuracy"] == src["heldout_accuracy"]
     assert avg["heldout_source_accuracy_by_vendor"] == [round(src["heldout_accuracy"], 4)] * 2
+    # A variant's own override wins over the short schedule's.
+    configs: list[Any] = []
+    real_load = acc.cfgmod.load_config
+
+    def spy_load(*args: Any, **kw: Any) -> Any:
+        configs.append(real_load(*args, **kw))
+        raise KeyboardInterrupt  # stop before training: only the config is looked at
+
+    monkeypatch.setattr(acc.cfgmod, "load_config", spy_load)
+    for variant, epochs in (("shot", 1), ("shot:epochs=2", 2)):
+        with pytest.raises(KeyboardInterrupt):
+            acc.run_variant(variant, pkg, "wild-mild", 0, ("epochs=1",), n_test=40)
+        assert configs[-1].epochs == epochs
 
 
 def test_gains_are_per_protocol_and_old_rows_without_heldout_still_render(
