@@ -79,6 +79,7 @@ import torch
 from torch import nn
 
 from sourcefree.engine.config import refuse_invalid
+from sourcefree.engine.feature_bank import MemoryBudget, block_rows
 from sourcefree.engine.method import (
     JSON,
     Batch,
@@ -93,7 +94,7 @@ from sourcefree.engine.method import (
 )
 from sourcefree.engine.models import Classifier
 from sourcefree.engine.registry import register_method
-from sourcefree.errors import RequirementError
+from sourcefree.errors import ConfigError, RequirementError
 from sourcefree.kernels import margin_ce_im
 from sourcefree.package.manifest import AUDetectorSpec
 
@@ -112,6 +113,14 @@ __all__ = [
     "t_hard_labels",
     "triplet_loss",
 ]
+
+#: The triplet draw's tile: at most this many anchors per block (256 x N pairs).
+TRIPLET_TILE = 256
+#: Bytes one (anchor, image) pair takes in a block of the draw: float64 similarity and
+#: draw, a float64 masked copy and its fill, and bool masks.
+TRIPLET_PAIR_BYTES = 35
+#: Fewest anchors in one similarity product (:func:`_similarity_rows`).
+_LEAST_ROWS = 16
 
 
 # --- equations ----------------------------------------------------------------------------
@@ -181,12 +190,31 @@ def au_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return na @ nb.T
 
 
+def _similarity_rows(
+    unit: torch.Tensor, aus: torch.Tensor, start: int, k: int, tile: tuple[int, int]
+) -> torch.Tensor:
+    """``au_similarity(aus[start:start+k], aus)``, from a product of at least 16 rows.
+
+    ``unit``: the normalised ``aus``; ``tile``: the 256-anchor tile (first row, rows)
+    holding the block. BLAS may round a product of a few rows differently, so a block
+    of fewer than 16 anchors takes its rows from a 16-row window of its tile (the whole
+    tile when it is smaller): every row comes from a product the size of the 256-anchor
+    draw's or of at least 16 rows, which gave bitwise the same values on the CPU BLAS
+    tested (tests/adapters/test_adafer.py).
+    """
+    first, rows = tile
+    w = min(rows, max(k, _LEAST_ROWS))
+    lo = max(first, min(start, first + rows - w))
+    anchors = nn.functional.normalize(aus[lo : lo + w].to(torch.float64), dim=1, eps=1e-12)
+    return (anchors @ unit.T)[start - lo : start - lo + k]
+
+
 def sample_triplets(
     aus: torch.Tensor,
     codes: torch.Tensor,
     negative_threshold: float,
     generator: torch.Generator,
-    chunk: int = 256,
+    chunk: int = TRIPLET_TILE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Offline triplet selection among target images (Sec. 3.4), one per anchor.
 
@@ -200,37 +228,47 @@ def sample_triplets(
         codes: (N, A) bool AU codes.
         negative_threshold: tau_n (0.5 in the paper).
         generator: CPU generator (the draws are a function of it).
-        chunk: anchors per block (memory is ``chunk x N``).
+        chunk: anchors per block, 1 to :data:`TRIPLET_TILE` (memory about ``chunk x N x``
+            :data:`TRIPLET_PAIR_BYTES` bytes, and at least 16 x N float64
+            similarities). The triplets do not depend on it: the draws are taken
+            from ``generator`` in anchor order, and the similarities as
+            :func:`_similarity_rows` says.
 
     Returns:
         ``(positives, negatives, hard)``: int64 (N,) indices, -1 where the anchor
         has no triplet; bool (N,) whether the negative passed the threshold.
     """
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ConfigError(f"chunk={chunk!r}", "a block has at least 1 anchor", "pass chunk >= 1")
     n = aus.shape[0]
     _, ids = torch.unique(codes.to(torch.uint8), dim=0, return_inverse=True)
     positives = torch.full((n,), -1, dtype=torch.int64)
     negatives = torch.full((n,), -1, dtype=torch.int64)
     hard = torch.zeros(n, dtype=torch.bool)
     everyone = torch.arange(n)
-    for start in range(0, n, chunk):
-        rows = everyone[start : start + chunk]
-        k = rows.numel()
-        same = ids[rows].unsqueeze(1) == ids.unsqueeze(0)  # (k, N)
-        same[torch.arange(k), rows] = False  # not itself
-        sim = au_similarity(aus[rows], aus)
-        draws = torch.rand(k, n, generator=generator, dtype=torch.float64)
-        other = ~same
-        other[torch.arange(k), rows] = False
-        hard_pool = other & (sim > negative_threshold)
-        pos = torch.where(same, draws, torch.full_like(draws, -1.0)).argmax(dim=1)
-        neg_hard = torch.where(hard_pool, draws, torch.full_like(draws, -1.0)).argmax(dim=1)
-        neg_easy = torch.where(other, sim, torch.full_like(sim, -math.inf)).argmax(dim=1)
-        has_hard = hard_pool.any(dim=1)
-        neg = torch.where(has_hard, neg_hard, neg_easy)
-        ok = same.any(dim=1) & other.any(dim=1)
-        positives[rows] = torch.where(ok, pos, torch.full_like(pos, -1))
-        negatives[rows] = torch.where(ok, neg, torch.full_like(neg, -1))
-        hard[rows] = ok & has_hard
+    unit = nn.functional.normalize(aus.to(torch.float64), dim=1, eps=1e-12)
+    size = min(chunk, TRIPLET_TILE)
+    for first in range(0, n, TRIPLET_TILE):  # the blocks never straddle a tile
+        tile = (first, min(TRIPLET_TILE, n - first))
+        for start in range(first, first + tile[1], size):
+            rows = everyone[start : min(start + size, first + tile[1])]
+            k = rows.numel()
+            same = ids[rows].unsqueeze(1) == ids.unsqueeze(0)  # (k, N)
+            same[torch.arange(k), rows] = False  # not itself
+            sim = _similarity_rows(unit, aus, start, k, tile)
+            draws = torch.rand(k, n, generator=generator, dtype=torch.float64)
+            other = ~same
+            other[torch.arange(k), rows] = False
+            hard_pool = other & (sim > negative_threshold)
+            pos = torch.where(same, draws, torch.full_like(draws, -1.0)).argmax(dim=1)
+            neg_hard = torch.where(hard_pool, draws, torch.full_like(draws, -1.0)).argmax(dim=1)
+            neg_easy = torch.where(other, sim, torch.full_like(sim, -math.inf)).argmax(dim=1)
+            has_hard = hard_pool.any(dim=1)
+            neg = torch.where(has_hard, neg_hard, neg_easy)
+            ok = same.any(dim=1) & other.any(dim=1)
+            positives[rows] = torch.where(ok, pos, torch.full_like(pos, -1))
+            negatives[rows] = torch.where(ok, neg, torch.full_like(neg, -1))
+            hard[rows] = ok & has_hard
     return positives, negatives, hard
 
 
@@ -424,6 +462,7 @@ class AdaFER(Method):
         self.hard_negative = torch.zeros(0, dtype=torch.bool)
         self.triplet_epoch = -1
         self.label_meta: dict[str, Any] = {}
+        self.memory = MemoryBudget() if context.memory is None else context.memory
 
     # --- labelling (eq. 1-3), once -------------------------------------------------------
 
@@ -516,7 +555,11 @@ class AdaFER(Method):
         self._ensure_labels()
         gen = torch.Generator().manual_seed(self.context.seed * 1_000_003 + epoch + 17)
         codes = au_codes(self.aus, self.detector_spec.threshold)
-        pos, neg, hard = sample_triplets(self.aus, codes, self.config.negative_threshold, gen)
+        pair_bytes = max(1, int(self.aus.shape[0]) * TRIPLET_PAIR_BYTES)
+        chunk = block_rows(self.memory.budget_bytes, pair_bytes, TRIPLET_TILE)
+        pos, neg, hard = sample_triplets(
+            self.aus, codes, self.config.negative_threshold, gen, chunk
+        )
         self.positives, self.negatives, self.hard_negative = pos, neg, hard
         self.triplet_epoch = epoch
 

@@ -34,7 +34,9 @@ small, and the swapped-prediction loss through :func:`sourcefree.kernels.swav_lo
 ``ssl.method=deepclusterv2``: a memory bank of the high-resolution crops' embeddings;
 at each epoch start spherical K-means (``sourcefree.ops.clustering.kmeans`` on
 L2-normalised embeddings) per head, prototypes set to the normalised centroids and
-frozen, and cross-entropy of ``z . c / T`` against the assignments for every crop.
+frozen, and cross-entropy of ``z . c / T`` against the assignments for every crop. The
+assignments (:func:`nearest_prototypes`) are computed a block of rows at a time, sized
+by ``--memory-budget`` (at most :data:`DC_BLOCK_ROWS` rows), never all N x P scores.
 Multi-crop views are batched tensor ops (random resized crop + flip by one
 ``grid_sample``, colour jitter, grey-scale), sized from the package's input spec.
 ``ssl.checkpoint``: the backbone starts from a safetensors file of its state dict (an
@@ -75,7 +77,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
-from sourcefree.engine.feature_bank import FeatureBank, MemoryBudget
+from sourcefree.engine.feature_bank import FeatureBank, MemoryBudget, block_rows
 from sourcefree.engine.method import (
     JSON,
     Batch,
@@ -119,7 +121,13 @@ __all__ = [
     "load_backbone_checkpoint",
     "mixup_draw",
     "multi_crop",
+    "nearest_prototypes",
 ]
+
+#: Most rows whose DeepClusterV2 scores (rows x P float32) exist at once.
+DC_BLOCK_ROWS = 4096
+#: Fewest rows in one block's score product (see :func:`nearest_prototypes`).
+_LEAST_ROWS = 16
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -605,6 +613,25 @@ def _merge_batch_averages(bns: Sequence[nn.modules.batchnorm._BatchNorm]) -> Non
         count.copy_(total.to(count.dtype))
 
 
+def nearest_prototypes(z: torch.Tensor, prototypes: torch.Tensor, rows: int) -> torch.Tensor:
+    """``argmax_j z_i . p_j`` per row (int64 (N,); the first on ties), in blocks of rows.
+
+    Only ``b x P`` scores exist at once, ``b = min(N, max(rows, 16))``. Every product
+    has ``b`` rows (the last block overlaps the one before): BLAS may round a product
+    of a few rows differently, and with this, the scores were bitwise those of one
+    ``z @ prototypes.T`` on the CPU BLAS tested (tests/adapters/test_clup.py).
+    """
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ConfigError(f"rows={rows!r}", "a block has at least 1 row", "pass rows >= 1")
+    n = int(z.shape[0])
+    out = torch.zeros(n, dtype=torch.int64, device=z.device)
+    b = min(n, max(rows, _LEAST_ROWS))
+    for start in range(0, n, max(b, 1)):
+        s = min(start, n - b)
+        out[s : s + b] = (z[s : s + b] @ prototypes.T).argmax(dim=1)
+    return out
+
+
 def _finite(v: float) -> float | None:
     return None if math.isnan(v) else v
 
@@ -958,6 +985,7 @@ class CluP(Method):
             self._dc_init_bank()
         assignments = []
         heads: nn.ModuleList = self.prototypes  # type: ignore[assignment]
+        rows = block_rows(self.memory.budget_bytes, 4 * self.n_prototypes, DC_BLOCK_ROWS)
         for h, layer in enumerate(heads):
             z = nn.functional.normalize(self.dc_bank[h % self.dc_bank.shape[0]].float(), dim=1)
             km = kmeans(
@@ -973,7 +1001,7 @@ class CluP(Method):
             centroids = nn.functional.normalize(km.centroids, dim=1)
             weight = cast(torch.Tensor, layer.weight)
             weight.copy_(centroids.to(weight.device))
-            assignments.append((z @ centroids.T).argmax(dim=1))
+            assignments.append(nearest_prototypes(z, centroids, rows))
         self.dc_assignments = torch.stack(assignments).cpu()
 
     def _dc_epoch(self, info: EpochInfo) -> None:

@@ -36,7 +36,12 @@ the extractor frozen (eq. 16). Here, with no source image on site:
 - **Prototype phase** (eq. 16 without its source terms): ``L_tp`` of eq. 3, the
   class-weighted cross-entropy of the trusted samples against ``M_t``; only ``M_t``
   trains; the extractor is frozen, so its features are the cached ones of the
-  labelling pass.
+  labelling pass, kept until the phase ends in a
+  :class:`~sourcefree.engine.feature_bank.FeatureBank` sized by ``--memory-budget``:
+  within it float32 on the training device (the whole-set pass, unchanged); above it
+  float16 in memory or in a spill file, filled batch by batch (labels from each
+  batch's float32 rows), and then left out of checkpoints: a run resumed inside the
+  phase computes them again from the restored (frozen) model.
 - **Extractor phase** (eq. 15 without its source terms): ``L_target`` of eq. 5, the
   instance contrastive loss (InfoNCE, eq. 1, over two random views of every image,
   temperature ``tau``) plus ``lambda_t`` times the weighted cross-entropy of the
@@ -64,7 +69,7 @@ See docs/methods.md for every departure and its reason.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -73,6 +78,7 @@ import torch
 from torch import nn
 
 from sourcefree.engine.config import refuse_invalid
+from sourcefree.engine.feature_bank import FeatureBank, MemoryBudget, choose_storage
 from sourcefree.engine.method import (
     JSON,
     Batch,
@@ -102,6 +108,12 @@ __all__ = [
     "lambda_schedule",
     "trusted_mask",
 ]
+
+
+#: Rows a checkpoint's features are copied into a bank in: about 16 MiB of float32.
+_CHUNK_BYTES = 1 << 24
+#: Fewest rows in one product of the batch-wise labelling (:meth:`Pocan._label_batches`).
+_LEAST_ROWS = 16
 
 
 def _positive(v: object) -> bool:
@@ -425,8 +437,10 @@ class Pocan(Method):
         self._std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
         c = context.num_classes
         dev = context.device
-        # Per-round state (checkpointed): the labelling pass's outputs.
-        self.features = torch.zeros(0, dtype=torch.float32, device=dev)
+        self.memory = MemoryBudget() if context.memory is None else context.memory
+        # Per-round state (checkpointed): the labelling pass's outputs. ``bank``: the
+        # normalised features, through the prototype phase (None: none kept).
+        self.bank: FeatureBank | None = None
         self.labels = torch.zeros(0, dtype=torch.int64, device=dev)
         self.trusted = torch.zeros(0, dtype=torch.bool, device=dev)
         self.weights = torch.ones(c, dtype=torch.float32, device=dev)
@@ -447,17 +461,85 @@ class Pocan(Method):
         ]
         return torch.cat(rows)
 
+    def _unit_prototypes(self) -> torch.Tensor:
+        return nn.functional.normalize(self.prototypes.target.float(), dim=1)
+
+    def _unit_batches(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(first row, features, normalised features) of each batch of the plain images."""
+        self.model.eval()
+        dev = self.context.device
+        for idx, x in self.context.data.batches(self.config.label_batch_size):
+            f = self.model.backbone(x.to(dev)).float()
+            yield int(idx[0]), f, nn.functional.normalize(f, dim=1)
+
+    def _label_whole(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Within the budget: all N rows at once into a float32 bank.
+
+        Returns each image's confidence, label and agreement with the vendor's head.
+        """
+        f = self._features_all()
+        z = nn.functional.normalize(f, dim=1)
+        src = self.model.head(f.to(self.model.head.weight.dtype)).argmax(1)
+        del f
+        bank = self.bank = self.memory.bank(z.shape[0], z.shape[1], device=self.context.device)
+        bank.write(0, z)
+        del z
+        cos = bank.tensor() @ self._unit_prototypes().T
+        probs = torch.softmax(cos / self.config.prototype_temperature, dim=1)
+        conf, labels = probs.max(dim=1)
+        return conf, labels, src == labels
+
+    def _label_batches(self, bank: FeatureBank) -> tuple[torch.Tensor, ...]:
+        """Over the budget: each batch's float32 rows give its labels, then go to ``bank``.
+
+        BLAS may round a product of a few rows otherwise than the whole-set one, so a
+        batch of fewer than 16 rows is scored together with the 16 rows before it.
+        """
+        mu, t, head = self._unit_prototypes(), self.config.prototype_temperature, self.model.head
+        conf, labels, agree = [], [], []
+        f_tail = z_tail = None
+        for start, f, z in self._unit_batches():
+            bank.write(start, z)
+            k = int(z.shape[0])
+            if f_tail is not None and z_tail is not None and k < _LEAST_ROWS:
+                f, z = torch.cat([f_tail, f]), torch.cat([z_tail, z])
+            c, y = torch.softmax((z @ mu.T) / t, dim=1).max(dim=1)
+            src = head(f.to(head.weight.dtype)).argmax(1)
+            conf.append(c[-k:])
+            labels.append(y[-k:])
+            agree.append(src[-k:] == y[-k:])
+            f_tail, z_tail = f[-_LEAST_ROWS:], z[-_LEAST_ROWS:]
+        return torch.cat(conf), torch.cat(labels), torch.cat(agree)
+
+    @torch.no_grad()
+    def _refill(self) -> FeatureBank:
+        """The round's normalised features again, from the frozen model (a checkpoint
+        written over the budget holds none)."""
+        n, d = len(self.context.data), int(self.model.head.in_features)
+        bank = self.bank = self.memory.bank(n, d, device=self.context.device)
+        for start, _, z in self._unit_batches():
+            bank.write(start, z)
+        return bank
+
+    def _close_bank(self) -> None:
+        if self.bank is not None:
+            self.bank.close()
+            self.bank = None
+
     @torch.no_grad()
     def label(self, round_index: int = 0) -> None:
         """Pseudo-labels, eq. 14 thresholds, the trusted set and eq. 13 weights, from ``M_t``."""
         cfg = self.config
         if cfg.recalibrate_bn:
             _recalibrate_bn(self.model, self)
-        f = self._features_all()
-        z = nn.functional.normalize(f, dim=1)
-        cos = z @ nn.functional.normalize(self.prototypes.target.float(), dim=1).T
-        probs = torch.softmax(cos / cfg.prototype_temperature, dim=1)
-        conf, labels = probs.max(dim=1)
+        self._close_bank()
+        n, d = len(self.context.data), int(self.model.head.in_features)
+        spill = self.memory.spill_dir is not None
+        if choose_storage(n, d, self.memory.budget_bytes, spill=spill) == "float32":
+            conf, labels, agree = self._label_whole()
+        else:
+            self.bank = self.memory.bank(n, d, device=self.context.device)
+            conf, labels, agree = self._label_batches(self.bank)
         c = self.context.num_classes
         thr = adaptive_thresholds(conf, labels, c, cfg.beta)
         trusted = trusted_mask(conf, labels, thr)
@@ -465,13 +547,11 @@ class Pocan(Method):
         weights = (
             class_weights(counts, cfg.weight_smoothing) if cfg.class_weighting else torch.ones(c)
         )
-        self.features = z
         self.labels = labels
         self.trusted = trusted
-        self.weights = weights.to(z.device)
+        self.weights = weights.to(labels.device)
         self.thresholds = thr.cpu()
         # Agreement with the vendor's head on the current features: an aggregate diagnostic.
-        src = self.model.head(f.to(self.model.head.weight.dtype))
         self.round_meta = {
             "round": round_index,
             "pseudo_label_counts": [int(v) for v in counts.tolist()],
@@ -482,7 +562,7 @@ class Pocan(Method):
             "thresholds": [float(t) if math.isfinite(t) else None for t in thr.tolist()],
             "class_weights": [float(w) for w in weights.tolist()],
             "mean_confidence": float(conf.mean()),
-            "agreement_with_source_head": float((src.argmax(1) == labels).float().mean()),
+            "agreement_with_source_head": float(agree.float().mean()),
         }
 
     def _ensure_labels(self) -> None:
@@ -506,8 +586,9 @@ class Pocan(Method):
             )
         # Every step draws trusted samples only: index i of the epoch maps to trusted[i mod M].
         idx = trusted[batch.index.to(trusted.device) % trusted.numel()]
+        bank = self.bank if self.bank is not None else self._refill()
         loss = _prototype_ce(
-            self.features[idx],
+            bank.take(idx),
             self.prototypes.target,
             self.labels[idx],
             None,
@@ -590,6 +671,7 @@ class Pocan(Method):
                     optimizer=OptimizerSpec(name="sgd", lr=opt.prototype_lr, momentum=opt.momentum),
                     on_enter=self._prototype_enter,
                     on_epoch_start=partial(self._label_epoch, round_index=r),
+                    on_phase_end=self._close_bank,
                     amp=False,
                 )
             )
@@ -650,8 +732,15 @@ class Pocan(Method):
     # --- state ------------------------------------------------------------------------------
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The round's state; the features only from a float32 bank (within the budget)."""
+        bank = self.bank
+        kept = (
+            bank.tensor()
+            if bank is not None and bank.storage == "float32"
+            else torch.zeros(0, dtype=torch.float32)
+        )
         return {
-            "features": self.features.detach().cpu().clone(),
+            "features": kept.detach().cpu().clone(),
             "labels": self.labels.detach().cpu().clone(),
             "trusted": self.trusted.detach().cpu().clone(),
             "weights": self.weights.detach().cpu().clone(),
@@ -665,7 +754,10 @@ class Pocan(Method):
     def load_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, JSON]) -> None:
         dev = self.context.device
         if "labels" in tensors:
-            self.features = tensors["features"].to(dev, torch.float32).clone()
+            self._close_bank()
+            features = tensors["features"].to(torch.float32)
+            if features.dim() == 2 and features.shape[0] > 0:
+                self._restore_bank(features)
             self.labels = tensors["labels"].to(dev, torch.int64).clone()
             self.trusted = tensors["trusted"].to(dev, torch.bool).clone()
             self.weights = tensors["weights"].to(dev, torch.float32).clone()
@@ -673,6 +765,14 @@ class Pocan(Method):
             self.feature_scale = tensors["feature_scale"].to(torch.float32).clone()
         info = meta.get("round", {})
         self.round_meta = dict(info) if isinstance(info, Mapping) else {}
+
+    def _restore_bank(self, features: torch.Tensor) -> None:
+        """A bank (sized by this run's budget) holding a checkpoint's float32 features."""
+        n, d = int(features.shape[0]), int(features.shape[1])
+        bank = self.bank = self.memory.bank(n, d, device=self.context.device)
+        rows = max(1, _CHUNK_BYTES // (4 * max(d, 1)))
+        for start in range(0, n, rows):
+            bank.write(start, features[start : start + rows])
 
     def pseudo_label_selection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The last labelling's trusted set (eq. 14) and its labels: what the CE terms used."""

@@ -17,6 +17,7 @@ from sourcefree.engine.feature_bank import (
     MAX_BUDGET_BYTES,
     FeatureBank,
     MemoryBudget,
+    block_rows,
     check_memory_budget,
     choose_storage,
     default_memory_budget,
@@ -112,6 +113,18 @@ def test_storage_follows_the_budget() -> None:
     for rows, dim in ((-1, 4), (4, -1), (True, 4), (1 << 30, 1 << 30)):
         with pytest.raises(InputError, match="feature bank"):
             choose_storage(rows, dim, 1 << 20)
+
+
+def test_scratch_blocks_take_an_eighth_of_the_budget() -> None:
+    assert block_rows(8 * 12_000 * 100, 12_000, 4096) == 100  # an eighth of it: 100 rows
+    assert block_rows(8 * 12_000 * 100 - 1, 12_000, 4096) == 99
+    assert block_rows(1 << 40, 12_000, 4096) == 4096  # at most the cap
+    assert block_rows(1, 12_000, 4096) == 1  # never fewer than one row
+    with pytest.raises(ConfigError):
+        block_rows(0, 1, 1)
+    for row_bytes, cap in ((0, 1), (1, 0), (True, 1), (1, 2.5)):
+        with pytest.raises(InputError, match="scratch block"):
+            block_rows(1 << 20, row_bytes, cap)  # type: ignore[arg-type]
 
 
 def test_memory_budget_reports_numbers_only(

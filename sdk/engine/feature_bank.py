@@ -22,6 +22,8 @@ float16's 65504 never become inf, and the scaling itself is exact.
 :class:`MemoryBudget` is the run's budget (``--memory-budget``; default a quarter
 of the machine's memory, shared by the ranks on the node) and where a bank may
 spill; it remembers the largest bank it opened for ``report.json``'s ``memory``.
+:func:`block_rows` sizes the scratch blocks of whole-set passes that keep no bank
+(DeepClusterV2's scores, AdaFER's triplet draw) to a share of that budget.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ __all__ = [
     "FeatureBank",
     "MemoryBudget",
     "Storage",
+    "block_rows",
     "check_memory_budget",
     "choose_storage",
     "default_memory_budget",
@@ -71,6 +74,8 @@ _MAX_ELEMENTS = 1 << 48
 _HALF_TOP = 14
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+#: A scratch block (:func:`block_rows`) takes at most 1/_BLOCK_SHARE of the budget.
+_BLOCK_SHARE = 8
 _FLAG = "--memory-budget"
 _WHERE = {"float16": "as float16 in memory", "disk": "as float16 in a file in the run directory"}
 _log = logging.getLogger(__name__)
@@ -123,6 +128,26 @@ def check_memory_budget(value: object, shown_as: object = None) -> int:
     if value > MAX_BUDGET_BYTES:
         raise _refuse(given, "it is more than 1 PiB, larger than any machine's memory")
     return value
+
+
+def block_rows(budget_bytes: int, row_bytes: int, cap: int) -> int:
+    """Rows of a scratch block of ``row_bytes`` bytes a row that fit an eighth of the budget.
+
+    At least 1 (a single row may exceed that share) and at most ``cap``.
+
+    Raises:
+        ConfigError: a bad budget (:func:`check_memory_budget`).
+        InputError: ``row_bytes`` or ``cap`` is not a whole number >= 1.
+    """
+    budget = check_memory_budget(budget_bytes)
+    for name, v in (("row_bytes", row_bytes), ("cap", cap)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InputError(
+                f"a scratch block with {name}={v!r}",
+                "it is a whole number >= 1",
+                "pass the bytes one row of the block takes and the most rows wanted",
+            )
+    return max(1, min(cap, budget // _BLOCK_SHARE // row_bytes))
 
 
 def _mem_total() -> int | None:

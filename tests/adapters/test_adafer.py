@@ -31,6 +31,7 @@ from sourcefree.adapters.adafer import (
 )
 from sourcefree.data.synthetic import AU_NAMES, generate
 from sourcefree.engine import config as cfgmod
+from sourcefree.engine.feature_bank import MemoryBudget
 from sourcefree.engine.method import MethodContext, ScheduleSpec, SourceModel, TargetData
 from sourcefree.engine.models import build_classifier, load_classifier
 from sourcefree.engine.reproducibility import seed_everything
@@ -160,6 +161,28 @@ def test_triplets_are_drawn_uniformly_from_the_pool() -> None:
     assert seen == {4, 5, 6}
 
 
+@pytest.mark.parametrize("pairs", [171, 200])  # 513 images: a last tile of 1 anchor; 600: 88
+def test_triplets_do_not_depend_on_the_block_size(pairs: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.rand(pairs, 14, generator=g, dtype=torch.float64), 1)
+    y = x + 0.01 * torch.rand(pairs, 14, generator=g, dtype=torch.float64)
+    y = torch.nn.functional.normalize(y, dim=1)
+    # Anchors x + y are as similar to x as to y up to rounding: with no hard negative
+    # (threshold above 1) the easy negative is whichever the product rounds higher, so
+    # similarities from a product that rounds otherwise (BLAS on a few rows) change it.
+    aus = torch.cat([x + y, x, y])
+    codes = torch.zeros(3 * pairs, 2, dtype=torch.bool)
+    codes[pairs:, 0] = True
+    for threshold in (1.01, 0.999):
+        want = sample_triplets(aus, codes, threshold, torch.Generator().manual_seed(1))
+        assert bool((want[0] >= 0).all()) and bool((want[1] >= 0).all())
+        for chunk in (1, 2, 7, 16, 100, 255, 256, 1000):
+            got = sample_triplets(aus, codes, threshold, torch.Generator().manual_seed(1), chunk)
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), chunk
+    with pytest.raises(ConfigError):
+        sample_triplets(aus, codes, 0.5, torch.Generator(), 0)
+
+
 def test_exp_schedule() -> None:
     s = ScheduleSpec(name="exp", final=0.9**4)
     assert s.factor(0, 100) == 1.0
@@ -188,9 +211,11 @@ def _data(n: int = 48) -> TargetData:
     return TargetData(images=s.images, spec=SPEC, fingerprint="x")
 
 
-def _method(pkg: Package, data: TargetData, **cfg: Any) -> AdaFER:
+def _method(
+    pkg: Package, data: TargetData, memory: MemoryBudget | None = None, **cfg: Any
+) -> AdaFER:
     model = load_classifier(pkg.manifest.architecture, pkg.weights_bytes)
-    ctx = MethodContext((SourceModel(pkg, model),), data, torch.device("cpu"), 0)
+    ctx = MethodContext((SourceModel(pkg, model),), data, torch.device("cpu"), 0, memory)
     seed_everything(0)
     return AdaFER(cfgmod.from_dict(AdaFERConfig, {"batch_size": 16, **cfg}), ctx)
 
@@ -221,6 +246,31 @@ def test_labels_come_from_the_packaged_detector(au_source_pkg: Path) -> None:
     for i in torch.nonzero(ok).flatten().tolist():
         assert torch.equal(codes[i], codes[method.positives[i]]) and method.positives[i] != i
         assert not torch.equal(codes[i], codes[method.negatives[i]])
+
+
+def test_triplet_blocks_follow_the_memory_budget(
+    au_source_pkg: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sourcefree.adapters.adafer as adafer
+
+    chunks: list[int] = []
+    real = adafer.sample_triplets
+
+    def spy(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        chunks.append(args[4])
+        return real(*args)
+
+    monkeypatch.setattr(adafer, "sample_triplets", spy)
+    pkg, data = load_package(au_source_pkg), _data()
+    n = len(data)
+    drawn = []
+    for budget in (1 << 40, 8 * n * adafer.TRIPLET_PAIR_BYTES * 5, 1):
+        method = _method(pkg, data, MemoryBudget(budget))
+        method.sample(3)
+        drawn.append((method.positives, method.negatives, method.hard_negative))
+    assert chunks == [256, 5, 1]
+    for other in drawn[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(other, drawn[0], strict=True))
 
 
 def test_t_hard_and_no_hard_labels(au_source_pkg: Path) -> None:

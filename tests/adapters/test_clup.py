@@ -9,8 +9,16 @@ from typing import Any
 import pytest
 import torch
 
-from sourcefree.adapters.clup import CluP, CluPConfig, FineTuneConfig, SSLConfig, multi_crop
+from sourcefree.adapters.clup import (
+    CluP,
+    CluPConfig,
+    FineTuneConfig,
+    SSLConfig,
+    multi_crop,
+    nearest_prototypes,
+)
 from sourcefree.data.synthetic import generate
+from sourcefree.engine.feature_bank import MemoryBudget
 from sourcefree.engine.method import Batch, MethodContext, Phase, SourceModel, TargetData
 from sourcefree.engine.models import load_classifier
 from sourcefree.engine.reproducibility import seed_everything
@@ -50,11 +58,17 @@ def _config(**ssl: Any) -> CluPConfig:
     )
 
 
-def _build(pkg_path: Path, cfg: CluPConfig, data: TargetData, seed: int = 0) -> CluP:
+def _build(
+    pkg_path: Path,
+    cfg: CluPConfig,
+    data: TargetData,
+    seed: int = 0,
+    memory: MemoryBudget | None = None,
+) -> CluP:
     pkg = load_package(pkg_path)
     model = load_classifier(pkg.manifest.architecture, pkg.weights_bytes)
     seed_everything(seed)
-    ctx = MethodContext((SourceModel(pkg, model),), data, torch.device("cpu"), seed)
+    ctx = MethodContext((SourceModel(pkg, model),), data, torch.device("cpu"), seed, memory)
     return CluP(cfg, ctx)
 
 
@@ -182,6 +196,44 @@ def test_deepclusterv2_prototypes_are_frozen_centroids(source_pkg: Path) -> None
     assert out.loss is not None and torch.isfinite(out.loss)
     assert not torch.equal(method.dc_bank[:, :16], before[:, :16])  # bank rows of the batch
     assert torch.equal(method.dc_bank[:, 16:], before[:, 16:])
+
+
+def test_nearest_prototypes_do_not_depend_on_the_block_size() -> None:
+    g = torch.Generator().manual_seed(4)
+    n, p = 1003, 300
+    protos = torch.nn.functional.normalize(torch.randn(p, 128, generator=g), dim=1)
+    # Rows halfway between two prototypes: their two scores are equal up to rounding, so
+    # a product that rounds otherwise (BLAS on a few rows) picks the other one.
+    a = torch.randint(0, p, (n,), generator=g)
+    b = (a + 1 + torch.randint(0, p - 1, (n,), generator=g)) % p
+    z = torch.nn.functional.normalize(protos[a] + protos[b], dim=1)
+    protos[7] = protos[3]  # exact ties: the first of the two wins, as in one argmax
+    z[:20] = protos[3]
+    whole = (z @ protos.T).argmax(dim=1)
+    assert bool((whole[:20] == 3).all())
+    for rows in (1, 2, 7, 16, 64, 1003, 4096):
+        assert torch.equal(nearest_prototypes(z, protos, rows), whole), rows
+    assert torch.equal(nearest_prototypes(z[:5], protos, 2), whole[:5])  # one block of 5
+    assert nearest_prototypes(z[:0], protos, 8).shape == (0,)
+    with pytest.raises(ConfigError):
+        nearest_prototypes(z, protos, 0)
+
+
+def test_deepclusterv2_assignments_in_blocks_match_one_piece(source_pkg: Path) -> None:
+    data = _data()
+    cfg = _config(method="deepclusterv2", heads=2)
+    ample = _build(source_pkg, cfg, data, memory=MemoryBudget(1 << 40))
+    tight = _build(source_pkg, cfg, data, memory=MemoryBudget(1))  # one row per block
+    for method in (ample, tight):
+        method._dc_cluster(0)
+    assert ample.dc_assignments.shape == (2, N)
+    assert torch.equal(ample.dc_assignments, tight.dc_assignments)
+    assert torch.equal(ample.dc_bank, tight.dc_bank)
+    for h in range(2):
+        w = tight.prototypes.get_submodule(str(h)).weight
+        assert isinstance(w, torch.Tensor)
+        bank = torch.nn.functional.normalize(tight.dc_bank[h], dim=1)
+        assert torch.equal((bank @ w.T).argmax(1), tight.dc_assignments[h])
 
 
 def test_selection_edge_cases_through_pseudo_labels(source_pkg: Path) -> None:

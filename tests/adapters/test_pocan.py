@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from sourcefree.adapters.pocan import (
     Pocan,
@@ -19,12 +21,16 @@ from sourcefree.adapters.pocan import (
     lambda_schedule,
     trusted_mask,
 )
-from sourcefree.data.synthetic import generate
+from sourcefree.cli.app import main
+from sourcefree.data.synthetic import generate, write_domain
+from sourcefree.engine.feature_bank import MemoryBudget
 from sourcefree.engine.method import Batch, MethodContext, Phase, SourceModel, TargetData
 from sourcefree.engine.models import load_classifier
 from sourcefree.engine.registry import get_method
-from sourcefree.engine.trainer import build_optimizer
-from sourcefree.errors import ConfigError, InputError
+from sourcefree.engine.reproducibility import seed_everything
+from sourcefree.engine.trainer import StepInfo, Trainer, build_optimizer
+from sourcefree.engine.workdir import Workdir
+from sourcefree.errors import ConfigError, InputError, RunInterruptedError
 from sourcefree.package.loader import load_package
 from sourcefree.package.manifest import InputSpec
 
@@ -34,10 +40,12 @@ def _data(n: int = 40) -> TargetData:
     return TargetData(images=s.images, spec=InputSpec(size=(32, 32)), fingerprint="x")
 
 
-def _method(pkg_path: Path, data: TargetData, **kw: object) -> Pocan:
+def _method(
+    pkg_path: Path, data: TargetData, memory: MemoryBudget | None = None, **kw: object
+) -> Pocan:
     pkg = load_package(pkg_path)
     model = load_classifier(pkg.manifest.architecture, pkg.weights_bytes)
-    ctx = MethodContext((SourceModel(pkg, model),), data, torch.device("cpu"), 0)
+    ctx = MethodContext((SourceModel(pkg, model),), data, torch.device("cpu"), 0, memory)
     return Pocan(PocanConfig(batch_size=16, **kw), ctx)  # type: ignore[arg-type]
 
 
@@ -203,7 +211,8 @@ def test_labelling_follows_target_prototypes_and_eq14(source_pkg: Path) -> None:
     assert torch.equal(method.trusted, trusted_mask(conf, labels, thr))
     counts = torch.bincount(labels, minlength=3)
     torch.testing.assert_close(method.weights, class_weights(counts, smoothing=1.0))
-    torch.testing.assert_close(method.features, z)
+    assert method.bank is not None and method.bank.storage == "float32"
+    torch.testing.assert_close(method.bank.tensor(), z)
     chosen = method.pseudo_label_selection()
     assert chosen is not None
     assert torch.equal(chosen[0], torch.nonzero(method.trusted).flatten())
@@ -326,3 +335,117 @@ def test_export_is_the_target_prototype_classifier(source_pkg: Path) -> None:
     other = _method(source_pkg, data)
     other.load_state(state, method.state_meta())
     assert torch.equal(other.feature_scale, method.feature_scale)
+
+
+# --- the round's features under the memory budget ----------------------------------------
+
+
+def _budgets(tmp_path: Path) -> dict[str, MemoryBudget]:
+    spill = tmp_path / "spill"
+    spill.mkdir(exist_ok=True)
+    return {
+        "float32": MemoryBudget(1 << 40),
+        "float16": MemoryBudget(1),  # no run directory: float16 in memory, over the budget
+        "disk": MemoryBudget(1, spill),
+    }
+
+
+def test_labels_over_the_budget_equal_float32_and_features_round_to_float16(
+    source_pkg: Path, tmp_path: Path
+) -> None:
+    data = _data()
+    batch = _batch(data)
+    runs: dict[str, tuple[Pocan, torch.Tensor, float]] = {}
+    for storage, memory in _budgets(tmp_path).items():
+        method = _method(source_pkg, data, memory, label_batch_size=16)  # batches 16, 16, 8
+        method.label(0)
+        assert method.bank is not None and method.bank.storage == storage
+        use = memory.report()
+        assert use is not None and use["features"]["storage"] == storage
+        assert use["features"]["within_budget"] == (storage != "float16")
+        feats = method.bank.take(torch.arange(len(data)))
+        step = _phase(method, "prototypes-1").step(batch).loss
+        assert step is not None
+        runs[storage] = (method, feats, float(step.detach()))
+    ref, ref_feats, ref_loss = runs["float32"]
+    for storage in ("float16", "disk"):
+        method, feats, loss = runs[storage]
+        # The labels come from each batch's float32 rows (the last batch, of 8, scored with
+        # the 16 rows before it): the same labels, thresholds and weights as float32.
+        assert torch.equal(method.labels, ref.labels) and torch.equal(method.trusted, ref.trusted)
+        assert torch.equal(method.weights, ref.weights)
+        assert torch.equal(method.thresholds, ref.thresholds)
+        assert method.round_meta == ref.round_meta
+        # float16 with a power-of-two row scale: within 2^-11 of each unit row's largest value
+        assert float((feats - ref_feats).abs().max()) <= 2.0**-11
+        assert not torch.equal(feats, ref_feats)
+        assert loss == pytest.approx(ref_loss, abs=1e-3)
+        assert method.state_tensors()["features"].numel() == 0  # left out of checkpoints
+    assert torch.equal(ref.state_tensors()["features"], ref_feats)
+    method = runs["disk"][0]
+    method._close_bank()
+    assert method.bank is None
+    again = _method(source_pkg, data, MemoryBudget(1 << 40), label_batch_size=16)
+    again.load_state(ref.state_tensors(), ref.state_meta())
+    assert again.bank is not None and torch.equal(again.bank.tensor(), ref_feats)
+
+
+def _train(
+    pkg_path: Path, data: TargetData, memory: MemoryBudget, wd: Workdir, stop: bool = False
+) -> tuple[Pocan, list[str]]:
+    """A 2-round run; ``stop``: interrupted after the first step of ``prototypes-2``."""
+    seed_everything(0)  # the projector's initial weights
+    method = _method(pkg_path, data, memory, epochs=2, label_batch_size=16)
+    seen: list[str] = []
+
+    def hook(info: StepInfo) -> None:
+        seen.append(info.phase)
+        if stop and (info.phase, info.step) == ("prototypes-2", 1):
+            info.request_stop()
+
+    trainer = Trainer(method, data, device=torch.device("cpu"), seed=0, workdir=wd, on_step=hook)
+    trainer.run(resume=not stop and wd.checkpoints.has_checkpoints())
+    return method, seen
+
+
+@pytest.mark.parametrize("storage", ["float32", "disk"])
+def test_resume_inside_the_prototype_phase_is_bitwise_equal(
+    source_pkg: Path, tmp_path: Path, storage: str
+) -> None:
+    data = _data()
+    memory = _budgets(tmp_path)[storage]
+    whole, _ = _train(source_pkg, data, memory, Workdir(tmp_path / "whole").open())
+    wd = Workdir(tmp_path / "cut").open()
+    with pytest.raises(RunInterruptedError):
+        _train(source_pkg, data, memory, wd, stop=True)
+    ckpt = wd.checkpoints.load_latest()
+    assert ckpt is not None and ckpt.meta["position"]["step"] == 1
+    kept = ckpt.tensors["method.features"]
+    assert kept.shape == ((len(data), 128) if storage == "float32" else (0,))
+    wd.close()
+    resumed, seen = _train(source_pkg, data, _budgets(tmp_path)[storage], wd.open())
+    assert seen[0] == "prototypes-2"  # it went on inside the phase (refilling the bank)
+    for name, module in whole.modules().items():
+        other = resumed.modules()[name].state_dict()
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, other[key]), f"{name}.{key}"
+    assert whole.round_meta == resumed.round_meta
+    assert whole.bank is None and resumed.bank is None  # closed at the phase's end
+
+
+def test_adapt_pocan_spills_to_disk_and_reports_it(source_pkg: Path, tmp_path: Path) -> None:
+    data = write_domain(tmp_path / "wild", "wild-mild", 16, 32, seed=3)
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["adapt", str(source_pkg), str(data), "-m", "pocan", "-o", str(out)]
+    for setting in ("epochs=1", "batch_size=8", "label_batch_size=8", "projection_dim=0"):
+        args += ["--set", setting]
+    args += ["--device", "cpu", "--no-gate", "--no-progress", "--no-plan-probe", "--workers", "1"]
+    args += ["--workdir", str(work), "--keep-workdir", "--memory-budget", "1K"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    # 16 images of D = 128 in float16: 16 x (2 x 128 + 4) bytes, on disk.
+    want = {"storage": "disk", "bytes": 4160, "within_budget": True}
+    assert report["memory"] == {"budget_bytes": 1024, "features": want}
+    kept = sorted(p.name for p in work.rglob("*") if p.is_file())
+    assert kept and not any(name.endswith(".f16") for name in kept), kept
