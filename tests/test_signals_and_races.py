@@ -36,8 +36,12 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals a
 
 LABELS = ("surprise", "fear", "happiness")
 
+# The child restores Python's own SIGINT handler: a test run started from a background
+# job of a non-interactive shell inherits SIGINT ignored, and the child would then sleep
+# through the SIGINT the test sends.
 HARNESS = """
-import pathlib, sys, time
+import pathlib, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import {module} as where
 original = where.{attr}
 def paused(*args, **kwargs):
