@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from sourcefree.adapters.clup import CluP, CluPConfig, FineTuneConfig, SSLConfig, _derive
-from sourcefree.cli.app import main
-from sourcefree.data.synthetic import generate, write_domain
+from sourcefree.data.synthetic import generate
 from sourcefree.engine import feature_bank as fb
 from sourcefree.engine.feature_bank import FeatureBank, MemoryBudget
 from sourcefree.engine.method import MethodContext, SourceModel, TargetData
@@ -31,6 +28,7 @@ from sourcefree.ops.pseudo_labels import (
 )
 from sourcefree.package.loader import load_package
 from sourcefree.package.manifest import InputSpec
+from tests.spill_helpers import SPILLED, adapt_spilled
 from tests.test_feature_bank import _blobs, _filled, run_two_ranks
 
 
@@ -191,21 +189,10 @@ def test_clup_labels_through_the_budgeted_bank(source_pkg: Path, tmp_path: Path)
 
 
 def test_adapt_clup_spills_to_disk(source_pkg: Path, tmp_path: Path) -> None:
-    data = write_domain(tmp_path / "wild", "wild-mild", 16, 32, seed=3)
-    out, work = tmp_path / "out", tmp_path / "work"
-    args = ["adapt", str(source_pkg), str(data), "-m", "clup", "-o", str(out)]
     sets = ["ssl.epochs=0", "finetune.epochs=1", "kmeans_n_init=1", "n_clusters=3"]
     sets += ["ssl.prototypes=8", "ssl.local_crops=0", "batch_size=8", "label_batch_size=8"]
-    args += [a for s in sets for a in ("--set", s)]
-    args += ["--device", "cpu", "--no-gate", "--no-progress", "--no-plan-probe", "--workers", "1"]
-    args += ["--workdir", str(work), "--keep-workdir", "--memory-budget", "1K"]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
-    # 16 images of D = 128 in float16: 16 x (2 x 128 + 4) bytes, on disk.
-    want = {"storage": "disk", "bytes": 4160, "within_budget": True}
-    assert report["memory"] == {"budget_bytes": 1024, "features": want}
-    kept = sorted(p.name for p in work.rglob("*") if p.is_file())
+    report, kept = adapt_spilled(source_pkg, tmp_path, "clup", sets)
+    assert report["memory"] == {"budget_bytes": 1024, "features": SPILLED}
     assert kept and not any("features" in name or name.endswith(".f16") for name in kept), kept
 
 

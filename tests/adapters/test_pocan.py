@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from sourcefree.adapters.pocan import (
     Pocan,
@@ -21,8 +19,7 @@ from sourcefree.adapters.pocan import (
     lambda_schedule,
     trusted_mask,
 )
-from sourcefree.cli.app import main
-from sourcefree.data.synthetic import generate, write_domain
+from sourcefree.data.synthetic import generate
 from sourcefree.engine.feature_bank import MemoryBudget
 from sourcefree.engine.method import Batch, MethodContext, Phase, SourceModel, TargetData
 from sourcefree.engine.models import load_classifier
@@ -33,6 +30,7 @@ from sourcefree.engine.workdir import Workdir
 from sourcefree.errors import ConfigError, InputError, RunInterruptedError
 from sourcefree.package.loader import load_package
 from sourcefree.package.manifest import InputSpec
+from tests.spill_helpers import SPILLED, adapt_spilled
 
 
 def _data(n: int = 40) -> TargetData:
@@ -434,18 +432,7 @@ def test_resume_inside_the_prototype_phase_is_bitwise_equal(
 
 
 def test_adapt_pocan_spills_to_disk_and_reports_it(source_pkg: Path, tmp_path: Path) -> None:
-    data = write_domain(tmp_path / "wild", "wild-mild", 16, 32, seed=3)
-    out, work = tmp_path / "out", tmp_path / "work"
-    args = ["adapt", str(source_pkg), str(data), "-m", "pocan", "-o", str(out)]
-    for setting in ("epochs=1", "batch_size=8", "label_batch_size=8", "projection_dim=0"):
-        args += ["--set", setting]
-    args += ["--device", "cpu", "--no-gate", "--no-progress", "--no-plan-probe", "--workers", "1"]
-    args += ["--workdir", str(work), "--keep-workdir", "--memory-budget", "1K"]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
-    # 16 images of D = 128 in float16: 16 x (2 x 128 + 4) bytes, on disk.
-    want = {"storage": "disk", "bytes": 4160, "within_budget": True}
-    assert report["memory"] == {"budget_bytes": 1024, "features": want}
-    kept = sorted(p.name for p in work.rglob("*") if p.is_file())
+    sets = ["epochs=1", "batch_size=8", "label_batch_size=8", "projection_dim=0"]
+    report, kept = adapt_spilled(source_pkg, tmp_path, "pocan", sets)
+    assert report["memory"] == {"budget_bytes": 1024, "features": SPILLED}
     assert kept and not any(name.endswith(".f16") for name in kept), kept
