@@ -79,7 +79,7 @@ import torch
 from torch import nn
 
 from sourcefree.engine.config import refuse_invalid
-from sourcefree.engine.feature_bank import MemoryBudget, block_rows
+from sourcefree.engine.feature_bank import MIN_PRODUCT_ROWS, MemoryBudget, block_rows
 from sourcefree.engine.method import (
     JSON,
     Batch,
@@ -119,8 +119,6 @@ TRIPLET_TILE = 256
 #: Bytes one (anchor, image) pair takes in a block of the draw: float64 similarity and
 #: draw, a float64 masked copy and its fill, and bool masks.
 TRIPLET_PAIR_BYTES = 35
-#: Fewest anchors in one similarity product (:func:`_similarity_rows`).
-_LEAST_ROWS = 16
 
 
 # --- equations ----------------------------------------------------------------------------
@@ -203,7 +201,7 @@ def _similarity_rows(
     tested (tests/adapters/test_adafer.py).
     """
     first, rows = tile
-    w = min(rows, max(k, _LEAST_ROWS))
+    w = min(rows, max(k, MIN_PRODUCT_ROWS))
     lo = max(first, min(start, first + rows - w))
     anchors = nn.functional.normalize(aus[lo : lo + w].to(torch.float64), dim=1, eps=1e-12)
     return (anchors @ unit.T)[start - lo : start - lo + k]

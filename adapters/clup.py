@@ -77,7 +77,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
-from sourcefree.engine.feature_bank import FeatureBank, MemoryBudget, block_rows
+from sourcefree.engine.feature_bank import MIN_PRODUCT_ROWS, FeatureBank, MemoryBudget, block_rows
 from sourcefree.engine.method import (
     JSON,
     Batch,
@@ -126,8 +126,6 @@ __all__ = [
 
 #: Most rows whose DeepClusterV2 scores (rows x P float32) exist at once.
 DC_BLOCK_ROWS = 4096
-#: Fewest rows in one block's score product (see :func:`nearest_prototypes`).
-_LEAST_ROWS = 16
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -625,7 +623,7 @@ def nearest_prototypes(z: torch.Tensor, prototypes: torch.Tensor, rows: int) -> 
         raise ConfigError(f"rows={rows!r}", "a block has at least 1 row", "pass rows >= 1")
     n = int(z.shape[0])
     out = torch.zeros(n, dtype=torch.int64, device=z.device)
-    b = min(n, max(rows, _LEAST_ROWS))
+    b = min(n, max(rows, MIN_PRODUCT_ROWS))
     for start in range(0, n, max(b, 1)):
         s = min(start, n - b)
         out[s : s + b] = (z[s : s + b] @ prototypes.T).argmax(dim=1)

@@ -78,7 +78,12 @@ import torch
 from torch import nn
 
 from sourcefree.engine.config import refuse_invalid
-from sourcefree.engine.feature_bank import FeatureBank, MemoryBudget, choose_storage
+from sourcefree.engine.feature_bank import (
+    MIN_PRODUCT_ROWS,
+    FeatureBank,
+    MemoryBudget,
+    choose_storage,
+)
 from sourcefree.engine.method import (
     JSON,
     Batch,
@@ -112,8 +117,6 @@ __all__ = [
 
 #: Rows a checkpoint's features are copied into a bank in: about 16 MiB of float32.
 _CHUNK_BYTES = 1 << 24
-#: Fewest rows in one product of the batch-wise labelling (:meth:`Pocan._label_batches`).
-_LEAST_ROWS = 16
 
 
 def _positive(v: object) -> bool:
@@ -501,14 +504,14 @@ class Pocan(Method):
         for start, f, z in self._unit_batches():
             bank.write(start, z)
             k = int(z.shape[0])
-            if f_tail is not None and z_tail is not None and k < _LEAST_ROWS:
+            if f_tail is not None and z_tail is not None and k < MIN_PRODUCT_ROWS:
                 f, z = torch.cat([f_tail, f]), torch.cat([z_tail, z])
             c, y = torch.softmax((z @ mu.T) / t, dim=1).max(dim=1)
             src = head(f.to(head.weight.dtype)).argmax(1)
             conf.append(c[-k:])
             labels.append(y[-k:])
             agree.append(src[-k:] == y[-k:])
-            f_tail, z_tail = f[-_LEAST_ROWS:], z[-_LEAST_ROWS:]
+            f_tail, z_tail = f[-MIN_PRODUCT_ROWS:], z[-MIN_PRODUCT_ROWS:]
         return torch.cat(conf), torch.cat(labels), torch.cat(agree)
 
     @torch.no_grad()

@@ -51,6 +51,7 @@ from sourcefree.fsutil import shown, write_error
 
 __all__ = [
     "MAX_BUDGET_BYTES",
+    "MIN_PRODUCT_ROWS",
     "BankUse",
     "FeatureBank",
     "MemoryBudget",
@@ -76,6 +77,10 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 #: A scratch block (:func:`block_rows`) takes at most 1/_BLOCK_SHARE of the budget.
 _BLOCK_SHARE = 8
+#: Fewest rows in one matrix product of a blocked whole-set pass: the CPU BLAS tested
+#: (MKL) rounded products of a few rows (up to 8 seen) otherwise than a large one, so
+#: blocks that must match the one-piece result borrow rows up to this many.
+MIN_PRODUCT_ROWS = 16
 _FLAG = "--memory-budget"
 _WHERE = {"float16": "as float16 in memory", "disk": "as float16 in a file in the run directory"}
 _log = logging.getLogger(__name__)
