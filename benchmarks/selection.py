@@ -97,6 +97,16 @@ VALIDATOR_COLUMNS = {
 }
 #: Power of the weights of :func:`weighted_spearman` (Musgrave et al.'s evaluation).
 WEIGHT_POWER = 2.0
+#: Alternative pool rules, compared in the "Rules" table on the same pools: each
+#: differs from ``rank_candidates`` only when some candidate passes the gate (else all
+#: rank by agreement with the source). ``passing-*``: the candidates that pass the
+#: gate rank above those that do not, and among themselves by consensus of the
+#: passing ones, by IM or by ClassAMI. Column key ``rule:NAME`` (:func:`validator_value`).
+RULE_VARIANTS = ("consensus", "passing-consensus", "passing-im", "passing-ami")
+#: Added to a passing candidate's value so that it ranks above every failing one.
+PASS_OFFSET = 100.0
+#: Columns the comparisons compute: the validators, then the rule variants.
+COMPARED = (*VALIDATOR_COLUMNS, *(f"rule:{name}" for name in RULE_VARIANTS))
 
 
 def _source(seed: int, workdir: Path, n_source: int, n_val: int) -> tuple[Path, float]:
@@ -197,6 +207,33 @@ def validator_fields(run: Run) -> dict[str, float]:
     return {k: float(f"{v:.6g}") for k, v in values.items()}
 
 
+def rule_values(
+    rows: list[dict[str, Any]], outputs_of: dict[str, sel.Outputs], source: sel.Scores
+) -> dict[str, list[float]]:
+    """Each of :data:`RULE_VARIANTS`' values for one pool (rows in the pool's order)."""
+    scores = [_gate_scores(r["scores"], r["scores"]["images"]) for r in rows]
+    outs = [outputs_of[r["config_key"]] for r in rows]
+    passing = [sel.gate_decision(source, s).decision == "adapted" for s in scores]
+    if not any(passing):
+        return {name: [s.agreement for s in scores] for name in RULE_VARIANTS}
+    voters = [o for o, ok in zip(outs, passing, strict=True) if ok]
+    vote = torch.stack([torch.softmax(o.logits.double(), 1) for o in voters]).sum(0).argmax(1)
+    among = [float((o.predictions == vote).double().mean()) for o in outs]
+
+    def lifted(values: list[float]) -> list[float]:
+        return [v + PASS_OFFSET * ok for v, ok in zip(values, passing, strict=True)]
+
+    out = {
+        "consensus": sel.consensus_agreement(outs),
+        "passing-consensus": lifted(among),
+        "passing-im": lifted([s.im for s in scores]),
+    }
+    ami = [(r.get("validators") or {}).get("class_ami") for r in rows]
+    if all(v is not None for v in ami):
+        out["passing-ami"] = lifted([float(v) for v in ami if v is not None])
+    return out
+
+
 def rank_pools(group: list[dict[str, Any]], outputs_of: dict[str, sel.Outputs]) -> None:
     """Label-free values of one (preset, seed), ranked pool by pool as ``adapt`` ranks them.
 
@@ -230,6 +267,9 @@ def rank_pools(group: list[dict[str, Any]], outputs_of: dict[str, sel.Outputs]) 
         for r, v in zip(rows, ranking.values, strict=True):
             r[key] = v
             r[POOL_KEYS[key]] = ranking.rule
+    variants = rule_values(unique, outputs_of, source)
+    for i, r in enumerate(unique):
+        r["rule_values"] = {name: round(vals[i], 6) for name, vals in variants.items()}
 
 
 def subsample_rows(
@@ -394,6 +434,8 @@ def validator_value(row: dict[str, Any], key: str) -> float | None:
     """A row's value of one column of :data:`VALIDATOR_COLUMNS` (None: not computed)."""
     if key == "value":
         v = row.get("value")
+    elif key.startswith("rule:"):
+        v = (row.get("rule_values") or {}).get(key.removeprefix("rule:"))
     elif key in ("im", "snd"):
         v = row["scores"].get(key)
     else:
@@ -418,7 +460,7 @@ def compare_validators(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "candidates": len(rows),
         "validators": {},
     }
-    for key in VALIDATOR_COLUMNS:
+    for key in COMPARED:
         vals = [validator_value(r, key) for r in rows]
         if not rows or any(v is None for v in vals):
             out["validators"][key] = None
@@ -444,7 +486,7 @@ def summarise_validators(groups: list[dict[str, Any]]) -> dict[str, Any]:
     def mean_of(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
         judges = {c["judge"] for c in comparisons}
         cols: dict[str, Any] = {}
-        for key in VALIDATOR_COLUMNS:
+        for key in COMPARED:
             got = [c["validators"][key] for c in comparisons if c["validators"][key] is not None]
             ws = [v["weighted_spearman"] for v in got if v["weighted_spearman"] is not None]
             cols[key] = {
@@ -746,6 +788,27 @@ def validators_markdown(payload: dict[str, Any]) -> list[str]:
     for name, entry in entries:
         cells = " | ".join(_validator_cell(entry["validators"][k]) for k in VALIDATOR_COLUMNS)
         lines.append(f"| {name} | {entry['judge']} | {entry['groups']} | {cells} |")
+    return lines + rules_markdown(entries)
+
+
+def rules_markdown(entries: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The "Rules" table: :data:`RULE_VARIANTS` on the same pools (empty for older rows)."""
+    keys = [f"rule:{name}" for name in RULE_VARIANTS]
+    if all(not e["validators"].get(k, {"groups": 0})["groups"] for _, e in entries for k in keys):
+        return []
+    lines = [
+        "",
+        "Pool rules on the same pools (`consensus`: the rule of `rank_candidates` at this "
+        "commit; `passing-*`: candidates that pass the gate first, then by the passing "
+        "candidates' consensus, IM or ClassAMI; with no candidate passing, every rule ranks by "
+        "agreement with the source). Same cells as above.",
+        "",
+        "| preset | groups | " + " | ".join(f"`{n}`" for n in RULE_VARIANTS) + " |",
+        "|---|---|" + "---|" * len(RULE_VARIANTS),
+    ]
+    for name, entry in entries:
+        cells = " | ".join(_validator_cell(entry["validators"].get(k, {"groups": 0})) for k in keys)
+        lines.append(f"| {name} | {entry['groups']} | {cells} |")
     return lines
 
 

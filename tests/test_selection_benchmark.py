@@ -200,3 +200,46 @@ def test_run_group_scores_validators_and_held_out_accuracy(
     assert '"epochs": 2' in rows[1]["config_key"]  # POCAN at the SHORT schedule
     rows, _, _ = bench.run_group("wild-mild", 0, pkg, None, [], (48, 0))
     assert "heldout_accuracy" not in rows[0] and "accuracy" in rows[0]
+
+
+def test_rule_variants_rank_passing_candidates_first(
+    load_benchmark: Callable[[str], ModuleType],
+) -> None:
+    import torch
+
+    from sourcefree.pipeline import selection
+
+    bench = load_benchmark("selection")
+    src = {"entropy": 0.5, "im": 0.5, "snd": 4.0, "agreement": 1.0, "kappa": 1.0,
+           "stability": 1.0, "atc": 0.5, "anchored": 0.5, "images": 400}  # fmt: skip
+    # a, b pass the gate (anchored gain +0.5 on 400 images); c fails (gain -0.2).
+    passes = {**src, "agreement": 0.5, "kappa": 0.4, "anchored": 1.0}
+    fails = {**src, "im": 1.9, "agreement": 0.6, "anchored": 0.3}
+    rows = [
+        {"config_key": "a", "scores": {**passes, "im": 1.0}, "validators": {"class_ami": 0.3}},
+        {"config_key": "b", "scores": {**passes, "im": 1.5}, "validators": {"class_ami": 0.9}},
+        *({"config_key": k, "scores": fails, "validators": {"class_ami": 0.95}} for k in "cde"),
+    ]  # fmt: skip
+    eye = torch.eye(3)
+    # a (top-1 probability 0.79) and b (about 1.0) pass and differ on the last image;
+    # c, d and e fail the gate and say class 2 everywhere.
+    outs = {
+        "a": selection.Outputs(eye[[0, 0, 1, 1]] * 2),
+        "b": selection.Outputs(eye[[0, 0, 1, 0]] * 20),
+        **{k: selection.Outputs(eye[[2, 2, 2, 2]] * 20) for k in "cde"},
+    }
+    source = bench._gate_scores(src, 400)
+    got = bench.rule_values(rows, outs, source)
+    off = bench.PASS_OFFSET
+    # Every candidate votes: the three failing ones outvote a and b everywhere.
+    assert got["consensus"] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    # Only a and b vote (b the more confident where they differ): 0, 0, 1, 0.
+    assert got["passing-consensus"] == [off + 0.75, off + 1.0, 0.0, 0.0, 0.0]
+    assert got["passing-im"] == [off + 1.0, off + 1.5, 1.9, 1.9, 1.9]
+    assert got["passing-ami"] == [off + 0.3, off + 0.9, 0.95, 0.95, 0.95]
+    # Nobody passes: every rule is agreement with the source.
+    none = [{**r, "scores": {**src, "agreement": 0.7 + i / 10}} for i, r in enumerate(rows)]
+    got = bench.rule_values(none, outs, source)
+    want = [pytest.approx(0.7 + i / 10) for i in range(5)]
+    assert all(v == want for v in got.values())
+    assert set(got) == set(bench.RULE_VARIANTS)
