@@ -155,29 +155,16 @@ class Run:
 
     outputs: sel.Outputs
     seconds: float
-    features: torch.Tensor
-    """(N, D) penultimate features of the target images (ClassAMI)."""
     heldout: torch.Tensor | None
     """(M,) top-1 on the held-out test images; None without a test set."""
-
-
-@torch.no_grad()
-def _features(model: torch.nn.Module, data: TargetData) -> torch.Tensor:
-    """Eval-mode penultimate features (the second output of a ``Classifier``)."""
-    was_training = model.training
-    model.eval()
-    try:
-        return torch.cat([model(x)[1].float() for _, x in data.batches()])
-    finally:
-        model.train(was_training)
 
 
 def _evaluate(
     model: torch.nn.Module, data: TargetData, test: TargetData | None, seconds: float
 ) -> Run:
-    """Outputs and features on the target images, and top-1 on the test images."""
+    """Outputs (with every image's features) on the target images, top-1 on the test images."""
     heldout = None if test is None else sel.model_outputs(model, test, views=False).predictions
-    return Run(sel.model_outputs(model, data), seconds, _features(model, data), heldout)
+    return Run(sel.model_outputs(model, data, feature_images=0), seconds, heldout)
 
 
 def _run(
@@ -200,9 +187,12 @@ def validator_fields(run: Run) -> dict[str, float]:
 
     IM and SND are the rows' ``scores.im`` and ``scores.snd`` (the same functions).
     """
+    features = run.outputs.feature_pairs()
+    if features is None:
+        raise SystemExit("the benchmark's models return (logits, features); this one did not")
     values = {
         "bnm": val.batch_nuclear_norm(run.outputs),
-        "class_ami": val.class_ami(run.features, run.outputs),
+        "class_ami": val.class_ami(*features),
     }
     return {k: float(f"{v:.6g}") for k, v in values.items()}
 
@@ -243,7 +233,9 @@ def rank_pools(group: list[dict[str, Any]], outputs_of: dict[str, sel.Outputs]) 
     ``value``: among every distinct adapted candidate (the Spearman pool);
     ``grid_value``: among a method's grid entries (``--select auto``);
     ``default_value``: among the method defaults (``-m auto``). Each pool's rule is
-    stored with its values (``*_rule``). Rows outside a pool get None.
+    stored with its values (``*_rule``). Rows outside a pool get None. Where the
+    rule ranks gate-passing candidates first, theirs are lifted by :data:`PASS_OFFSET`
+    so that one number sorts as the ranking.
     """
     src = next(r for r in group if r["candidate"] == "source-only")
     source = _gate_scores(src["scores"], src["scores"]["images"])
@@ -264,8 +256,11 @@ def rank_pools(group: list[dict[str, Any]], outputs_of: dict[str, sel.Outputs]) 
              for r in rows],
             source,
         )  # fmt: skip
-        for r, v in zip(rows, ranking.values, strict=True):
-            r[key] = v
+        for i, r in enumerate(rows):
+            # One number that sorts as the ranking: a candidate that passes the gate
+            # (when the rule asks) ranks above every failing one.
+            lift = PASS_OFFSET if ranking.passing and ranking.passing[i] else 0.0
+            r[key] = ranking.values[i] + lift
             r[POOL_KEYS[key]] = ranking.rule
     variants = rule_values(unique, outputs_of, source)
     for i, r in enumerate(unique):

@@ -560,3 +560,71 @@ def test_stability_images_is_the_count_model_outputs_scores_views_of() -> None:
         0, 1, 256, 129, 150, 256, 256,
     ]  # fmt: skip
     assert SampleInfo(2048, 9000).to_dict()["stability_images"] == 256
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.inner(x)[0]
+        return out
+
+
+def test_model_outputs_keep_the_features_of_every_kth_scored_image() -> None:
+    model, x = _small_cnn_and_images()
+    assert sel.model_outputs(model, x).features is None  # not asked for
+    with torch.no_grad():
+        feats = model(x)[1]
+    every = sel.model_outputs(model, x, feature_images=0, batch_size=64)
+    assert every.feature_rows is None and every.features is not None
+    assert torch.allclose(every.features, feats, rtol=0, atol=1e-5)
+    idx = sel.sample_indices(300, 90, seed=1)
+    assert idx is not None
+    for views in (True, False):  # the views share the forward pass, not the features
+        part = sel.model_outputs(model, x, indices=idx, feature_images=30, views=views,
+                                 batch_size=16)  # fmt: skip
+        rows = part.feature_rows
+        assert rows is not None and rows.tolist() == list(range(0, 90, 3))
+        assert part.features is not None and part.features.shape == (30, feats.shape[1])
+        assert torch.allclose(part.features, feats[idx][rows], rtol=0, atol=1e-5)
+        pair = part.feature_pairs()
+        assert pair is not None and torch.equal(pair[1], part.logits[rows])
+    with pytest.raises(ConfigError, match="features cover only some"):
+        part.rows(np.arange(5))
+    # Logits-only models keep none.
+    plain = sel.model_outputs(_LogitsOnly(model), x, feature_images=0)
+    assert plain.features is None and plain.feature_pairs() is None
+
+
+def test_rank_candidates_puts_gate_passing_candidates_first_by_class_ami() -> None:
+    from sourcefree.pipeline.validators import class_ami
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=g) * 6
+    truth = torch.arange(60) % 3
+    feats = centres[truth] + torch.randn(60, 8, generator=g)
+    eye = torch.eye(3) * 5
+    # a follows the feature clusters, b half of them, c (which fails the gate) all of them.
+    noisy = torch.where(torch.arange(60) % 2 == 0, truth, (truth + 1) % 3)
+    outs = [sel.Outputs(eye[truth], features=feats),
+            sel.Outputs(eye[noisy], features=feats),
+            sel.Outputs(eye[truth] * 2, features=feats)]  # fmt: skip
+    src = _scores(atc=0.5, anchored=0.5)
+    passes = _scores(atc=0.9, anchored=0.8, agreement=0.6)
+    fails = _scores(atc=0.6, anchored=0.45, agreement=0.9)
+    ranking = sel.rank_candidates([(passes, outs[0]), (passes, outs[1]), (fails, outs[2])], src)
+    assert ranking.rule == "class_ami" and "2 of 3" in ranking.reason
+    assert ranking.passing == (True, True, False)
+    want = [class_ami(feats, o.logits) for o in outs]
+    assert list(ranking.values) == pytest.approx(want)
+    assert want[0] == pytest.approx(1.0) and want[2] == pytest.approx(1.0)
+    assert want[1] < 0.9
+    # c's ClassAMI ties a's, but c fails the gate: a is chosen, and b still beats c.
+    assert ranking.best() == 0 and ranking.key(1) > ranking.key(2)
+    # Outputs without features: the passing ones first, by the pool's consensus.
+    bare = [(s, sel.Outputs(o.logits)) for s, o in zip((passes, passes, fails), outs, strict=True)]
+    ranking = sel.rank_candidates(bare, src)
+    assert ranking.rule == "consensus" and ranking.passing == (True, True, False)
+    assert ranking.best() == 0

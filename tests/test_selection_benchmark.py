@@ -73,14 +73,17 @@ def test_rank_pools_ranks_each_pool_on_its_own(
     bench.rank_pools(group, outputs)
     by = {r["candidate"]: r for r in group}
     assert by["source-only"]["value"] is None and by["source-only"]["rule"] is None
-    # All four adapted: the summed softmax picks 1, 1, 2, 2.
-    assert [by[k]["value"] for k in ("m", "m:a", "m:b", "n")] == [0.5, 1.0, 0.75, 0.5]
+    # All four adapted (all pass: lifted by PASS_OFFSET); outputs without features
+    # fall back to the consensus: the summed softmax picks 1, 1, 2, 2.
+    off = bench.PASS_OFFSET
+    values = [by[k]["value"] - off for k in ("m", "m:a", "m:b", "n")]
+    assert values == [0.5, 1.0, 0.75, 0.5]
     assert {by[k]["rule"] for k in ("m", "m:a", "m:b", "n")} == {"consensus"}
     # m's grid alone (m:a, m:b): the confident m:a outvotes m:b where they differ.
-    assert by["m:a"]["grid_value"] == 1.0 and by["m:b"]["grid_value"] == 0.75
+    assert (by["m:a"]["grid_value"] - off, by["m:b"]["grid_value"] - off) == (1.0, 0.75)
     assert by["m"]["grid_value"] is None and by["m"]["default_value"] is not None
     # Defaults m and n: m is the more confident on every image: m 1.0, n 0.0.
-    assert (by["m"]["default_value"], by["n"]["default_value"]) == (1.0, 0.0)
+    assert (by["m"]["default_value"] - off, by["n"]["default_value"] - off) == (1.0, 0.0)
     assert by["m:a"]["default_value"] is None and by["m:a"]["default_rule"] is None
 
 

@@ -76,8 +76,11 @@ def reference_source(outputs: Sequence[selection.Outputs], pkgs: Sequence[Packag
     return ref
 
 
-def gate_outputs(model: Any, prep: Prepared, desc: str) -> selection.Outputs:
-    """A model's outputs on the gate's subsample, with the views of ``STABILITY_SAMPLE`` images."""
+def gate_outputs(
+    model: Any, prep: Prepared, desc: str, *, features: bool = False
+) -> selection.Outputs:
+    """A model's outputs on the gate's subsample, with the views of ``STABILITY_SAMPLE`` images
+    and, with ``features`` (a candidate to rank), the features of ``CLASS_AMI_SAMPLE``."""
     from sourcefree.pipeline import selection
 
     return selection.model_outputs(
@@ -86,6 +89,7 @@ def gate_outputs(model: Any, prep: Prepared, desc: str) -> selection.Outputs:
         device=prep.dev,
         indices=prep.sample,
         view_images=selection.STABILITY_SAMPLE,
+        feature_images=selection.CLASS_AMI_SAMPLE if features else None,
         progress=prep.request.progress,
         desc=desc,
     )

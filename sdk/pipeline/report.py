@@ -172,10 +172,14 @@ class CandidateReport:
     judged: bool = False
     """True once ``--eval-labels`` judged it: ``accuracy`` is then reported (maybe None)."""
     accuracy: float | None = None
+    passes_gate: bool | None = None
+    """Whether the do-no-harm gate passes it, when the ranking rule asked (passing first)."""
 
     def to_dict(self) -> Json:
         fields = ("candidate", "method", "overrides", "status", "seconds", "scores", "value")
         out: Json = {k: getattr(self, k) for k in (*fields, "chosen")}
+        if self.passes_gate is not None:
+            out["passes_gate"] = self.passes_gate
         if self.detail:
             out["detail"] = self.detail
         if self.judged:

@@ -38,9 +38,9 @@ images without labels:
   source (it counts all of those as right).
 
 Candidates (of ``--select auto`` or ``-m auto``) are ranked as a pool by
-:func:`rank_candidates`: with a calibration, by agreement with the pool's soft
-consensus when some candidate passes the do-no-harm gate, else by agreement
-with the source; without one, by ``im``.
+:func:`rank_candidates`: with a calibration, when some candidate passes the
+do-no-harm gate, the passing ones first, by ClassAMI; else by agreement with the
+source; without one, by ``im``.
 
 ``adapt`` scores every model on the same seeded subsample of at most
 :data:`GATE_SAMPLE` target images (:func:`sample_indices`, ``--gate-sample``);
@@ -89,6 +89,8 @@ STABILITY_SHIFT = 2
 #: gate's standard error on the estimated gain is at most 0.022 (0.010 when a fifth of
 #: the predictions change); docs/selection.md "Cost and subsample" has the measurement.
 GATE_SAMPLE = 2048
+#: Candidates' features kept for ClassAMI: at most this many scored images (every k-th).
+CLASS_AMI_SAMPLE = 2048
 #: The smallest subsample (SND needs a neighbour); 0 means every image.
 GATE_SAMPLE_MIN = 2
 
@@ -166,6 +168,10 @@ class Outputs:
     """(M,) top-1 of each augmented view (flip, shift), when computed."""
     view_rows: torch.Tensor | None = None
     """(M,) rows of ``logits`` whose views were scored; None: every row (M = N)."""
+    features: torch.Tensor | None = None
+    """(K, D) penultimate features of rows ``feature_rows`` (ClassAMI), when asked for."""
+    feature_rows: torch.Tensor | None = None
+    """(K,) rows of ``logits`` with features; None: every row (K = N)."""
 
     @property
     def predictions(self) -> torch.Tensor:
@@ -174,14 +180,22 @@ class Outputs:
 
     def rows(self, indices: np.ndarray | torch.Tensor) -> Outputs:
         """These outputs on a subset of the images (views scored on every image only)."""
-        if self.view_rows is not None:
+        if self.view_rows is not None or self.feature_rows is not None:
             raise ConfigError(
-                "a subset of outputs whose views cover only some images",
-                "the subset's views would not match its images",
-                "score the views of every image (view_images=0)",
+                "a subset of outputs whose views or features cover only some images",
+                "the subset's views or features would not match its images",
+                "score the views and features of every image (view_images=0, feature_images=0)",
             )
         idx = torch.as_tensor(indices).long()
-        return Outputs(self.logits[idx], tuple(v[idx] for v in self.view_predictions))
+        feats = None if self.features is None else self.features[idx]
+        return Outputs(self.logits[idx], tuple(v[idx] for v in self.view_predictions), None, feats)
+
+    def feature_pairs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(features, logits) of the rows with features; None without features."""
+        if self.features is None:
+            return None
+        rows = self.logits if self.feature_rows is None else self.logits[self.feature_rows]
+        return self.features, rows
 
     @property
     def view_base(self) -> torch.Tensor:
@@ -243,6 +257,7 @@ def model_outputs(
     device: torch.device | str = "cpu",
     indices: np.ndarray | torch.Tensor | None = None,
     view_images: int = 0,
+    feature_images: int | None = None,
     progress: bool = False,
     desc: str = "scoring",
 ) -> Outputs:
@@ -255,7 +270,10 @@ def model_outputs(
     ``views`` each batch and its two views go through one forward pass of at most
     ``batch_size`` images in all, so memory stays that of one batch; ``view_images``
     > 0 scores the views of at most that many images, every k-th scored one
-    (``Outputs.view_rows``). The model's train/eval mode is restored afterwards. ``progress``: a
+    (``Outputs.view_rows``). ``feature_images``: None keeps no features; else the
+    penultimate features of a model returning ``(logits, features)`` are kept for at
+    most that many scored images, every k-th one (0: all; ``Outputs.feature_rows``).
+    The model's train/eval mode is restored afterwards. ``progress``: a
     bar named ``desc`` on stderr, in images (:mod:`sourcefree.data.progress`).
     """
     was_training = model.training
@@ -264,14 +282,18 @@ def model_outputs(
     idx = _index_tensor(indices, len(data))
     logits: list[torch.Tensor] = []
     preds: list[list[torch.Tensor]] = [[], []]
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        out = model(x.to(dev))
-        first: torch.Tensor = out[0] if isinstance(out, (tuple, list)) else out
-        return first.float().cpu()
-
+    feats: list[torch.Tensor] = []
     total = len(data) if idx is None else int(idx.numel())
     every = _view_stride(total, view_images) if views else 0
+    f_every = 0 if feature_images is None else _view_stride(total, feature_images)
+
+    def run(x: torch.Tensor, k: int, done: int) -> torch.Tensor:
+        out = model(x.to(dev))
+        first: torch.Tensor = out[0] if isinstance(out, (tuple, list)) else out
+        if f_every and isinstance(out, (tuple, list)) and len(out) > 1:
+            feats.append(out[1][:k][(-done) % f_every :: f_every].flatten(1).float().cpu())
+        return first.float().cpu()
+
     per_pass = batch_size if not views else max(1, batch_size // (3 if every == 1 else 2))
     bar = progress_bar(total, desc, enabled=progress, unit="img")
     done = 0
@@ -281,12 +303,12 @@ def model_outputs(
             if views:
                 picked = x[(-done) % every :: every]  # rows whose position is a multiple
                 m = picked.shape[0]
-                out = run(torch.cat([x, *_views(picked, STABILITY_SHIFT)]))
+                out = run(torch.cat([x, *_views(picked, STABILITY_SHIFT)]), k, done)
                 logits.append(out[:k])
                 preds[0].append(out[k : k + m].argmax(1))
                 preds[1].append(out[k + m :].argmax(1))
             else:
-                logits.append(run(x))
+                logits.append(run(x, k, done))
             done += k
             bar.update(k)
     finally:
@@ -300,6 +322,8 @@ def model_outputs(
         logits=all_logits,
         view_predictions=tuple(torch.cat(p) for p in preds) if views else (),
         view_rows=torch.arange(0, total, every) if views and every > 1 else None,
+        features=torch.cat(feats) if feats else None,
+        feature_rows=torch.arange(0, total, f_every) if feats and f_every > 1 else None,
     )
 
 
@@ -696,8 +720,23 @@ def consensus_agreement(pool: Sequence[ArrayLike]) -> list[float]:
     return [float((t.argmax(1) == vote).double().mean()) for t in logits]
 
 
-#: How :func:`rank_candidates` ranked a pool.
-RankRule = Literal["consensus", "agreement", "im"]
+def class_ami_values(pool: Sequence[ArrayLike]) -> tuple[float, ...] | None:
+    """Each model's ClassAMI on its kept features (None when one has none).
+
+    ClassAMI (Musgrave et al. 2022, arXiv 2208.07360): adjusted mutual information
+    of K-means clusters of the model's own features (K = C) and its predicted
+    labels, :func:`sourcefree.pipeline.validators.class_ami`.
+    """
+    from sourcefree.pipeline.validators import class_ami
+
+    pairs = [o.feature_pairs() if isinstance(o, Outputs) else None for o in pool]
+    if any(p is None for p in pairs):
+        return None
+    return tuple(class_ami(f, t) for f, t in (p for p in pairs if p is not None))
+
+
+#: How :func:`rank_candidates` ranked a pool (``consensus``: the rule before 2026-12-06).
+RankRule = Literal["class_ami", "consensus", "agreement", "im"]
 
 
 @dataclass(frozen=True)
@@ -707,13 +746,20 @@ class Ranking:
     values: tuple[float, ...]
     """One per candidate, in the pool's order."""
     rule: RankRule
-    """``consensus``, ``agreement`` (with the source) or ``im``."""
+    """``class_ami``, ``consensus``, ``agreement`` (with the source) or ``im``."""
     reason: str
     """Why that rule (for the report)."""
+    passing: tuple[bool, ...] = ()
+    """Per candidate: whether it passes the do-no-harm gate (empty: not asked). A
+    passing candidate ranks above every failing one, whatever the values."""
+
+    def key(self, i: int) -> tuple[bool, float]:
+        """Candidate ``i``'s sort key: passing first, then the value."""
+        return (bool(self.passing[i]) if self.passing else True, self.values[i])
 
     def best(self) -> int:
-        """Index of the highest value (the first on ties)."""
-        return max(range(len(self.values)), key=lambda i: (self.values[i], -i))
+        """Index of the highest key (the first on ties)."""
+        return max(range(len(self.values)), key=lambda i: (*self.key(i), -i))
 
 
 def rank_candidates(pool: Sequence[tuple[Scores, ArrayLike]], source: Scores) -> Ranking:
@@ -724,7 +770,9 @@ def rank_candidates(pool: Sequence[tuple[Scores, ArrayLike]], source: Scores) ->
     adaptation helps on this target at all:
 
     - some candidate passes the gate (the shift is large enough for adaptation to
-      be estimated better than the source): rank by agreement with the pool's soft
+      be estimated better than the source): the passing candidates rank above the
+      others, each by its ClassAMI (:func:`class_ami_values`); without features
+      (a model returning logits only), by agreement with the pool's soft
       consensus (:func:`consensus_agreement`);
     - none passes (adaptation only moves the source, as under a pure class-prior
       shift): rank by agreement with the source model, so the candidate that
@@ -742,13 +790,17 @@ def rank_candidates(pool: Sequence[tuple[Scores, ArrayLike]], source: Scores) ->
             "im",
             "no vendor calibration: information maximisation (confident and diverse)",
         )
-    passing = sum(gate_decision(source, s).decision == "adapted" for s in scores)
-    if passing:
+    passing = tuple(gate_decision(source, s).decision == "adapted" for s in scores)
+    if any(passing):
+        head = f"{sum(passing)} of {len(scores)} candidates pass the gate and rank first"
+        ami = class_ami_values([o for _, o in pool])
+        if ami is not None:
+            return Ranking(ami, "class_ami", f"{head}, by ClassAMI", passing)
         return Ranking(
             tuple(consensus_agreement([o for _, o in pool])),
             "consensus",
-            f"{passing} of {len(scores)} candidates pass the gate: agreement with the "
-            "candidates' soft consensus",
+            f"{head}, by agreement with the candidates' soft consensus (no features for ClassAMI)",
+            passing,
         )
     return Ranking(
         tuple(s.agreement for s in scores),

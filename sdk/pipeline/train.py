@@ -86,6 +86,8 @@ class CandidateRun:
     seconds: float = 0.0
     scores: selection.Scores | None = None
     value: float | None = None
+    passes_gate: bool | None = None
+    """Whether the gate passes it (None: the rule did not ask)."""
     predictions: Any = None
     chosen: bool = False
 
@@ -101,6 +103,7 @@ class CandidateRun:
             value=None if self.value is None else float(f"{self.value:.6g}"),
             chosen=self.chosen,
             detail=self.detail[:300],
+            passes_gate=self.passes_gate,
         )
 
 
@@ -193,8 +196,9 @@ def _train_candidates(prep: Prepared, sources: Sources) -> Trained:
         )
     pool = [(r.scores, o) for r, _, _, o, _ in done if r.scores is not None]
     ranking = selection.rank_candidates(pool, sources.reference_scores())
-    for (r, *_), value in zip(done, ranking.values, strict=True):
-        r.value = value
+    for i, (r, *_) in enumerate(done):
+        r.value = ranking.values[i]
+        r.passes_gate = bool(ranking.passing[i]) if ranking.passing else None
     run, instance, result, outputs, cfg = done[ranking.best()]
     run.chosen = True
     return Trained(
@@ -242,7 +246,9 @@ def _train_candidate(
         cfg = selection.apply_overrides(cls.config_class, cfgmod.to_dict(user), cand.overrides)
         models = [fresh_model(p, prep.dev) for p in prep.pkgs]
         instance, result = train_one(cls, cfg, prep, models, on_step=hook)
-        outputs = gate_outputs(instance.export_model(), prep, f"scoring {cand.label}")
+        outputs = gate_outputs(
+            instance.export_model(), prep, f"scoring {cand.label}", features=True
+        )
     except RunInterruptedError:
         if not spent[0]:
             raise  # a signal: stop everything

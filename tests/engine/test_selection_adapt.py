@@ -338,7 +338,7 @@ def test_select_auto_export_failure_says_the_candidates_are_lost(
 
 @pytest.mark.parametrize(
     ("pkg", "shift", "rule"),
-    [("confident_pkg", 0, "agreement"), ("unsure_pkg", 1, "consensus")],
+    [("confident_pkg", 0, "agreement"), ("unsure_pkg", 1, "class_ami")],
 )
 def test_select_auto_with_a_calibration_ranks_by_the_gates_rule(
     pkg: str,
@@ -350,7 +350,7 @@ def test_select_auto_with_a_calibration_ranks_by_the_gates_rule(
 ) -> None:
     # confident: nothing changes a prediction ATC counts as right, no candidate passes
     # the gate -> agreement with the source; unsure: every candidate overrules
-    # predictions ATC counts as wrong, all pass -> agreement with the consensus.
+    # predictions ATC counts as wrong, all pass -> first, by ClassAMI.
     result = adapt(
         AdaptRequest(
             request.getfixturevalue(pkg),
@@ -364,9 +364,12 @@ def test_select_auto_with_a_calibration_ranks_by_the_gates_rule(
     )
     sel = result.report.to_dict()["selection"]
     assert sel["criterion"] == rule
-    assert ("3 of 3 candidates pass" in sel["criterion_reason"]) == (rule == "consensus")
+    assert ("3 of 3 candidates pass" in sel["criterion_reason"]) == (rule == "class_ami")
     rows = sel["candidates"]
-    assert [r["value"] for r in rows] == [1.0, 1.0, 1.0]  # same predictions everywhere
+    values = [r["value"] for r in rows]
+    assert values[0] == values[1] == values[2]  # same predictions and features everywhere
+    passes = [r.get("passes_gate") for r in rows]
+    assert passes == ([True] * 3 if rule == "class_ami" else [None] * 3)
     assert [r["chosen"] for r in rows] == [True, False, False]  # ties: the first
     html = (tmp_path / "run" / "report.html").read_text()
     assert html_escape(sel["criterion_reason"]) in html
