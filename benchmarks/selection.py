@@ -685,7 +685,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "Spearman correlation of each label-free score with true accuracy over the "
         "adapted candidates of one (preset, seed), mean over groups (`value` = the "
         "selection value: `sourcefree.pipeline.selection.rank_candidates` over those candidates, "
-        "by agreement with their consensus or with the source, as the gate finds):",
+        "by the rule in the rows' `rule` (`class_ami`: gate-passing candidates first, by "
+        "ClassAMI; `agreement`: with the source; `consensus` in runs before 2026-12-06)):",
         "",
         *_score_table(a["spearman_mean"]),
         "",

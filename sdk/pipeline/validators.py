@@ -1,7 +1,7 @@
 """The field's label-free validators, written from their papers, to judge ours against.
 
-``adapt`` never uses these: its selection value is
-:func:`sourcefree.pipeline.selection.rank_candidates`. ``benchmarks/selection.py``
+``adapt`` uses ClassAMI alone, to rank the candidates that pass the do-no-harm gate
+(:func:`sourcefree.pipeline.selection.rank_candidates`). ``benchmarks/selection.py``
 scores the same candidate pools with them (weighted Spearman and regret, as
 Musgrave et al. compare validators). Every score here is higher-is-better.
 
