@@ -643,13 +643,16 @@ def _pooled_spearman(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     One ranking across presets and seeds: it asks whether a score tracks accuracy
     as an estimate (a harmful candidate on ``prior-shift`` should score above a
     helpful one on ``wild-mild`` only if it is more accurate), not whether it orders
-    the candidates of one target, which the per-group mean measures.
+    the candidates of one target, which the per-group mean measures. ``value`` is
+    None: a pool's values rank that pool only (agreement with one target's source,
+    ClassAMI lifted by :data:`PASS_OFFSET`), so they are not compared across pools.
     """
     rho = _spearman_by_score(rows)
     out: dict[str, float | None] = {}
-    for score in (*SCORES, "value"):
+    for score in SCORES:
         r = rho.get(score)
         out[score] = None if r is None else round(r, 4)
+    out["value"] = None
     return out
 
 
@@ -794,10 +797,11 @@ def rules_markdown(entries: list[tuple[str, dict[str, Any]]]) -> list[str]:
         return []
     lines = [
         "",
-        "Pool rules on the same pools (`consensus`: the rule of `rank_candidates` at this "
-        "commit; `passing-*`: candidates that pass the gate first, then by the passing "
-        "candidates' consensus, IM or ClassAMI; with no candidate passing, every rule ranks by "
-        "agreement with the source). Same cells as above.",
+        "Pool rules on the same pools (`consensus`: the rule of `rank_candidates` before "
+        "2026-12-06; `passing-*`: candidates that pass the gate first, then by the passing "
+        "candidates' consensus, IM or ClassAMI, the last being `rank_candidates` since then; "
+        "with no candidate passing, every rule ranks by agreement with the source). Same "
+        "cells as above.",
         "",
         "| preset | groups | " + " | ".join(f"`{n}`" for n in RULE_VARIANTS) + " |",
         "|---|---|" + "---|" * len(RULE_VARIANTS),

@@ -37,6 +37,7 @@ def test_pooled_spearman_ranks_across_groups_where_per_group_does_not(
     # sum d^2 = 16, rho = 1 - 6 * 16 / (6 * 35).
     assert analysis["spearman_pooled"]["anchored"] == round(1 - 96 / 210, 4)
     assert analysis["spearman_pooled"]["entropy"] == round(1 - 96 / 210, 4)  # lower is better
+    assert analysis["spearman_pooled"]["value"] is None  # pool values rank one pool only
     payload = {"analysis": analysis, "argv": "-", "n_target": 100, "n_source": 1, "n_val": 1,
                "machine": {"threads": 1}, "methods": ["x"], "presets": ["a", "b"],
                "seeds": [0], "rows": rows, "wall_seconds": 1.0}  # fmt: skip
