@@ -44,6 +44,12 @@ def test_pooled_spearman_ranks_across_groups_where_per_group_does_not(
     assert "over every adapted candidate of the grid" in sel.markdown(payload)
 
 
+def _source_scores(atc: float, images: int) -> dict[str, Any]:
+    """A calibrated source's scores whose ATC (and anchored) estimate is ``atc``."""
+    return {"entropy": 0.5, "im": 0.5, "snd": 4.0, "agreement": 1.0, "kappa": 1.0,
+            "stability": 1.0, "atc": atc, "anchored": atc, "images": images}  # fmt: skip
+
+
 def test_rank_pools_ranks_each_pool_on_its_own(
     load_benchmark: Callable[[str], ModuleType],
 ) -> None:
@@ -53,8 +59,7 @@ def test_rank_pools_ranks_each_pool_on_its_own(
 
     bench = load_benchmark("selection")
     # Calibration makes every candidate pass the gate: consensus rule in every pool.
-    src_scores = {"entropy": 0.5, "im": 0.5, "snd": 4.0, "agreement": 1.0, "kappa": 1.0,
-                  "stability": 1.0, "atc": 0.2, "anchored": 0.2, "images": 4}  # fmt: skip
+    src_scores = _source_scores(0.2, 4)
     cand_scores = {**src_scores, "agreement": 0.0, "kappa": 0.0, "anchored": 1.0}
     one_hot = torch.eye(3) * 20
     # Different confidences so that no summed softmax ties.
@@ -214,8 +219,7 @@ def test_rule_variants_rank_passing_candidates_first(
     from sourcefree.pipeline import selection
 
     bench = load_benchmark("selection")
-    src = {"entropy": 0.5, "im": 0.5, "snd": 4.0, "agreement": 1.0, "kappa": 1.0,
-           "stability": 1.0, "atc": 0.5, "anchored": 0.5, "images": 400}  # fmt: skip
+    src = _source_scores(0.5, 400)
     # a, b pass the gate (anchored gain +0.5 on 400 images); c fails (gain -0.2).
     passes = {**src, "agreement": 0.5, "kappa": 0.4, "anchored": 1.0}
     fails = {**src, "im": 1.9, "agreement": 0.6, "anchored": 0.3}
