@@ -707,13 +707,16 @@ def _selection(report: Mapping[str, Any]) -> str:
         if sel.get("note"):
             parts.append(f'<p class="note">{_e(sel["note"])}</p>')
         parts.append(
-            "<table><tr><th>candidate</th><th>status</th><th>seconds</th><th>score</th>"
-            "<th>accuracy</th><th>chosen</th></tr>"
+            "<table><tr><th>candidate</th><th>status</th><th>seconds</th><th>passes gate</th>"
+            "<th>score</th><th>accuracy</th><th>chosen</th></tr>"
         )
+        passes = {True: "yes", False: "no (ranked after those that pass)"}
         for row in sel.get("candidates", []):
+            gate_flag = row.get("passes_gate")
             parts.append(
                 f"<tr><td>{_e(row.get('candidate'))}</td><td>{_e(row.get('status'))}</td>"
                 f"<td class='n'>{fmt(row.get('seconds'))}</td>"
+                f"<td>{passes.get(gate_flag, '') if isinstance(gate_flag, bool) else ''}</td>"
                 f"<td class='n'>{fmt(row.get('value'))}</td>"
                 f"<td class='n'>{fmt(row.get('accuracy'))}</td>"
                 f"<td>{'yes' if row.get('chosen') else ''}</td></tr>"

@@ -373,6 +373,7 @@ def test_select_auto_with_a_calibration_ranks_by_the_gates_rule(
     assert [r["chosen"] for r in rows] == [True, False, False]  # ties: the first
     html = (tmp_path / "run" / "report.html").read_text()
     assert html_escape(sel["criterion_reason"]) in html
+    assert ("<td>yes</td><td class='n'>" in html) == (rule == "class_ami")  # passes gate
 
 
 def test_select_auto_refuses_a_set_grid_key(
