@@ -44,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,22 +207,23 @@ def rule_values(
     passing = [sel.gate_decision(source, s).decision == "adapted" for s in scores]
     if not any(passing):
         return {name: [s.agreement for s in scores] for name in RULE_VARIANTS}
-    voters = [o for o, ok in zip(outs, passing, strict=True) if ok]
-    vote = torch.stack([torch.softmax(o.logits.double(), 1) for o in voters]).sum(0).argmax(1)
-    among = [float((o.predictions == vote).double().mean()) for o in outs]
-
-    def lifted(values: list[float]) -> list[float]:
-        return [v + PASS_OFFSET * ok for v, ok in zip(values, passing, strict=True)]
-
     out = {
         "consensus": sel.consensus_agreement(outs),
-        "passing-consensus": lifted(among),
-        "passing-im": lifted([s.im for s in scores]),
+        "passing-consensus": lifted(sel.consensus_agreement(outs, passing), passing),
+        "passing-im": lifted([s.im for s in scores], passing),
     }
     ami = [(r.get("validators") or {}).get("class_ami") for r in rows]
     if all(v is not None for v in ami):
-        out["passing-ami"] = lifted([float(v) for v in ami if v is not None])
+        out["passing-ami"] = lifted([float(v) for v in ami if v is not None], passing)
     return out
+
+
+def lifted(values: Sequence[float], passing: Sequence[bool]) -> list[float]:
+    """``values`` with :data:`PASS_OFFSET` added where ``passing``: one number that sorts
+    as a passing-first ranking (no flags: the values as they are)."""
+    if not passing:
+        return list(values)
+    return [v + PASS_OFFSET * ok for v, ok in zip(values, passing, strict=True)]
 
 
 def rank_pools(group: list[dict[str, Any]], outputs_of: dict[str, sel.Outputs]) -> None:
@@ -256,11 +258,8 @@ def rank_pools(group: list[dict[str, Any]], outputs_of: dict[str, sel.Outputs]) 
              for r in rows],
             source,
         )  # fmt: skip
-        for i, r in enumerate(rows):
-            # One number that sorts as the ranking: a candidate that passes the gate
-            # (when the rule asks) ranks above every failing one.
-            lift = PASS_OFFSET if ranking.passing and ranking.passing[i] else 0.0
-            r[key] = ranking.values[i] + lift
+        for r, v in zip(rows, lifted(ranking.values, ranking.passing), strict=True):
+            r[key] = v
             r[POOL_KEYS[key]] = ranking.rule
     variants = rule_values(unique, outputs_of, source)
     for i, r in enumerate(unique):

@@ -273,6 +273,13 @@ def test_consensus_agreement_is_agreement_with_the_summed_softmax() -> None:
         sel.consensus_agreement([])
     with pytest.raises(ConfigError, match="different output shapes"):
         sel.consensus_agreement([a, a[:2]])
+    # Only a and b vote: [1.2, 0.8] -> 0; 0; [1, 1] ties -> 0. c still gets its agreement.
+    assert sel.consensus_agreement([a, b, c], [True, True, False]) == pytest.approx(
+        [2 / 3, 1.0, 1 / 3]
+    )
+    for bad in ([False, False, False], [True]):
+        with pytest.raises(ConfigError, match="voters"):
+            sel.consensus_agreement([a, b, c], bad)
 
 
 def test_rank_candidates_rule_follows_the_gate() -> None:

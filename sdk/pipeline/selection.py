@@ -698,14 +698,17 @@ def standard_errors(
 AUTO_METHOD = "auto"
 
 
-def consensus_agreement(pool: Sequence[ArrayLike]) -> list[float]:
+def consensus_agreement(
+    pool: Sequence[ArrayLike], voters: Sequence[bool] | None = None
+) -> list[float]:
     """Each model's agreement with the pool's soft consensus.
 
     The consensus label of an image is the argmax of the summed softmax outputs of
-    every model in ``pool``; a model's value is the share of images on which its
-    top-1 equals it. Agreement with an ensemble of similar models tracks accuracy
-    (Jiang et al., ICLR 2022, "Assessing generalization of SGD via disagreement"):
-    a model that drifts away from what the others agree on is more often wrong.
+    every model in ``pool`` (of those whose ``voters`` entry is true, when given);
+    a model's value is the share of images on which its top-1 equals it. Agreement
+    with an ensemble of similar models tracks accuracy (Jiang et al., ICLR 2022,
+    "Assessing generalization of SGD via disagreement"): a model that drifts away
+    from what the others agree on is more often wrong.
     """
     if not pool:
         raise ConfigError("no candidates to rank", "the pool is empty", "pass at least one")
@@ -716,7 +719,14 @@ def consensus_agreement(pool: Sequence[ArrayLike]) -> list[float]:
             "the consensus compares models on the same images and classes",
             "score every candidate on the same target set",
         )
-    vote = torch.stack([torch.softmax(t.double(), 1) for t in logits]).sum(0).argmax(1)
+    if voters is not None and (len(voters) != len(logits) or not any(voters)):
+        raise ConfigError(
+            f"{sum(map(bool, voters))} voters of {len(voters)} for {len(logits)} models",
+            "the consensus needs one flag per model and at least one voter",
+            "pass a flag per model of the pool",
+        )
+    votes = logits if voters is None else [t for t, v in zip(logits, voters, strict=True) if v]
+    vote = torch.stack([torch.softmax(t.double(), 1) for t in votes]).sum(0).argmax(1)
     return [float((t.argmax(1) == vote).double().mean()) for t in logits]
 
 
