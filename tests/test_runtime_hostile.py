@@ -295,3 +295,86 @@ def test_agreement_check_leaves_the_model_as_it_was(source_pkg: Path) -> None:
     assert model.training and model.backbone.training and not model.head.training
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "BatchNorm stats untouched"
+
+
+def _memory_bomb(doublings: int) -> Callable[[Any, str, str], None]:
+    """``out = raw + 0 * flatten(x doubled `doublings` times)[:, :1]``: allowed ops only,
+    declared shapes all fine, yet the last Concat holds 2**doublings copies of the input."""
+
+    def tail(graph: Any, raw: str, out: str) -> None:
+        from onnx import helper
+
+        prev = graph.input[0].name
+        for i in range(doublings):
+            graph.node.append(helper.make_node("Concat", [prev, prev], [f"bomb{i}"], axis=1))
+            prev = f"bomb{i}"
+        for name, values in (("b0", [0]), ("b1", [1]), ("bax", [1])):
+            _const(graph, name, values, np.int64)
+        _const(graph, "zero", [0.0], np.float32)
+        graph.node.extend(
+            [
+                helper.make_node("Flatten", [prev], ["flat"], axis=1),
+                helper.make_node("Slice", ["flat", "b0", "b1", "bax"], ["col"]),
+                helper.make_node("Mul", ["col", "zero"], ["nothing"]),
+                helper.make_node("Add", [raw, "nothing"], [out]),
+            ]
+        )
+
+    return tail
+
+
+def test_graph_growing_past_the_memory_cap_is_a_typed_error(
+    pkg_copy: Path, source_pkg: Path, forge: Forge, tmp_path: Path
+) -> None:
+    # 14 doublings of one 3x32x32 float32 image: a 192 MiB tensor (and 96 MiB before it).
+    _graft(pkg_copy, forge, _memory_bomb(14), "model.onnx")
+    capped = Predictor(pkg_copy, device="cpu", memory_limit=64 << 20)
+    x = np.ones((1, 3, 32, 32), np.float32)
+    msg = r"model.onnx outgrew the memory cap of 64 MiB \(a further \d+ MiB tensor did not fit"
+    with pytest.raises(PackageError, match=msg) as err:
+        capped.predict_array(x)
+    assert "lower the batch size" in err.value.fix and "memory_limit" in err.value.fix
+    # Another cap registers another arena; the first session keeps its own.
+    roomy = Predictor(pkg_copy, device="cpu", memory_limit=1 << 30)
+    assert roomy.predict_array(x).probabilities.shape == (1, 3)
+    with pytest.raises(PackageError, match=msg):
+        capped.predict_array(x)
+    assert Predictor(source_pkg, device="cpu").predict_array(x).probabilities.shape == (1, 3)
+    images = str(_images(tmp_path / "img", [128]))
+    code, out = _cli("predict", str(pkg_copy), images, "--memory-limit", "64")
+    assert code == 2 and "outgrew the memory cap of 64 MiB" in out and "Traceback" not in out, out
+    code, out = _cli("predict", str(pkg_copy), images, "--memory-limit", "1024")
+    assert code == 0, out
+
+
+def test_the_default_memory_cap_is_half_the_ram(
+    pkg_copy: Path, forge: Forge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sourcefree.runtime import predictor as module
+
+    monkeypatch.setattr(module, "physical_memory_bytes", lambda: 256 << 20)
+    assert module.default_memory_limit() == 128 << 20
+    _graft(pkg_copy, forge, _memory_bomb(14), "model.onnx")
+    predictor = Predictor(pkg_copy, device="cpu")
+    with pytest.raises(PackageError, match="outgrew the memory cap of 128 MiB"):
+        predictor.predict_array(np.ones((1, 3, 32, 32), np.float32))
+    monkeypatch.setattr(module, "physical_memory_bytes", lambda: None)
+    assert module.default_memory_limit() == module.FALLBACK_MEMORY_LIMIT
+
+
+@pytest.mark.parametrize("limit", [(64 << 20) - 1, 0, -1, True, 1.5e9, "1G"])
+def test_a_memory_limit_below_the_least_or_not_bytes_is_refused(
+    source_pkg: Path, limit: Any
+) -> None:
+    from sourcefree.errors import InputError
+
+    with pytest.raises(InputError, match="memory_limit is"):
+        Predictor(source_pkg, device="cpu", memory_limit=limit)
+
+
+def test_cli_memory_limit_below_the_least_is_a_usage_error(
+    source_pkg: Path, tmp_path: Path
+) -> None:
+    images = str(_images(tmp_path / "img", [128]))
+    code, out = _cli("predict", str(source_pkg), images, "--memory-limit", "63")
+    assert code == 2 and "--memory-limit" in out and "Traceback" not in out, out

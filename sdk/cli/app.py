@@ -271,6 +271,13 @@ def _expand(paths: tuple[Path, ...]) -> Iterator[Path]:
 )
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 65536))
 @click.option(
+    "--memory-limit",
+    type=click.IntRange(64, 1 << 30),
+    metavar="MIB",
+    help="Most memory (MiB) the graph may hold on the CPU; a graph asking for more is "
+    "refused (exit 2) instead of exhausting the machine. Default: half of the RAM.",
+)
+@click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
     default="auto",
@@ -291,6 +298,7 @@ def predict(
     top_k: int,
     probabilities: bool,
     batch_size: int,
+    memory_limit: int | None,
     device: str,
     key: Path | None,
     all_faces: bool,
@@ -330,7 +338,8 @@ def predict(
             f"pass --top-k {len(labels)} or less (or --probabilities for all of them)",
         )
     check_batch_bytes(pkg.manifest.input, batch_size, "--batch-size")
-    predictor = Predictor(pkg, device=device, batch_size=batch_size)
+    limit = None if memory_limit is None else memory_limit << 20
+    predictor = Predictor(pkg, device=device, batch_size=batch_size, memory_limit=limit)
     LOG.info("running on %s (%s)", predictor.device, predictor.providers[0])
     files = list(_expand(paths))
     if not files:

@@ -393,13 +393,19 @@ class InputSpec:
         )
 
 
-def batch_budget_bytes() -> int:
-    """Bytes one input batch may take: MAX_BATCH_BYTES, or a quarter of the RAM if less."""
+def physical_memory_bytes() -> int | None:
+    """The machine's physical memory in bytes (``os.sysconf``), or None where unknown."""
     try:
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):
-        return MAX_BATCH_BYTES
-    return min(MAX_BATCH_BYTES, ram // 4) if ram > 0 else MAX_BATCH_BYTES
+        return None
+    return int(ram) if ram > 0 else None
+
+
+def batch_budget_bytes() -> int:
+    """Bytes one input batch may take: MAX_BATCH_BYTES, or a quarter of the RAM if less."""
+    ram = physical_memory_bytes()
+    return MAX_BATCH_BYTES if ram is None else min(MAX_BATCH_BYTES, ram // 4)
 
 
 def check_batch_bytes(spec: InputSpec, batch_size: int, option: str = "batch_size") -> None:

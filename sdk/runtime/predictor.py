@@ -9,6 +9,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +33,12 @@ from sourcefree.data.imaging import decode_image, draft_side, preprocess
 from sourcefree.errors import DeviceError, InputError, PackageError, RequirementError
 from sourcefree.package.audit import _excerpt
 from sourcefree.package.loader import Package, load_package
-from sourcefree.package.manifest import ONNX_NAME, InputSpec, check_batch_bytes
+from sourcefree.package.manifest import (
+    ONNX_NAME,
+    InputSpec,
+    check_batch_bytes,
+    physical_memory_bytes,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -95,18 +103,83 @@ def ort_reason(exc: BaseException) -> str:
     return _excerpt(lines[0] if lines else type(exc).__name__, 200)
 
 
+#: Smallest CPU memory cap a caller may set (``memory_limit``, ``--memory-limit``).
+MIN_MEMORY_LIMIT = 64 << 20
+#: The cap when the machine's memory cannot be read.
+FALLBACK_MEMORY_LIMIT = 8 << 30
+_arena_lock = threading.Lock()
+_arena_cap: list[int] = []  # the cap of the process-wide CPU arena now registered
+_session_cap: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def default_memory_limit() -> int:
+    """Half of the machine's memory: the default cap on what served graphs hold on the CPU."""
+    ram = physical_memory_bytes()
+    return FALLBACK_MEMORY_LIMIT if ram is None else ram // 2
+
+
+def check_memory_limit(memory_limit: int | None, option: str = "memory_limit") -> int:
+    """``memory_limit`` in bytes (None: :func:`default_memory_limit`), checked."""
+    if memory_limit is None:
+        return default_memory_limit()
+    if isinstance(memory_limit, bool) or not isinstance(memory_limit, int):
+        raise InputError(f"{option} is {memory_limit!r}", "it must be bytes, an int", "pass an int")
+    if memory_limit < MIN_MEMORY_LIMIT:
+        raise InputError(
+            f"{option} is {memory_limit} bytes",
+            f"a graph needs room for its weights and one batch; the least is "
+            f"{MIN_MEMORY_LIMIT >> 20} MiB",
+            f"pass {MIN_MEMORY_LIMIT} bytes ({MIN_MEMORY_LIMIT >> 20} MiB) or more",
+        )
+    return memory_limit
+
+
+def _capped_cpu_arena(ort: Any, opts: Any, cap: int) -> None:
+    """Make a session take its CPU tensors from one process-wide arena of at most ``cap`` bytes.
+
+    The static checks bound what a graph declares, not what it computes: an allowed op
+    (Concat of a tensor with itself, Pad, Expand) can grow a tensor past the machine's
+    memory at run time. Past the cap onnxruntime fails the allocation, and
+    :func:`run_session` turns that into a typed error instead of an out-of-memory kill.
+    Sessions that ask for the same cap share the arena (and the cap); asking for another
+    registers a new arena for the sessions opened after it.
+    """
+    with _arena_lock:
+        if _arena_cap != [cap]:
+            info = ort.OrtMemoryInfo(
+                "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+            )
+            # extend strategy 1: grow by what is requested, so the cap is reached exactly
+            config = ort.OrtArenaCfg({"max_mem": cap, "arena_extend_strategy": 1})
+            ort.create_and_register_allocator(info, config)
+            _arena_cap[:] = [cap]
+    opts.add_session_config_entry("session.use_env_allocators", "1")
+
+
 def open_session(
-    model: bytes, device: str, threads: int, *, package: str, file: str = ONNX_NAME
+    model: bytes,
+    device: str,
+    threads: int,
+    *,
+    package: str,
+    file: str = ONNX_NAME,
+    memory_limit: int | None = None,
 ) -> tuple[Any, str]:
     """An onnxruntime session over verified graph bytes, and the device it runs on.
+
+    ``memory_limit`` caps the bytes the process's graphs hold on the CPU together
+    (None: half of the RAM; see :func:`_capped_cpu_arena`).
 
     Raises:
         PackageError: onnxruntime refuses the graph of ``file`` in ``package``.
         DeviceError: the requested provider is missing or does not start.
+        InputError: ``memory_limit`` is not an int of at least :data:`MIN_MEMORY_LIMIT`.
     """
+    cap = check_memory_limit(memory_limit)
     ort = import_onnxruntime()
     providers = _providers(ort, device)
     opts = ort.SessionOptions()
+    _capped_cpu_arena(ort, opts, cap)
     # onnxruntime's own log lines quote node names of the (untrusted) graph raw, so
     # they stay off: its errors become typed errors with an escaped excerpt. "auto"
     # tries CUDA and quietly settles on CPU when the CUDA libraries are missing (the
@@ -127,6 +200,7 @@ def open_session(
         ) from None
     finally:
         ort.set_default_logger_severity(3)
+    _session_cap[session] = cap
     active = session.get_providers()
     if device in ("cuda", "tensorrt") and active[0] != _PROVIDER_OF[device]:
         raise DeviceError(
@@ -148,6 +222,18 @@ def run_session(
     try:
         out: list[Any] = session.run(list(names), dict(feed))
     except ort_errors() as exc:
+        asked = re.search(r"BFCArena.*requested bytes of (\d{1,30})", str(exc))
+        cap = _session_cap.get(session)
+        if asked and cap:
+            raise PackageError(
+                f"package {package!r}'s {file} outgrew the memory cap of "
+                f"{cap >> 20} MiB (a further {int(asked.group(1)) >> 20} MiB "
+                "tensor did not fit)",
+                "its tensors for this batch outgrow what served graphs may hold on the CPU "
+                "(the cap keeps a hostile graph from exhausting the machine's memory)",
+                "lower the batch size; if you trust the package, raise the cap "
+                "(Predictor(memory_limit=BYTES), sourcefree predict --memory-limit MIB)",
+            ) from None
         raise PackageError(
             f"package {package!r}'s {file} failed in onnxruntime: {ort_reason(exc)}",
             "the graph loads but cannot compute on valid input (a shape, type or memory error)",
@@ -252,6 +338,9 @@ class Predictor:
         require_signature: refuse unsigned packages.
         batch_size: images per onnxruntime call in :meth:`predict`.
         threads: intra-op threads (0 lets onnxruntime choose).
+        memory_limit: bytes the process's graphs may hold on the CPU together
+            (weights and tensors; None: half of the RAM). A graph that asks for more
+            fails with a :class:`PackageError` instead of exhausting the machine.
 
     A package whose input spec detects faces (``input.faces``) needs OpenCV (the
     ``faces`` extra); without it the constructor raises ``FaceDetectorError``.
@@ -272,9 +361,11 @@ class Predictor:
         require_signature: bool = False,
         batch_size: int = 64,
         threads: int = 0,
+        memory_limit: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise InputError(f"batch_size is {batch_size}", "it must be at least 1", "pass 1+")
+        check_memory_limit(memory_limit)
         self.package = (
             package
             if isinstance(package, Package)
@@ -285,7 +376,11 @@ class Predictor:
         if manifest.input.faces.active:
             load_detectors(manifest.input.faces.detector)  # a missing OpenCV fails here
         self.session, self.device = open_session(
-            self.package.onnx_bytes, device, threads, package=manifest.name
+            self.package.onnx_bytes,
+            device,
+            threads,
+            package=manifest.name,
+            memory_limit=memory_limit,
         )
         self.providers: list[str] = list(self.session.get_providers())
         self.batch_size = batch_size
