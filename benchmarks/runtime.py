@@ -107,8 +107,8 @@ def variant_rows(
 
 
 def _uncapped_session(package: Path, threads: int) -> Any:
-    """The package's graph on onnxruntime's own per-session arena (no memory cap): the
-    baseline of the capped, process-wide arena every runtime session uses."""
+    """The package's graph on onnxruntime's default arena (no memory cap): the baseline
+    of the capped arena every runtime session uses."""
     from sourcefree.runtime.predictor import import_onnxruntime
 
     ort = import_onnxruntime()
@@ -192,8 +192,8 @@ def run(
         "torch": torch.__version__,
         "note": (
             "ratio = torch eager time / sourcefree runtime time; > 1 means the runtime wins; "
-            "ratio_capped_over_uncapped = runtime time / the same graph on onnxruntime's own "
-            "per-session arena without the memory cap (1: the cap costs nothing)"
+            "ratio_capped_over_uncapped = runtime time / the same graph on onnxruntime's default "
+            "arena without the memory cap (1: the cap costs nothing)"
         ),
         "rows": rows,
         "variants_note": (
@@ -211,8 +211,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"CPU, {result['threads']} threads, torch {result['torch']}; "
         "ratio = torch eager / runtime (> 1: runtime faster).",
         "",
-        "Memory cap: the runtime's sessions take CPU tensors from one arena capped at half "
-        "of the RAM; uncapped = the same graph on onnxruntime's own per-session arena, "
+        "Memory cap: each runtime session takes its CPU tensors from its own arena capped "
+        "at half of the RAM; uncapped = the same graph on onnxruntime's default arena, "
         "cap cost = runtime / uncapped (1: no cost).",
         "",
         "| model | batch | torch eager (ms) | runtime (ms) | runtime img/s | ratio "

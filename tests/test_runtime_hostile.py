@@ -3,6 +3,8 @@ graphs that compute another function than the weights are typed errors (exit 2).
 
 from __future__ import annotations
 
+import gc
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -297,6 +299,11 @@ def test_agreement_check_leaves_the_model_as_it_was(source_pkg: Path) -> None:
     assert all(torch.equal(before[k], after[k]) for k in before), "BatchNorm stats untouched"
 
 
+def _resident_mib() -> int:
+    """This process's resident memory in MiB (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+
+
 def _memory_bomb(doublings: int) -> Callable[[Any, str, str], None]:
     """``out = raw + 0 * flatten(x doubled `doublings` times)[:, :1]``: allowed ops only,
     declared shapes all fine, yet the last Concat holds 2**doublings copies of the input."""
@@ -334,11 +341,16 @@ def test_graph_growing_past_the_memory_cap_is_a_typed_error(
     with pytest.raises(PackageError, match=msg) as err:
         capped.predict_array(x)
     assert "lower the batch size" in err.value.fix and "memory_limit" in err.value.fix
-    # Another cap registers another arena; the first session keeps its own.
+    # Each session has its own arena: another cap leaves the first session's alone,
+    # and the arena (here about 400 MiB after the bomb ran) is freed with its session.
     roomy = Predictor(pkg_copy, device="cpu", memory_limit=1 << 30)
     assert roomy.predict_array(x).probabilities.shape == (1, 3)
     with pytest.raises(PackageError, match=msg):
         capped.predict_array(x)
+    held = _resident_mib()
+    del roomy
+    gc.collect()
+    assert held - _resident_mib() > 200
     assert Predictor(source_pkg, device="cpu").predict_array(x).probabilities.shape == (1, 3)
     images = str(_images(tmp_path / "img", [128]))
     code, out = _cli("predict", str(pkg_copy), images, "--memory-limit", "64")

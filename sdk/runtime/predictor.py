@@ -108,7 +108,6 @@ MIN_MEMORY_LIMIT = 64 << 20
 #: The cap when the machine's memory cannot be read.
 FALLBACK_MEMORY_LIMIT = 8 << 30
 _arena_lock = threading.Lock()
-_arena_cap: list[int] = []  # the cap of the process-wide CPU arena now registered
 _session_cap: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
@@ -134,26 +133,32 @@ def check_memory_limit(memory_limit: int | None, option: str = "memory_limit") -
     return memory_limit
 
 
-def _capped_cpu_arena(ort: Any, opts: Any, cap: int) -> None:
-    """Make a session take its CPU tensors from one process-wide arena of at most ``cap`` bytes.
+def _capped_session(ort: Any, model: bytes, opts: Any, providers: list[Any], cap: int) -> Any:
+    """An onnxruntime session whose CPU tensors come from its own arena of at most ``cap`` bytes.
 
     The static checks bound what a graph declares, not what it computes: an allowed op
     (Concat of a tensor with itself, Pad, Expand) can grow a tensor past the machine's
     memory at run time. Past the cap onnxruntime fails the allocation, and
     :func:`run_session` turns that into a typed error instead of an out-of-memory kill.
-    Sessions that ask for the same cap share the arena (and the cap); asking for another
-    registers a new arena for the sessions opened after it.
+    The arena is registered with onnxruntime's environment just for this session (which
+    keeps it), then replaced by a 1 MiB one, so that it is freed with the session.
     """
-    with _arena_lock:
-        if _arena_cap != [cap]:
-            info = ort.OrtMemoryInfo(
-                "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
-            )
-            # extend strategy 1: grow by what is requested, so the cap is reached exactly
-            config = ort.OrtArenaCfg({"max_mem": cap, "arena_extend_strategy": 1})
-            ort.create_and_register_allocator(info, config)
-            _arena_cap[:] = [cap]
+    info = ort.OrtMemoryInfo(
+        "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+    )
     opts.add_session_config_entry("session.use_env_allocators", "1")
+    with _arena_lock:
+        # extend strategy 1: grow by what is requested, so the cap is reached exactly
+        # (doubling stops short of it) and the footprint follows the graph's plan
+        ort.create_and_register_allocator(
+            info, ort.OrtArenaCfg({"max_mem": cap, "arena_extend_strategy": 1})
+        )
+        try:
+            return ort.InferenceSession(model, opts, providers=providers)
+        finally:
+            ort.create_and_register_allocator(
+                info, ort.OrtArenaCfg({"max_mem": 1 << 20, "arena_extend_strategy": 1})
+            )
 
 
 def open_session(
@@ -167,8 +172,8 @@ def open_session(
 ) -> tuple[Any, str]:
     """An onnxruntime session over verified graph bytes, and the device it runs on.
 
-    ``memory_limit`` caps the bytes the process's graphs hold on the CPU together
-    (None: half of the RAM; see :func:`_capped_cpu_arena`).
+    ``memory_limit`` caps the bytes the session holds on the CPU (None: half of the
+    RAM; see :func:`_capped_session`).
 
     Raises:
         PackageError: onnxruntime refuses the graph of ``file`` in ``package``.
@@ -179,7 +184,6 @@ def open_session(
     ort = import_onnxruntime()
     providers = _providers(ort, device)
     opts = ort.SessionOptions()
-    _capped_cpu_arena(ort, opts, cap)
     # onnxruntime's own log lines quote node names of the (untrusted) graph raw, so
     # they stay off: its errors become typed errors with an escaped excerpt. "auto"
     # tries CUDA and quietly settles on CPU when the CUDA libraries are missing (the
@@ -190,7 +194,7 @@ def open_session(
     # Load and provider start-up failures are logged by the process-wide logger.
     ort.set_default_logger_severity(4)
     try:
-        session = ort.InferenceSession(model, opts, providers=providers)
+        session = _capped_session(ort, model, opts, providers, cap)
     except ort_errors() as exc:
         raise PackageError(
             f"package {package!r}'s {file} cannot be loaded by onnxruntime: {ort_reason(exc)}",
@@ -338,9 +342,9 @@ class Predictor:
         require_signature: refuse unsigned packages.
         batch_size: images per onnxruntime call in :meth:`predict`.
         threads: intra-op threads (0 lets onnxruntime choose).
-        memory_limit: bytes the process's graphs may hold on the CPU together
-            (weights and tensors; None: half of the RAM). A graph that asks for more
-            fails with a :class:`PackageError` instead of exhausting the machine.
+        memory_limit: bytes the graph may hold on the CPU (weights and tensors;
+            None: half of the RAM). A graph that asks for more fails with a
+            :class:`PackageError` instead of exhausting the machine.
 
     A package whose input spec detects faces (``input.faces``) needs OpenCV (the
     ``faces`` extra); without it the constructor raises ``FaceDetectorError``.
