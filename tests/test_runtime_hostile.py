@@ -342,7 +342,9 @@ def test_graph_growing_past_the_memory_cap_is_a_typed_error(
         capped.predict_array(x)
     assert "lower the batch size" in err.value.fix and "memory_limit" in err.value.fix
     # Each session has its own arena: another cap leaves the first session's alone,
-    # and the arena (here about 400 MiB after the bomb ran) is freed with its session.
+    # and the arena is freed with its session. Its 192 MiB block is far above glibc's
+    # mmap threshold (32 MiB at most), so freeing it returns it to the system (kept
+    # arenas: no drop at all; the whole suite measured a drop of 192 MiB).
     roomy = Predictor(pkg_copy, device="cpu", memory_limit=1 << 30)
     assert roomy.predict_array(x).probabilities.shape == (1, 3)
     with pytest.raises(PackageError, match=msg):
@@ -350,7 +352,7 @@ def test_graph_growing_past_the_memory_cap_is_a_typed_error(
     held = _resident_mib()
     del roomy
     gc.collect()
-    assert held - _resident_mib() > 200
+    assert held - _resident_mib() > 150
     assert Predictor(source_pkg, device="cpu").predict_array(x).probabilities.shape == (1, 3)
     images = str(_images(tmp_path / "img", [128]))
     code, out = _cli("predict", str(pkg_copy), images, "--memory-limit", "64")
