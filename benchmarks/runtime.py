@@ -106,7 +106,7 @@ def variant_rows(
     return rows
 
 
-def _uncapped_session(package: Path, threads: int) -> Any:
+def _uncapped_session(graph: bytes, threads: int) -> Any:
     """The package's graph on onnxruntime's default arena (no memory cap): the baseline
     of the capped arena every runtime session uses."""
     from sourcefree.runtime.predictor import import_onnxruntime
@@ -115,7 +115,6 @@ def _uncapped_session(package: Path, threads: int) -> Any:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    graph = load_package(package).onnx_bytes
     return ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
 
 
@@ -148,7 +147,7 @@ def run(
             )
             predictor = Predictor(out, device="cpu", threads=threads, batch_size=max(BATCHES))
             uncapped = Predictor(out, device="cpu", threads=threads, batch_size=max(BATCHES))
-            uncapped.session = _uncapped_session(out, threads)
+            uncapped.session = _uncapped_session(uncapped.package.onnx_bytes, threads)
             for batch in BATCHES:
                 x = np.random.default_rng(0).normal(size=(batch, 3, size, size))
                 x = x.astype(np.float32)

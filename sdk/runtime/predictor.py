@@ -117,15 +117,17 @@ def default_memory_limit() -> int:
     return FALLBACK_MEMORY_LIMIT if ram is None else ram // 2
 
 
-def check_memory_limit(memory_limit: int | None, option: str = "memory_limit") -> int:
+def check_memory_limit(memory_limit: int | None) -> int:
     """``memory_limit`` in bytes (None: :func:`default_memory_limit`), checked."""
     if memory_limit is None:
         return default_memory_limit()
     if isinstance(memory_limit, bool) or not isinstance(memory_limit, int):
-        raise InputError(f"{option} is {memory_limit!r}", "it must be bytes, an int", "pass an int")
+        raise InputError(
+            f"memory_limit is {memory_limit!r}", "it must be bytes, an int", "pass an int"
+        )
     if memory_limit < MIN_MEMORY_LIMIT:
         raise InputError(
-            f"{option} is {memory_limit} bytes",
+            f"memory_limit is {memory_limit} bytes",
             f"a graph needs room for its weights and one batch; the least is "
             f"{MIN_MEMORY_LIMIT >> 20} MiB",
             f"pass {MIN_MEMORY_LIMIT} bytes ({MIN_MEMORY_LIMIT >> 20} MiB) or more",
@@ -369,7 +371,7 @@ class Predictor:
     ) -> None:
         if batch_size < 1:
             raise InputError(f"batch_size is {batch_size}", "it must be at least 1", "pass 1+")
-        check_memory_limit(memory_limit)
+        cap = check_memory_limit(memory_limit)  # before the package is read
         self.package = (
             package
             if isinstance(package, Package)
@@ -384,7 +386,7 @@ class Predictor:
             device,
             threads,
             package=manifest.name,
-            memory_limit=memory_limit,
+            memory_limit=cap,
         )
         self.providers: list[str] = list(self.session.get_providers())
         self.batch_size = batch_size
